@@ -17,18 +17,24 @@ class Metrics:
             "weft_connection_terminations_total", "Established connections that ended", registry=r
         )
         self.gossip_bytes = Counter(
-            "weft_gossip_bytes", "Gossip payload bytes by channel and direction", ["channel", "direction"],
+            "weft_gossip_bytes",
+            "Gossip payload bytes by channel and direction",
+            ["channel", "direction"],
             registry=r,
         )
         self.handshake_failures = Counter(
-            "weft_handshake_failures", "Control connections that failed before becoming a peer connection",
-            ["reason"], registry=r,
+            "weft_handshake_failures",
+            "Control connections that failed before becoming a peer connection",
+            ["reason"],
+            registry=r,
         )
         self.decode_errors = Counter(
             "weft_decode_errors", "Malformed input dropped, by what failed to decode", ["kind"], registry=r
         )
         self.refused = Counter(
-            "weft_connections_refused", "Inbound connections refused before the handshake", ["reason"],
+            "weft_connections_refused",
+            "Inbound connections refused before the handshake",
+            ["reason"],
             registry=r,
         )
         self.gossip_dropped = Counter(

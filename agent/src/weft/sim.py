@@ -93,10 +93,21 @@ class SimNetwork:
         index = len(self.peers)
         info = PeerInfo(0x020000000000 + index + 1, f"sim{index}", self.rng.getrandbits(63) + 1)
         address = f"sim{index}:6783"
-        router = Router(info, self.scheduler, Metrics(), gossip_interval=self.gossip_interval,
-                        conn_limit=1000, rng=random.Random(self.rng.random()))
-        maker = ConnectionMaker(router, self.scheduler, lambda a, i=index: self._dial(i, a),
-                                discovery=discovery, rng=random.Random(self.rng.random()))
+        router = Router(
+            info,
+            self.scheduler,
+            Metrics(),
+            gossip_interval=self.gossip_interval,
+            conn_limit=1000,
+            rng=random.Random(self.rng.random()),
+        )
+        maker = ConnectionMaker(
+            router,
+            self.scheduler,
+            lambda a, i=index: self._dial(i, a),
+            discovery=discovery,
+            rng=random.Random(self.rng.random()),
+        )
         peer = SimPeer(info, address, router, maker)
         self.peers.append(peer)
         self._by_address[address] = index

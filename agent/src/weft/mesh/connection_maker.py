@@ -254,7 +254,8 @@ class ConnectionMaker:
                 "origin": t.origin,
                 "state": t.state,
                 "last_error": t.last_error,
-                "next_try": None if t.state in ("connected", "connecting") or t.next_try == float("inf")
+                "next_try": None
+                if t.state in ("connected", "connecting") or t.next_try == float("inf")
                 else max(0.0, round(t.next_try - now, 2)),
             }
             for t in sorted(self.targets.values(), key=lambda t: (not t.direct, t.address))

@@ -106,8 +106,13 @@ class Router:
             data = channel.gossiper.gossip()
             if data is not None:
                 conn.sender.send(channel.name, data)
-        log.info("connection established with %s at %s (%s, %s)", conn.remote.label(), conn.remote_address,
-                 "outbound" if conn.outbound else "inbound", "encrypted" if conn.encrypted else "unencrypted")
+        log.info(
+            "connection established with %s at %s (%s, %s)",
+            conn.remote.label(),
+            conn.remote_address,
+            "outbound" if conn.outbound else "inbound",
+            "encrypted" if conn.encrypted else "unencrypted",
+        )
         return None
 
     def remove_connection(self, conn: Conn, reason: str) -> None:
@@ -121,8 +126,7 @@ class Router:
 
     def _local_connections_changed(self) -> None:
         self.topology.set_local_connections(
-            ConnectionSummary(c.remote.name, c.remote_address, c.outbound, True)
-            for c in self.connections.values()
+            ConnectionSummary(c.remote.name, c.remote_address, c.outbound, True) for c in self.connections.values()
         )
         self._schedule_announce()
         self._topology_changed()
@@ -161,8 +165,9 @@ class Router:
             payload = field(msg, "d", bytes, "message")
             if len(channel_name) > MAX_CHANNEL_NAME:
                 raise DecodeError("message", "channel name too long")
-            self.metrics.gossip_bytes.labels(channel_name if channel_name in self.channels else "unknown",
-                                             "in").inc(len(payload))
+            self.metrics.gossip_bytes.labels(channel_name if channel_name in self.channels else "unknown", "in").inc(
+                len(payload)
+            )
             channel = self.channels.get(channel_name)
             if channel is None:
                 self.metrics.gossip_dropped.labels("unknown_channel").inc()

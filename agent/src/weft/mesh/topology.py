@@ -68,8 +68,11 @@ class PeerEntry:
             address = expect(c[1], str, KIND, "connection address")
             if len(address) > MAX_ADDRESS:
                 raise DecodeError(KIND, "connection address too long")
-            conns.append(ConnectionSummary(peer, address, expect(c[2], bool, KIND, "outbound"),
-                                           expect(c[3], bool, KIND, "established")))
+            conns.append(
+                ConnectionSummary(
+                    peer, address, expect(c[2], bool, KIND, "outbound"), expect(c[3], bool, KIND, "established")
+                )
+            )
         return cls(name, nickname, uid, version, tuple(conns))
 
     def info(self) -> PeerInfo:
@@ -146,8 +149,9 @@ class Topology:
             if name == self.ourself.name:
                 ours = self.our_entry
                 if entry.uid != ours.uid and entry.version >= ours.version:
-                    self.peers[name] = PeerEntry(ours.name, ours.nickname, ours.uid, entry.version + 1,
-                                                 ours.connections)
+                    self.peers[name] = PeerEntry(
+                        ours.name, ours.nickname, ours.uid, entry.version + 1, ours.connections
+                    )
                     reannounce = True
                 continue
             mine = self.peers.get(name)

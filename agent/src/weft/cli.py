@@ -1,0 +1,149 @@
+"""The ``weft`` command: run the agent, and talk to a running one through its local API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from weft import __version__
+from weft.api import render
+from weft.api.client import DEFAULT_SOCKET, ApiError, Client
+from weft.config import ConfigError, load_config
+from weft.store import StoreError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--api-socket",
+    envvar="WEFT_API_SOCKET",
+    default=DEFAULT_SOCKET,
+    show_default=True,
+    help="The agent's API socket (also WEFT_API_SOCKET).",
+)
+@click.version_option(__version__, prog_name="weft")
+@click.pass_context
+def main(ctx: click.Context, api_socket: str) -> None:
+    """Weft: an encrypted overlay mesh for hybrid clouds.
+
+    `weft run` is the agent (one per host, usually started by systemd). The other commands talk to the
+    agent on this host through its API socket.
+    """
+    ctx.obj = Client(api_socket)
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    envvar="WEFT_CONFIG",
+    help="Config file (default /etc/weft/weft.yaml if it exists; also WEFT_CONFIG).",
+)
+@click.option("--name", help="Peer name, like 02:1f:aa:00:00:01. Default: made once, kept in the state dir.")
+@click.option("--nickname", help="Human-friendly peer name. Default: the hostname.")
+@click.option("--listen", help="Control address HOST:PORT. Default 0.0.0.0:6783.")
+@click.option("--advertise", help="HOST[:PORT] other peers should dial to reach this one (NAT, public IP).")
+@click.option("--peer", "peers", multiple=True, help="A peer to connect to, HOST[:PORT]. Repeatable.")
+@click.option(
+    "--secret-file",
+    "secret_files",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="File (mode 0600) holding a mesh secret. Repeatable: the first is offered, all accepted.",
+)
+@click.option("--state-dir", type=click.Path(path_type=Path), help="State directory. Default /var/lib/weft.")
+@click.option(
+    "--api-socket",
+    "run_api_socket",
+    type=click.Path(path_type=Path),
+    help="Where to serve the control API. Default /run/weft/weft.sock.",
+)
+@click.option("--metrics-addr", help="HOST:PORT for /metrics and read-only /status. Default 127.0.0.1:6782.")
+@click.option(
+    "--no-discovery",
+    is_flag=True,
+    default=None,
+    help="Only connect to configured peers; do not dial peers learned from gossip.",
+)
+@click.option("--resume", is_flag=True, default=None, help="Also connect to the targets kept in the state dir.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Default info.")
+def run(config_path: Path | None, **flags: object) -> None:
+    """Run the agent in the foreground until SIGTERM; SIGHUP re-reads peers and secrets.
+
+    Every flag can also be set in the config file (same name, underscores) or as WEFT_<NAME>.
+    """
+    flags["api_socket"] = flags.pop("run_api_socket")
+    if flags.pop("no_discovery"):
+        flags["discovery"] = False
+    try:
+        config = load_config(config_path, os.environ, flags)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    logging.basicConfig(
+        level=config.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    from weft.agent import Agent
+
+    try:
+        agent = Agent(config, lambda: load_config(config_path, os.environ, flags))
+        asyncio.run(agent.run())
+    except (ConfigError, StoreError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.argument("section", required=False, type=click.Choice(list(render.SECTIONS)))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def status(client: Client, section: str | None, as_json: bool) -> None:
+    """Show the agent's status, or one section of it: peers, connections or targets."""
+    data = _call(client.status)
+    if as_json:
+        click.echo(json.dumps(data[section] if section else data, indent=2))
+    else:
+        click.echo(render.SECTIONS[section](data) if section else render.summary(data))
+
+
+@main.command()
+@click.argument("addresses", nargs=-1, required=True)
+@click.option("--replace", is_flag=True, help="Make these the only direct targets.")
+@click.pass_obj
+def connect(client: Client, addresses: tuple[str, ...], replace: bool) -> None:
+    """Add peers HOST[:PORT] to connect to (kept across restarts with --resume)."""
+    result = _call(lambda: client.connect(list(addresses), replace))
+    click.echo(f"targets: {' '.join(result['targets'])}")
+
+
+@main.command()
+@click.argument("addresses", nargs=-1, required=True)
+@click.pass_obj
+def forget(client: Client, addresses: tuple[str, ...]) -> None:
+    """Stop connecting to peers HOST[:PORT] (an established connection stays until it ends)."""
+    result = _call(lambda: client.forget(list(addresses)))
+    click.echo(f"forgotten: {' '.join(result['forgotten']) or 'none (they were not targets)'}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, default=True, help="JSON output (the only format).")
+@click.pass_obj
+def report(client: Client, as_json: bool) -> None:
+    """Everything the agent knows, as JSON: for support requests and scripts."""
+    click.echo(json.dumps(_call(lambda: client.request("GET", "/report")), indent=2))
+
+
+def _call(fn):
+    try:
+        return fn()
+    except ApiError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+if __name__ == "__main__":
+    main()
