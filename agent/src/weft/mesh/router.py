@@ -49,6 +49,7 @@ class Router:
         gossip_interval: float = 30.0,
         conn_limit: int = 100,
         update_delay: float = 0.05,
+        gc_grace: float = 1.0,
         rng: random.Random | None = None,
     ) -> None:
         self.ourself = ourself
@@ -57,6 +58,9 @@ class Router:
         self.gossip_interval = gossip_interval
         self.conn_limit = conn_limit
         self.update_delay = update_delay
+        self.gc_grace = gc_grace
+        self._unreachable_since: dict[int, float] = {}
+        self._gc_handle: Handle | None = None
         self.rng = rng or random.Random()
         self.connections: dict[int, Conn] = {}
         self.topology = Topology(ourself)
@@ -76,7 +80,7 @@ class Router:
         self._schedule_periodic_gossip()
 
     def stop(self) -> None:
-        for handle in (self._announce_handle, self._changed_handle, self._gossip_handle):
+        for handle in (self._announce_handle, self._changed_handle, self._gossip_handle, self._gc_handle):
             if handle is not None:
                 handle.cancel()
 
@@ -94,10 +98,13 @@ class Router:
             return "connection to self"
         existing = self.connections.get(name)
         if existing is not None:
-            if conn.conn_uid >= existing.conn_uid:
+            restarted = existing.remote.uid != conn.remote.uid
+            if not restarted and conn.conn_uid >= existing.conn_uid:
                 return f"duplicate connection to {conn.remote.label()}"
             del self.connections[name]
-            existing.close(f"replaced by a simultaneous connection to {conn.remote.label()}")
+            existing.close(
+                "the peer restarted" if restarted else f"replaced by a simultaneous connection to {conn.remote.label()}"
+            )
         elif len(self.connections) >= self.conn_limit:
             return f"connection limit ({self.conn_limit}) reached"
         self.connections[name] = conn
@@ -147,13 +154,34 @@ class Router:
 
     def _after_topology_change(self) -> None:
         self._changed_handle = None
-        for entry in self.topology.garbage_collect():
-            log.info("forgetting unreachable peer %s", format_name(entry.name) + f"({entry.nickname})")
-            for listener in self.peer_gone_listeners:
-                listener(entry)
+        self._collect_garbage()
         self.metrics.peers.set(len(self.topology.peers))
         for listener in self.topology_listeners:
             listener()
+
+    def _collect_garbage(self) -> None:
+        """Forget peers that stayed unreachable for ``gc_grace``.
+
+        The grace absorbs ordering: a peer's entry can arrive a moment before the entry of the
+        neighbour that connects it to us, and forgetting it then would lose it until the next full
+        gossip.
+        """
+        now = self.scheduler.now()
+        unreachable = self.topology.unreachable()
+        self._unreachable_since = {n: self._unreachable_since.get(n, now) for n in unreachable}
+        expired = {n for n, since in self._unreachable_since.items() if now - since >= self.gc_grace}
+        for entry in self.topology.forget(expired):
+            del self._unreachable_since[entry.name]
+            log.info("forgetting unreachable peer %s(%s)", format_name(entry.name), entry.nickname)
+            for listener in self.peer_gone_listeners:
+                listener(entry)
+        if self._unreachable_since and self._gc_handle is None:
+            wait = self.gc_grace - (now - min(self._unreachable_since.values()))
+            self._gc_handle = self.scheduler.call_later(max(wait, 0.0), self._gc_timer)
+
+    def _gc_timer(self) -> None:
+        self._gc_handle = None
+        self._after_topology_change()
 
     # -- gossip in ------------------------------------------------------------------------------
 
@@ -292,4 +320,11 @@ class _TopologyGossiper:
             router._schedule_announce()
         if router.topology.graph_version != before or delta.entries:
             router._topology_changed()
-        return delta if delta.entries else None
+        if not delta.entries:
+            return None
+        if router._announce_handle is not None:
+            # Our own entry changed and is waiting to be announced: send it along, so nobody holds
+            # these entries without the connection that links them to us.
+            ours = router.topology.our_entry
+            delta.entries[ours.name] = ours
+        return delta

@@ -163,8 +163,8 @@ class Topology:
                 self._graph_changed(name)
         return delta, reannounce
 
-    def garbage_collect(self) -> list[PeerEntry]:
-        """Forget peers we cannot reach over any chain of reported connections."""
+    def unreachable(self) -> set[int]:
+        """Peers we cannot reach over any chain of reported connections."""
         reached = {self.ourself.name}
         stack = [self.ourself.name]
         while stack:
@@ -175,9 +175,11 @@ class Topology:
                 if c.peer not in reached and c.peer in self.peers:
                     reached.add(c.peer)
                     stack.append(c.peer)
-        gone = [e for n, e in self.peers.items() if n not in reached]
+        return self.peers.keys() - reached
+
+    def forget(self, names: set[int]) -> list[PeerEntry]:
+        gone = [self.peers.pop(name) for name in names if name in self.peers and name != self.ourself.name]
         for entry in gone:
-            del self.peers[entry.name]
             self._graph_changed(entry.name)
         return gone
 
