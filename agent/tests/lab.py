@@ -52,9 +52,7 @@ class LabCommandError(subprocess.CalledProcessError):
     """CalledProcessError whose message includes the output, so failures are self-explanatory."""
 
     def __str__(self) -> str:
-        return (
-            f"{super().__str__()}\n--- stdout ---\n{self.stdout or ''}\n--- stderr ---\n{self.stderr or ''}"
-        )
+        return f"{super().__str__()}\n--- stdout ---\n{self.stdout or ''}\n--- stderr ---\n{self.stderr or ''}"
 
 
 def _run(
@@ -66,9 +64,7 @@ def _run(
 ) -> subprocess.CompletedProcess[str]:
     """Run a command, capture text output, and raise a readable error if asked to check."""
     args = [str(c) for c in cmd]
-    proc = subprocess.run(
-        args, capture_output=True, text=True, timeout=timeout, input=input, env=env, check=False
-    )
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, input=input, env=env, check=False)
     if check and proc.returncode != 0:
         raise LabCommandError(proc.returncode, args, proc.stdout, proc.stderr)
     return proc
@@ -382,9 +378,7 @@ class Host:
         last = ""
         while True:
             if self.agent is not None and self.agent.poll() is not None:
-                raise AssertionError(
-                    f"{self.name}: agent exited with {self.agent.returncode}\n{self.agent_log()}"
-                )
+                raise AssertionError(f"{self.name}: agent exited with {self.agent.returncode}\n{self.agent_log()}")
             res = self.cli("status", "--json", check=False, timeout=max(1.0, min(10.0, timeout)))
             if res.returncode == 0:
                 with contextlib.suppress(json.JSONDecodeError):
@@ -479,9 +473,7 @@ class Lab:
         _run("ip", "netns", "add", name)
         self._ip("link", "set", "lo", "up", netns=name)
 
-    def _ip(
-        self, *args: str, netns: str | None = None, check: bool = True
-    ) -> subprocess.CompletedProcess[str]:
+    def _ip(self, *args: str, netns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         prefix = ["ip", "-n", netns] if netns else ["ip"]
         return _run(*prefix, *args, check=check)
 
@@ -517,6 +509,13 @@ class Lab:
             host = Host(self, index, netns, ip, host_dir)
             self.hosts.append(host)
             new.append(host)
+        for host in new:  # a test should start on a working underlay, not race the links coming up
+            wait_until(
+                lambda h=host: "LOWER_UP" in self._ip("link", "show", "eth0", netns=h.netns).stdout,
+                timeout=10,
+                interval=0.05,
+                message=f"{host.name}: eth0 has no carrier",
+            )
         return new
 
     def host(self, name: str) -> Host:

@@ -277,3 +277,33 @@ def test_underlay_capture_shows_no_nickname_when_encrypted(lab: Lab, secret: boo
         assert b"cap-secret" not in data
     else:
         assert seen == nicknames  # the capture really sees gossip: the same run without a secret leaks them
+
+
+def test_connect_forget_and_replace_from_the_cli(lab: Lab) -> None:
+    h1, h2, h3 = lab(3)
+    for h in (h1, h2, h3):
+        h.start_agent("--no-discovery")
+    for h in (h1, h2, h3):
+        h.wait_ready()
+
+    assert "targets:" in h1.cli("connect", h2.ip, f"{h3.ip}:6783").stdout
+    wait_until(lambda: established(h1) == {"h2", "h3"}, timeout=10)
+    assert established(h2) == {"h1"}, "with discovery off, h2 must not dial h3 on its own"
+
+    h1.cli("forget", h2.ip)
+    direct = {t["address"] for t in h1.status()["targets"] if t["origin"] != "discovered"}
+    assert direct == {h3.listen_addr}
+    h1.cli("connect", "--replace", h2.ip)
+    direct = {t["address"] for t in h1.status()["targets"] if t["origin"] != "discovered"}
+    assert direct == {h2.listen_addr}
+
+    bad = h1.cli("connect", "h2:notaport", check=False)
+    assert bad.returncode != 0 and "port must be a number" in bad.stderr
+
+    # Targets added at run time survive a restart with --resume, and only with it.
+    h1.kill_agent()
+    h1.start_agent("--no-discovery", resume=True)
+    assert {t["address"] for t in h1.wait_ready()["targets"]} == {h2.listen_addr}
+    h1.kill_agent()
+    h1.start_agent("--no-discovery")
+    assert h1.wait_ready()["targets"] == []

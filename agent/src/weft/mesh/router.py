@@ -50,6 +50,7 @@ class Router:
         conn_limit: int = 100,
         update_delay: float = 0.05,
         gc_grace: float = 1.0,
+        route_interval: float = 0.1,
         rng: random.Random | None = None,
     ) -> None:
         self.ourself = ourself
@@ -64,7 +65,7 @@ class Router:
         self.rng = rng or random.Random()
         self.connections: dict[int, Conn] = {}
         self.topology = Topology(ourself)
-        self.routes = Routes(self.topology)
+        self.routes = Routes(self.topology, scheduler.now, route_interval)
         self.channels: dict[str, GossipChannel] = {}
         self.topology_listeners: list[Callable[[], None]] = []
         self.peer_gone_listeners: list[Callable[[PeerEntry], None]] = []
@@ -304,7 +305,15 @@ class _TopologyGossiper:
         return self._router.topology.full_update()
 
     def on_gossip(self, payload: bytes) -> TopologyUpdate | None:
-        return self._merge(payload)
+        delta = self._merge(payload)
+        router = self._router
+        if delta is not None and router._announce_handle is not None:
+            # We broadcast this delta as its source; our own entry changed too and waits to be
+            # announced: send it along, so nobody holds these entries without the connection that
+            # links them to us.
+            ours = router.topology.our_entry
+            delta.entries[ours.name] = ours
+        return delta
 
     def on_gossip_broadcast(self, source: int, payload: bytes) -> TopologyUpdate | None:
         return self._merge(payload)
@@ -320,11 +329,4 @@ class _TopologyGossiper:
             router._schedule_announce()
         if router.topology.graph_version != before or delta.entries:
             router._topology_changed()
-        if not delta.entries:
-            return None
-        if router._announce_handle is not None:
-            # Our own entry changed and is waiting to be announced: send it along, so nobody holds
-            # these entries without the connection that links them to us.
-            ours = router.topology.our_entry
-            delta.entries[ours.name] = ours
-        return delta
+        return delta if delta.entries else None

@@ -8,13 +8,24 @@ broadcast reaches each peer exactly once.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from weft.mesh.topology import Topology
 
 
 class Routes:
-    def __init__(self, topology: Topology) -> None:
+    """Routes over a topology, recomputed lazily and at most once per ``min_interval``.
+
+    While the graph churns faster than that, ``broadcast`` answers None ("not sure") and the caller
+    floods instead; since gossip only relays what was new to the relaying peer, a flood costs little
+    and cannot miss anyone, and exact trees return once the graph settles.
+    """
+
+    def __init__(self, topology: Topology, now: Callable[[], float] | None = None, min_interval: float = 0.0) -> None:
         self._topology = topology
+        self._now = now or (lambda: 0.0)
+        self._min_interval = min_interval
+        self._refreshed_at = float("-inf")
         self._ourself = topology.ourself.name
         self._graph_version = -1
         self._reported: dict[int, set[int]] = {}
@@ -22,13 +33,19 @@ class Routes:
         self._unicast: dict[int, int] | None = None
         self._broadcast: dict[int, list[int]] = {}
 
-    def _refresh(self) -> None:
+    def _refresh(self) -> bool:
+        """Bring routes up to date if allowed; True when they match the current graph."""
         if self._graph_version == self._topology.graph_version:
-            return
+            return True
+        now = self._now()
+        if now - self._refreshed_at < self._min_interval:
+            return False
+        self._refreshed_at = now
         self._update_adjacency()
         self._unicast = None
         self._broadcast = {}
         self._graph_version = self._topology.graph_version
+        return True
 
     def _update_adjacency(self) -> None:
         """Bring the symmetric adjacency up to date for just the peers whose edges changed."""
@@ -82,8 +99,9 @@ class Routes:
         return set(self._adjacency.get(self._ourself, ()))
 
     def broadcast(self, source: int) -> list[int] | None:
-        """Our children in ``source``'s BFS tree; None when we are not on that tree in our view."""
-        self._refresh()
+        """Our children in ``source``'s BFS tree; None when we are not on it or the view is churning."""
+        if not self._refresh():
+            return None
         if source in self._broadcast:
             return self._broadcast[source]
         if source not in self._adjacency:

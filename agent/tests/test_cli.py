@@ -1,0 +1,69 @@
+"""The command line as an operator meets it: help, clear one-line errors, no tracebacks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def weft(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "PYTHONPATH": SRC, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "weft.cli", *args], capture_output=True, text=True, env=full_env, timeout=60, check=False
+    )
+
+
+def test_help_explains_every_command() -> None:
+    out = weft("--help").stdout
+    for command in ("run", "status", "connect", "forget", "report"):
+        assert command in out
+    run_help = weft("run", "--help").stdout
+    for flag in ("--peer", "--secret-file", "--advertise", "--resume", "--no-discovery", "WEFT_"):
+        assert flag in run_help
+
+
+def test_bad_config_is_one_clear_line(tmp_path: Path) -> None:
+    res = weft("run", "--listen", "nowhere", "--state-dir", str(tmp_path))
+    assert res.returncode != 0
+    assert "listen" in res.stderr and "HOST:PORT" in res.stderr
+    assert "Traceback" not in res.stderr
+
+    res = weft("run", "--peer", "10.0.0.1:99999", "--state-dir", str(tmp_path))
+    assert res.returncode != 0 and "port must be a number" in res.stderr
+
+    res = weft("run", "--state-dir", str(tmp_path), env={"WEFT_LOG_LEVEL": "chatty"})
+    assert res.returncode != 0 and "log_level" in res.stderr
+
+
+def test_secret_file_readable_by_others_is_refused(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("a-very-secret-value")
+    secret.chmod(0o644)
+    res = weft(
+        "run",
+        "--secret-file",
+        str(secret),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--api-socket",
+        str(tmp_path / "sock"),
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    )
+    assert res.returncode != 0
+    assert f"chmod 600 {secret}" in res.stderr
+    assert "a-very-secret-value" not in res.stderr + res.stdout
+
+
+def test_status_without_an_agent_says_what_to_do(tmp_path: Path) -> None:
+    res = weft("--api-socket", str(tmp_path / "none.sock"), "status")
+    assert res.returncode != 0
+    assert "is the agent running" in res.stderr and "Traceback" not in res.stderr
+    res = weft("status", env={"WEFT_API_SOCKET": str(tmp_path / "env.sock")})
+    assert str(tmp_path / "env.sock") in res.stderr
