@@ -131,6 +131,9 @@ class Agent:
     def _persist_targets(self, targets: list[Target]) -> None:
         self.store.set_targets([(t.address, t.origin) for t in targets])
 
+    # Settings a reload applies in place; the rest need a restart.
+    RELOADABLE = ("peers", "secret_files")
+
     def reload(self) -> None:
         """SIGHUP: re-read config; peers and secrets change in place, established connections stay."""
         try:
@@ -138,9 +141,20 @@ class Agent:
             secrets = read_secrets(config.secret_files)
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
-            self.metrics.decode_errors.labels("config").inc()
+            self.metrics.reload_failures.inc()
             return
-        self.config = config
+        needs_restart = [
+            k
+            for k in AgentConfig.model_fields
+            if k not in self.RELOADABLE and getattr(config, k) != getattr(self.config, k)
+        ]
+        if needs_restart:
+            log.warning(
+                "reload: %s changed; restart the agent to apply %s",
+                ", ".join(needs_restart),
+                "it" if len(needs_restart) == 1 else "them",
+            )
+        self.config = self.config.model_copy(update={k: getattr(config, k) for k in self.RELOADABLE})
         self.secrets = secrets
         self.maker.set_origin_targets("config", config.peers)
         retired = self.transport.retire_stale_sessions()

@@ -104,7 +104,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     aliases = {"peer": "peers", "secret_file": "secret_files"}
     for key, raw in env.items():
-        if not key.startswith(ENV_PREFIX) or key in ("WEFT_CONFIG", "WEFT_API_SOCKET_CLIENT"):
+        if not key.startswith(ENV_PREFIX) or key == "WEFT_CONFIG":
             continue
         name = key[len(ENV_PREFIX) :].lower()
         name = aliases.get(name, name)

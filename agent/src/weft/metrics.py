@@ -41,5 +41,9 @@ class Metrics:
             "weft_gossip_dropped", "Gossip messages dropped, by reason", ["reason"], registry=r
         )
 
+        self.reload_failures = Counter(
+            "weft_config_reload_failures", "SIGHUP reloads refused because the new config was invalid", registry=r
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -66,13 +66,17 @@ class VirtualScheduler:
         ``done`` is checked whenever the clock moves on by at least ``resolution`` (0: at every step),
         so an expensive check can be made cheap at the price of that much timing precision.
         """
-        checked_at = -1.0
+        checked_at = self._now
+        if done():
+            return True
         while self._queue:
-            if self._now - checked_at >= resolution or resolution == 0.0:
-                if done():
-                    return True
-                checked_at = self._now
             when, _, handle, fn = heapq.heappop(self._queue)
+            # Check before the clock jumps past a resolution step, so the reported time is not late.
+            if when - checked_at >= resolution and when > self._now:
+                checked_at = self._now
+                if done():
+                    heapq.heappush(self._queue, (when, next(self._seq), handle, fn))
+                    return True
             if when > deadline:
                 heapq.heappush(self._queue, (when, next(self._seq), handle, fn))
                 break

@@ -45,7 +45,10 @@ def normalize_address(text: str, default_port: int = DEFAULT_PORT) -> str:
         host, port_text = text.split(":")
         port = _port(port_text, text)
     elif text.count(":") > 1:
-        ipaddress.IPv6Address(text)  # bare IPv6 without port
+        try:
+            ipaddress.IPv6Address(text)  # a bare IPv6 address, no port
+        except ValueError:
+            raise AddressError(f"peer address {text!r} is not HOST[:PORT] (write IPv6 as [ADDR]:PORT)") from None
         return f"[{text}]:{port}"
     if not host or any(c.isspace() for c in host):
         raise AddressError(f"peer address {text!r}: missing host")

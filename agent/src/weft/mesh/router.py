@@ -62,6 +62,7 @@ class Router:
         self.gc_grace = gc_grace
         self._unreachable_since: dict[int, float] = {}
         self._gc_handle: Handle | None = None
+        self._full_state_sent: set[int] = set()  # connections (by id) that have had our full state
         self.rng = rng or random.Random()
         self.connections: dict[int, Conn] = {}
         self.topology = Topology(ourself)
@@ -103,17 +104,20 @@ class Router:
             if not restarted and conn.conn_uid >= existing.conn_uid:
                 return f"duplicate connection to {conn.remote.label()}"
             del self.connections[name]
+            self._full_state_sent.discard(id(existing))
             existing.close(
                 "the peer restarted" if restarted else f"replaced by a simultaneous connection to {conn.remote.label()}"
             )
         elif len(self.connections) >= self.conn_limit:
             return f"connection limit ({self.conn_limit}) reached"
+        known = self.topology.peers.get(name)
         self.connections[name] = conn
         self._local_connections_changed()
-        for channel in self.channels.values():
-            data = channel.gossiper.gossip()
-            if data is not None:
-                conn.sender.send(channel.name, data)
+        if known is None or known.uid != conn.remote.uid:
+            # A peer new to us (or restarted) may know nothing we know: exchange full state. Two
+            # peers already in each other's view share the mesh's deltas, and anti-entropy covers
+            # anything missed, so a discovered full mesh does not ship the whole state N times.
+            self._send_full_state(conn)
         log.info(
             "connection established with %s at %s (%s, %s)",
             conn.remote.label(),
@@ -123,11 +127,19 @@ class Router:
         )
         return None
 
+    def _send_full_state(self, conn: Conn) -> None:
+        self._full_state_sent.add(id(conn))
+        for channel in self.channels.values():
+            data = channel.gossiper.gossip()
+            if data is not None:
+                conn.sender.send(channel.name, data)
+
     def remove_connection(self, conn: Conn, reason: str) -> None:
         name = conn.remote.name
         if self.connections.get(name) is not conn:
             return
         del self.connections[name]
+        self._full_state_sent.discard(id(conn))
         self.metrics.terminations.inc()
         log.info("connection to %s ended: %s", conn.remote.label(), reason)
         self._local_connections_changed()
@@ -202,6 +214,8 @@ class Router:
                 self.metrics.gossip_dropped.labels("unknown_channel").inc()
                 return
             if kind == GOSSIP:
+                if id(conn) not in self._full_state_sent and self.connections.get(conn.remote.name) is conn:
+                    self._send_full_state(conn)  # they took us for new: answer in kind
                 delta = channel.gossiper.on_gossip(payload)
                 if delta is not None:
                     self.relay_broadcast(channel_name, self.ourself.name, delta, came_from=conn.remote.name)

@@ -106,7 +106,8 @@ class ControlTransport:
         host, _, port = address.rpartition(":")
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host.strip("[]"), int(port)), self.settings.dial_timeout
+                asyncio.open_connection(host.strip("[]"), int(port), local_addr=self._local_addr()),
+                self.settings.dial_timeout,
             )
         except TimeoutError:
             self._dial_finished(address, None, f"no answer within {self.settings.dial_timeout:g}s")
@@ -118,6 +119,11 @@ class ControlTransport:
             self._dial_finished(address, None, exc.strerror or str(exc))
             return
         await self._serve(reader, writer, outbound=True, address=address)
+
+    def _local_addr(self) -> tuple[str, int] | None:
+        """Dial from the address we listen on, so peers see (and gossip) the address that answers."""
+        host = self.listen[0]
+        return (host, 0) if host not in ("", "0.0.0.0", "::") else None
 
     async def _on_accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername") or ("?", 0)
@@ -133,7 +139,14 @@ class ControlTransport:
             )
             writer.close()
             return
-        await self._serve(reader, writer, outbound=False, address=_join(peer[0], peer[1]))
+        task = asyncio.current_task()
+        if task is not None:  # so stop() can end it like the connections we dialled
+            self._tasks.add(task)
+        try:
+            await self._serve(reader, writer, outbound=False, address=_join(peer[0], peer[1]))
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
 
     # -- one connection, start to finish ------------------------------------------------------------
 
