@@ -518,6 +518,24 @@ class Lab:
             )
         return new
 
+    def pin_neighbours(self) -> None:
+        """Give every host a permanent ARP entry for every other host.
+
+        The kernel's neighbour table is shared by all network namespaces and, by default, refuses new
+        dynamic entries past 1,024 (net.ipv4.neigh.default.gc_thresh3) with "neighbor table overflow":
+        a full mesh of 50 hosts needs 2,450, and packets to an unresolved neighbour are silently
+        dropped. Permanent entries do not count against that limit and go away with the namespaces.
+        """
+        macs = {}
+        for h in self.hosts:
+            (link,) = json.loads(h.exec("ip", "-j", "link", "show", "dev", "eth0").stdout)
+            macs[h.ip] = link["address"]
+        for h in self.hosts:
+            batch = "".join(
+                f"neigh replace {ip} lladdr {mac} dev eth0 nud permanent\n" for ip, mac in macs.items() if ip != h.ip
+            )
+            h.exec("ip", "-batch", "-", input=batch)
+
     def host(self, name: str) -> Host:
         """Look a host up by name ("h1")."""
         for h in self.hosts:

@@ -196,9 +196,7 @@ def test_capture_sees_udp_marker(lab: Lab) -> None:
     )
     h1.exec(sys.executable, "-c", send, marker)
     for cap in (on_wire, at_h2):
-        wait_until(
-            lambda cap=cap: marker.encode() in cap.payload_bytes(), timeout=5, message="marker not seen"
-        )
+        wait_until(lambda cap=cap: marker.encode() in cap.payload_bytes(), timeout=5, message="marker not seen")
         cap.stop()
         assert cap.packet_count() == 1
         assert marker.encode() in cap.packets()[0]
