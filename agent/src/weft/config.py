@@ -130,10 +130,10 @@ def load_config(path: Path | None, env: Mapping[str, str], flags: Mapping[str, A
             loaded = yaml.safe_load(file.read_text()) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {file} does not exist") from None
-        except (OSError, yaml.YAMLError) as exc:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise ConfigError(f"cannot read config file {file}: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {file} must be a YAML mapping of settings")
+        if not isinstance(loaded, dict) or not all(isinstance(k, str) for k in loaded):
+            raise ConfigError(f"config file {file} must be a YAML mapping of setting names to values")
         data.update({k.replace("-", "_"): v for k, v in loaded.items()})
     data.update(_from_env(env))
     data.update({k: v for k, v in flags.items() if v is not None and v != () and v != []})

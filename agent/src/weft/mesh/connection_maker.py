@@ -36,6 +36,10 @@ def normalize_address(text: str, default_port: int = DEFAULT_PORT) -> str:
         if end < 0:
             raise AddressError(f"peer address {text!r}: missing ']'")
         host, rest = text[1:end], text[end + 1 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise AddressError(f"peer address {text!r}: [{host}] is not an IPv6 address") from None
         if rest:
             if not rest.startswith(":"):
                 raise AddressError(f"peer address {text!r}: expected ':PORT' after ']'")
@@ -130,7 +134,7 @@ class ConnectionMaker:
 
     def forget(self, addresses: Iterable[str]) -> list[str]:
         forgotten = []
-        for address in (normalize_address(a) for a in addresses):
+        for address in [normalize_address(a) for a in addresses]:  # all valid, or nothing changes
             target = self.targets.get(address)
             if target is not None and target.direct:
                 del self.targets[address]
@@ -169,7 +173,7 @@ class ConnectionMaker:
             target.state, target.last_error, target.next_try = "failed", error, float("inf")
         else:
             target.interval = min(self.max_interval, max(self.initial_interval, target.interval * 1.5))
-            target.next_try = now + target.interval * self._rng.uniform(0.5, 1.5)
+            target.next_try = now + self._jittered(target.interval)
             target.last_error = error
             target.state = "retrying" if target.attempts < 3 else "failed"
             log.debug("dial %s failed (%s); next try in %.1fs", address, error, target.next_try - now)
@@ -186,8 +190,12 @@ class ConnectionMaker:
                     target.interval, target.next_try = self.initial_interval, now
                 else:
                     target.interval = max(self.initial_interval, target.interval)
-                    target.next_try = now + target.interval * self._rng.uniform(0.5, 1.5)
+                    target.next_try = now + self._jittered(target.interval)
         self.check()
+
+    def _jittered(self, interval: float) -> float:
+        """Between half and all of ``interval`` (capped): peers that failed together retry apart."""
+        return min(self.max_interval, interval) * self._rng.uniform(0.5, 1.0)
 
     def connection_opened(self, peer: int) -> None:
         self._connected_since.setdefault(peer, self._scheduler.now())
