@@ -68,6 +68,10 @@ def test_five_hosts_told_only_of_the_first_discover_a_full_mesh(lab: Lab) -> Non
     assert metric_value(metrics, "weft_gossip_bytes_total", channel="topology", direction="out") > 0
     human = hosts[4].cli("status").stdout
     assert "Peers: 5" in human and "Encryption: enabled" in human
+    # Peers that found each other at the same moment dialled each other at once: one connection survives.
+    for h in hosts:
+        sockets = h.exec("ss", "-Htn", "state", "established", "( sport = :6783 or dport = :6783 )").stdout
+        assert len(sockets.splitlines()) == 4, f"{h.name} holds {sockets.count(chr(10))} TCP connections"
 
 
 def test_gossip_crosses_a_relay_when_the_direct_link_is_blocked(lab: Lab) -> None:
@@ -307,3 +311,25 @@ def test_connect_forget_and_replace_from_the_cli(lab: Lab) -> None:
     h1.kill_agent()
     h1.start_agent("--no-discovery")
     assert h1.wait_ready()["targets"] == []
+
+
+def test_inbound_connections_are_rate_limited_and_capped(lab: Lab) -> None:
+    h1, h2 = lab(2)
+    h1.start_agent(env={"WEFT_ACCEPT_BURST": "5", "WEFT_ACCEPT_RATE": "1", "WEFT_CONN_LIMIT": "3"})
+    h1.wait_ready()
+    script = (
+        "import socket, time\n"
+        "socks = []\n"
+        "for _ in range(40):\n"
+        f"    s = socket.create_connection(('{h1.ip}', 6783), timeout=2); socks.append(s)\n"
+        "time.sleep(1)\n"
+    )
+    h2.exec(sys.executable, "-c", script, timeout=60)
+    metrics = h1.metrics()
+    refused = metric_value(metrics, "weft_connections_refused_total")
+    assert refused >= 30, f"only {refused} of 40 quick connections were refused"
+    assert metric_value(metrics, "weft_connections_refused_total", reason="rate_limit") >= 1
+    assert metric_value(metrics, "weft_connections_refused_total", reason="conn_limit") >= 1
+    # Refused or not, the agent goes on and still takes a real peer once the burst has passed.
+    h2.start_agent(peers=[h1])
+    wait_until(lambda: established(h1) == {"h2"}, timeout=15)
