@@ -157,20 +157,6 @@ def _unconnected_pair(net: SimNetwork, rng: random.Random) -> tuple[int, int]:
             return a, b
 
 
-def _views_current(net: SimNetwork) -> bool:
-    """Every peer holds every peer's latest entry (same UID and version as its owner's)."""
-    owners = {p.info.name: p.router.topology.our_entry for p in net.peers}
-    for peer in net.peers:
-        view = peer.router.topology.peers
-        if len(view) != len(owners):
-            return False
-        for name, entry in owners.items():
-            mine = view.get(name)
-            if mine is None or mine.uid != entry.uid or mine.version != entry.version:
-                return False
-    return True
-
-
 def _one_change(
     net: SimNetwork,
     counter: _AnnounceCounter,
@@ -203,7 +189,7 @@ def _one_change(
     # that reaches that far would mix periodic full-state gossip into the figure.
     return {
         "settled_s": round(last_send - start, 3),
-        "views_current": _views_current(net),
+        "views_current": net.converged(exact=True),
         "window_s": [round(start, 3), round(end, 3)],
         "window_clear_of_anti_entropy": end < 0.8 * net.gossip_interval,
         "extra_bytes_per_peer": round(extra, 1),

@@ -159,16 +159,16 @@ class SimNetwork:
     def heal(self) -> None:
         self.blocked.clear()
 
-    def converged(self) -> bool:
-        """Every peer knows every peer, with the same UIDs."""
-        want = {p.info.name: p.info.uid for p in self.peers}
+    def converged(self, exact: bool = False) -> bool:
+        """Every peer knows every peer with its current UID (``exact``: and its latest version)."""
+        owners = {p.info.name: p.router.topology.our_entry for p in self.peers}
         for peer in self.peers:
             view = peer.router.topology.peers
-            if len(view) != len(want):
+            if len(view) != len(owners):
                 return False
-            for name, uid in want.items():
-                entry = view.get(name)
-                if entry is None or entry.uid != uid:
+            for name, entry in owners.items():
+                mine = view.get(name)
+                if mine is None or mine.uid != entry.uid or (exact and mine.version != entry.version):
                     return False
         return True
 

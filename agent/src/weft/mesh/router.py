@@ -240,19 +240,28 @@ class Router:
     # -- gossip out -----------------------------------------------------------------------------
 
     def relay_broadcast(self, channel: str, source: int, data: GossipData, came_from: int | None) -> None:
-        """Pass ``data`` down ``source``'s broadcast tree (or to every neighbour if we are not on it)."""
+        """Pass ``data`` down ``source``'s broadcast tree.
+
+        When we are not on that tree in our view, or the view is churning too fast for trees, the data
+        goes to a few random neighbours instead (epidemic gossip): a peer relays only what was new to it,
+        so this reaches everyone with high probability at a cost that grows with log(peers), and
+        anti-entropy repairs the rest.
+        """
         hops = self.routes.broadcast(source)
         if hops is None:
-            targets = set(self.connections)
+            candidates = sorted(self.connections.keys() - {came_from, source})
+            targets = set(self.rng.sample(candidates, min(len(candidates), self._fanout())))
         else:
             # Neighbours whose connection to us is not yet symmetric in our view are on no tree yet.
             targets = set(hops) | (self.connections.keys() - self.routes.neighbours())
-        targets.discard(came_from)
-        targets.discard(source)
+            targets -= {came_from, source}
         for name in targets:
-            conn = self.connections.get(name)
+            conn = self.connections.get(name)  # trees may be up to one recalculation behind
             if conn is not None:
                 conn.sender.send_broadcast(channel, source, data)
+
+    def _fanout(self) -> int:
+        return 2 * max(1, math.ceil(math.log2(len(self.topology.peers) + 1)))
 
     def relay_unicast(self, channel: str, source: int, dest: int, payload: bytes) -> bool:
         hop = self.routes.unicast(dest)
@@ -276,7 +285,7 @@ class Router:
         self._schedule_periodic_gossip()
         if not self.connections:
             return
-        fanout = min(len(self.connections), 2 * max(1, math.ceil(math.log2(len(self.topology.peers) + 1))))
+        fanout = min(len(self.connections), self._fanout())
         chosen = self.rng.sample(sorted(self.connections), fanout)
         for channel in self.channels.values():
             data = channel.gossiper.gossip()
