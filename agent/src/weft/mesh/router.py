@@ -240,21 +240,16 @@ class Router:
     # -- gossip out -----------------------------------------------------------------------------
 
     def relay_broadcast(self, channel: str, source: int, data: GossipData, came_from: int | None) -> None:
-        """Pass ``data`` down ``source``'s broadcast tree.
-
-        When we are not on that tree in our view, or the view is churning too fast for trees, the data
-        goes to a few random neighbours instead (epidemic gossip): a peer relays only what was new to it,
-        so this reaches everyone with high probability at a cost that grows with log(peers), and
-        anti-entropy repairs the rest.
-        """
+        """Pass ``data`` down ``source``'s broadcast tree, or to every neighbour when we are not on it
+        in our view or the view is churning too fast for trees (a peer relays only what was new to it,
+        so a flood stops where the data is already known)."""
         hops = self.routes.broadcast(source)
         if hops is None:
-            candidates = sorted(self.connections.keys() - {came_from, source})
-            targets = set(self.rng.sample(candidates, min(len(candidates), self._fanout())))
+            targets = set(self.connections)
         else:
             # Neighbours whose connection to us is not yet symmetric in our view are on no tree yet.
             targets = set(hops) | (self.connections.keys() - self.routes.neighbours())
-            targets -= {came_from, source}
+        targets -= {came_from, source}
         for name in targets:
             conn = self.connections.get(name)  # trees may be up to one recalculation behind
             if conn is not None:
