@@ -7,7 +7,6 @@ it names files, and the files must be private (mode 0600).
 
 from __future__ import annotations
 
-import os
 import stat
 from collections.abc import Mapping
 from pathlib import Path
@@ -175,7 +174,3 @@ def read_secrets(files: list[Path]) -> list[bytes]:
             raise ConfigError(f"secret file {file} holds fewer than 8 bytes; use a long random secret")
         secrets.append(secret)
     return secrets
-
-
-def environ() -> Mapping[str, str]:
-    return os.environ

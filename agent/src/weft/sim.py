@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from weft.mesh.clock import VirtualScheduler
 from weft.mesh.connection_maker import ConnectionMaker
 from weft.mesh.gossip import GossipSender
-from weft.mesh.peer import PeerInfo, format_name
+from weft.mesh.peer import PeerInfo
 from weft.mesh.router import Router
 from weft.metrics import Metrics
 
@@ -180,9 +180,6 @@ class SimNetwork:
                     if sample.name.endswith("_total") and sample.labels.get("direction") == "out":
                         total += sample.value
         return total
-
-    def describe(self, index: int) -> str:
-        return format_name(self.peers[index].info.name)
 
 
 def chain_of_strangers(n: int, seed: int = 1, discovery: bool = False, **kwargs) -> SimNetwork:

@@ -22,7 +22,6 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 SECRET_ID_LEN = 8
 PUBLIC_KEY_LEN = 32
-CIPHER = "chacha20-poly1305"
 
 
 class SealError(Exception):

@@ -70,9 +70,6 @@ class GossipSender:
         else:
             current.merge(data)  # type: ignore[union-attr]
 
-    def has_pending(self) -> bool:
-        return bool(self._pending)
-
     def take(self) -> list[dict]:
         """Everything pending, as wire messages; the sender is empty afterwards."""
         pending, self._pending = self._pending, {}

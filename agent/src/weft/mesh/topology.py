@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from weft.mesh.codec import DecodeError, expect, expect_uint, pack, unpack
-from weft.mesh.peer import NAME_BITS, PeerInfo, format_name
+from weft.mesh.peer import NAME_BITS, PeerInfo
 
 KIND = "topology"
 MAX_NICKNAME = 255
@@ -74,9 +74,6 @@ class PeerEntry:
                 )
             )
         return cls(name, nickname, uid, version, tuple(conns))
-
-    def info(self) -> PeerInfo:
-        return PeerInfo(self.name, self.nickname, self.uid)
 
 
 @dataclass(slots=True)
@@ -182,10 +179,6 @@ class Topology:
         for entry in gone:
             self._graph_changed(entry.name)
         return gone
-
-    def describe(self, name: int) -> str:
-        entry = self.peers.get(name)
-        return f"{format_name(name)}({entry.nickname if entry else '?'})"
 
 
 def _edges(entry: PeerEntry) -> frozenset[tuple[int, bool]]:
