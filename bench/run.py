@@ -26,6 +26,16 @@ import mesh
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+# The columns both simulator tables share: what the gossip cost, next to the whole-topology baseline.
+_GOSSIP_COLUMNS = [
+    "messages",
+    "changes",
+    "gossip/peer",
+    "full-topology baseline/peer",
+    "baseline/weft",
+]
+
+
 def _fmt(value: object, unit: str = "") -> str:
     if value is None:
         return "-"
@@ -81,16 +91,7 @@ def print_sim(results: list[dict]) -> None:
         )
     print(
         _table(
-            [
-                "mesh",
-                "converged (virtual)",
-                "wall clock",
-                "messages",
-                "changes",
-                "gossip/peer",
-                "full-topology baseline/peer",
-                "baseline/weft",
-            ],
+            ["mesh", "converged (virtual)", "wall clock", *_GOSSIP_COLUMNS],
             rows,
         )
     )
@@ -117,15 +118,7 @@ def print_sim(results: list[dict]) -> None:
             )
     print(
         _table(
-            [
-                "change",
-                "settled",
-                "messages",
-                "changes",
-                "gossip/peer",
-                "full-topology baseline/peer",
-                "baseline/weft",
-            ],
+            ["change", "settled", *_GOSSIP_COLUMNS],
             rows,
         )
     )

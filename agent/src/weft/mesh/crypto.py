@@ -64,28 +64,29 @@ def derive_session_keys(
     return SessionKeys(acceptor_to_dialer, dialer_to_acceptor)
 
 
-class Sealer:
-    """Seals one direction of a stream: ChaCha20-Poly1305 with a 64-bit message counter as nonce."""
+class _Direction:
+    """One direction of a stream: ChaCha20-Poly1305 with a 64-bit message counter as nonce."""
 
     def __init__(self, key: bytes) -> None:
         self._aead = ChaCha20Poly1305(key)
         self._counter = 0
 
+    def _nonce(self) -> bytes:
+        return struct.pack(">IQ", 0, self._counter)
+
+
+class Sealer(_Direction):
     def seal(self, plaintext: bytes) -> bytes:
-        nonce = struct.pack(">IQ", 0, self._counter)
+        sealed = self._aead.encrypt(self._nonce(), plaintext, None)
         self._counter += 1
-        return self._aead.encrypt(nonce, plaintext, None)
+        return sealed
 
 
-class Opener:
-    def __init__(self, key: bytes) -> None:
-        self._aead = ChaCha20Poly1305(key)
-        self._counter = 0
-
+class Opener(_Direction):
     def open(self, ciphertext: bytes) -> bytes:
-        nonce = struct.pack(">IQ", 0, self._counter)
+        """Open the next message; the counter moves on only when it authenticates."""
         try:
-            plaintext = self._aead.decrypt(nonce, ciphertext, None)
+            plaintext = self._aead.decrypt(self._nonce(), ciphertext, None)
         except InvalidTag:
             raise SealError("message failed authentication") from None
         self._counter += 1
