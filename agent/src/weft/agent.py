@@ -62,7 +62,6 @@ class Agent:
             read_timeout=c.read_timeout,
             handshake_timeout=c.handshake_timeout,
             dial_timeout=c.dial_timeout,
-            conn_limit=c.conn_limit,
             accept_rate=c.accept_rate,
             accept_burst=c.accept_burst,
         )

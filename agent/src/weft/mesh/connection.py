@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from typing import TYPE_CHECKING
 
 from weft.mesh.codec import MAX_MESSAGE, DecodeError, expect, pack, unpack
@@ -48,7 +47,6 @@ class ControlConnection:
         self.conn_uid = session.conn_uid
         self.encrypted = session.encrypted
         self.secret = secret  # the mesh secret this session was keyed with (rotation closes stale ones)
-        self.started = time.monotonic()
         self.sender = GossipSender(self._wake_writer)
         self._wake = asyncio.Event()
         self._closed = asyncio.Event()

@@ -62,7 +62,7 @@ class Router:
         self.gc_grace = gc_grace
         self._unreachable_since: dict[int, float] = {}
         self._gc_handle: Handle | None = None
-        self._full_state_sent: set[int] = set()  # connections (by id) that have had our full state
+        self._full_state_sent: set[int] = set()  # peers whose current connection has had our full state
         self.rng = rng or random.Random()
         self.connections: dict[int, Conn] = {}
         self.topology = Topology(ourself)
@@ -104,7 +104,6 @@ class Router:
             if not restarted and conn.conn_uid >= existing.conn_uid:
                 return f"duplicate connection to {conn.remote.label()}"
             del self.connections[name]
-            self._full_state_sent.discard(id(existing))
             existing.close(
                 "the peer restarted" if restarted else f"replaced by a simultaneous connection to {conn.remote.label()}"
             )
@@ -112,6 +111,7 @@ class Router:
             return f"connection limit ({self.conn_limit}) reached"
         known = self.topology.peers.get(name)
         self.connections[name] = conn
+        self._full_state_sent.discard(name)
         self._local_connections_changed()
         if known is None or known.uid != conn.remote.uid:
             # A peer new to us (or restarted) may know nothing we know: exchange full state. Two
@@ -128,7 +128,7 @@ class Router:
         return None
 
     def _send_full_state(self, conn: Conn) -> None:
-        self._full_state_sent.add(id(conn))
+        self._full_state_sent.add(conn.remote.name)
         for channel in self.channels.values():
             data = channel.gossiper.gossip()
             if data is not None:
@@ -139,7 +139,7 @@ class Router:
         if self.connections.get(name) is not conn:
             return
         del self.connections[name]
-        self._full_state_sent.discard(id(conn))
+        self._full_state_sent.discard(name)
         self.metrics.terminations.inc()
         log.info("connection to %s ended: %s", conn.remote.label(), reason)
         self._local_connections_changed()
@@ -214,7 +214,7 @@ class Router:
                 self.metrics.gossip_dropped.labels("unknown_channel").inc()
                 return
             if kind == GOSSIP:
-                if id(conn) not in self._full_state_sent and self.connections.get(conn.remote.name) is conn:
+                if conn.remote.name not in self._full_state_sent and self.connections.get(conn.remote.name) is conn:
                     self._send_full_state(conn)  # they took us for new: answer in kind
                 delta = channel.gossiper.on_gossip(payload)
                 if delta is not None:

@@ -28,7 +28,6 @@ class ConnectionSettings:
     read_timeout: float = 20.0
     handshake_timeout: float = 5.0
     dial_timeout: float = 3.0
-    conn_limit: int = 100
     accept_rate: float = 20.0  # inbound connections per second, sustained
     accept_burst: int = 20
 
@@ -132,11 +131,9 @@ class ControlTransport:
             log.debug("refused a connection from %s: accept rate limit", peer[0])
             writer.close()
             return
-        if len(self.router.connections) + len(self.pending) >= self.settings.conn_limit:
+        if len(self.router.connections) + len(self.pending) >= self.router.conn_limit:
             self.metrics.refused.labels("conn_limit").inc()
-            log.warning(
-                "refused a connection from %s: connection limit (%d) reached", peer[0], self.settings.conn_limit
-            )
+            log.warning("refused a connection from %s: connection limit (%d) reached", peer[0], self.router.conn_limit)
             writer.close()
             return
         task = asyncio.current_task()
