@@ -262,10 +262,13 @@ def test_the_nickname_is_on_the_wire_when_unencrypted() -> None:
 
 
 def _keys() -> tuple[Sealer, Opener]:
-    keys = derive_session_keys(b"\x01" * 32, OLD, b"\x02" * 32, b"\x03" * 32, outbound=True)
+    both = derive_session_keys(b"\x01" * 32, OLD, b"\x02" * 32, b"\x03" * 32, outbound=True)
     peer = derive_session_keys(b"\x01" * 32, OLD, b"\x02" * 32, b"\x03" * 32, outbound=False)
-    assert keys.send == peer.receive and keys.receive == peer.send and keys.send != keys.receive
-    return Sealer(keys.send), Opener(peer.receive)
+    keys = both.control
+    assert keys.send == peer.control.receive and keys.receive == peer.control.send and keys.send != keys.receive
+    assert both.data.send == peer.data.receive and both.data.receive == peer.data.send
+    assert len({keys.send, keys.receive, both.data.send, both.data.receive}) == 4
+    return Sealer(keys.send), Opener(peer.control.receive)
 
 
 def test_a_replayed_message_fails_to_open() -> None:
@@ -281,7 +284,9 @@ def test_reordered_messages_fail_to_open() -> None:
     first, second = sealer.seal(b"one"), sealer.seal(b"two")
     with pytest.raises(SealError):
         opener.open(second)
-    in_order = Opener(derive_session_keys(b"\x01" * 32, OLD, b"\x02" * 32, b"\x03" * 32, outbound=False).receive)
+    in_order = Opener(
+        derive_session_keys(b"\x01" * 32, OLD, b"\x02" * 32, b"\x03" * 32, outbound=False).control.receive
+    )
     assert in_order.open(first) == b"one"
     assert in_order.open(second) == b"two"
 
@@ -295,7 +300,7 @@ def test_a_tampered_message_fails_to_open() -> None:
 
 
 def test_a_message_sealed_under_another_secret_fails_to_open() -> None:
-    sealer = Sealer(derive_session_keys(b"\x01" * 32, NEW, b"\x02" * 32, b"\x03" * 32, outbound=True).send)
+    sealer = Sealer(derive_session_keys(b"\x01" * 32, NEW, b"\x02" * 32, b"\x03" * 32, outbound=True).control.send)
     _, opener = _keys()
     with pytest.raises(SealError):
         opener.open(sealer.seal(b"payload"))

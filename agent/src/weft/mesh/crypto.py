@@ -49,19 +49,28 @@ class SessionKeys:
     receive: bytes
 
 
+@dataclass(frozen=True)
+class LinkKeys:
+    """Both directions of one connection: the control stream's keys and the data path's keys."""
+
+    control: SessionKeys
+    data: SessionKeys
+
+
 def derive_session_keys(
     shared: bytes, secret: bytes, dialer_public: bytes, acceptor_public: bytes, outbound: bool
-) -> SessionKeys:
+) -> LinkKeys:
+    """Four independent keys: control and data path, each direction its own."""
     material = HKDF(
         algorithm=hashes.SHA256(),
-        length=64,
+        length=128,
         salt=b"weft/1",
-        info=b"weft control keys" + dialer_public + acceptor_public,
+        info=b"weft session keys" + dialer_public + acceptor_public,
     ).derive(shared + secret)
-    dialer_to_acceptor, acceptor_to_dialer = material[:32], material[32:]
+    keys = [material[i : i + 32] for i in range(0, 128, 32)]
     if outbound:
-        return SessionKeys(dialer_to_acceptor, acceptor_to_dialer)
-    return SessionKeys(acceptor_to_dialer, dialer_to_acceptor)
+        return LinkKeys(SessionKeys(keys[0], keys[1]), SessionKeys(keys[2], keys[3]))
+    return LinkKeys(SessionKeys(keys[1], keys[0]), SessionKeys(keys[3], keys[2]))
 
 
 class _Direction:

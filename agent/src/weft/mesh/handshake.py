@@ -23,6 +23,7 @@ from weft.mesh.crypto import (
     Opener,
     Sealer,
     SealError,
+    SessionKeys,
     derive_session_keys,
     secret_id,
 )
@@ -61,6 +62,7 @@ class Session:
     sealer: Sealer | None
     opener: Opener | None
     secret_index: int | None  # which of our secrets the session uses (for rotation)
+    data_keys: SessionKeys | None = None  # the data path's keys for this link, one per direction
 
     @property
     def encrypted(self) -> bool:
@@ -111,6 +113,7 @@ async def handshake(
     their_hello = _parse_hello(await _read_frame(reader, MAX_HELLO, "malformed_hello"))
 
     sealer = opener = None
+    data_keys: SessionKeys | None = None
     secret_index = None
     if (key is not None) != their_hello["enc"]:
         if key is not None:
@@ -123,7 +126,8 @@ async def handshake(
             raise HandshakeError("secret_mismatch", "the peer has none of our mesh secrets")
         dialer_pub, acceptor_pub = (key.public, their_pub) if outbound else (their_pub, key.public)
         keys = derive_session_keys(key.exchange(their_pub), secrets[secret_index], dialer_pub, acceptor_pub, outbound)
-        sealer, opener = Sealer(keys.send), Opener(keys.receive)
+        sealer, opener = Sealer(keys.control.send), Opener(keys.control.receive)
+        data_keys = keys.data
 
     conn_id = pysecrets.randbits(64)
     intro = {
@@ -143,7 +147,7 @@ async def handshake(
         except SealError:
             raise HandshakeError("secret_mismatch", "the peer's introduction failed authentication") from None
     their_intro = _parse_intro(raw)
-    return Session(version, their_intro, conn_id ^ their_intro.conn_id, sealer, opener, secret_index)
+    return Session(version, their_intro, conn_id ^ their_intro.conn_id, sealer, opener, secret_index, data_keys)
 
 
 async def _read(reader: asyncio.StreamReader, n: int, reason: str) -> bytes:
