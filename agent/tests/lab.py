@@ -224,6 +224,7 @@ class Host:
         self.api_socket = tmp_dir / "weft.sock"
         self.agent_log_path = tmp_dir / "agent.log"
         self.agent: LabProcess | None = None
+        self.containers: list[Container] = []
         self._secret_count = 0
 
     def __repr__(self) -> str:
@@ -275,6 +276,19 @@ class Host:
             "except OSError as e: sys.exit(f'unreachable: {e!r}')\n"
         )
         return self.exec(sys.executable, "-c", script, check=False, timeout=timeout + 10).returncode == 0
+
+    # -- containers --------------------------------------------------------------------------
+
+    def add_container(self, cidr: str, *, attach: bool = True) -> Container:
+        """A container namespace on this host, attached to the overlay with ``cidr`` by ``weft attach``."""
+        index = len(self.containers) + 1
+        netns = f"{self.netns}c{index}"
+        self.lab._add_netns(netns)
+        container = Container(self, f"{self.name}c{index}", netns, cidr.split("/")[0], cidr)
+        self.containers.append(container)
+        if attach:
+            self.cli("attach", "--netns", netns, cidr)
+        return container
 
     # -- agent helpers -----------------------------------------------------------------------
 
@@ -399,6 +413,39 @@ class Host:
             f"sys.stdout.write(urllib.request.urlopen(url,timeout={timeout!r}).read().decode())\n"
         )
         return self.exec(sys.executable, "-c", script, timeout=timeout + 10).stdout
+
+
+class Container:
+    """A network namespace attached to a host's overlay bridge: what users run workloads in."""
+
+    def __init__(self, host: Host, name: str, netns: str, ip: str, cidr: str) -> None:
+        self.host = host
+        self.name = name
+        self.netns = netns
+        self.ip = ip
+        self.cidr = cidr
+
+    def __repr__(self) -> str:
+        return f"Container({self.name}, {self.ip})"
+
+    def exec(
+        self, *cmd: str | os.PathLike[str], check: bool = True, timeout: float = 30.0
+    ) -> subprocess.CompletedProcess[str]:
+        return _run("ip", "netns", "exec", self.netns, *cmd, check=check, timeout=timeout)
+
+    def popen(self, *cmd: str | os.PathLike[str], log_name: str | None = None) -> LabProcess:
+        """A long-running process in the container; the lab kills it at teardown."""
+        return self.host.lab._spawn(self.netns, [str(c) for c in cmd], self.host.tmp_dir, log_name, None)
+
+    def ping(self, target: Container | str, *, count: int = 1, size: int | None = None, timeout: float = 2.0) -> bool:
+        ip = target.ip if isinstance(target, Container) else target
+        cmd = ["ping", "-n", "-q", "-c", str(count), "-W", f"{timeout:g}"]
+        if size is not None:
+            cmd += ["-s", str(size)]
+        return self.exec(*cmd, ip, check=False, timeout=timeout * count + 10).returncode == 0
+
+    def mac(self, ifname: str = "ethwe") -> str:
+        return self.exec("cat", f"/sys/class/net/{ifname}/address").stdout.strip()
 
 
 class Lab:
@@ -669,6 +716,59 @@ table inet {NFT_TABLE} {{
         for a in group1:
             for b in g2:
                 self.block(a, b)
+
+    def limit_udp(self, a: Host | str, b: Host | str, max_ip_len: int) -> None:
+        """Drop UDP packets longer than ``max_ip_len`` (IP length) between a and b, like a link
+        with a small MTU that sends no "fragmentation needed" back. Undone by :meth:`heal`."""
+        ha, hb = self._resolve(a), self._resolve(b)
+        for host, peer in ((ha, hb), (hb, ha)):
+            self._nft_set(host, "add", "0.0.0.0")  # make sure the table exists
+            self._nft_set(host, "delete", "0.0.0.0")
+            host.exec(
+                "nft", "add", "rule", "inet", NFT_TABLE, "output",
+                "ip", "daddr", peer.ip, "meta", "l4proto", "udp", "ip", "length", ">", str(max_ip_len), "drop",
+            )  # fmt: skip
+            host.exec(
+                "nft", "add", "rule", "inet", NFT_TABLE, "input",
+                "ip", "saddr", peer.ip, "meta", "l4proto", "udp", "ip", "length", ">", str(max_ip_len), "drop",
+            )  # fmt: skip
+
+    def block_udp_port(self, a: Host | str, b: Host | str, port: int) -> None:
+        """Drop UDP to ``port`` between a and b (both ways); undone by :meth:`heal`."""
+        ha, hb = self._resolve(a), self._resolve(b)
+        for host, peer in ((ha, hb), (hb, ha)):
+            self._nft_set(host, "add", "0.0.0.0")
+            self._nft_set(host, "delete", "0.0.0.0")
+            host.exec(
+                "nft",
+                "add",
+                "rule",
+                "inet",
+                NFT_TABLE,
+                "output",
+                "ip",
+                "daddr",
+                peer.ip,
+                "udp",
+                "dport",
+                str(port),
+                "drop",
+            )
+            host.exec(
+                "nft",
+                "add",
+                "rule",
+                "inet",
+                NFT_TABLE,
+                "input",
+                "ip",
+                "saddr",
+                peer.ip,
+                "udp",
+                "dport",
+                str(port),
+                "drop",
+            )
 
     def heal(self) -> None:
         """Remove every block (drops the nft table from each namespace)."""

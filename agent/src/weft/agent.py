@@ -7,7 +7,7 @@ import logging
 import signal
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from weft import __version__
 from weft.config import AgentConfig, ConfigError, read_secrets
@@ -19,6 +19,9 @@ from weft.mesh.router import Router
 from weft.mesh.transport import ConnectionSettings, ControlTransport
 from weft.metrics import Metrics
 from weft.store import Store
+
+if TYPE_CHECKING:
+    from weft.datapath.plane import DataPlane
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ class Agent:
         self.router: Router
         self.maker: ConnectionMaker
         self.transport: ControlTransport
+        self.dataplane: DataPlane | None = None
 
     def _peer_name(self) -> int:
         """The configured name, else the one kept in the state dir, else a new one kept from now on."""
@@ -83,6 +87,11 @@ class Agent:
         )
         self.transport.maker = self.maker
         self._load_targets()
+        if c.datapath:
+            from weft.datapath.plane import DataPlane
+
+            self.dataplane = DataPlane(c, self.router, self.metrics)
+            self.metrics.add_datapath(self.dataplane.byte_counts, self.dataplane.drop_counts)
 
         from weft.api.server import ApiServer  # the API imports the agent's types; avoid a cycle
 
@@ -92,6 +101,13 @@ class Agent:
         except OSError as exc:
             raise ConfigError(f"cannot listen on {c.listen}: {exc.strerror or exc}") from None
         await api.start()
+        if self.dataplane is not None:
+            try:
+                self.dataplane.start()
+            except Exception as exc:
+                await self.transport.stop()
+                await api.stop()
+                raise ConfigError(f"cannot set up the data plane: {exc}") from None
         self.router.start()
         self.maker.check()
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -110,6 +126,8 @@ class Agent:
         log.info("shutting down")
         self.maker.stop()
         self.router.stop()
+        if self.dataplane is not None:
+            self.dataplane.stop()
         await self.transport.stop()
         await api.stop()
         self.store.close()
@@ -169,6 +187,25 @@ class Agent:
     def status(self) -> dict[str, Any]:
         c = self.config
         connections = self.transport.status()
+        if self.dataplane is not None:
+            paths = self.dataplane.connection_status()
+            for row in connections:
+                if row["peer"] is not None:
+                    row["datapath"] = paths.pop(parse_name(row["peer"]), None)
+            for name, path in paths.items():  # peers reached only through a relay
+                entry = self.router.topology.peers.get(name)
+                connections.append(
+                    {
+                        "peer": format_name(name),
+                        "nickname": entry.nickname if entry else None,
+                        "address": None,
+                        "outbound": None,
+                        "state": "relayed",
+                        "encrypted": path["encrypted"],
+                        "info": f"via {path.get('via')}",
+                        "datapath": path,
+                    }
+                )
         return {
             "version": __version__,
             "protocol": f"weft {PROTOCOL_MIN}..{PROTOCOL_MAX}",

@@ -7,6 +7,7 @@ it names files, and the files must be private (mode 0600).
 
 from __future__ import annotations
 
+import ipaddress
 import stat
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,6 +43,12 @@ class AgentConfig(BaseModel):
     discovery: bool = True
     resume: bool = False
     log_level: str = "info"
+    # The data plane.
+    datapath: bool = True
+    bridge: str = "weft"
+    vxlan_port: int = Field(6784, ge=1, le=65535)
+    mtu: int = Field(1376, ge=576, le=9000)
+    trusted_subnets: list[str] = Field(default_factory=list)
     # Tuning; the defaults suit data centres and clouds alike.
     heartbeat_interval: float = Field(5.0, gt=0)
     read_timeout: float = Field(20.0, gt=0)
@@ -52,6 +59,27 @@ class AgentConfig(BaseModel):
     conn_limit: int = Field(100, ge=1)
     accept_rate: float = Field(20.0, gt=0)
     accept_burst: int = Field(20, ge=1)
+    path_interval: float = Field(1.0, gt=0)  # data-path heartbeats and probes; a path is down after 3 missed
+
+    @field_validator("bridge")
+    @classmethod
+    def _bridge(cls, value: str) -> str:
+        if not value or len(value) > 10 or not all(c.isalnum() or c in "-_" for c in value):
+            raise ValueError("must be 1-10 letters, digits, '-' or '_' (device names derive from it)")
+        return value
+
+    @field_validator("trusted_subnets")
+    @classmethod
+    def _subnets(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not a subnet in CIDR notation (like 10.0.0.0/8)") from None
+        return value
+
+    def trusted_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(c, strict=False) for c in self.trusted_subnets]
 
     @field_validator("name")
     @classmethod
@@ -101,7 +129,7 @@ def split_host_port(value: str) -> tuple[str, int]:
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     """WEFT_* variables; list settings take comma- or space-separated values."""
     values: dict[str, Any] = {}
-    aliases = {"peer": "peers", "secret_file": "secret_files"}
+    aliases = {"peer": "peers", "secret_file": "secret_files", "trusted_subnet": "trusted_subnets"}
     for key, raw in env.items():
         if not key.startswith(ENV_PREFIX) or key == "WEFT_CONFIG":
             continue
@@ -109,9 +137,9 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         name = aliases.get(name, name)
         if name not in AgentConfig.model_fields:
             continue
-        if name in ("peers", "secret_files"):
+        if name in ("peers", "secret_files", "trusted_subnets"):
             values[name] = [v for v in raw.replace(",", " ").split() if v]
-        elif name == "discovery" and raw.lower() in ("0", "false", "no", "off"):
+        elif name in ("discovery", "datapath") and raw.lower() in ("0", "false", "no", "off"):
             values[name] = False
         else:
             values[name] = raw

@@ -52,12 +52,22 @@ def peers(s: dict) -> str:
 
 
 def connections(s: dict) -> str:
+    """One line per connection: its control state, then the data path it carries traffic on and why."""
     lines = []
     for c in s["connections"]:
-        arrow = "->" if c["outbound"] else "<-"
+        arrow = {True: "->", False: "<-"}.get(c["outbound"], "..")
         enc = "encrypted" if c["encrypted"] else "unencrypted"
         who = f"{c['peer']}({c['nickname']})" if c["peer"] else ""
-        lines.append(f"{arrow} {c['address']:<21} {c['state']:<11} {enc:<11} {who} {c['info']}".rstrip())
+        address = c["address"] or "-"
+        dp = c.get("datapath")
+        if dp:
+            path = f"{dp['path']:<6} {'encrypted' if dp['encrypted'] else 'plain':<9} mtu={dp['mtu']}"
+            why = f"via {dp['via']}" if dp.get("via") else ""
+            if dp["reason"] and dp["path"] != "fast":
+                why = f"{why}; {dp['reason']}" if why else dp["reason"]
+            lines.append(f"{arrow} {address:<21} {c['state']:<11} {path} {who} {why}".rstrip())
+        else:
+            lines.append(f"{arrow} {address:<21} {c['state']:<11} {enc:<11} {who} {c['info']}".rstrip())
     for t in s["targets"]:
         if t["state"] in ("connecting", "retrying", "failed"):
             detail = t["last_error"] or ""

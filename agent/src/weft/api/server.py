@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from weft.datapath.overlay import OverlayError
 from weft.mesh.connection_maker import AddressError
 
 if TYPE_CHECKING:
@@ -35,6 +36,10 @@ class ApiServer:
                 web.get("/metrics", self.metrics),
                 web.post("/connect", self.connect),
                 web.post("/forget", self.forget),
+                web.post("/attach", self.attach),
+                web.post("/detach", self.detach),
+                web.post("/expose", self.expose),
+                web.post("/hide", self.hide),
             ]
         )
         path = config.api_socket
@@ -113,6 +118,38 @@ class ApiServer:
         except AddressError as exc:
             return _error(400, str(exc))
         return web.json_response({"forgotten": forgotten})
+
+    # -- the data plane: containers and the host on the overlay ------------------------------------
+
+    async def attach(self, request: web.Request) -> web.Response:
+        return await self._overlay(request, "attach")
+
+    async def detach(self, request: web.Request) -> web.Response:
+        return await self._overlay(request, "detach")
+
+    async def expose(self, request: web.Request) -> web.Response:
+        return await self._overlay(request, "expose")
+
+    async def hide(self, request: web.Request) -> web.Response:
+        return await self._overlay(request, "hide")
+
+    async def _overlay(self, request: web.Request, action: str) -> web.Response:
+        plane = self.agent.dataplane
+        if plane is None:
+            return _error(409, "the data plane is off on this agent (datapath: false); enable it and restart")
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "request body must be JSON")
+        if not isinstance(body, dict):
+            return _error(400, "request body must be a JSON object")
+        cidrs = body.get("cidrs", [])
+        if not isinstance(cidrs, list) or not all(isinstance(c, str) for c in cidrs):
+            return _error(400, "'cidrs' must be a list of CIDR strings like 10.32.0.1/12")
+        try:
+            return web.json_response(plane.overlay(action, body, cidrs))
+        except OverlayError as exc:
+            return _error(400, str(exc))
 
 
 async def _json(request: web.Request) -> dict | web.Response:

@@ -46,6 +46,9 @@ class ControlConnection:
         self.outbound = outbound
         self.conn_uid = session.conn_uid
         self.encrypted = session.encrypted
+        self.data_keys = session.data_keys  # the data path's keys for this link (None without a secret)
+        peername = writer.get_extra_info("peername")
+        self.remote_ip: str | None = peername[0] if peername else None  # the underlay address we see
         self.secret = secret  # the mesh secret this session was keyed with (rotation closes stale ones)
         self.sender = GossipSender(self._wake_writer)
         self._wake = asyncio.Event()
