@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from weft.datapath import fdb
 from weft.datapath.macs import MacTable
 from weft.datapath.paths import FAST, PATHS, RELAY, PathState, ladder, trusted
-from weft.datapath.probe import build_probe, parse_probe, probe_mac
+from weft.datapath.probe import ETHERTYPE, build_probe, parse_probe
 from weft.mesh.codec import DecodeError, expect, pack, unpack
 from weft.mesh.peer import format_name
 
@@ -67,6 +68,7 @@ class DataPlane:
         self._tick_handle: asyncio.TimerHandle | None = None
         self._recompute_handle: asyncio.Handle | None = None
         self._started_at = 0.0
+        self._probe_sock: socket.socket | None = None
         self._adopted_fast: set[str] = set()  # peer IPs the kernel already sent to fast when we started
         self._channel = router.new_channel(MACS, self.macs)
         router.topology_listeners.append(self._changed)
@@ -95,7 +97,7 @@ class DataPlane:
             tap=self.tap,
             listen=(c.listen_host_port()[0], self.udp_port),
             on_control=self._from_thread(self._on_control),
-            on_probe=self._from_thread(self._on_probe),
+            on_probe=lambda frame: None,  # probes never reach the TAP: see _open_probe_socket
             stats=self.stats,
         )
         self.sleeve.start()
@@ -103,6 +105,7 @@ class DataPlane:
             self.bridge, (self.vxlan, self.tap), self._from_thread(self._on_local_macs), settle=0.05
         )
         self._watcher.start()
+        self._open_probe_socket()
         self._tick_handle = self._loop.call_later(0, self._tick)
         log.info(
             "data plane up: bridge %s, fast path %s (UDP %d), sleeve %s (UDP %d), MTU %d",
@@ -114,8 +117,33 @@ class DataPlane:
             c.mtu,
         )
 
+    def _open_probe_socket(self) -> None:
+        """Fast-path probes arrive on the VXLAN device as link-local frames: read them off it."""
+        assert self._loop is not None
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
+        sock.bind((self.vxlan, ETHERTYPE))
+        sock.setblocking(False)
+        self._probe_sock = sock
+        self._loop.add_reader(sock.fileno(), self._read_probes)
+
+    def _read_probes(self) -> None:
+        assert self._probe_sock is not None
+        now = time.monotonic()
+        for _ in range(256):
+            try:
+                frame = self._probe_sock.recv(2048)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("fast-path probe socket: %s", exc)
+                return
+            self._on_probe(frame, now)
+
     def stop(self) -> None:
         """Stop the threads; the bridge, devices and FDB entries stay for the next run."""
+        if self._probe_sock is not None and self._loop is not None:
+            self._loop.remove_reader(self._probe_sock.fileno())
+            self._probe_sock.close()
         for handle in (self._tick_handle, self._recompute_handle):
             if handle is not None:
                 handle.cancel()
@@ -201,7 +229,7 @@ class DataPlane:
                 sleeve.send_control(st.peer, pack({"t": "pm"}), pad_to=size - 28)
             if st.fast_allowed() or not st.encrypted:
                 st.fast_seq += 1
-                probe = build_probe(VNI, self.ourself, st.peer, st.fast_seq, self.config.mtu)
+                probe = build_probe(VNI, self.ourself, st.fast_seq, self.config.mtu)
                 sleeve.send_raw((st.ip, self.config.vxlan_port), probe)
             if st.choose(now, self.dead, self.config.mtu, self.config.vxlan_port, self.udp_port):
                 log.info(
@@ -301,7 +329,7 @@ class DataPlane:
             sleeve_peers=sleeve_peers,
             owner=self.macs.owner,
             ourself=self.ourself,
-            own_static={probe_mac(self.ourself): self.tap},
+            own_static={},
             vxlan=self.vxlan,
             tap=self.tap,
         )

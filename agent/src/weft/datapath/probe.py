@@ -1,10 +1,12 @@
 """Fast-path probes: proof that the kernel VXLAN path to a peer carries full-size frames.
 
 The agent sends, from userspace, a VXLAN packet to the peer's VXLAN port. The peer's kernel
-decapsulates it like any other, and its bridge delivers it (by a static FDB entry for the peer's
-probe MAC) to the peer's TAP, where the agent reads it. So a probe that arrives has crossed exactly
-what container traffic crosses, and it is padded to the overlay MTU so a path that drops big
-datagrams fails the probe too. The receiver reports the highest sequence it heard in its heartbeat.
+decapsulates it like any other frame, so a probe that arrives has crossed what container traffic
+crosses; it is padded to the overlay MTU so a path that drops big datagrams fails the probe too. The
+inner frame goes to a link-local group address (01:80:c2:00:00:0f), which a bridge never forwards
+but passes up the port it arrived on, where the peer's agent reads it with a packet socket bound to
+its VXLAN device: no container ever sees a probe. The receiver reports the highest sequence it heard
+in its heartbeat.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import struct
 
 ETHERTYPE = 0x88B5  # IEEE "local experimental"
+GROUP = bytes.fromhex("0180c200000f")  # link-local: never forwarded by a bridge
 MAGIC = b"weftprobe"
 _VXLAN = struct.Struct(">B3xI")  # flags (I bit), reserved, VNI << 8
 _BODY = struct.Struct(">9s6sI")  # magic, sender name, sequence
@@ -25,15 +28,15 @@ def probe_mac(name: int) -> bytes:
     return bytes(raw)
 
 
-def build_probe(vni: int, src: int, dst: int, seq: int, mtu: int) -> bytes:
+def build_probe(vni: int, src: int, seq: int, mtu: int) -> bytes:
     """The UDP payload of one probe: a VXLAN header and an Ethernet frame of ``mtu`` payload bytes."""
     body = _BODY.pack(MAGIC, src.to_bytes(6, "big"), seq)
-    frame = probe_mac(dst) + probe_mac(src) + struct.pack(">H", ETHERTYPE) + body
+    frame = GROUP + probe_mac(src) + struct.pack(">H", ETHERTYPE) + body
     return _VXLAN.pack(0x08, vni << 8) + frame + bytes(max(0, mtu - len(body)))
 
 
 def parse_probe(frame: bytes | memoryview) -> tuple[int, int] | None:
-    """(sender name, sequence) from an Ethernet frame read off the TAP, or None if it is not a probe."""
+    """(sender name, sequence) from a received Ethernet frame, or None if it is not a probe."""
     if len(frame) < 14 + _BODY.size or frame[12:14] != struct.pack(">H", ETHERTYPE):
         return None
     magic, sender, seq = _BODY.unpack_from(frame, 14)

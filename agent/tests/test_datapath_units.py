@@ -1,0 +1,195 @@
+"""The data plane's decisions, without a kernel: MAC gossip, path choice, FDB state and probes."""
+
+from __future__ import annotations
+
+import pytest
+
+from weft.datapath.fdb import ZERO_MAC, desired_state
+from weft.datapath.macs import MacTable, MacUpdate
+from weft.datapath.paths import FAST, SLEEVE, PathState, ladder
+from weft.datapath.probe import GROUP, VXLAN_OVERHEAD, build_probe, parse_probe, probe_mac
+from weft.mesh.codec import DecodeError, pack
+from weft.mesh.crypto import SessionKeys
+
+A, B, C = 0x020000000001, 0x020000000002, 0x020000000003
+MAC1, MAC2, MAC3 = b"\x0a" * 6, b"\x0b" * 6, b"\x0c" * 6
+KEYS = SessionKeys(b"s" * 32, b"r" * 32)
+
+
+# -- MAC gossip --------------------------------------------------------------------------------
+
+
+def test_local_macs_reach_another_peer_and_only_news_is_passed_on() -> None:
+    changes: list[str] = []
+    a, b = MacTable(A, lambda: changes.append("a")), MacTable(B, lambda: changes.append("b"))
+    delta = a.set_local([MAC1, MAC2])
+    assert delta is not None and a.set_local([MAC1, MAC2]) is None
+    assert b.on_gossip_broadcast(A, delta.encode()) is not None
+    assert b.owner == {MAC1: A, MAC2: A}
+    assert b.on_gossip(a.gossip().encode()) is None, "old news must not be passed on"
+    assert changes == ["b"]
+
+
+def test_a_newer_entry_replaces_the_old_and_removed_macs_go() -> None:
+    a, b = MacTable(A, lambda: None), MacTable(B, lambda: None)
+    b.on_gossip(a.set_local([MAC1, MAC2]).encode())  # type: ignore[union-attr]
+    b.on_gossip(a.set_local([MAC2]).encode())  # type: ignore[union-attr]
+    assert b.owner == {MAC2: A}
+
+
+def test_a_restarted_peer_moves_past_what_its_last_run_left() -> None:
+    old = MacTable(A, lambda: None)
+    stale = old.set_local([MAC1])
+    stale.entries[A] = type(stale.entries[A])(stale.entries[A].version + 10_000, frozenset([MAC1]))
+    fresh = MacTable(A, lambda: None)
+    fresh.set_local([MAC2])
+    delta = fresh.on_gossip(stale.encode())
+    assert delta is not None and delta.entries[A].macs == {MAC2}
+    assert delta.entries[A].version > stale.entries[A].version
+
+
+def test_a_moved_mac_belongs_to_the_newest_claim_and_forgotten_peers_lose_theirs() -> None:
+    a, b, c = MacTable(A, lambda: None), MacTable(B, lambda: None), MacTable(C, lambda: None)
+    c.on_gossip(a.set_local([MAC3]).encode())  # type: ignore[union-attr]
+    b.set_local([MAC1])
+    b.set_local([MAC2])  # b's entry is now newer than a's, whatever the clock says
+    c.on_gossip(b.set_local([MAC3]).encode())  # type: ignore[union-attr]
+    assert c.owner[MAC3] == B
+    c.forget(B)
+    assert c.owner[MAC3] == A
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"\xc1", pack({"x": 1}), pack([[1, 2]]), pack([[A, -1, []]]), pack([[A, 1, [b"short"]]]), pack([[A, 1, "x"]])],
+)
+def test_malformed_mac_gossip_is_a_decode_error(payload: bytes) -> None:
+    with pytest.raises(DecodeError):
+        MacUpdate.decode(payload)
+
+
+# -- path choice -------------------------------------------------------------------------------
+
+
+def _state(keys: SessionKeys | None = None, we_trust: bool = False) -> PathState:
+    return PathState(B, "10.0.0.2", ("10.0.0.2", 6783), keys, 1, we_trust, 1500)
+
+
+def test_without_a_secret_fast_is_chosen_once_probes_are_answered() -> None:
+    st = _state()
+    st.last_heard = 0.0
+    st.choose(0.0, 3.0, 1376, 6784, 6783)
+    assert st.path == SLEEVE and "fast-path probes" in st.reason
+    st.fast_seq = 1
+    st.on_heartbeat(0.5, False, 1, 1472)
+    assert st.choose(0.5, 3.0, 1376, 6784, 6783) and st.path == FAST
+
+
+def test_fast_falls_back_to_the_sleeve_when_probes_stop_and_recovers() -> None:
+    st = _state()
+    st.fast_seq = 1
+    st.on_heartbeat(0.0, False, 1, 1472)
+    st.last_heard = 0.0
+    st.choose(0.0, 3.0, 1376, 6784, 6783)
+    assert st.path == FAST
+    st.fast_seq = 5  # four probes unanswered
+    st.last_heard = 4.0
+    st.choose(4.0, 3.0, 1376, 6784, 6783)
+    assert st.path == SLEEVE
+    st.on_heartbeat(4.5, False, 5, 1472)
+    st.choose(4.5, 3.0, 1376, 6784, 6783)
+    assert st.path == FAST
+
+
+def test_encryption_needs_trust_on_both_ends_for_the_fast_path() -> None:
+    st = _state(KEYS, we_trust=True)
+    st.fast_seq = 1
+    st.on_heartbeat(0.0, False, 1, 1472)
+    st.last_heard = 0.0
+    st.choose(0.0, 3.0, 1376, 6784, 6783)
+    assert st.path == SLEEVE and "does not trust" in st.reason
+    st.on_heartbeat(0.1, True, 1, 1472)
+    st.choose(0.1, 3.0, 1376, 6784, 6783)
+    assert st.path == FAST
+    untrusted = _state(KEYS, we_trust=False)
+    untrusted.last_heard = 0.0
+    untrusted.choose(0.0, 3.0, 1376, 6784, 6783)
+    assert untrusted.path == SLEEVE and "not in a trusted subnet" in untrusted.reason
+
+
+def test_a_small_path_mtu_is_reported_and_shrinks_the_frame_mtu() -> None:
+    st = _state()
+    st.last_heard = 0.0
+    st.on_heartbeat(0.0, False, 0, 972)
+    st.choose(0.0, 3.0, 1376, 6784, 6783)
+    assert st.pmtu() == 1000 and st.datagram_size() == 972
+    assert "path MTU 1000" in st.reason
+    assert st.frame_mtu(1376, 80) == 892
+    st.on_heartbeat(1.0, False, 0, 0)
+    assert st.pmtu() == 1000, "a heartbeat without a report keeps what we know"
+
+
+def test_nothing_heard_means_down_with_a_reason() -> None:
+    st = _state()
+    st.choose(10.0, 3.0, 1376, 6784, 6783)
+    assert st.path is None and "no heartbeat over UDP 6783" in st.reason
+
+
+def test_after_a_restart_the_kernel_fast_path_is_kept_until_probes_decide() -> None:
+    st = _state()
+    st.assume_fast_until = 5.0
+    st.choose(1.0, 3.0, 1376, 6784, 6783)
+    assert st.path == FAST
+    st.choose(6.0, 3.0, 1376, 6784, 6783)
+    assert st.path is None
+
+
+def test_the_probe_ladder_starts_at_the_route_mtu() -> None:
+    assert ladder(1500) == [1500, 1400, 1280, 1000, 576]
+    assert ladder(9001)[:2] == [9001, 1500]
+    assert ladder(1200) == [1200, 1000, 576]
+
+
+# -- kernel forwarding state -------------------------------------------------------------------
+
+
+def test_fast_peers_macs_go_to_vxlan_and_sleeve_peers_to_the_tap() -> None:
+    want = desired_state(
+        fast_ips={B: "10.0.0.2"},
+        sleeve_peers={C},
+        owner={MAC1: A, MAC2: B, MAC3: C},
+        ourself=A,
+        own_static={},
+        vxlan="vxlan-6784",
+        tap="weft-tap",
+    )
+    assert want.vxlan == {ZERO_MAC: {"10.0.0.2"}, "0b:0b:0b:0b:0b:0b": {"10.0.0.2"}}
+    assert want.bridge["0b:0b:0b:0b:0b:0b"] == "vxlan-6784"
+    assert want.bridge["0c:0c:0c:0c:0c:0c"] == "weft-tap"
+    assert "0a:0a:0a:0a:0a:0a" not in want.bridge, "our own MACs are the bridge's business"
+
+
+def test_with_no_fast_peer_nothing_is_flooded_to_vxlan() -> None:
+    want = desired_state(
+        fast_ips={}, sleeve_peers={B}, owner={MAC2: B}, ourself=A, own_static={}, vxlan="vx", tap="tap"
+    )
+    assert want.vxlan == {}
+
+
+# -- probes ------------------------------------------------------------------------------------
+
+
+def test_a_probe_is_a_full_size_vxlan_packet_that_parses_back() -> None:
+    packet = build_probe(0x5746, A, 7, 1376)
+    assert len(packet) == 8 + 14 + 1376 == 1376 + VXLAN_OVERHEAD - 28
+    assert packet[0] == 0x08 and int.from_bytes(packet[4:7], "big") == 0x5746
+    frame = packet[8:]
+    assert frame[:6] == GROUP and frame[6:12] == probe_mac(A)
+    assert frame[0] & 0x01, "a group address: the bridge passes it up instead of forwarding it"
+    assert parse_probe(frame) == (A, 7)
+    assert parse_probe(b"\x00" * 60) is None
+
+
+def test_probe_macs_are_locally_administered_unicast() -> None:
+    mac = probe_mac(0xFFFFFFFFFFFF)
+    assert mac[0] & 0x01 == 0 and mac[0] & 0x02 == 2
