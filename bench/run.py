@@ -1,11 +1,18 @@
 #!/usr/bin/env python3
-"""Weft benchmarks: prints a table of figures and writes them as JSON to bench/results/mesh.json.
+"""Weft benchmarks: prints tables of figures and writes them as JSON to bench/results/ (mesh.json, datapath.json).
 
-    make bench                                    # everything (as root for the real-agent part)
-    make bench BENCH_ARGS="--sim-sizes 100,300 --agents 0"
+    make bench                                    # everything (as root for the real-agent and data-path parts)
+    make bench BENCH_ARGS="--sim-sizes 100,300 --agents 0 --no-datapath"
+    make bench BENCH_ARGS="--sim-sizes '' --agents 0 --datapath-seconds 5"   # the data path alone
+
+The data-path part measures TCP throughput (iperf3, 1 and 4 streams) and ping RTT (100 x 10 ms) from a
+container on h1 to one on another host: over plain routed veth (the baseline, no agent), then over weft's
+fast (kernel VXLAN), encrypted (sleeve) and relayed (sleeve through h2) paths; medians of --datapath-runs runs.
+It prints the targets next to the figures.
 
 Figures, not tests: nothing here fails on a number. The exit status is non-zero only when a mesh did
-not converge at all (or an agent died), because then the figures mean nothing.
+not converge at all (or an agent died), or a data-path scenario could not be measured, because then the
+figures mean nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import datapath
 import mesh
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -192,6 +200,84 @@ def print_agents(r: dict) -> None:
     print(_table([f"figure (times from {start})", "value"], rows))
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _datapath_table_row(r: dict) -> list[str]:
+    if "failed" in r:
+        return [r["scenario"], "FAILED", *["-"] * 7]
+    cpu = r.get("agent_cpu_pct_1") or {}
+    return [
+        r["scenario"],
+        (r.get("datapath") or {}).get("path", r["path"]),
+        str(r.get("mtu", "-")),
+        _fmt(r.get("gbps_1")),
+        _fmt(r.get("gbps_4")),
+        _fmt(r.get("ratio_to_baseline_1"), "x"),
+        f"{_ms(r.get('rtt_min_ms'))} / {_ms(r.get('rtt_avg_ms'))}",
+        _ms(r.get("rtt_added_ms")),
+        " / ".join(f"{name} {v:.0f}%" for name, v in cpu.items() if v is not None)
+        or "-",
+    ]
+
+
+def _target_value(t: dict, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f} ms" if t["figure"].endswith("_ms") else f"{value:.2f} Gb/s"
+
+
+def print_datapath(report: dict) -> None:
+    print(
+        f"\nData path: container on h1 to container on h2 (h3 relayed); iperf3 TCP {report['seconds']:g} s,"
+        f" ping {report['ping']}; medians of {report['runs']} run(s)"
+    )
+    if "skipped" in report:
+        print(f"  skipped: {report['skipped']}")
+        return
+    results = report["scenarios"]
+    headers = [
+        "scenario",
+        "path",
+        "MTU",
+        "Gb/s 1 stream",
+        "Gb/s 4 streams",
+        "1 stream / baseline",
+        "RTT min / avg ms",
+        "added RTT (avg) ms",
+        "agent CPU, 1 stream (% of a core)",
+    ]
+    print(_table(headers, [_datapath_table_row(r) for r in results.values()]))
+    for r in results.values():
+        busy = r.get("machine_busy_before_pct")
+        if busy is not None and busy > datapath.QUIET_PCT:
+            print(
+                f"  note: {r['scenario']}: other processes kept the machine {busy:.0f}% busy"
+                f" (of {100 * (os.cpu_count() or 1)}%) before it started: its figures may be low"
+            )
+    for r in results.values():
+        if "failed" in r:
+            print(f"\n  {r['scenario']} FAILED: {r['failed']}")
+            for host, tail in (r.get("log_tail") or {}).items():
+                print(f"    {host} agent log (end):")
+                print(
+                    "\n".join(f"      {line[:160]}" for line in tail.splitlines()[-8:])
+                )
+    print("\nTargets (figures only: nothing fails on them)")
+    rows = [
+        [
+            t["scenario"],
+            t["target"],
+            _target_value(t, t["limit"]),
+            _target_value(t, t["measured"]),
+            {True: "yes", False: "NO", None: "-"}[t["met"]],
+        ]
+        for t in report["targets"]
+    ]
+    print(_table(["scenario", "target", "limit", "measured", "met"], rows))
+
+
 def _sigterm_as_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"received signal {signum}")
 
@@ -215,8 +301,51 @@ def main() -> int:
         default="launch,connect",
         help=f"real-agent scenarios, comma-separated: {', '.join(SCENARIOS)}",
     )
-    parser.add_argument("--output", type=Path, default=RESULTS / "mesh.json")
+    parser.add_argument(
+        "--output", type=Path, default=RESULTS / "mesh.json", help="mesh JSON"
+    )
+    parser.add_argument(
+        "--datapath",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the data-path benchmark (iperf3 and ping between containers; needs root)",
+    )
+    parser.add_argument(
+        "--datapath-seconds",
+        type=float,
+        default=10.0,
+        help="length of each iperf3 run (iperf3 -t; the reference used 10)",
+    )
+    parser.add_argument(
+        "--datapath-runs",
+        type=int,
+        default=3,
+        help="runs per scenario; the table shows their medians",
+    )
+    parser.add_argument(
+        "--datapath-scenarios",
+        default=",".join(datapath.SCENARIOS),
+        help="data-path scenarios, comma-separated: "
+        + "; ".join(f"{k}: {v}" for k, v in datapath.SCENARIOS.items()),
+    )
+    parser.add_argument(
+        "--datapath-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for the agents to meet and h1 to show the expected path before a scenario"
+        " is recorded as failed",
+    )
+    parser.add_argument(
+        "--datapath-output",
+        type=Path,
+        default=RESULTS / "datapath.json",
+        help="data-path JSON",
+    )
     args = parser.parse_args()
+    dp_scenarios = [s.strip() for s in args.datapath_scenarios.split(",") if s.strip()]
+    unknown = [s for s in dp_scenarios if s not in datapath.SCENARIOS]
+    if unknown:
+        parser.error(f"unknown --datapath-scenarios: {', '.join(unknown)}")
 
     sizes = [int(s) for s in args.sim_sizes.split(",") if s.strip()]
     report: dict = {
@@ -254,10 +383,30 @@ def main() -> int:
             )
             print_agents(r)
 
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.output}")
+    if sizes or args.agents:
+        _write(args.output, report)
+
+    if args.datapath and dp_scenarios:
+        print("\ndata path ...", flush=True)
+        dp = datapath.run(
+            dp_scenarios,
+            seconds=args.datapath_seconds,
+            runs=args.datapath_runs,
+            settle_timeout=args.datapath_timeout,
+            log=lambda line: print(line, flush=True),
+        )
+        print_datapath(dp)
+        _write(
+            args.datapath_output, {**{k: report[k] for k in ("when", "machine")}, **dp}
+        )
+        failed |= any("failed" in r for r in dp["scenarios"].values())
     return 1 if failed else 0
+
+
+def _write(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

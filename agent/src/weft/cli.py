@@ -100,6 +100,7 @@ def run(config_path: Path | None, **flags: object) -> None:
     logging.basicConfig(
         level=config.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug output is every netlink message
 
     from weft.agent import Agent
 

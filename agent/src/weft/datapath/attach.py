@@ -22,7 +22,8 @@ __all__ = ["MULTICAST_ROUTE", "AttachError", "Attachment", "attach", "detach", "
 NETNS_RUN_DIR = "/var/run/netns"
 MULTICAST_ROUTE = "224.0.0.0/4"  # multicast leaves the container over the overlay, not a default route
 HOST_PREFIX = "vwe"
-IFNAMSIZ = 15
+HOST_HASH_CHARS = 8
+IFNAMSIZ = 15  # usable characters in a Linux interface name
 
 
 class AttachError(Exception):
@@ -53,9 +54,13 @@ def _parse_cidrs(cidrs: Sequence[str]) -> list[str]:
     return out
 
 
-def _netns_path(netns: str | None, pid: int | None) -> str:
+def _check_identity(netns: str | None, pid: int | None) -> None:
     if (netns is None) == (pid is None):
         raise AttachError("name the container by exactly one of netns or pid")
+
+
+def _netns_path(netns: str | None, pid: int | None) -> str:
+    _check_identity(netns, pid)
     if netns is not None:
         if not netns or "/" in netns or netns in (".", ".."):
             raise AttachError(f"invalid network namespace name {netns!r}")
@@ -72,8 +77,7 @@ def _netns_path(netns: str | None, pid: int | None) -> str:
 
 
 def _same_netns(path: str, nd: NetDev) -> bool:
-    here = nd.netns if nd.netns and "/" in nd.netns else f"{NETNS_RUN_DIR}/{nd.netns}" if nd.netns else None
-    st, mine = os.stat(path), os.stat(here or "/proc/self/ns/net")
+    st, mine = os.stat(path), os.stat(nd.netns_path)
     return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
@@ -81,7 +85,7 @@ def host_ifname(netns_path: str, ifname: str) -> str:
     """Deterministic host-side name: "vwe" + 8 hex digits of the namespace identity and the container ifname."""
     st = os.stat(netns_path)
     digest = hashlib.sha256(f"{st.st_dev}:{st.st_ino}:{ifname}".encode()).hexdigest()
-    return f"{HOST_PREFIX}{digest[: IFNAMSIZ - len(HOST_PREFIX) - 4]}"
+    return f"{HOST_PREFIX}{digest[:HOST_HASH_CHARS]}"
 
 
 def _require_bridge(nd: NetDev, bridge: str) -> Link:
@@ -180,11 +184,10 @@ def detach(
     A container (or namespace) that no longer exists counts as not attached: its veth died with it.
     """
     drop = _parse_cidrs(cidrs)
+    _check_identity(netns, pid)
     try:
         path = _netns_path(netns, pid)
     except AttachError:
-        if netns is not None and pid is not None:
-            raise
         return None
     if nd.link(bridge) is None:
         return None

@@ -8,10 +8,12 @@ flush would drop packets.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import ipaddress
 import os
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from socket import AF_INET, AF_INET6
 from typing import Any
@@ -20,12 +22,14 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ndmsg import NTF_MASTER, NTF_SELF, NUD_NOARP, NUD_PERMANENT
 
-__all__ = ["ZERO_MAC", "Link", "NetDev", "NetDevError"]
+__all__ = ["ZERO_MAC", "Link", "NetDev", "NetDevError", "enter_netns", "netns_path"]
 
 ZERO_MAC = "00:00:00:00:00:00"
 IFF_UP = 0x1
 RT_SCOPE_UNIVERSE = 0
 RT_TABLE_MAIN = 254
+CLONE_NEWNET = 0x40000000
+NETNS_RUN_DIR = "/var/run/netns"
 
 
 class NetDevError(Exception):
@@ -105,15 +109,87 @@ def _call(what: str, fn: Callable[..., Any], *args: Any, ignore: Collection[int]
         raise NetDevError(f"{what}: {e.strerror or e}") from None
 
 
+def netns_path(netns: str | None) -> str:
+    """A namespace name (under /var/run/netns) or path, as a path; None is the caller's own namespace."""
+    if netns is None:
+        return "/proc/thread-self/ns/net"
+    return netns if "/" in netns else f"{NETNS_RUN_DIR}/{netns}"
+
+
+def enter_netns(netns: str) -> None:
+    """Move the calling thread, and only it, into a network namespace. Only for threads you own and dedicate.
+
+    Used instead of pyroute2's `netns=`, which forks a child per socket: a forked child inherits the agent's
+    Python SIGTERM handling and, when pyroute2 then SIGTERMs it, can run on as a copy of the agent (seen as hangs).
+    """
+    fd = os.open(netns_path(netns), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        setns = getattr(os, "setns", None)  # Python >= 3.12
+        if setns is not None:
+            setns(fd, CLONE_NEWNET)
+        elif ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), netns)
+    finally:
+        os.close(fd)
+
+
+class _NetlinkThread:
+    """The IPRoute, reached only through its own thread.
+
+    pyroute2 0.9's sync IPRoute drives a private asyncio loop, so it fails in a thread that already runs one (the
+    agent's event loop) and warns when used from a thread other than its creator. All calls therefore run on one
+    private thread that owns the socket, whoever the caller is. For another namespace, that thread moves into it
+    first, so the netlink socket (and /dev/net/tun, when pyroute2 creates a tap) belong there.
+    """
+
+    def __init__(self, netns: str | None) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weft-netlink")
+        try:
+            self._ipr = self._pool.submit(self._open, netns).result()
+        except BaseException:
+            self._pool.shutdown(wait=False)
+            raise
+
+    @staticmethod
+    def _open(netns: str | None) -> IPRoute:
+        if netns is not None:
+            enter_netns(netns)  # the pool's only thread, for good
+        return IPRoute()
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name.startswith("_"):
+            raise AttributeError(name)
+
+        def call(*args: Any, **kw: Any) -> Any:
+            return self._pool.submit(self._run, name, args, kw).result()
+
+        return call
+
+    def _run(self, name: str, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+        result = getattr(self._ipr, name)(*args, **kw)
+        return list(result) if isinstance(result, Iterator) else result  # dumps may be lazy generators
+
+    def close(self) -> None:
+        try:
+            self._pool.submit(self._ipr.close).result()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 class NetDev:
-    """One IPRoute socket on one network namespace. Not thread-safe: pyroute2 0.9 binds it to its thread."""
+    """One netlink socket on one network namespace; usable from any thread, including an asyncio loop's."""
 
     def __init__(self, netns: str | None = None) -> None:
         """Open netlink in the current namespace, or in `netns` (a name under /var/run/netns or a path such as
         /proc/PID/ns/net; it must exist). The agent uses the default; attach and tests use `netns`."""
         self.netns = netns
-        # flags=0: given a name, pyroute2 would otherwise create the namespace when it is missing.
-        self.ipr: IPRoute = _call(f"cannot open network namespace {netns!r}", IPRoute, netns=netns, flags=0)
+        self.ipr = _call(f"cannot open network namespace {netns!r}", _NetlinkThread, netns)
+
+    @property
+    def netns_path(self) -> str:
+        """The namespace this NetDev works in, as a path (to compare namespace identities with os.stat)."""
+        return netns_path(self.netns) if self.netns else "/proc/self/ns/net"
 
     def close(self) -> None:
         self.ipr.close()
@@ -192,6 +268,12 @@ class NetDev:
                 return False
             raise NetDevError(f"cannot delete link {name!r}: {os.strerror(e.code)}") from None
         return True
+
+    def link_bytes(self, name: str) -> tuple[int, int]:
+        """(rx, tx) byte counters of a link, e.g. the VXLAN device for fast-path traffic metrics."""
+        msgs = _call(f"cannot read link {name!r}", self.ipr.link, "get", ifname=name)
+        stats = msgs[0].get_attr("IFLA_STATS64") or {}
+        return int(stats.get("rx_bytes", 0)), int(stats.get("tx_bytes", 0))
 
     def bridge_ports(self, bridge: str) -> list[str]:
         index = self.link_index(bridge)

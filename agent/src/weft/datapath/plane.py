@@ -346,7 +346,7 @@ class DataPlane:
             if hop == dest:
                 continue
             entry = self.router.topology.peers.get(hop)
-            if entry is not None and any(c.name == dest for c in entry.connections):
+            if entry is not None and any(c.peer == dest for c in entry.connections):
                 return hop
         return None
 

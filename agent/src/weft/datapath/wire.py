@@ -159,8 +159,8 @@ class Reassembler:
         if n - last < HLEN or gso < HLEN:
             self._drop("malformed")
             return
-        m0, hop0, id0, idx0, cnt0, cs0 = HEADER.unpack_from(view, 0)
-        m1, hop1, id1, idx1, cnt1, cs1 = HEADER.unpack_from(view, last)
+        m0, hop0, id0, idx0, cnt0, _ = HEADER.unpack_from(view, 0)
+        m1, hop1, id1, idx1, cnt1, _ = HEADER.unpack_from(view, last)
         if m0 == MAGIC and m1 == MAGIC and id0 == id1 and idx1 - idx0 == k - 1 and hop0 == hop1 and cnt0 == cnt1:
             self._run(view, 0, n, gso, k, deliver)
             return
@@ -183,7 +183,7 @@ class Reassembler:
             or last_len > csize
             or last_len <= 0
             or (idx + k < cnt and last_len != csize)
-            or (cnt - 1) * csize + 1 > MAX_MESSAGE
+            or (idx + k - 1) * csize + last_len > MAX_MESSAGE
         ):
             self._drop("malformed")
             return
@@ -238,9 +238,7 @@ class Reassembler:
         return len(self._partial)
 
 
-def _gather(
-    out: bytearray, dst: int, view: memoryview, start: int, k: int, step: int, csize: int, end: int
-) -> None:
+def _gather(out: bytearray, dst: int, view: memoryview, start: int, k: int, step: int, csize: int, end: int) -> None:
     """Copy the chunks of ``k`` datagrams (headers skipped) to ``out[dst:]``."""
     src = start + HLEN
     for _ in range(k - 1):

@@ -1,0 +1,471 @@
+"""Kernel devices, FDBs, container attach and the MAC watcher, on real kernel objects in throwaway namespaces.
+
+Nothing is created in the root namespace: the "host" is a namespace holding the bridge, and every container is
+another namespace (or an `unshare -n` process). Names carry a random token; teardown is by name and PID.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import queue
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import pytest
+from lab import wait_until
+
+from weft.datapath.attach import AttachError, attach, detach, expose, hide, host_ifname, reset
+from weft.datapath.macwatch import MacWatcher
+from weft.datapath.netdev import ZERO_MAC, NetDev, NetDevError, enter_netns
+
+BR, VX, TAP = "weft", "vxweft", "tapweft"
+MTU = 1450
+
+
+def _skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root"
+    for tool in ("ip", "bridge", "unshare", "nsenter"):
+        if shutil.which(tool) is None:
+            return f"needs `{tool}` on PATH"
+    return None
+
+
+F = TypeVar("F", bound=Callable[..., None])
+
+
+def netns_test(fn: F) -> F:
+    """Runs on real kernel objects in namespaces: root only, selectable with -m netns."""
+    reason = _skip_reason()
+    return pytest.mark.skipif(reason is not None, reason=reason or "")(pytest.mark.netns(fn))
+
+
+def sh(*cmd: str) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def quiet_ipv6(*prefix: str) -> None:
+    """No IPv6 in a test namespace: no MLD/RS chatter, so the only frames are the ones a test sends."""
+    sh(*prefix, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
+
+
+@dataclass
+class Env:
+    token: str
+    made: list[str]
+
+    def ns(self, suffix: str) -> str:
+        name = f"wtnd{self.token}-{suffix}"
+        sh("ip", "netns", "add", name)
+        self.made.append(name)
+        quiet_ipv6("ip", "netns", "exec", name)
+        return name
+
+
+@pytest.fixture
+def env() -> Iterator[Env]:
+    e = Env(secrets.token_hex(3), [])
+    try:
+        yield e
+    finally:
+        for name in reversed(e.made):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+
+@pytest.fixture
+def host(env: Env) -> Iterator[tuple[str, NetDev]]:
+    """A host namespace and a NetDev on it (closed before the namespace goes)."""
+    name = env.ns("h")
+    nd = NetDev(name)
+    try:
+        yield name, nd
+    finally:
+        nd.close()
+
+
+@pytest.fixture
+def overlay(host: tuple[str, NetDev]) -> tuple[str, NetDev]:
+    """The host with its bridge, vxlan and tap, as the agent sets them up."""
+    _, nd = host
+    nd.ensure_bridge(BR, MTU)
+    nd.ensure_vxlan(VX, bridge=BR, vni=1, port=6784, mtu=MTU)
+    nd.ensure_tap(TAP, bridge=BR, mtu=MTU)
+    return host
+
+
+@pytest.fixture
+def sleeper() -> Iterator[int]:
+    """A process in a fresh, anonymous network namespace: a container known only by PID."""
+    proc = subprocess.Popen(["unshare", "-n", "sleep", "600"])
+    try:
+        wait_until(lambda: os.readlink(f"/proc/{proc.pid}/ns/net") != os.readlink("/proc/self/ns/net"), 10)
+        quiet_ipv6("nsenter", "-t", str(proc.pid), "-n")
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def ping(*prefix: str, dst: str) -> None:
+    sh(*prefix, "/usr/bin/ping", "-c", "1", "-W", "5", dst)
+
+
+def socket_in(netns: str) -> socket.socket:
+    """A TCP socket in another namespace, made by a short-lived thread that enters it (the test's netns stays)."""
+    made: list[socket.socket | BaseException] = []
+
+    def make() -> None:
+        try:
+            enter_netns(netns)
+            made.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        except BaseException as e:
+            made.append(e)
+
+    thread = threading.Thread(target=make)
+    thread.start()
+    thread.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]
+
+
+def tcp_roundtrip(client_ns: str, server_ns: str, server_ip: str) -> bytes:
+    """One TCP exchange between two namespaces, with sockets opened in each (no helper processes)."""
+    srv, cli = socket_in(server_ns), socket_in(client_ns)
+    with srv, cli:
+        srv.settimeout(10)
+        cli.settimeout(10)
+        srv.bind((server_ip, 0))
+        srv.listen(1)
+        cli.connect((server_ip, srv.getsockname()[1]))
+        conn, _ = srv.accept()
+        with conn:
+            cli.sendall(b"weft")
+            conn.sendall(conn.recv(4)[::-1])
+            return cli.recv(4)
+
+
+# -- devices -----------------------------------------------------------------------------------------------------
+
+
+@netns_test
+def test_ensure_devices_idempotent_and_learning_off(host: tuple[str, NetDev]) -> None:
+    name, nd = host
+    br = nd.ensure_bridge(BR, MTU)
+    vx = nd.ensure_vxlan(VX, bridge=BR, vni=1, port=6784, mtu=MTU)
+    tap = nd.ensure_tap(TAP, bridge=BR, mtu=MTU)
+    br_mac = nd.link(BR).mac
+    nd.vxlan_fdb_add(VX, ZERO_MAC, "10.99.0.2")
+    nd.vxlan_fdb_add(VX, "02:00:00:00:00:01", "10.99.0.2")
+    nd.bridge_fdb_set(BR, "02:00:00:00:00:01", VX)
+    before = (nd.vxlan_fdb(VX), nd.bridge_fdb(BR))
+
+    assert (nd.ensure_bridge(BR, MTU), nd.ensure_vxlan(VX, bridge=BR, vni=1, port=6784, mtu=MTU)) == (br, vx)
+    assert nd.ensure_tap(TAP, bridge=BR, mtu=MTU) == tap
+    assert (nd.vxlan_fdb(VX), nd.bridge_fdb(BR)) == before
+    assert nd.link(BR).mac == br_mac, "the bridge MAC is pinned, not taken from a port"
+    assert sorted(nd.bridge_ports(BR)) == sorted([VX, TAP])
+
+    vx_info = sh("ip", "-n", name, "-d", "link", "show", VX)
+    assert "nolearning" in vx_info and "dstport 6784" in vx_info and "vxlan id 1 " in vx_info
+    assert f"mtu {MTU}" in vx_info and f"master {BR}" in vx_info and "learning off" in vx_info
+    tap_info = sh("ip", "-n", name, "-d", "link", "show", TAP)
+    assert "tun type tap" in tap_info and "learning off" in tap_info and f"master {BR}" in tap_info
+    assert "stp_state 0" in sh("ip", "-n", name, "-d", "link", "show", BR)
+
+    # A different VNI is a different device: recreated, and the stale FDB goes with the old one.
+    vx2 = nd.ensure_vxlan(VX, bridge=BR, vni=2, port=6784, mtu=MTU)
+    assert vx2 != vx and "vxlan id 2 " in sh("ip", "-n", name, "-d", "link", "show", VX)
+    assert nd.link(VX).master == br
+
+
+@netns_test
+def test_ensure_refuses_a_foreign_device(host: tuple[str, NetDev]) -> None:
+    name, nd = host
+    sh("ip", "-n", name, "link", "add", "notbr", "type", "veth", "peer", "name", "notbr-p")
+    with pytest.raises(NetDevError, match="not a bridge"):
+        nd.ensure_bridge("notbr", MTU)
+    with pytest.raises(NetDevError, match="does not exist"):
+        nd.ensure_vxlan(VX, bridge="nobridge", vni=1, port=6784, mtu=MTU)
+
+
+@netns_test
+def test_tap_attaches_with_vnet_hdr_without_being_disturbed(overlay: tuple[str, NetDev]) -> None:
+    name, nd = overlay
+    index = nd.link_index(TAP)
+    code = (
+        "import fcntl, os, struct, sys\n"
+        "fd = os.open('/dev/net/tun', os.O_RDWR)\n"
+        f"ifr = fcntl.ioctl(fd, 0x400454CA, struct.pack('16sH', b'{TAP}', 0x0002 | 0x1000 | 0x4000))\n"
+        "print(ifr[:16].rstrip(b'\\0').decode(), flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", name, sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == TAP
+        wait_until(lambda: "LOWER_UP" in sh("ip", "-n", name, "link", "show", TAP), 10, message="tap has no carrier")
+        assert nd.ensure_tap(TAP, bridge=BR, mtu=MTU) == index  # the sleeve keeps its device across agent restarts
+        assert "vnet_hdr on" in sh("ip", "-n", name, "-d", "link", "show", TAP)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@netns_test
+def test_vxlan_fdb_flood_list_and_unicast(overlay: tuple[str, NetDev]) -> None:
+    name, nd = overlay
+    nd.vxlan_fdb_add(VX, ZERO_MAC, "10.99.0.2")
+    nd.vxlan_fdb_add(VX, ZERO_MAC, "10.99.0.3")
+    nd.vxlan_fdb_add(VX, ZERO_MAC, "10.99.0.3")  # append twice: still one entry
+    nd.vxlan_fdb_add(VX, "02:AA:00:00:00:01", "10.99.0.2")
+    nd.vxlan_fdb_add(VX, "02:aa:00:00:00:01", "10.99.0.3")  # unicast replaces
+    assert nd.vxlan_fdb(VX) == {ZERO_MAC: {"10.99.0.2", "10.99.0.3"}, "02:aa:00:00:00:01": {"10.99.0.3"}}
+    assert "00:00:00:00:00:00 dst 10.99.0.3 self permanent" in sh("bridge", "-n", name, "fdb", "show", "dev", VX)
+
+    nd.vxlan_fdb_del(VX, ZERO_MAC, "10.99.0.2")
+    nd.vxlan_fdb_del(VX, ZERO_MAC, "10.99.0.2")  # idempotent
+    nd.vxlan_fdb_del(VX, "02:aa:00:00:00:01", "10.99.0.2")  # not its dst: nothing happens
+    assert nd.vxlan_fdb(VX) == {ZERO_MAC: {"10.99.0.3"}, "02:aa:00:00:00:01": {"10.99.0.3"}}
+    nd.vxlan_fdb_del(VX, "02:aa:00:00:00:01", "10.99.0.3")
+    nd.vxlan_fdb_del(VX, ZERO_MAC, "10.99.0.3")
+    assert nd.vxlan_fdb(VX) == {}
+    assert nd.bridge_fdb(BR) == {}, "vxlan self entries never show up as bridge entries"
+
+
+@netns_test
+def test_bridge_fdb_static_entries(overlay: tuple[str, NetDev]) -> None:
+    name, nd = overlay
+    assert nd.bridge_fdb(BR) == {}, "port addresses are not user entries"
+    nd.bridge_fdb_set(BR, "02:bb:00:00:00:01", VX)
+    nd.bridge_fdb_set(BR, "02:bb:00:00:00:02", TAP)
+    assert nd.bridge_fdb(BR) == {"02:bb:00:00:00:01": VX, "02:bb:00:00:00:02": TAP}
+    assert "02:bb:00:00:00:01 dev vxweft master weft static" in sh("bridge", "-n", name, "fdb", "show", "br", BR)
+    nd.bridge_fdb_set(BR, "02:bb:00:00:00:01", TAP)  # moves
+    assert nd.bridge_fdb(BR) == {"02:bb:00:00:00:01": TAP, "02:bb:00:00:00:02": TAP}
+    nd.bridge_fdb_del(BR, "02:bb:00:00:00:01", VX)  # not there: nothing happens
+    nd.bridge_fdb_del(BR, "02:bb:00:00:00:01", TAP)
+    nd.bridge_fdb_del(BR, "02:bb:00:00:00:01", TAP)
+    nd.bridge_fdb_del(BR, "02:bb:00:00:00:02", "noport")
+    assert nd.bridge_fdb(BR) == {"02:bb:00:00:00:02": TAP}
+
+
+@netns_test
+def test_route_mtu_and_delete_link(host: tuple[str, NetDev]) -> None:
+    name, nd = host
+    sh("ip", "-n", name, "link", "add", "d0", "mtu", "1400", "type", "veth", "peer", "name", "d1", "mtu", "1400")
+    sh("ip", "-n", name, "addr", "add", "10.50.0.1/24", "dev", "d0")
+    sh("ip", "-n", name, "link", "set", "d0", "up")
+    sh("ip", "-n", name, "link", "set", "d1", "up")
+    assert nd.route_mtu("10.50.0.9") == 1400
+    sh("ip", "-n", name, "route", "add", "10.60.0.0/24", "dev", "d0", "mtu", "1300")
+    assert nd.route_mtu("10.60.0.9") == 1300
+    with pytest.raises(NetDevError, match="no route"):
+        nd.route_mtu("192.0.2.1")
+    assert nd.delete_link("d0") and not nd.delete_link("d0")
+
+
+# -- attach ------------------------------------------------------------------------------------------------------
+
+
+@netns_test
+def test_attach_two_containers_talk(env: Env, overlay: tuple[str, NetDev]) -> None:
+    _, nd = overlay
+    c1, c2 = env.ns("c1"), env.ns("c2")
+    a1 = attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1)
+    a2 = attach(nd, bridge=BR, cidrs=["10.40.0.2/24"], mtu=MTU, netns=c2)
+    assert a1.changed and a1.ifname == "ethwe" and a1.addresses == ["10.40.0.1/24"]
+    assert a1.host_ifname == host_ifname(f"/var/run/netns/{c1}", "ethwe") and len(a1.host_ifname) <= 15
+    assert a1.host_ifname != a2.host_ifname
+
+    link = sh("ip", "-n", c1, "link", "show", "ethwe")
+    assert f"mtu {MTU}" in link and a1.mac in link and "UP" in link
+    assert "inet 10.40.0.1/24" in sh("ip", "-n", c1, "addr", "show", "ethwe")
+    assert "224.0.0.0/4 dev ethwe" in sh("ip", "-n", c1, "route", "show")
+    assert "DOWN" in sh("ip", "-n", c1, "link", "show", "lo"), "the container's lo is left alone"
+    assert nd.link(a1.host_ifname).master == nd.link_index(BR) and nd.link(a1.host_ifname).mtu == MTU
+
+    ping("ip", "netns", "exec", c1, dst="10.40.0.2")
+    assert tcp_roundtrip(c1, c2, "10.40.0.2") == b"tfew"
+
+
+@netns_test
+def test_attach_is_idempotent_and_adds_only_new_cidrs(env: Env, overlay: tuple[str, NetDev]) -> None:
+    _, nd = overlay
+    c1 = env.ns("c1")
+    first = attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1)
+    index = nd.link_index(first.host_ifname)
+    again = attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1)
+    assert again == dataclasses.replace(first, changed=False)
+    more = attach(nd, bridge=BR, cidrs=["10.40.0.1/24", "10.41.0.1/16"], mtu=MTU, netns=c1)
+    assert more.changed and sorted(more.addresses) == ["10.40.0.1/24", "10.41.0.1/16"]
+    assert nd.link_index(first.host_ifname) == index, "the veth was kept"
+    assert not attach(nd, bridge=BR, cidrs=["10.41.0.1/16"], mtu=MTU, netns=c1).changed
+
+
+@netns_test
+def test_attach_by_pid(env: Env, overlay: tuple[str, NetDev], sleeper: int) -> None:
+    _, nd = overlay
+    c1 = env.ns("c1")
+    attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1)
+    a = attach(nd, bridge=BR, cidrs=["10.40.0.3/24"], mtu=MTU, pid=sleeper)
+    assert a.changed and a.addresses == ["10.40.0.3/24"]
+    assert "inet 10.40.0.3/24" in sh("nsenter", "-t", str(sleeper), "-n", "ip", "addr", "show", "ethwe")
+    ping("nsenter", "-t", str(sleeper), "-n", dst="10.40.0.1")
+    assert not attach(nd, bridge=BR, cidrs=["10.40.0.3/24"], mtu=MTU, pid=sleeper).changed
+    gone = detach(nd, bridge=BR, pid=sleeper)
+    assert gone is not None and gone.changed and nd.link(a.host_ifname) is None
+
+
+@netns_test
+def test_detach(env: Env, overlay: tuple[str, NetDev]) -> None:
+    _, nd = overlay
+    c1 = env.ns("c1")
+    a = attach(nd, bridge=BR, cidrs=["10.40.0.1/24", "10.41.0.1/16"], mtu=MTU, netns=c1)
+    part = detach(nd, bridge=BR, cidrs=["10.41.0.1/16"], netns=c1)
+    assert part is not None and part.changed and part.addresses == ["10.40.0.1/24"]
+    assert nd.link(a.host_ifname) is not None
+    unchanged = detach(nd, bridge=BR, cidrs=["10.41.0.1/16"], netns=c1)
+    assert unchanged is not None and not unchanged.changed
+    last = detach(nd, bridge=BR, cidrs=["10.40.0.1/24"], netns=c1)
+    assert last is not None and last.changed and last.addresses == []
+    assert nd.link(a.host_ifname) is None and "ethwe" not in sh("ip", "-n", c1, "link", "show")
+    assert detach(nd, bridge=BR, netns=c1) is None
+    attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1)
+    whole = detach(nd, bridge=BR, netns=c1)
+    assert whole is not None and whole.changed and nd.link(a.host_ifname) is None
+    assert detach(nd, bridge=BR, netns=f"wtnd{env.token}-gone") is None, "a vanished container is not attached"
+
+
+@netns_test
+def test_expose_and_hide(env: Env, overlay: tuple[str, NetDev]) -> None:
+    name, nd = overlay
+    c1 = env.ns("c1")
+    attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1)
+    assert expose(nd, bridge=BR, cidrs=["10.40.0.254/24"]) == ["10.40.0.254/24"]
+    assert expose(nd, bridge=BR, cidrs=["10.40.0.254/24"]) == []
+    assert "inet 10.40.0.254/24" in sh("ip", "-n", name, "addr", "show", BR)
+    ping("ip", "netns", "exec", c1, dst="10.40.0.254")
+    assert hide(nd, bridge=BR, cidrs=["10.40.0.254/24"]) == ["10.40.0.254/24"]
+    assert hide(nd, bridge=BR, cidrs=["10.40.0.254/24"]) == []
+    assert "10.40.0.254" not in sh("ip", "-n", name, "addr", "show", BR)
+
+
+@netns_test
+def test_reset_removes_everything(env: Env, overlay: tuple[str, NetDev]) -> None:
+    name, nd = overlay
+    c1 = env.ns("c1")
+    a = attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1)
+    assert sorted(reset(nd, bridge=BR, vxlan=VX, tap=TAP)) == sorted([a.host_ifname, VX, TAP, BR])
+    assert [line.split(":")[1].strip() for line in sh("ip", "-n", name, "-o", "link", "show").splitlines()] == ["lo"]
+    assert "ethwe" not in sh("ip", "-n", c1, "link", "show")
+    assert reset(nd, bridge=BR, vxlan=VX, tap=TAP) == []
+
+
+@netns_test
+def test_attach_errors_say_what_to_do(env: Env, host: tuple[str, NetDev]) -> None:
+    _, nd = host
+    c1 = env.ns("c1")
+    with pytest.raises(AttachError, match=r"bridge 'weft' does not exist: is the agent running\?"):
+        attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1)
+    nd.ensure_bridge(BR, MTU)
+    missing = f"wtnd{env.token}-missing"
+    with pytest.raises(AttachError, match=rf"no network namespace named '{missing}' \(see: ip netns list\)"):
+        attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=missing)
+    assert not os.path.exists(f"/var/run/netns/{missing}"), "a missing namespace is never created"
+    with pytest.raises(AttachError, match=r"invalid CIDR '10.0.0.1/33'"):
+        attach(nd, bridge=BR, cidrs=["10.0.0.1/33"], mtu=MTU, netns=c1)
+    with pytest.raises(AttachError, match=r"invalid CIDR '10\.0\.0\.1'"):
+        expose(nd, bridge=BR, cidrs=["10.0.0.1"])
+    with pytest.raises(AttachError, match="exactly one of netns or pid"):
+        attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1, pid=1)
+    with pytest.raises(AttachError, match="host's own"):
+        attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=nd.netns)
+    sh("ip", "-n", c1, "link", "add", "ethwe", "type", "veth", "peer", "name", "ethwe-p")
+    with pytest.raises(AttachError, match="already has an interface 'ethwe'"):
+        attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1)
+
+
+# -- local MACs ---------------------------------------------------------------------------------------------------
+
+
+@netns_test
+def test_local_macs_after_traffic_excluding_overlay_ports(env: Env, overlay: tuple[str, NetDev]) -> None:
+    _, nd = overlay
+    c1, c2 = env.ns("c1"), env.ns("c2")
+    a1 = attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1)
+    a2 = attach(nd, bridge=BR, cidrs=["10.40.0.2/24"], mtu=MTU, netns=c2)
+    nd.bridge_fdb_set(BR, "02:cc:00:00:00:01", VX)  # remote MACs, programmed by the agent
+    nd.bridge_fdb_set(BR, "02:cc:00:00:00:02", TAP)
+    ping("ip", "netns", "exec", c1, dst="10.40.0.2")
+    local = nd.local_macs(BR, [VX, TAP])
+    assert {a1.mac, a2.mac, nd.link(BR).mac} <= local
+    assert not local & {"02:cc:00:00:00:01", "02:cc:00:00:00:02"}
+    assert not local & {nd.link(VX).mac, nd.link(TAP).mac, nd.link(a1.host_ifname).mac}, "no port addresses"
+    assert {"02:cc:00:00:00:01", "02:cc:00:00:00:02"} <= nd.local_macs(BR, [])
+
+
+class Reports:
+    """What the watcher reported, oldest first; fed from the watcher's thread."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[frozenset[str]] = queue.Queue()
+        self.seen: list[frozenset[str]] = []
+
+    def __call__(self, macs: frozenset[str]) -> None:
+        self.queue.put(macs)
+
+    def latest(self) -> frozenset[str] | None:
+        while not self.queue.empty():
+            self.seen.append(self.queue.get_nowait())
+        return self.seen[-1] if self.seen else None
+
+
+@netns_test
+def test_mac_watcher_follows_the_fdb(env: Env, overlay: tuple[str, NetDev]) -> None:
+    name, nd = overlay
+    c1, c2 = env.ns("c1"), env.ns("c2")
+    a1 = attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1)
+    attach(nd, bridge=BR, cidrs=["10.40.0.2/24"], mtu=MTU, netns=c2)
+    reports = Reports()
+    watcher = MacWatcher(BR, [VX, TAP], reports, settle=0.05, netns=name)
+    watcher.start()
+    try:
+        initial = wait_until(reports.latest, 10, 0.05, "no initial report")
+        assert nd.link(BR).mac in initial and initial == watcher.current()
+        nd.bridge_fdb_set(BR, "02:dd:00:00:00:01", VX)  # a remote MAC: never reported as local
+        ping("ip", "netns", "exec", c1, dst="10.40.0.2")
+        wait_until(lambda: a1.mac in (reports.latest() or ()), 10, 0.05, "the container MAC was never reported")
+        sh("bridge", "-n", name, "fdb", "del", a1.mac, "dev", a1.host_ifname, "master")
+        wait_until(lambda: a1.mac not in (reports.latest() or ()), 10, 0.05, "the MAC was never reported gone")
+        assert a1.mac not in watcher.current()
+    finally:
+        watcher.stop()
+    watcher.stop()  # idempotent
+    assert all("02:dd:00:00:00:01" not in r for r in reports.seen)
+    assert all(a != b for a, b in itertools.pairwise(reports.seen)), "reports only on change"
+
+
+def test_cidr_validation_needs_no_kernel() -> None:
+    class NoKernel:
+        def link(self, name: str) -> None:
+            raise AssertionError("should fail before touching the kernel")
+
+    with pytest.raises(AttachError, match="invalid CIDR 'x/24'"):
+        attach(NoKernel(), bridge=BR, cidrs=["x/24"], mtu=MTU, netns="n")  # type: ignore[arg-type]
