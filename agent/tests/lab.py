@@ -718,16 +718,18 @@ table inet {NFT_TABLE} {{
                 self.block(a, b)
 
     def limit_udp(self, a: Host | str, b: Host | str, max_ip_len: int) -> None:
-        """Drop UDP packets longer than ``max_ip_len`` (IP length) between a and b, like a link
-        with a small MTU that sends no "fragmentation needed" back. Undone by :meth:`heal`."""
+        """Drop UDP packets longer than ``max_ip_len`` (IP length) between a and b, like a link with a
+        small MTU that sends no "fragmentation needed" back. Undone by :meth:`heal`.
+
+        The drop is on arrival, and both hosts segment UDP in software before their underlay link, as a
+        NIC without UDP segmentation offload would: what is filtered is what crosses the wire, not the
+        64 KiB GSO packets a sender hands its own stack.
+        """
         ha, hb = self._resolve(a), self._resolve(b)
         for host, peer in ((ha, hb), (hb, ha)):
+            host.exec("ethtool", "-K", "eth0", "tx-udp-segmentation", "off", "tx-udp_tnl-segmentation", "off")
             self._nft_set(host, "add", "0.0.0.0")  # make sure the table exists
             self._nft_set(host, "delete", "0.0.0.0")
-            host.exec(
-                "nft", "add", "rule", "inet", NFT_TABLE, "output",
-                "ip", "daddr", peer.ip, "meta", "l4proto", "udp", "ip", "length", ">", str(max_ip_len), "drop",
-            )  # fmt: skip
             host.exec(
                 "nft", "add", "rule", "inet", NFT_TABLE, "input",
                 "ip", "saddr", peer.ip, "meta", "l4proto", "udp", "ip", "length", ">", str(max_ip_len), "drop",

@@ -267,7 +267,9 @@ for r in recorded:
     for cut in (1, 5, 13, len(r) // 2):
         s.sendto(r[:cut], dst)                             # truncated
     s.sendto(r, dst)                                       # replayed
-    forged = bytearray(r); forged[-1] ^= 0xFF; s.sendto(bytes(forged), dst)  # wrong key / tampered
+    forged = bytearray(r); forged[-1] ^= 0xFF; s.sendto(bytes(forged), dst)  # tampered (a replayed counter)
+    if len(r) > 40:  # a counter never seen, so only the key can refuse it: sealed under another key
+        wrong = bytearray(r); wrong[15:23] = (1 << 62 | i).to_bytes(8, "big"); s.sendto(bytes(wrong), dst)
 """
     before = h1.metrics()
     h2.exec(sys.executable, "-c", script, *[r.hex() for r in recorded[:20]], timeout=120)

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import secrets
+import shutil
 import signal
 import struct
 import subprocess
@@ -190,6 +191,9 @@ class Net:
                 proc.wait(5)
         for name in reversed(self.namespaces):
             run("ip", "netns", "del", name, check=False)
+        for log in sorted(self.workdir.glob("*.log")):  # pytest shows captured output only for failures
+            print(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}")
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     def log(self, name: str) -> str:
         with contextlib.suppress(FileNotFoundError):

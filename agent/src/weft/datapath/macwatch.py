@@ -148,11 +148,11 @@ class MacWatcher:
 
     def _read(self, nd: NetDev, fallback: frozenset[str]) -> frozenset[str]:
         try:
-            return frozenset(nd.local_macs(self.bridge, self.exclude_ports))
-        except NetDevError as e:
             if nd.link_index(self.bridge) is None:
                 return frozenset()  # no bridge (yet): nothing lives here; a link event will tell when it appears
-            log.warning("cannot read the FDB of bridge %s: %s", self.bridge, e)
+            return frozenset(nd.local_macs(self.bridge, self.exclude_ports))
+        except NetDevError as e:
+            log.warning("cannot read the FDB of bridge %s, keeping the last set: %s", self.bridge, e)
             return fallback
 
     def _update(self, macs: frozenset[str]) -> None:

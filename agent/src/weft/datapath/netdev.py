@@ -109,10 +109,8 @@ def _call(what: str, fn: Callable[..., Any], *args: Any, ignore: Collection[int]
         raise NetDevError(f"{what}: {e.strerror or e}") from None
 
 
-def netns_path(netns: str | None) -> str:
-    """A namespace name (under /var/run/netns) or path, as a path; None is the caller's own namespace."""
-    if netns is None:
-        return "/proc/thread-self/ns/net"
+def netns_path(netns: str) -> str:
+    """A namespace name (under /var/run/netns) or a path such as /proc/PID/ns/net, as a path."""
     return netns if "/" in netns else f"{NETNS_RUN_DIR}/{netns}"
 
 
@@ -144,6 +142,7 @@ class _NetlinkThread:
     """
 
     def __init__(self, netns: str | None) -> None:
+        self._closed = False
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weft-netlink")
         try:
             self._ipr = self._pool.submit(self._open, netns).result()
@@ -171,6 +170,9 @@ class _NetlinkThread:
         return list(result) if isinstance(result, Iterator) else result  # dumps may be lazy generators
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         try:
             self._pool.submit(self._ipr.close).result()
         finally:
@@ -246,14 +248,20 @@ class NetDev:
         return bool(change)
 
     def _port_learning_off(self, name: str) -> None:
+        """An overlay port: no learning (the agent programs its MACs) and isolated from the other overlay
+        port, so a frame that came in over one path is never sent out over the other (no loops, no
+        duplicates); containers on non-isolated ports still reach both."""
         link = self.link(name)
-        if link is not None and link.port.get("IFLA_BRPORT_LEARNING", 1) != 0:
+        if link is not None and (
+            link.port.get("IFLA_BRPORT_LEARNING", 1) != 0 or link.port.get("IFLA_BRPORT_ISOLATED", 0) != 1
+        ):
             _call(
-                f"cannot turn off learning on bridge port {name!r}",
+                f"cannot set learning off and isolation on for bridge port {name!r}",
                 self.ipr.brport,
                 "set",
                 index=link.index,
                 learning=0,
+                isolated=1,
             )
 
     def delete_link(self, name: str) -> bool:

@@ -64,6 +64,7 @@ class PathState:
     pmtu_reports: deque[int] = field(default_factory=lambda: deque(maxlen=REPORTS_KEPT))
     path: str | None = None
     reason: str = ""
+    announced_size: int = 0  # the datagram size the sleeve was last given
 
     @property
     def encrypted(self) -> bool:

@@ -231,6 +231,12 @@ class DataPlane:
                 st.fast_seq += 1
                 probe = build_probe(VNI, self.ourself, st.fast_seq, self.config.mtu)
                 sleeve.send_raw((st.ip, self.config.vxlan_port), probe)
+            size = st.datagram_size()
+            if size != st.announced_size:
+                st.announced_size = size  # the sleeve must cut datagrams to the new size
+                changed = True
+                if st.pmtu() is not None:
+                    log.info("peer %s: path MTU %d", format_name(st.peer), st.pmtu())
             if st.choose(now, self.dead, self.config.mtu, self.config.vxlan_port, self.udp_port):
                 log.info(
                     "peer %s: data path now %s%s",

@@ -47,6 +47,7 @@ from weft.mesh.crypto import SessionKeys
 log = logging.getLogger(__name__)
 
 PROBE_ETHERTYPE = b"\x88\xb5"
+MIN_DATAGRAM = 548
 BATCH = 64  # reads per fd per wake-up, so neither direction starves the other
 _NO_PEER = bytes(6)
 _MSGID_MASK = 0xFFFFFFFF
@@ -109,7 +110,8 @@ class _LinkState:
             self.opener = ChaCha20Poly1305(keys.receive) if keys else None
             self.counter = itertools.count()  # next() is atomic: the data and control threads share it
             self.window = wire.ReplayWindow()
-        self.dsize = link.datagram_size
+        # a bad value must not break sending: at most one UDP payload, at least what IPv4 guarantees (576 - 28)
+        self.dsize = max(MIN_DATAGRAM, min(link.datagram_size, wire.MAX_UDP))
         self.cmsg = segment_cmsg(self.dsize)
         self.step = wire.segments_per_send(self.dsize) * self.dsize
 
@@ -125,6 +127,8 @@ class _Tables:
 
 
 class Sleeve:
+    """One TAP and one UDP socket, moved between by one data thread; see the module docstring."""
+
     def __init__(
         self,
         ourself: int,

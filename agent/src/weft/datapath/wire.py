@@ -44,7 +44,7 @@ MAX_SEGMENTS = 255
 MAX_PAYLOAD = 10 + 14 + 4 + 65535  # vnet header + Ethernet (+ VLAN tag) + the largest IP packet
 MAX_MESSAGE = CLEN + ILEN + MAX_PAYLOAD + TAG
 MAX_UDP = 65507  # largest UDP payload over IPv4: also the limit of one UDP_SEGMENT send
-GSO_MAX_SEGS = 44  # the kernel refuses more segments in one UDP_SEGMENT send (UDP_MAX_SEGMENTS is 64, but 44 fit)
+GSO_MAX_SEGS = 44  # 44 x 1472 B is what fits in one send (65,507 B); fewer, larger sends gain nothing
 MAX_PARTIAL = 32  # messages being reassembled at once, all senders together
 PARTIAL_AGE = 1.0  # seconds a partial message may wait for its missing chunks
 
