@@ -180,9 +180,16 @@ def test_ensure_devices_idempotent_and_learning_off(host: tuple[str, NetDev]) ->
 
     vx_info = sh("ip", "-n", name, "-d", "link", "show", VX)
     assert "nolearning" in vx_info and "dstport 6784" in vx_info and "vxlan id 1 " in vx_info
-    assert f"mtu {MTU}" in vx_info and f"master {BR}" in vx_info and "learning off" in vx_info and "isolated on" in vx_info
+    assert (
+        f"mtu {MTU}" in vx_info and f"master {BR}" in vx_info and "learning off" in vx_info and "isolated on" in vx_info
+    )
     tap_info = sh("ip", "-n", name, "-d", "link", "show", TAP)
-    assert "tun type tap" in tap_info and "learning off" in tap_info and "isolated on" in tap_info and f"master {BR}" in tap_info
+    assert (
+        "tun type tap" in tap_info
+        and "learning off" in tap_info
+        and "isolated on" in tap_info
+        and f"master {BR}" in tap_info
+    )
     assert "stp_state 0" in sh("ip", "-n", name, "-d", "link", "show", BR)
 
     # A different VNI is a different device: recreated, and the stale FDB goes with the old one.
