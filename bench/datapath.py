@@ -463,7 +463,8 @@ def _knows(host: Host, n: int) -> bool:
 
 
 def _path_bytes(host: Host) -> dict[str, float]:
-    """``host``'s overlay bytes sent per data path: shows which path the measured traffic really took."""
+    """``host``'s overlay bytes sent per data path: shows which path the measured traffic really took (a relay
+    host counts what it forwards under "relay")."""
     with contextlib.suppress(*_STATUS_ERRORS):
         text = host.metrics()
         return {
@@ -471,6 +472,10 @@ def _path_bytes(host: Host) -> dict[str, float]:
             for p in ("fast", "sleeve", "relay")
         }
     return {}
+
+
+def _bytes_since(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {p: after[p] - before.get(p, 0.0) for p in after}
 
 
 def _log_tails(hosts: list[Host], lines: int = 15) -> dict[str, str]:
@@ -529,11 +534,10 @@ def overlay(
                 h1.tmp_dir,
             )
             _wait_ping(ep, timeout=settle_timeout)
-            before = _path_bytes(h1)
+            before = {h.name: _path_bytes(h) for h in hosts}
             result.update(measure(ep, seconds=seconds, runs=runs, log=log))
-            after = _path_bytes(h1)
-            result["h1_tx_bytes_by_path"] = {
-                p: after[p] - before.get(p, 0.0) for p in after
+            result["tx_bytes_by_path"] = {
+                h.name: _bytes_since(before[h.name], _path_bytes(h)) for h in hosts
             }
             result["path_after"] = (_datapath_row(h1, dst_host) or {}).get("path")
             _check_alive(hosts)

@@ -19,11 +19,25 @@ def weft(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
 def test_help_explains_every_command() -> None:
     out = weft("--help").stdout
-    for command in ("run", "status", "connect", "forget", "report"):
+    for command in ("run", "status", "connect", "forget", "report", "attach", "detach", "expose", "hide", "reset"):
         assert command in out
     run_help = weft("run", "--help").stdout
-    for flag in ("--peer", "--secret-file", "--advertise", "--resume", "--no-discovery", "WEFT_"):
+    for flag in ("--peer", "--secret-file", "--advertise", "--resume", "--no-discovery", "WEFT_", "--trusted-subnet"):
         assert flag in run_help
+    attach_help = weft("attach", "--help").stdout
+    for flag in ("--netns", "--pid", "--ifname", "CIDR"):
+        assert flag in attach_help
+
+
+def test_attach_without_an_agent_says_what_to_do(tmp_path: Path) -> None:
+    res = weft("--api-socket", str(tmp_path / "none.sock"), "attach", "--netns", "c1", "10.32.0.5/12")
+    assert res.returncode == 1 and "is the agent running?" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_bad_trusted_subnet_is_one_clear_line(tmp_path: Path) -> None:
+    res = weft("run", "--trusted-subnet", "10.0.0.0/33", "--state-dir", str(tmp_path))
+    assert res.returncode == 1 and "trusted_subnets" in res.stderr and "CIDR" in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 def test_bad_config_is_one_clear_line(tmp_path: Path) -> None:

@@ -178,6 +178,24 @@ def test_multicast_reaches_every_host_exactly_once(lab: Lab, relayed: bool) -> N
         assert got["unique"] == count, f"{r}: got {got['unique']} of {count}"
 
 
+def test_a_blocked_fast_path_falls_back_to_the_sleeve_and_recovers(lab: Lab) -> None:
+    hosts, cs = start_mesh(lab, 2, secret=False, containers=1)
+    h1, h2 = hosts
+    a, b = cs[0][0], cs[1][0]
+    wait_paths(h1, {"h2": "fast"})
+    all_ping([a, b])
+    lab.block_udp_port(h1, h2, 6784)
+    paths = wait_paths(h1, {"h2": "sleeve"})
+    assert "fast-path probes" in paths["h2"]["reason"] and not paths["h2"]["encrypted"]
+    assert "UDP 6784 blocked?" in h1.cli("status", "connections").stdout
+    wait_until(lambda: a.ping(b), timeout=10, message="no traffic after falling back to the sleeve")
+    transfer(a, b, 10 * MB)
+    lab.heal()
+    wait_paths(h1, {"h2": "fast"})
+    wait_paths(h2, {"h1": "fast"})
+    assert a.ping(b, count=3)
+
+
 # -- path MTU ----------------------------------------------------------------------------------
 
 

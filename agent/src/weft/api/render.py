@@ -37,6 +37,10 @@ def summary(s: dict) -> str:
         _field("Connections", f"{len(established) + len(pending) + len(failing)} ({', '.join(conn_parts)})"),
         _field("Peers", f"{len(s['peers'])} (with {peer_links} established connections)"),
     ]
+    paths = [c["datapath"]["path"] for c in s["connections"] if c.get("datapath")]
+    if paths:
+        counts = ", ".join(f"{paths.count(p)} {p}" for p in ("fast", "sleeve", "relay", "down") if p in paths)
+        lines.append(_field("DataPath", counts))
     return "\n".join(lines)
 
 

@@ -141,6 +141,10 @@ class ControlTransport:
             self._tasks.add(task)
         try:
             await self._serve(reader, writer, outbound=False, address=_join(peer[0], peer[1]))
+        except asyncio.CancelledError:
+            # stop() ends inbound connections by cancelling them; asyncio's stream server would log a
+            # cancelled handler as an error, so end quietly instead.
+            writer.close()
         finally:
             if task is not None:
                 self._tasks.discard(task)
