@@ -267,6 +267,9 @@ def _wait_apis(hosts: list[Host], timeout: float) -> None:
         time.sleep(0.2)
 
 
+AGENT_ARGS = ("--no-datapath",)
+
+
 def real_agents(
     n: int = 50,
     *,
@@ -282,6 +285,10 @@ def real_agents(
     ``scenario`` "launch": h2..hN are started with ``--peer h1`` at once, so the time includes starting
     ``n - 1`` Python processes on this machine. "connect": all agents are started alone first and, once
     every API answers, each is told of h1 through its API (``weft connect``): the mesh alone.
+
+    The agents run without the data plane (``--no-datapath``): this measures the control plane, and
+    50 data planes heartbeating each other on one 2-core machine would measure the machine instead.
+    The data plane has its own benchmark (datapath.py).
     """
     reason = netns_unavailable_reason()
     if reason:
@@ -295,7 +302,7 @@ def real_agents(
         result["lab_setup_s"] = round(time.monotonic() - t, 2)
         h1, rest = hosts[0], hosts[1:]
 
-        h1.start_agent(secrets=[secret])
+        h1.start_agent(*AGENT_ARGS, secrets=[secret])
         h1.wait_ready(timeout=60)
         result["rss_alone_kib"] = _rss_kib(
             h1.agent.pid
@@ -303,7 +310,7 @@ def real_agents(
 
         if scenario == "connect":
             for h in rest:
-                h.start_agent(secrets=[secret])
+                h.start_agent(*AGENT_ARGS, secrets=[secret])
             _wait_apis(rest, timeout)
             cpu0 = {h.name: _cpu_seconds(h.agent.pid) or 0.0 for h in hosts}
             log(f"  {n} agents running alone; telling h2..h{n} of h1 through the API")
@@ -317,7 +324,7 @@ def real_agents(
             )
             t0 = time.monotonic()
             for h in rest:
-                h.start_agent(peers=[h1], secrets=[secret])
+                h.start_agent(*AGENT_ARGS, peers=[h1], secrets=[secret])
         result["launch_s"] = round(time.monotonic() - t0, 2)
 
         api_up: dict[str, float] = {

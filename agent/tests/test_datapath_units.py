@@ -7,9 +7,11 @@ import pytest
 from weft.datapath.fdb import ZERO_MAC, desired_state
 from weft.datapath.macs import MacTable, MacUpdate
 from weft.datapath.paths import FAST, SLEEVE, PathState, ladder
+from weft.datapath.plane import DataPlane
 from weft.datapath.probe import GROUP, VXLAN_OVERHEAD, build_probe, parse_probe, probe_mac
 from weft.mesh.codec import DecodeError, pack
 from weft.mesh.crypto import SessionKeys
+from weft.metrics import Metrics
 
 A, B, C = 0x020000000001, 0x020000000002, 0x020000000003
 MAC1, MAC2, MAC3 = b"\x0a" * 6, b"\x0b" * 6, b"\x0c" * 6
@@ -193,3 +195,43 @@ def test_a_probe_is_a_full_size_vxlan_packet_that_parses_back() -> None:
 def test_probe_macs_are_locally_administered_unicast() -> None:
     mac = probe_mac(0xFFFFFFFFFFFF)
     assert mac[0] & 0x01 == 0 and mac[0] & 0x02 == 2
+
+
+# -- the controller's handling of heartbeats -------------------------------------------------------
+
+
+def _plane() -> tuple[DataPlane, Metrics]:
+    from weft.config import AgentConfig
+    from weft.mesh.clock import VirtualScheduler
+    from weft.mesh.peer import PeerInfo
+    from weft.mesh.router import Router
+
+    metrics = Metrics()
+    router = Router(PeerInfo(A, "a", 1), VirtualScheduler(), metrics)
+    return DataPlane(AgentConfig(), router, metrics), metrics
+
+
+def test_a_heartbeat_from_a_new_address_moves_the_peer_there() -> None:
+    """A peer behind NAT is found where its authenticated heartbeats come from."""
+    plane, _ = _plane()
+    plane.paths[B] = _state(KEYS)
+    plane._on_control(B, ("198.51.100.7", 40000), pack({"t": "hb", "tr": True, "fs": 0, "mx": 0}), 60, 1.0)
+    st = plane.paths[B]
+    assert st.udp_addr == ("198.51.100.7", 40000) and st.last_heard == 1.0 and st.peer_trusts
+
+
+def test_only_path_mtu_probes_count_towards_the_reported_size() -> None:
+    plane, _ = _plane()
+    plane.paths[B] = _state()
+    plane._on_control(B, ("10.0.0.2", 6783), pack({"t": "hb"}), 1400, 1.0)
+    assert plane.paths[B].max_rx_size == 0
+    plane._on_control(B, ("10.0.0.2", 6783), pack({"t": "pm"}), 972, 1.0)
+    assert plane.paths[B].max_rx_size == 972
+
+
+def test_a_malformed_heartbeat_is_counted_not_raised() -> None:
+    plane, metrics = _plane()
+    plane.paths[B] = _state()
+    plane._on_control(B, ("10.0.0.2", 6783), b"\xc1\xc1", 10, 1.0)
+    plane._on_control(B, ("10.0.0.2", 6783), pack([1, 2]), 10, 1.0)
+    assert metrics.decode_errors.labels("datapath")._value.get() == 2

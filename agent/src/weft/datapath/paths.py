@@ -25,7 +25,7 @@ PATHS = (FAST, SLEEVE, RELAY)
 UDP_IP_OVERHEAD = 28
 # Path MTUs tried, largest first; the local route's MTU is tried as well.
 PMTU_LADDER = (1500, 1400, 1280, 1000, 576)
-REPORTS_KEPT = 3  # path-MTU reports to remember: one lost probe must not shrink the MTU
+REPORTS_KEPT = 2  # probe rounds to remember: one lost probe must not shrink the MTU
 
 
 def ladder(route_mtu: int) -> list[int]:
@@ -60,7 +60,8 @@ class PathState:
     fast_acked_at: float | None = None
     heard_fast_seq: int = 0  # the newest probe of theirs we heard
     heard_fast_at: float | None = None
-    max_rx_size: int = 0  # largest datagram heard from them since our last heartbeat
+    max_rx_size: int = 0  # largest path-MTU probe heard from them since our last heartbeat
+    ticks: int = 0  # heartbeat rounds sent, to pace the path-MTU probes
     pmtu_reports: deque[int] = field(default_factory=lambda: deque(maxlen=REPORTS_KEPT))
     path: str | None = None
     reason: str = ""

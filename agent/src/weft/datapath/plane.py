@@ -37,6 +37,7 @@ MACS = "macs"
 VNI = 0x5746  # one overlay per mesh; the bridge keeps hosts apart, not VNIs
 DEAD_AFTER = 3  # heartbeat intervals without news before a path counts as down
 WARMUP_AFTER = 4  # intervals after start before we remove kernel state we did not write this run
+PMTU_EVERY = 5  # intervals between path-MTU probe rounds, after one each for the first three
 SLEEVE_OVERHEAD = 80  # Ethernet, virtio header, sleeve header and AEAD tag, per datagram (upper bound)
 
 
@@ -179,14 +180,15 @@ class DataPlane:
         if st is None:
             return
         st.last_heard = now
-        st.max_rx_size = max(st.max_rx_size, size)
         if addr != st.udp_addr:
             log.info("peer %s: its UDP address is now %s:%d (learned from its heartbeat)", format_name(peer), *addr)
             st.udp_addr = addr
             self._changed()
         try:
             msg = expect(unpack(payload, "datapath"), dict, "datapath", "message")
-            if msg.get("t") == "hb":
+            if msg.get("t") == "pm":
+                st.max_rx_size = max(st.max_rx_size, size)
+            elif msg.get("t") == "hb":
                 st.on_heartbeat(
                     now,
                     bool(msg.get("tr")),
@@ -225,8 +227,10 @@ class DataPlane:
             hb = {"t": "hb", "tr": st.we_trust, "fs": st.heard_fast(now, self.dead), "mx": st.max_rx_size}
             st.max_rx_size = 0
             sleeve.send_control(st.peer, pack(hb))
-            for size in ladder(st.route_mtu):
-                sleeve.send_control(st.peer, pack({"t": "pm"}), pad_to=size - 28)
+            st.ticks += 1
+            if st.ticks <= 3 or st.ticks % PMTU_EVERY == 0:
+                for size in ladder(st.route_mtu):
+                    sleeve.send_control(st.peer, pack({"t": "pm"}), pad_to=size - 28)
             if st.fast_allowed() or not st.encrypted:
                 st.fast_seq += 1
                 probe = build_probe(VNI, self.ourself, st.fast_seq, self.config.mtu)
