@@ -672,7 +672,8 @@ class Lab:
     def _resolve(self, h: Host | str) -> Host:
         return h if isinstance(h, Host) else self.host(h)
 
-    def _nft_set(self, host: Host, verb: str, peer_ip: str) -> None:
+    def _nft_table(self, host: Host) -> None:
+        """Our table in ``host``: a set of blocked peers, and chains that extra rules are added to."""
         if host.netns not in self._nft_ready:
             ruleset = f"""
 table inet {NFT_TABLE} {{
@@ -683,7 +684,14 @@ table inet {NFT_TABLE} {{
 """
             host.exec("nft", "-f", "-", input=ruleset)
             self._nft_ready.add(host.netns)
+
+    def _nft_set(self, host: Host, verb: str, peer_ip: str) -> None:
+        self._nft_table(host)
         host.exec("nft", verb, "element", "inet", NFT_TABLE, "blocked", f"{{ {peer_ip} }}")
+
+    def _nft_rule(self, host: Host, chain: str, *rule: str) -> None:
+        self._nft_table(host)
+        host.exec("nft", "add", "rule", "inet", NFT_TABLE, chain, *rule)
 
     def block(self, a: Host | str, b: Host | str) -> None:
         """Drop all IPv4 between a and b, both directions, in both namespaces.
@@ -728,49 +736,15 @@ table inet {NFT_TABLE} {{
         ha, hb = self._resolve(a), self._resolve(b)
         for host, peer in ((ha, hb), (hb, ha)):
             host.exec("ethtool", "-K", "eth0", "tx-udp-segmentation", "off", "tx-udp_tnl-segmentation", "off")
-            self._nft_set(host, "add", "0.0.0.0")  # make sure the table exists
-            self._nft_set(host, "delete", "0.0.0.0")
-            host.exec(
-                "nft", "add", "rule", "inet", NFT_TABLE, "input",
-                "ip", "saddr", peer.ip, "meta", "l4proto", "udp", "ip", "length", ">", str(max_ip_len), "drop",
-            )  # fmt: skip
+            too_long = ("meta", "l4proto", "udp", "ip", "length", ">", str(max_ip_len), "drop")
+            self._nft_rule(host, "input", "ip", "saddr", peer.ip, *too_long)
 
     def block_udp_port(self, a: Host | str, b: Host | str, port: int) -> None:
         """Drop UDP to ``port`` between a and b (both ways); undone by :meth:`heal`."""
         ha, hb = self._resolve(a), self._resolve(b)
         for host, peer in ((ha, hb), (hb, ha)):
-            self._nft_set(host, "add", "0.0.0.0")
-            self._nft_set(host, "delete", "0.0.0.0")
-            host.exec(
-                "nft",
-                "add",
-                "rule",
-                "inet",
-                NFT_TABLE,
-                "output",
-                "ip",
-                "daddr",
-                peer.ip,
-                "udp",
-                "dport",
-                str(port),
-                "drop",
-            )
-            host.exec(
-                "nft",
-                "add",
-                "rule",
-                "inet",
-                NFT_TABLE,
-                "input",
-                "ip",
-                "saddr",
-                peer.ip,
-                "udp",
-                "dport",
-                str(port),
-                "drop",
-            )
+            self._nft_rule(host, "output", "ip", "daddr", peer.ip, "udp", "dport", str(port), "drop")
+            self._nft_rule(host, "input", "ip", "saddr", peer.ip, "udp", "dport", str(port), "drop")
 
     def heal(self) -> None:
         """Remove every block (drops the nft table from each namespace)."""

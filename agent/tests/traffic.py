@@ -97,6 +97,15 @@ def mcast_send(args: argparse.Namespace) -> None:
     print(json.dumps({"sent": args.count}), flush=True)
 
 
+def _multicast_parser(sub: argparse._SubParsersAction, name: str, fn: object) -> argparse.ArgumentParser:
+    p = sub.add_parser(name)
+    p.add_argument("group", help="multicast group, like 239.1.1.1")
+    p.add_argument("port", type=int)
+    p.add_argument("local", help="this container's overlay address (the interface to use)")
+    p.set_defaults(fn=fn)
+    return p
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -112,19 +121,11 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=0.0, help="stretch the transfer over this long")
     p.add_argument("--timeout", type=float, default=10.0)
     p.set_defaults(fn=send)
-    p = sub.add_parser("mcast-recv")
-    p.add_argument("group")
-    p.add_argument("port", type=int)
-    p.add_argument("local")
+    p = _multicast_parser(sub, "mcast-recv", mcast_recv)
     p.add_argument("--timeout", type=float, default=30.0)
-    p.set_defaults(fn=mcast_recv)
-    p = sub.add_parser("mcast-send")
-    p.add_argument("group")
-    p.add_argument("port", type=int)
-    p.add_argument("local")
+    p = _multicast_parser(sub, "mcast-send", mcast_send)
     p.add_argument("--count", type=int, default=200)
     p.add_argument("--interval", type=float, default=0.005)
-    p.set_defaults(fn=mcast_send)
     args = parser.parse_args()
     try:
         args.fn(args)
