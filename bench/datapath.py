@@ -33,7 +33,7 @@ sys.path.insert(0, str(mesh.REPO / "agent" / "tests"))
 from lab import Host, Lab, metric_value, netns_unavailable_reason
 
 SCENARIOS = {
-    "baseline": "plain routed veth between namespaces, no agent, MTU 1500",
+    "baseline": "plain routed veth between the same lab hosts and underlay, no agent, MTU 1500",
     "fast": "2 hosts, no secret: kernel VXLAN",
     "encrypted": "2 hosts, secret: userspace sleeve, ChaCha20-Poly1305",
     "relayed": "3 hosts, secret, h1-h3 blocked: sleeve relayed through h2",
@@ -307,43 +307,29 @@ def measure(
 
 @contextlib.contextmanager
 def _routed_pair() -> Iterator[tuple[str, str]]:
-    """Two "container" namespaces, each on a veth to its own "host" namespace routing a /24, the hosts joined by
-    a veth: the plain-kernel path the overlay is compared with. Yields (src, dst) namespaces; removed by name."""
-    token = secrets.token_hex(3)
-    c1, r1, r2, c2 = (f"wdp{token}-{n}" for n in ("c1", "h1", "h2", "c2"))
-    created: list[str] = []
-    try:
-        for ns in (c1, r1, r2, c2):
-            # Recorded first, so a half-made namespace is still removed.
-            created.append(ns)
-            _ip(f"netns add {ns}")
-            _ip(f"-n {ns} link set lo up")
-        # `name` everywhere: iproute2 6.1 parses a bare first word after `add` as `address`.
-        _ip(f"-n {r1} link add name ctr type veth peer name eth0 netns {c1}")
-        _ip(f"-n {r2} link add name ctr type veth peer name eth0 netns {c2}")
-        _ip(f"-n {r1} link add name ul type veth peer name ul netns {r2}")
-        for ns, dev, cidr in (
-            (c1, "eth0", "10.32.1.2/24"),
-            (r1, "ctr", "10.32.1.1/24"),
-            (r1, "ul", "10.250.0.1/24"),
-            (r2, "ul", "10.250.0.2/24"),
-            (r2, "ctr", "10.32.2.1/24"),
-            (c2, "eth0", "10.32.2.2/24"),
-        ):
-            _ip(f"-n {ns} addr add {cidr} dev {dev}")
-            _ip(f"-n {ns} link set {dev} mtu 1500 up")
-        _ip(f"-n {c1} route add default via 10.32.1.1")
-        _ip(f"-n {c2} route add default via 10.32.2.1")
-        _ip(f"-n {r1} route add 10.32.2.0/24 via 10.250.0.2")
-        _ip(f"-n {r2} route add 10.32.1.0/24 via 10.250.0.1")
-        for ns in (r1, r2):
-            _ns_run(ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
-        yield c1, c2
-    finally:
-        for ns in reversed(created):
-            subprocess.run(
-                ["ip", "netns", "del", ns], capture_output=True, check=False, timeout=30
+    """Two lab hosts on the same underlay as the overlay scenarios (veths to a bridge in its own namespace),
+    each routing a /24 to a "container" namespace on a plain veth: the kernel path between the same kind of
+    namespaces, with no agent and no overlay. Yields (src, dst) namespaces; the lab removes them by name."""
+    with Lab() as lab:
+        hosts = lab.add_hosts(2)
+        containers = []
+        for n, host in enumerate(hosts, start=1):
+            ctr = f"{host.netns}c1"
+            lab._add_netns(ctr)  # the lab deletes it (and the veth in it) on exit
+            # `name` everywhere: iproute2 6.1 parses a bare first word after `add` as `address`.
+            _ip(
+                f"-n {host.netns} link add name ctr type veth peer name eth0 netns {ctr}"
             )
+            _ip(f"-n {host.netns} addr add 10.32.{n}.1/24 dev ctr")
+            _ip(f"-n {host.netns} link set ctr up")
+            _ip(f"-n {ctr} addr add 10.32.{n}.2/24 dev eth0")
+            _ip(f"-n {ctr} link set eth0 up")
+            _ip(f"-n {ctr} route add default via 10.32.{n}.1")
+            _ns_run(host.netns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+            containers.append(ctr)
+        _ip(f"-n {hosts[0].netns} route add 10.32.2.0/24 via {hosts[1].ip}")
+        _ip(f"-n {hosts[1].netns} route add 10.32.1.0/24 via {hosts[0].ip}")
+        yield containers[0], containers[1]
 
 
 def _ip(args: str) -> None:
