@@ -87,7 +87,14 @@ def test_gossip_crosses_a_relay_when_the_direct_link_is_blocked(lab: Lab) -> Non
     )
     for a, b in ((h1, "h3"), (h3, "h1")):
         s = a.status()
-        assert b not in {c["nickname"] for c in s["connections"]}, f"{a.name} has a direct connection to {b}"
+        direct = {c["nickname"] for c in s["connections"] if c["state"] != "relayed"}
+        assert b not in direct, f"{a.name} has a direct connection to {b}"
+    # The data plane reaches h3 through h2, and status says so.
+    wait_until(
+        lambda: any(c["nickname"] == "h3" and c["state"] == "relayed" for c in h1.status()["connections"]),
+        timeout=10,
+        message="h1 does not list h3 as relayed",
+    )
     # h1 keeps trying the address it discovered for h3, and says why it fails.
     targets = {t["address"]: t for t in h1.status()["targets"]}
     assert targets[h3.listen_addr]["state"] in ("connecting", "retrying", "failed")
