@@ -42,3 +42,17 @@ bench: venv ## Print benchmark figures; JSON goes to bench/results/ (as root for
 clean: ## Remove the venv, benchmark results and caches
 	rm -rf $(VENV) bench/results .pytest_cache .ruff_cache agent/.pytest_cache agent/.ruff_cache
 	find agent bench -type d -name __pycache__ -prune -exec rm -rf {} +
+
+# --- lab: the virtual hybrid cloud (lab/README.md) ---
+.PHONY: lab-up lab-down
+LAB_STAMP := $(VENV)/.weft-lab-installed
+
+$(LAB_STAMP): lab/requirements.txt | $(STAMP)
+	$(VPY) -m pip install -r lab/requirements.txt
+	touch $@
+
+lab-up: $(LAB_STAMP) ## Build and start the lab: 5 nspawn machines, routers, NAT, moto EC2 (root)
+	$(VPY) lab/weftlab.py up
+
+lab-down: ## Stop the lab and remove all it built but the cached root (root)
+	$(if $(wildcard $(VPY)),$(VPY),$(PYTHON)) lab/weftlab.py down
