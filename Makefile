@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv lint test bench clean
+.PHONY: help venv lint test bench clean ansible-venv demo molecule vault
 
 help: ## List the targets
 	@echo "Usage: make TARGET [PYTHON=python3] [PYTEST_ARGS='...'] [BENCH_ARGS='...']"
@@ -28,13 +28,15 @@ lint: venv ## ruff check and ruff format --check on agent/
 	$(VPY) -m ruff check agent
 	$(VPY) -m ruff format --check agent
 
-test: venv lint ## Lint, then run the agent's tests (as root: they build network namespaces)
+test: venv lint ansible-venv ## Lint, the agent's tests, the collection's unit tests, molecule on the lab (root)
 	@if [ "$$(id -u)" != 0 ]; then \
 		echo "make test: run as root (the tests build network namespaces): sudo make test" >&2; exit 1; fi
 	@echo "$(VPY) -m pytest agent/tests -q $(PYTEST_ARGS)"
 	@rc=0; $(VPY) -m pytest agent/tests -q $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests: that is a failure" >&2; fi; \
 	exit $$rc
+	$(VPY) -m pytest tests/unit -q $(PYTEST_ARGS)
+	molecule/run.sh
 
 bench: venv ## Print benchmark figures; JSON goes to bench/results/ (as root for the real-agent part)
 	$(VPY) bench/run.py $(BENCH_ARGS)
@@ -56,3 +58,32 @@ lab-up: $(LAB_STAMP) ## Build and start the lab: 5 nspawn machines, routers, NAT
 
 lab-down: ## Stop the lab and remove all it built but the cached root (root)
 	$(if $(wildcard $(VPY)),$(VPY),$(PYTHON)) lab/weftlab.py down
+
+# --- Ansible: the collection's tools, the demo, molecule (README.md "Ansible") ---
+ANSIBLE_STAMP := $(VENV)/.weft-ansible-installed
+# The lab inventory's EC2 API (moto) and vault password, from lab.json (inventories/labenv.py).
+LAB_ENV = eval "$$($(VPY) inventories/labenv.py exports)"
+
+$(ANSIBLE_STAMP): requirements-ansible.txt | $(STAMP)
+	$(VPY) -m pip install -r requirements-ansible.txt
+	touch $@
+
+ansible-venv: $(ANSIBLE_STAMP) ## Install the Ansible tools (requirements-ansible.txt) into .venv
+
+vault: ansible-venv ## Make the lab mesh's secret (inventories/lab/group_vars/all/vault.yml) unless it has one
+	$(VPY) inventories/labvault.py ensure
+
+molecule: ansible-venv ## Molecule scenarios on the lab: brings it up, runs them, takes it down (root)
+	molecule/run.sh
+
+demo: ## A hybrid cloud on this machine: lab up, site.yml, a container per machine, ping matrix (root)
+	@if [ "$$(id -u)" != 0 ]; then echo "make demo: run as root (the lab builds namespaces and containers)" >&2; exit 1; fi
+	@# A fresh Debian needs venv support for .venv; the lab installs its own host packages.
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-venv python3-pip; }
+	@command -v ssh >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends openssh-client
+	$(MAKE) --no-print-directory ansible-venv lab-up
+	$(VPY) inventories/labenv.py check
+	$(VPY) inventories/labvault.py ensure
+	$(LAB_ENV) && PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ansible-playbook -i inventories/lab site.yml
+	$(LAB_ENV) && PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ansible-playbook -i inventories/lab playbooks/demo.yml

@@ -1,0 +1,224 @@
+"""The agent process: wires config, state, the mesh and the API together and handles signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from weft import __version__
+from weft.config import AgentConfig, ConfigError, read_secrets
+from weft.mesh.clock import AsyncioScheduler
+from weft.mesh.connection_maker import ConnectionMaker, Target
+from weft.mesh.handshake import PROTOCOL_MAX, PROTOCOL_MIN
+from weft.mesh.peer import PeerInfo, format_name, parse_name, random_name, random_uid
+from weft.mesh.router import Router
+from weft.mesh.transport import ConnectionSettings, ControlTransport
+from weft.metrics import Metrics
+from weft.store import Store
+
+if TYPE_CHECKING:
+    from weft.datapath.plane import DataPlane
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, reload_config: Callable[[], AgentConfig]) -> None:
+        self.config = config
+        self._reload_config = reload_config
+        self.metrics = Metrics()
+        self.store = Store(config.state_dir)
+        self.secrets = read_secrets(config.secret_files)
+        self.ourself = PeerInfo(self._peer_name(), config.nickname or socket.gethostname(), random_uid())
+        self.ready = False
+        self._stopping = asyncio.Event()
+        self.router: Router
+        self.maker: ConnectionMaker
+        self.transport: ControlTransport
+        self.dataplane: DataPlane | None = None
+
+    def _peer_name(self) -> int:
+        """The configured name, else the one kept in the state dir, else a new one kept from now on."""
+        stored = self.store.get("peer_name")
+        if self.config.name:
+            name = parse_name(self.config.name)
+        elif stored:
+            name = parse_name(stored)
+        else:
+            name = random_name()
+        if stored != format_name(name):
+            self.store.put("peer_name", format_name(name))
+        return name
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        scheduler = AsyncioScheduler(loop)
+        c = self.config
+        self.router = Router(
+            self.ourself, scheduler, self.metrics, gossip_interval=c.gossip_interval, conn_limit=c.conn_limit
+        )
+        settings = ConnectionSettings(
+            heartbeat_interval=c.heartbeat_interval,
+            read_timeout=c.read_timeout,
+            handshake_timeout=c.handshake_timeout,
+            dial_timeout=c.dial_timeout,
+            accept_rate=c.accept_rate,
+            accept_burst=c.accept_burst,
+        )
+        self.transport = ControlTransport(
+            self.router,
+            self.metrics,
+            settings,
+            lambda: self.secrets,
+            listen=c.listen_host_port(),
+            advertise=c.advertise,
+        )
+        self.maker = ConnectionMaker(
+            self.router,
+            scheduler,
+            self.transport.dial,
+            discovery=c.discovery,
+            max_interval=c.max_backoff,
+            on_direct_changed=self._persist_targets,
+        )
+        self.transport.maker = self.maker
+        self._load_targets()
+        if c.datapath:
+            from weft.datapath.plane import DataPlane
+
+            self.dataplane = DataPlane(c, self.router, self.metrics)
+            self.metrics.add_datapath(self.dataplane.byte_counts, self.dataplane.drop_counts)
+
+        from weft.api.server import ApiServer  # the API imports the agent's types; avoid a cycle
+
+        api = ApiServer(self)
+        try:
+            await self.transport.start()
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {c.listen}: {exc.strerror or exc}") from None
+        await api.start()
+        if self.dataplane is not None:
+            try:
+                self.dataplane.start()
+            except Exception as exc:
+                await self.transport.stop()
+                await api.stop()
+                raise ConfigError(f"cannot set up the data plane: {exc}") from None
+        self.router.start()
+        self.maker.check()
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self._stopping.set)
+        self.ready = True
+        log.info(
+            "weft %s running as %s, listening on %s, encryption %s, %d target(s)",
+            __version__,
+            self.ourself.label(),
+            c.listen,
+            "enabled" if self.secrets else "disabled",
+            len(self.maker.targets),
+        )
+        await self._stopping.wait()
+        log.info("shutting down")
+        self.maker.stop()
+        self.router.stop()
+        if self.dataplane is not None:
+            self.dataplane.stop()
+        await self.transport.stop()
+        await api.stop()
+        self.store.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    # -- targets and reload ------------------------------------------------------------------------
+
+    def _load_targets(self) -> None:
+        """Config peers always; with --resume also the targets kept from the last run."""
+        kept = self.store.targets() if self.config.resume else []
+        if kept:
+            log.info("resuming %d target(s) kept in %s", len(kept), self.store.path)
+        self.maker.set_origin_targets("api", [a for a, o in kept if o == "api"])
+        self.maker.set_origin_targets("config", [*(a for a, o in kept if o == "config"), *self.config.peers])
+
+    def _persist_targets(self, targets: list[Target]) -> None:
+        self.store.set_targets([(t.address, t.origin) for t in targets])
+
+    # Settings a reload applies in place; the rest need a restart.
+    RELOADABLE = ("peers", "secret_files")
+
+    def reload(self) -> None:
+        """SIGHUP: re-read config; peers and secrets change in place, established connections stay."""
+        try:
+            config = self._reload_config()
+            secrets = read_secrets(config.secret_files)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            self.metrics.reload_failures.inc()
+            return
+        needs_restart = [
+            k
+            for k in AgentConfig.model_fields
+            if k not in self.RELOADABLE and getattr(config, k) != getattr(self.config, k)
+        ]
+        if needs_restart:
+            log.warning(
+                "reload: %s changed; restart the agent to apply %s",
+                ", ".join(needs_restart),
+                "it" if len(needs_restart) == 1 else "them",
+            )
+        self.config = self.config.model_copy(update={k: getattr(config, k) for k in self.RELOADABLE})
+        self.secrets = secrets
+        self.maker.set_origin_targets("config", config.peers)
+        retired = self.transport.retire_stale_sessions()
+        log.info(
+            "reloaded configuration: %d configured peer(s), %d secret(s)%s",
+            len(config.peers),
+            len(secrets),
+            f", {retired} connection(s) re-keyed" if retired else "",
+        )
+
+    # -- status -----------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        c = self.config
+        connections = self.transport.status()
+        if self.dataplane is not None:
+            paths = self.dataplane.connection_status()
+            for row in connections:
+                if row["peer"] is not None:
+                    row["datapath"] = paths.pop(parse_name(row["peer"]), None)
+            for name, path in paths.items():  # peers reached only through a relay
+                entry = self.router.topology.peers.get(name)
+                connections.append(
+                    {
+                        "peer": format_name(name),
+                        "nickname": entry.nickname if entry else None,
+                        "address": None,
+                        "outbound": None,
+                        "state": "relayed",
+                        "encrypted": path["encrypted"],
+                        "info": f"via {path.get('via')}",
+                        "datapath": path,
+                    }
+                )
+        return {
+            "version": __version__,
+            "protocol": f"weft {PROTOCOL_MIN}..{PROTOCOL_MAX}",
+            "ready": self.ready,
+            "name": format_name(self.ourself.name),
+            "nickname": self.ourself.nickname,
+            "uid": self.ourself.uid,
+            "encryption": "enabled" if self.secrets else "disabled",
+            "secrets": len(self.secrets),
+            "discovery": c.discovery,
+            "listen": c.listen,
+            "advertise": c.advertise,
+            "peers": self.router.peers_status(),
+            "connections": connections,
+            "targets": self.maker.status(),
+        }

@@ -1,0 +1,96 @@
+"""Human-readable status, laid out like the status of the routers operators already know."""
+
+from __future__ import annotations
+
+
+def _field(label: str, value: object) -> str:
+    return f"{label:>15}: {value}"
+
+
+def summary(s: dict) -> str:
+    established = [c for c in s["connections"] if c["state"] == "established"]
+    pending = [c for c in s["connections"] if c["state"] == "pending"]
+    targets = s["targets"]
+    failing = [t for t in targets if t["state"] in ("retrying", "failed")]
+    conn_parts = [f"{len(established)} established"]
+    if pending:
+        conn_parts.append(f"{len(pending)} pending")
+    for state in ("connecting", "retrying", "failed"):
+        n = sum(1 for t in targets if t["state"] == state)
+        if n:
+            conn_parts.append(f"{n} {state}")
+    peer_links = sum(len(p["connections"]) for p in s["peers"])
+    encryption = (
+        f"enabled ({s['secrets']} secret{'s' if s['secrets'] != 1 else ''})"
+        if s["encryption"] == "enabled"
+        else "disabled"
+    )
+    lines = [
+        _field("Version", s["version"]),
+        "",
+        _field("Service", "router"),
+        _field("Protocol", s["protocol"]),
+        _field("Name", f"{s['name']}({s['nickname']})"),
+        _field("Encryption", encryption),
+        _field("PeerDiscovery", "enabled" if s["discovery"] else "disabled"),
+        _field("Targets", sum(1 for t in targets if t["origin"] != "discovered")),
+        _field("Connections", f"{len(established) + len(pending) + len(failing)} ({', '.join(conn_parts)})"),
+        _field("Peers", f"{len(s['peers'])} (with {peer_links} established connections)"),
+    ]
+    paths = [c["datapath"]["path"] for c in s["connections"] if c.get("datapath")]
+    if paths:
+        counts = ", ".join(f"{paths.count(p)} {p}" for p in ("fast", "sleeve", "relay", "down") if p in paths)
+        lines.append(_field("DataPath", counts))
+    return "\n".join(lines)
+
+
+def peers(s: dict) -> str:
+    lines = []
+    for p in s["peers"]:
+        lines.append(f"{p['name']}({p['nickname']})")
+        for c in p["connections"]:
+            arrow = "->" if c["outbound"] else "<-"
+            state = "established" if c["established"] else "pending"
+            lines.append(f"   {arrow} {c['address']:<21} {c['peer']}({c['nickname']}) {state}")
+    return "\n".join(lines)
+
+
+def connections(s: dict) -> str:
+    """One line per connection: its control state, then the data path it carries traffic on and why."""
+    lines = []
+    for c in s["connections"]:
+        arrow = {True: "->", False: "<-"}.get(c["outbound"], "..")
+        enc = "encrypted" if c["encrypted"] else "unencrypted"
+        who = f"{c['peer']}({c['nickname']})" if c["peer"] else ""
+        address = c["address"] or "-"
+        dp = c.get("datapath")
+        if dp:
+            path = f"{dp['path']:<6} {'encrypted' if dp['encrypted'] else 'plain':<9} mtu={dp['mtu']}"
+            why = f"via {dp['via']}" if dp.get("via") else ""
+            if dp["reason"] and dp["path"] != "fast":
+                why = f"{why}; {dp['reason']}" if why else dp["reason"]
+            lines.append(f"{arrow} {address:<21} {c['state']:<11} {path} {who} {why}".rstrip())
+        else:
+            lines.append(f"{arrow} {address:<21} {c['state']:<11} {enc:<11} {who} {c['info']}".rstrip())
+    for t in s["targets"]:
+        if t["state"] in ("connecting", "retrying", "failed"):
+            detail = t["last_error"] or ""
+            if t["state"] == "failed" and t["next_try"] is not None:
+                detail += f", retry in {t['next_try']:.0f}s"
+            lines.append(f"-> {t['address']:<21} {t['state']:<11} {detail}".rstrip())
+    return "\n".join(lines)
+
+
+def targets(s: dict) -> str:
+    lines = []
+    for t in s["targets"]:
+        detail = ""
+        if t["last_error"]:
+            detail = t["last_error"]
+        if t["next_try"] is not None and t["state"] not in ("connected", "connecting"):
+            detail += f" (next try in {t['next_try']:.1f}s)"
+        lines.append(f"{t['address']:<21} {t['origin']:<10} {t['state']:<10} {detail}".rstrip())
+    return "\n".join(lines)
+
+
+SECTIONS = {"peers": peers, "connections": connections, "targets": targets}

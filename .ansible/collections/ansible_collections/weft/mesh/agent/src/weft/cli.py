@@ -1,0 +1,255 @@
+"""The ``weft`` command: run the agent, and talk to a running one through its local API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from weft import __version__
+from weft.api import render
+from weft.api.client import DEFAULT_SOCKET, ApiError, Client
+from weft.config import ConfigError, load_config
+from weft.store import StoreError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--api-socket",
+    envvar="WEFT_API_SOCKET",
+    default=DEFAULT_SOCKET,
+    show_default=True,
+    help="The agent's API socket (also WEFT_API_SOCKET).",
+)
+@click.version_option(__version__, prog_name="weft")
+@click.pass_context
+def main(ctx: click.Context, api_socket: str) -> None:
+    """Weft: an encrypted overlay mesh for hybrid clouds.
+
+    `weft run` is the agent (one per host, usually started by systemd). The other commands talk to the
+    agent on this host through its API socket.
+    """
+    ctx.obj = Client(api_socket)
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    envvar="WEFT_CONFIG",
+    help="Config file (default /etc/weft/weft.yaml if it exists; also WEFT_CONFIG).",
+)
+@click.option("--name", help="Peer name, like 02:1f:aa:00:00:01. Default: made once, kept in the state dir.")
+@click.option("--nickname", help="Human-friendly peer name. Default: the hostname.")
+@click.option("--listen", help="Control address HOST:PORT. Default 0.0.0.0:6783.")
+@click.option("--advertise", help="HOST[:PORT] other peers should dial to reach this one (NAT, public IP).")
+@click.option("--peer", "peers", multiple=True, help="A peer to connect to, HOST[:PORT]. Repeatable.")
+@click.option(
+    "--secret-file",
+    "secret_files",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="File (mode 0600) holding a mesh secret. Repeatable: the first is offered, all accepted.",
+)
+@click.option("--state-dir", type=click.Path(path_type=Path), help="State directory. Default /var/lib/weft.")
+@click.option(
+    "--api-socket",
+    "run_api_socket",
+    type=click.Path(path_type=Path),
+    help="Where to serve the control API. Default /run/weft/weft.sock.",
+)
+@click.option("--metrics-addr", help="HOST:PORT for /metrics and read-only /status. Default 127.0.0.1:6782.")
+@click.option(
+    "--no-discovery",
+    is_flag=True,
+    default=None,
+    help="Only connect to configured peers; do not dial peers learned from gossip.",
+)
+@click.option("--resume", is_flag=True, default=None, help="Also connect to the targets kept in the state dir.")
+@click.option(
+    "--datapath/--no-datapath", default=None, help="Run the data plane (bridge, fast path, sleeve). Default on."
+)
+@click.option("--bridge", help="Bridge name (its devices are named after it). Default weft.")
+@click.option("--vxlan-port", type=int, help="UDP port of the kernel fast path (VXLAN). Default 6784.")
+@click.option("--mtu", type=int, help="Overlay MTU given to containers. Default 1376.")
+@click.option(
+    "--trusted-subnet",
+    "trusted_subnets",
+    multiple=True,
+    help="Underlay subnet (CIDR) whose peers need no encryption: they use the fast path. Repeatable.",
+)
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Default info.")
+def run(config_path: Path | None, **flags: object) -> None:
+    """Run the agent in the foreground until SIGTERM; SIGHUP re-reads peers and secrets.
+
+    Every flag can also be set in the config file (same name, underscores) or as WEFT_<NAME>.
+    """
+    flags["api_socket"] = flags.pop("run_api_socket")
+    if flags.pop("no_discovery"):
+        flags["discovery"] = False
+    try:
+        config = load_config(config_path, os.environ, flags)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    logging.basicConfig(
+        level=config.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug output is every netlink message
+
+    from weft.agent import Agent
+
+    try:
+        agent = Agent(config, lambda: load_config(config_path, os.environ, flags))
+        asyncio.run(agent.run())
+    except (ConfigError, StoreError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.argument("section", required=False, type=click.Choice(list(render.SECTIONS)))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def status(client: Client, section: str | None, as_json: bool) -> None:
+    """Show the agent's status, or one section of it: peers, connections or targets."""
+    data = _call(client.status)
+    if as_json:
+        click.echo(json.dumps(data[section] if section else data, indent=2))
+    else:
+        click.echo(render.SECTIONS[section](data) if section else render.summary(data))
+
+
+@main.command()
+@click.argument("addresses", nargs=-1, required=True)
+@click.option("--replace", is_flag=True, help="Make these the only direct targets.")
+@click.pass_obj
+def connect(client: Client, addresses: tuple[str, ...], replace: bool) -> None:
+    """Add peers HOST[:PORT] to connect to (kept across restarts with --resume)."""
+    result = _call(lambda: client.connect(list(addresses), replace))
+    click.echo(f"targets: {' '.join(result['targets'])}")
+
+
+@main.command()
+@click.argument("addresses", nargs=-1, required=True)
+@click.pass_obj
+def forget(client: Client, addresses: tuple[str, ...]) -> None:
+    """Stop connecting to peers HOST[:PORT] (an established connection stays until it ends)."""
+    result = _call(lambda: client.forget(list(addresses)))
+    click.echo(f"forgotten: {' '.join(result['forgotten']) or 'none (they were not targets)'}")
+
+
+def _container_options(fn):
+    fn = click.option("--ifname", default="ethwe", show_default=True, help="Interface name inside the container.")(fn)
+    fn = click.option("--pid", type=int, help="A process in the container's network namespace.")(fn)
+    fn = click.option("--netns", help="The container's network namespace (a name from `ip netns list`).")(fn)
+    return fn
+
+
+def _overlay(client: Client, action: str, body: dict) -> None:
+    result = _call(lambda: client.request("POST", f"/{action}", body))
+    if not result["changed"]:
+        click.echo(f"{action}: nothing to do")
+    elif action == "attach":
+        click.echo(f"attached {result['interface']} ({result['mac']}): {' '.join(result['addresses'])}")
+    else:
+        click.echo(f"{action}: {' '.join(result['addresses']) or 'done'}")
+
+
+@main.command()
+@_container_options
+@click.argument("cidrs", nargs=-1, required=True)
+@click.pass_obj
+def attach(client: Client, netns: str | None, pid: int | None, ifname: str, cidrs: tuple[str, ...]) -> None:
+    """Put a container on the overlay with the given addresses (CIDR, like 10.32.0.5/12).
+
+    Makes a veth pair: one end on the weft bridge, the other (ethwe) in the container with the
+    addresses, the overlay MTU and a route for multicast (224.0.0.0/4). Running it again changes nothing.
+    """
+    _overlay(client, "attach", {"netns": netns, "pid": pid, "ifname": ifname, "cidrs": list(cidrs)})
+
+
+@main.command()
+@_container_options
+@click.argument("cidrs", nargs=-1)
+@click.pass_obj
+def detach(client: Client, netns: str | None, pid: int | None, ifname: str, cidrs: tuple[str, ...]) -> None:
+    """Take addresses off a container; with no CIDR (or once none remain) remove its overlay interface."""
+    _overlay(client, "detach", {"netns": netns, "pid": pid, "ifname": ifname, "cidrs": list(cidrs)})
+
+
+@main.command()
+@click.argument("cidrs", nargs=-1, required=True)
+@click.pass_obj
+def expose(client: Client, cidrs: tuple[str, ...]) -> None:
+    """Give this host itself addresses on the overlay (on the weft bridge)."""
+    _overlay(client, "expose", {"cidrs": list(cidrs)})
+
+
+@main.command()
+@click.argument("cidrs", nargs=-1, required=True)
+@click.pass_obj
+def hide(client: Client, cidrs: tuple[str, ...]) -> None:
+    """Remove addresses that `weft expose` gave this host."""
+    _overlay(client, "hide", {"cidrs": list(cidrs)})
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), envvar="WEFT_CONFIG", help="Config file.")
+@click.option("--bridge", help="The bridge to remove (default: from the config, else weft).")
+@click.option("--state-dir", type=click.Path(path_type=Path), help="Also remove this state dir (default: keep it).")
+@click.pass_obj
+def reset(client: Client, config_path: Path | None, bridge: str | None, state_dir: Path | None) -> None:
+    """Remove this host's overlay: containers' interfaces, the bridge, the fast-path and sleeve devices.
+
+    Refuses while the agent runs (stop it first: systemctl stop weft). Traffic between containers stops.
+    """
+    try:
+        client.status()
+    except ApiError:
+        pass
+    else:
+        raise click.ClickException("the agent is running: stop it first (systemctl stop weft), then run weft reset")
+    try:
+        config = load_config(config_path, os.environ, {"bridge": bridge})
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    from weft.datapath.attach import reset as reset_devices
+    from weft.datapath.netdev import NetDev
+    from weft.datapath.plane import device_names
+
+    vxlan, tap = device_names(config.bridge, config.vxlan_port)
+    nd = NetDev()
+    try:
+        removed = reset_devices(nd, bridge=config.bridge, vxlan=vxlan, tap=tap)
+    finally:
+        nd.close()
+    click.echo(f"removed: {' '.join(removed)}" if removed else "nothing to remove")
+    if state_dir is not None and state_dir.is_dir():
+        import shutil
+
+        shutil.rmtree(state_dir)
+        click.echo(f"removed state dir {state_dir}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, default=True, help="JSON output (the only format).")
+@click.pass_obj
+def report(client: Client, as_json: bool) -> None:
+    """Everything the agent knows, as JSON: for support requests and scripts."""
+    click.echo(json.dumps(_call(lambda: client.request("GET", "/report")), indent=2))
+
+
+def _call(fn):
+    try:
+        return fn()
+    except ApiError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+if __name__ == "__main__":
+    main()

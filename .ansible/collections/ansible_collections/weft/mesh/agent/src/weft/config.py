@@ -1,0 +1,204 @@
+"""Agent configuration: defaults, then /etc/weft/weft.yaml, then WEFT_* variables, then flags.
+
+Every problem is reported as one ConfigError naming the setting, what was wrong and where it came
+from, so an operator can fix it without reading code. Secrets are never part of the config itself:
+it names files, and the files must be private (mode 0600).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from weft.mesh.connection_maker import AddressError, normalize_address
+from weft.mesh.peer import PeerNameError, parse_name
+
+DEFAULT_CONFIG = Path("/etc/weft/weft.yaml")
+ENV_PREFIX = "WEFT_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the operator."""
+
+
+class AgentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    nickname: str | None = None
+    listen: str = "0.0.0.0:6783"
+    advertise: str | None = None
+    peers: list[str] = Field(default_factory=list)
+    secret_files: list[Path] = Field(default_factory=list)
+    state_dir: Path = Path("/var/lib/weft")
+    api_socket: Path = Path("/run/weft/weft.sock")
+    metrics_addr: str = "127.0.0.1:6782"
+    discovery: bool = True
+    resume: bool = False
+    log_level: str = "info"
+    # The data plane.
+    datapath: bool = True
+    bridge: str = "weft"
+    vxlan_port: int = Field(6784, ge=1, le=65535)
+    mtu: int = Field(1376, ge=576, le=9000)
+    trusted_subnets: list[str] = Field(default_factory=list)
+    # Tuning; the defaults suit data centres and clouds alike.
+    heartbeat_interval: float = Field(5.0, gt=0)
+    read_timeout: float = Field(20.0, gt=0)
+    handshake_timeout: float = Field(5.0, gt=0)
+    dial_timeout: float = Field(3.0, gt=0)
+    gossip_interval: float = Field(30.0, gt=0)
+    max_backoff: float = Field(30.0, gt=0)
+    conn_limit: int = Field(100, ge=1)
+    accept_rate: float = Field(20.0, gt=0)
+    accept_burst: int = Field(20, ge=1)
+    path_interval: float = Field(1.0, gt=0)  # data-path heartbeats and probes; a path is down after 3 missed
+
+    @field_validator("bridge")
+    @classmethod
+    def _bridge(cls, value: str) -> str:
+        if not value or len(value) > 10 or not all(c.isalnum() or c in "-_" for c in value):
+            raise ValueError("must be 1-10 letters, digits, '-' or '_' (device names derive from it)")
+        return value
+
+    @field_validator("trusted_subnets")
+    @classmethod
+    def _subnets(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not a subnet in CIDR notation (like 10.0.0.0/8)") from None
+        return value
+
+    def trusted_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(c, strict=False) for c in self.trusted_subnets]
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_name(value)
+        return value
+
+    @field_validator("listen", "metrics_addr")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        split_host_port(value)
+        return value
+
+    @field_validator("advertise")
+    @classmethod
+    def _advertise(cls, value: str | None) -> str | None:
+        return normalize_address(value) if value else None
+
+    @field_validator("peers")
+    @classmethod
+    def _peers(cls, value: list[str]) -> list[str]:
+        return [normalize_address(p) for p in value]
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        if value.lower() not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return value.lower()
+
+    def listen_host_port(self) -> tuple[str, int]:
+        return split_host_port(self.listen)
+
+    def metrics_host_port(self) -> tuple[str, int]:
+        return split_host_port(self.metrics_addr)
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[V6]:PORT``) into parts; the port is required."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """WEFT_* variables; list settings take comma- or space-separated values."""
+    values: dict[str, Any] = {}
+    aliases = {"peer": "peers", "secret_file": "secret_files", "trusted_subnet": "trusted_subnets"}
+    for key, raw in env.items():
+        if not key.startswith(ENV_PREFIX) or key == "WEFT_CONFIG":
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        name = aliases.get(name, name)
+        if name not in AgentConfig.model_fields:
+            continue
+        if name in ("peers", "secret_files", "trusted_subnets"):
+            values[name] = [v for v in raw.replace(",", " ").split() if v]
+        elif name in ("discovery", "datapath") and raw.lower() in ("0", "false", "no", "off"):
+            values[name] = False
+        else:
+            values[name] = raw
+    return values
+
+
+def load_config(path: Path | None, env: Mapping[str, str], flags: Mapping[str, Any]) -> AgentConfig:
+    """Layer the sources (file < environment < flags) and validate the result."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    file = path or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    if file is not None:
+        source = str(file)
+        try:
+            loaded = yaml.safe_load(file.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {file} does not exist") from None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config file {file}: {exc}") from None
+        if not isinstance(loaded, dict) or not all(isinstance(k, str) for k in loaded):
+            raise ConfigError(f"config file {file} must be a YAML mapping of setting names to values")
+        data.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    data.update(_from_env(env))
+    data.update({k: v for k, v in flags.items() if v is not None and v != () and v != []})
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {_clean(err['msg'])}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration (from {source}, WEFT_* variables and flags): {problems}") from None
+    except (AddressError, PeerNameError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _clean(message: str) -> str:
+    return message.removeprefix("Value error, ")
+
+
+def read_secrets(files: list[Path]) -> list[bytes]:
+    """Read mesh secrets from files that only their owner can read; the first is the one offered."""
+    secrets = []
+    for file in files:
+        try:
+            info = file.stat()
+        except OSError as exc:
+            raise ConfigError(f"cannot read secret file {file}: {exc.strerror}") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"secret file {file} is not a regular file")
+        if info.st_mode & 0o077:
+            raise ConfigError(
+                f"secret file {file} is readable by others (mode {stat.S_IMODE(info.st_mode):04o}); "
+                f"run: chmod 600 {file}"
+            )
+        try:
+            secret = file.read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read secret file {file}: {exc.strerror}") from None
+        if len(secret) < 8:
+            raise ConfigError(f"secret file {file} holds fewer than 8 bytes; use a long random secret")
+        secrets.append(secret)
+    return secrets

@@ -1,0 +1,249 @@
+"""Containers and the host on the overlay: a veth pair per container, addresses on the bridge for the host.
+
+Every call is idempotent and reports whether it changed anything, so `weft attach` can be re-run (and Ansible can
+show a diff). The container is named by a netns name or by a PID; the host-side veth name is derived from the
+container's network namespace (its inode) and the interface name, so attaching by name or by any PID inside the
+same namespace finds the same pair.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from weft.datapath.netdev import Link, NetDev, NetDevError
+
+__all__ = ["MULTICAST_ROUTE", "AttachError", "Attachment", "attach", "detach", "expose", "hide", "host_ifname", "reset"]
+
+NETNS_RUN_DIR = "/var/run/netns"
+MULTICAST_ROUTE = "224.0.0.0/4"  # multicast leaves the container over the overlay, not a default route
+HOST_PREFIX = "vwe"
+HOST_HASH_CHARS = 8
+IFNAMSIZ = 15  # usable characters in a Linux interface name
+
+
+class AttachError(Exception):
+    """One line saying what is wrong and what to do."""
+
+
+@dataclass
+class Attachment:
+    host_ifname: str  # veth end on the bridge
+    ifname: str  # end inside the container
+    mac: str  # MAC of the container end
+    addresses: list[str]  # CIDRs now on it
+    changed: bool  # False when the call changed nothing
+
+
+def _parse_cidrs(cidrs: Sequence[str]) -> list[str]:
+    """Normalised CIDRs ("10.0.0.1/24"); an address without a prefix length is refused, not guessed."""
+    out: list[str] = []
+    for cidr in cidrs:
+        try:
+            if "/" not in cidr:
+                raise ValueError
+            iface = ipaddress.ip_interface(cidr)
+        except ValueError:
+            raise AttachError(f"invalid CIDR {cidr!r}: expected ADDRESS/PREFIXLEN, e.g. 10.32.0.5/12") from None
+        if str(iface) not in out:
+            out.append(str(iface))
+    return out
+
+
+def _check_identity(netns: str | None, pid: int | None) -> None:
+    if (netns is None) == (pid is None):
+        raise AttachError("name the container by exactly one of netns or pid")
+
+
+def _netns_path(netns: str | None, pid: int | None) -> str:
+    _check_identity(netns, pid)
+    if netns is not None:
+        if not netns or "/" in netns or netns in (".", ".."):
+            raise AttachError(f"invalid network namespace name {netns!r}")
+        path = f"{NETNS_RUN_DIR}/{netns}"
+        if not os.path.exists(path):
+            raise AttachError(f"no network namespace named {netns!r} (see: ip netns list)")
+        return path
+    if not isinstance(pid, int) or pid <= 0:
+        raise AttachError(f"invalid pid {pid!r}")
+    path = f"/proc/{pid}/ns/net"
+    if not os.path.exists(path):
+        raise AttachError(f"no process with pid {pid} (has the container exited?)")
+    return path
+
+
+def _same_netns(path: str, nd: NetDev) -> bool:
+    st, mine = os.stat(path), os.stat(nd.netns_path)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def host_ifname(netns_path: str, ifname: str) -> str:
+    """Deterministic host-side name: "vwe" + 8 hex digits of the namespace identity and the container ifname."""
+    st = os.stat(netns_path)
+    digest = hashlib.sha256(f"{st.st_dev}:{st.st_ino}:{ifname}".encode()).hexdigest()
+    return f"{HOST_PREFIX}{digest[:HOST_HASH_CHARS]}"
+
+
+def _require_bridge(nd: NetDev, bridge: str) -> Link:
+    link = nd.link(bridge)
+    if link is None:
+        raise AttachError(f"bridge {bridge!r} does not exist: is the agent running?")
+    if link.kind != "bridge":
+        raise AttachError(f"{bridge!r} is a {link.kind or 'plain device'}, not a bridge: check the bridge name")
+    return link
+
+
+@contextmanager
+def _container(path: str) -> Iterator[NetDev]:
+    try:
+        cnd = NetDev(path)
+    except NetDevError as e:
+        raise AttachError(f"cannot enter the container's network namespace: {e}") from None
+    try:
+        yield cnd
+    finally:
+        cnd.close()
+
+
+def _peer(nd: NetDev, cnd: NetDev, host: str, ifname: str) -> tuple[Link | None, Link | None]:
+    """(host end, container end); the container end only if it really is the host end's peer."""
+    h = nd.link(host)
+    c = cnd.link(ifname)
+    if h is None or c is None or h.kind != "veth" or c.kind != "veth":
+        return h, None
+    if h.peer_index != c.index or c.peer_index != h.index:
+        return h, None
+    return h, c
+
+
+def attach(
+    nd: NetDev,
+    *,
+    bridge: str,
+    cidrs: list[str],
+    mtu: int,
+    netns: str | None = None,
+    pid: int | None = None,
+    ifname: str = "ethwe",
+) -> Attachment:
+    """Put a container on the bridge: veth pair, CIDRs, MTU and the multicast route; adds only what is missing."""
+    wanted = _parse_cidrs(cidrs)
+    if not ifname or len(ifname) > IFNAMSIZ or "/" in ifname or " " in ifname:
+        raise AttachError(f"invalid interface name {ifname!r} (1-15 characters, no '/' or spaces)")
+    _require_bridge(nd, bridge)
+    path = _netns_path(netns, pid)
+    if _same_netns(path, nd):
+        raise AttachError("that network namespace is the host's own: use expose to put the host on the overlay")
+    host = host_ifname(path, ifname)
+    try:
+        with _container(path) as cnd:
+            h, c = _peer(nd, cnd, host, ifname)
+            changed = False
+            if c is None:
+                if cnd.link(ifname) is not None:
+                    raise AttachError(
+                        f"the container already has an interface {ifname!r} that weft did not create: "
+                        "remove it or attach with another ifname"
+                    )
+                if h is not None:
+                    nd.delete_link(host)  # a half-made or stale pair: start again
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    nd.add_veth(host, peer=ifname, peer_netns_fd=fd, mtu=mtu)
+                finally:
+                    os.close(fd)
+                changed = True
+            changed |= nd.set_link(host, mtu=mtu, master=bridge, up=True)
+            changed |= cnd.set_link(ifname, mtu=mtu, up=True)
+            for cidr in wanted:
+                changed |= cnd.address_add(ifname, cidr)
+            changed |= cnd.ensure_route(MULTICAST_ROUTE, ifname)
+            link = cnd.link(ifname)
+            if link is None:
+                raise AttachError(f"{ifname!r} vanished from the container while attaching; retry")
+            return Attachment(host, ifname, link.mac, cnd.addresses(ifname), changed)
+    except NetDevError as e:
+        raise AttachError(str(e)) from None
+
+
+def detach(
+    nd: NetDev,
+    *,
+    bridge: str,
+    cidrs: Sequence[str] = (),
+    netns: str | None = None,
+    pid: int | None = None,
+    ifname: str = "ethwe",
+) -> Attachment | None:
+    """Remove CIDRs (the pair goes when none remain), or the whole pair; None when nothing was attached.
+
+    A container (or namespace) that no longer exists counts as not attached: its veth died with it.
+    """
+    drop = _parse_cidrs(cidrs)
+    _check_identity(netns, pid)
+    try:
+        path = _netns_path(netns, pid)
+    except AttachError:
+        return None
+    if nd.link(bridge) is None:
+        return None
+    host = host_ifname(path, ifname)
+    try:
+        with _container(path) as cnd:
+            h, c = _peer(nd, cnd, host, ifname)
+            if h is None:
+                return None
+            if c is None:  # our host end without its container end: just clean it up
+                nd.delete_link(host)
+                return Attachment(host, ifname, "", [], True)
+            changed = False
+            for cidr in drop:
+                changed |= cnd.address_del(ifname, cidr)
+            remaining = cnd.addresses(ifname)
+            if not drop or not remaining:
+                changed |= nd.delete_link(host)
+                remaining = []
+            return Attachment(host, ifname, c.mac, remaining, changed)
+    except NetDevError as e:
+        raise AttachError(str(e)) from None
+
+
+def expose(nd: NetDev, *, bridge: str, cidrs: list[str]) -> list[str]:
+    """Give the bridge device addresses so the host itself joins the overlay; returns those added."""
+    wanted = _parse_cidrs(cidrs)
+    _require_bridge(nd, bridge)
+    try:
+        return [cidr for cidr in wanted if nd.address_add(bridge, cidr)]
+    except NetDevError as e:
+        raise AttachError(str(e)) from None
+
+
+def hide(nd: NetDev, *, bridge: str, cidrs: list[str]) -> list[str]:
+    """Take addresses off the bridge device; returns those removed (none if the bridge is gone)."""
+    drop = _parse_cidrs(cidrs)
+    if nd.link(bridge) is None:
+        return []
+    try:
+        return [cidr for cidr in drop if nd.address_del(bridge, cidr)]
+    except NetDevError as e:
+        raise AttachError(str(e)) from None
+
+
+def reset(nd: NetDev, *, bridge: str, vxlan: str, tap: str) -> list[str]:
+    """Delete the containers' veths on the bridge, the vxlan, the tap and the bridge; returns what was deleted."""
+    deleted: list[str] = []
+    try:
+        for port in nd.bridge_ports(bridge):
+            link = nd.link(port)
+            if link is not None and link.kind == "veth" and nd.delete_link(port):
+                deleted.append(port)
+        for name in (vxlan, tap, bridge):
+            if nd.delete_link(name):
+                deleted.append(name)
+    except NetDevError as e:
+        raise AttachError(str(e)) from None
+    return deleted

@@ -1,0 +1,95 @@
+"""Kernel forwarding state: which remote MAC goes out of which bridge port, and where VXLAN sends it.
+
+The agent computes the whole desired state from the MAC table and the path choices, then changes
+only the entries that differ, so re-applying is free and a restarted agent leaves working entries
+alone. While an agent warms up after a restart it only adds: it does not yet know every peer's
+MACs, and deleting what it has not heard of would cut traffic that the kernel still carries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from weft.datapath.netdev import NetDev
+
+ZERO_MAC = "00:00:00:00:00:00"
+
+
+def mac_str(mac: bytes) -> str:
+    return mac.hex(":")
+
+
+@dataclass
+class FdbState:
+    vxlan: dict[str, set[str]] = field(default_factory=dict)  # MAC -> underlay IPs (VXLAN's own FDB)
+    bridge: dict[str, str] = field(default_factory=dict)  # MAC -> bridge port (static entries)
+
+
+def desired_state(
+    *,
+    fast_ips: Mapping[int, str],
+    sleeve_peers: set[int] | frozenset[int],
+    owner: Mapping[bytes, int],
+    ourself: int,
+    own_static: Mapping[bytes, str],
+    vxlan: str,
+    tap: str,
+) -> FdbState:
+    """Remote MACs of fast peers go to the VXLAN port, those of sleeve/relayed peers to the TAP.
+
+    Flooded frames (broadcast, multicast, unknown unicast) go to every fast peer through all-zero
+    entries; the sleeve carries them to the rest along the broadcast tree.
+    """
+    state = FdbState()
+    if fast_ips:
+        state.vxlan[ZERO_MAC] = set(fast_ips.values())
+    for mac, peer in owner.items():
+        if peer == ourself:
+            continue
+        if peer in fast_ips:
+            state.vxlan[mac_str(mac)] = {fast_ips[peer]}
+            state.bridge[mac_str(mac)] = vxlan
+        elif peer in sleeve_peers:
+            state.bridge[mac_str(mac)] = tap
+    for mac, port in own_static.items():
+        state.bridge[mac_str(mac)] = port
+    return state
+
+
+def apply(nd: NetDev, *, bridge: str, vxlan: str, tap: str, want: FdbState, delete: bool) -> int:
+    """Make the kernel match ``want``; returns the number of entries changed.
+
+    Only entries on our own ports (VXLAN and TAP) are ever removed: an operator's static entries on
+    other ports are not ours to touch.
+    """
+    changes = 0
+    have_vx = nd.vxlan_fdb(vxlan)
+    for mac, dsts in want.vxlan.items():
+        current = have_vx.get(mac, set())
+        for dst in sorted(dsts - current):
+            nd.vxlan_fdb_add(vxlan, mac, dst)
+            changes += 1
+        if delete and mac == ZERO_MAC:
+            for dst in sorted(current - dsts):
+                nd.vxlan_fdb_del(vxlan, mac, dst)
+                changes += 1
+    if delete:
+        for mac, dsts in have_vx.items():
+            if mac not in want.vxlan:
+                for dst in sorted(dsts):
+                    nd.vxlan_fdb_del(vxlan, mac, dst)
+                    changes += 1
+    have_br = nd.bridge_fdb(bridge)
+    for mac, port in want.bridge.items():
+        if have_br.get(mac) != port:
+            nd.bridge_fdb_set(bridge, mac, port)
+            changes += 1
+    if delete:
+        for mac, port in have_br.items():
+            if mac not in want.bridge and port in (vxlan, tap):
+                nd.bridge_fdb_del(bridge, mac, port)
+                changes += 1
+    return changes

@@ -1,0 +1,433 @@
+"""The data plane's controller: turns the mesh's view into kernel state and sleeve tables.
+
+It runs on the agent's event loop and never touches packets. Inputs: the router's connections and
+routes, the ``macs`` gossip channel, this bridge's MACs (netlink), and the heartbeats and probes the
+sleeve's data thread hands over. Outputs: FDB entries for the kernel fast path, ``Forwarding`` tables
+for the sleeve, status rows and metrics. Stopping leaves every kernel object in place, so traffic on
+the fast path keeps flowing while the agent restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from weft.datapath import fdb
+from weft.datapath.macs import MacTable
+from weft.datapath.paths import FAST, PATHS, RELAY, PathState, ladder, trusted
+from weft.datapath.probe import ETHERTYPE, build_probe, parse_probe
+from weft.mesh.codec import DecodeError, expect, pack, unpack
+from weft.mesh.peer import format_name
+
+if TYPE_CHECKING:
+    from weft.config import AgentConfig
+    from weft.datapath.netdev import NetDev
+    from weft.datapath.sleeve import Sleeve, SleeveStats
+    from weft.mesh.router import Router
+    from weft.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+MACS = "macs"
+VNI = 0x5746  # one overlay per mesh; the bridge keeps hosts apart, not VNIs
+DEAD_AFTER = 3  # heartbeat intervals without news before a path counts as down
+WARMUP_AFTER = 4  # intervals after start before we remove kernel state we did not write this run
+PMTU_EVERY = 5  # intervals between path-MTU probe rounds, after one each for the first three
+SLEEVE_OVERHEAD = 80  # Ethernet, virtio header, sleeve header and AEAD tag, per datagram (upper bound)
+
+
+def device_names(bridge: str, vxlan_port: int) -> tuple[str, str]:
+    """The VXLAN and TAP device names that go with a bridge."""
+    return f"vxlan-{vxlan_port}", f"{bridge}-tap"
+
+
+class DataPlane:
+    def __init__(self, config: AgentConfig, router: Router, metrics: Metrics) -> None:
+        self.config = config
+        self.router = router
+        self.metrics = metrics
+        self.ourself = router.ourself.name
+        self.bridge = config.bridge
+        self.vxlan, self.tap = device_names(config.bridge, config.vxlan_port)
+        self.udp_port = config.listen_host_port()[1]
+        self.interval = config.path_interval
+        self.dead = DEAD_AFTER * config.path_interval
+        self.trusted = config.trusted_networks()
+        self.paths: dict[int, PathState] = {}
+        self.relayed: dict[int, int] = {}  # peer -> next hop, for peers with no usable direct path
+        self.macs = MacTable(self.ourself, self._changed)
+        self.nd: NetDev | None = None
+        self.sleeve: Sleeve | None = None
+        self.stats: SleeveStats | None = None
+        self._watcher: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._recompute_handle: asyncio.Handle | None = None
+        self._started_at = 0.0
+        self._probe_sock: socket.socket | None = None
+        self._adopted_fast: set[str] = set()  # peer IPs the kernel already sent to fast when we started
+        self._channel = router.new_channel(MACS, self.macs)
+        router.topology_listeners.append(self._changed)
+        router.peer_gone_listeners.append(lambda entry: self.macs.forget(entry.name))
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        from weft.datapath.macwatch import MacWatcher
+        from weft.datapath.netdev import NetDev
+        from weft.datapath.sleeve import Sleeve, SleeveStats
+
+        self._loop = asyncio.get_running_loop()
+        self._started_at = time.monotonic()
+        c = self.config
+        self.nd = NetDev()
+        self.nd.ensure_bridge(self.bridge, c.mtu)
+        self.nd.ensure_vxlan(self.vxlan, bridge=self.bridge, vni=VNI, port=c.vxlan_port, mtu=c.mtu)
+        self.nd.ensure_tap(self.tap, bridge=self.bridge, mtu=c.mtu)
+        self._adopted_fast = set(self.nd.vxlan_fdb(self.vxlan).get(fdb.ZERO_MAC, set()))
+        if self._adopted_fast:
+            log.info("kept the kernel fast path to %d peer(s) from the last run", len(self._adopted_fast))
+        self.stats = SleeveStats()
+        self.sleeve = Sleeve(
+            self.ourself,
+            tap=self.tap,
+            listen=(c.listen_host_port()[0], self.udp_port),
+            on_control=self._from_thread(self._on_control),
+            on_probe=lambda frame: None,  # probes never reach the TAP: see _open_probe_socket
+            stats=self.stats,
+        )
+        self.sleeve.start()
+        self._watcher = MacWatcher(
+            self.bridge, (self.vxlan, self.tap), self._from_thread(self._on_local_macs), settle=0.05
+        )
+        self._watcher.start()
+        self._open_probe_socket()
+        self._tick_handle = self._loop.call_later(0, self._tick)
+        log.info(
+            "data plane up: bridge %s, fast path %s (UDP %d), sleeve %s (UDP %d), MTU %d",
+            self.bridge,
+            self.vxlan,
+            c.vxlan_port,
+            self.tap,
+            self.udp_port,
+            c.mtu,
+        )
+
+    def _open_probe_socket(self) -> None:
+        """Fast-path probes arrive on the VXLAN device as link-local frames: read them off it."""
+        assert self._loop is not None
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
+        sock.bind((self.vxlan, ETHERTYPE))
+        sock.setblocking(False)
+        self._probe_sock = sock
+        self._loop.add_reader(sock.fileno(), self._read_probes)
+
+    def _read_probes(self) -> None:
+        assert self._probe_sock is not None
+        now = time.monotonic()
+        for _ in range(256):
+            try:
+                frame = self._probe_sock.recv(2048)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("fast-path probe socket: %s", exc)
+                return
+            self._on_probe(frame, now)
+
+    def stop(self) -> None:
+        """Stop the threads; the bridge, devices and FDB entries stay for the next run."""
+        if self._probe_sock is not None and self._loop is not None:
+            self._loop.remove_reader(self._probe_sock.fileno())
+            self._probe_sock.close()
+        for handle in (self._tick_handle, self._recompute_handle):
+            if handle is not None:
+                handle.cancel()
+        if self._watcher is not None:
+            self._watcher.stop()
+        if self.sleeve is not None:
+            self.sleeve.stop()
+        if self.nd is not None:
+            self.nd.close()
+
+    def _from_thread(self, fn: Callable[..., None]) -> Callable[..., None]:
+        """Wrap a handler so the data and netlink threads can call it: it runs on the event loop."""
+        loop = self._loop
+        assert loop is not None
+
+        def call(*args: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed while the thread was finishing
+                loop.call_soon_threadsafe(fn, *args, time.monotonic())
+
+        return call
+
+    # -- inputs ------------------------------------------------------------------------------------
+
+    def _on_local_macs(self, macs: frozenset[str], now: float) -> None:
+        delta = self.macs.set_local(bytes.fromhex(m.replace(":", "")) for m in macs)
+        if delta is not None:
+            log.debug("local MACs now %s", ", ".join(sorted(macs)) or "none")
+            self._channel.broadcast(delta)
+            self._changed()
+
+    def _on_control(self, peer: int, addr: tuple[str, int], payload: bytes, size: int, now: float) -> None:
+        st = self.paths.get(peer)
+        if st is None:
+            return
+        st.last_heard = now
+        if addr != st.udp_addr:
+            log.info("peer %s: its UDP address is now %s:%d (learned from its heartbeat)", format_name(peer), *addr)
+            st.udp_addr = addr
+            self._changed()
+        try:
+            msg = expect(unpack(payload, "datapath"), dict, "datapath", "message")
+            if msg.get("t") == "pm":
+                st.max_rx_size = max(st.max_rx_size, size)
+            elif msg.get("t") == "hb":
+                st.on_heartbeat(
+                    now,
+                    bool(msg.get("tr")),
+                    _uint(msg.get("fs", 0)),
+                    _uint(msg.get("mx", 0)),
+                )
+        except DecodeError as exc:
+            self.metrics.decode_errors.labels(exc.kind).inc()
+            log.debug("bad data-path control message from %s: %s", format_name(peer), exc)
+
+    def _on_probe(self, frame: bytes, now: float) -> None:
+        parsed = parse_probe(frame)
+        if parsed is None:
+            return
+        sender, seq = parsed
+        st = self.paths.get(sender)
+        if st is not None and seq >= st.heard_fast_seq:
+            st.heard_fast_seq, st.heard_fast_at = seq, now
+
+    def _changed(self) -> None:
+        """Something the tables depend on changed: recompute soon, once for a burst of changes."""
+        if self._loop is not None and self._recompute_handle is None:
+            self._recompute_handle = self._loop.call_soon(self._recompute)
+
+    # -- heartbeats --------------------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        assert self._loop is not None
+        self._tick_handle = self._loop.call_later(self.interval, self._tick)
+        now = time.monotonic()
+        self._sync_neighbours(now)
+        sleeve = self.sleeve
+        assert sleeve is not None
+        changed = False
+        for st in self.paths.values():
+            hb = {"t": "hb", "tr": st.we_trust, "fs": st.heard_fast(now, self.dead), "mx": st.max_rx_size}
+            st.max_rx_size = 0
+            sleeve.send_control(st.peer, pack(hb))
+            st.ticks += 1
+            if st.ticks <= 3 or st.ticks % PMTU_EVERY == 0:
+                for size in ladder(st.route_mtu):
+                    sleeve.send_control(st.peer, pack({"t": "pm"}), pad_to=size - 28)
+            if st.fast_allowed() or not st.encrypted:
+                st.fast_seq += 1
+                probe = build_probe(VNI, self.ourself, st.fast_seq, self.config.mtu)
+                sleeve.send_raw((st.ip, self.config.vxlan_port), probe)
+            size = st.datagram_size()
+            if size != st.announced_size:
+                st.announced_size = size  # the sleeve must cut datagrams to the new size
+                changed = True
+                if st.pmtu() is not None:
+                    log.info("peer %s: path MTU %d", format_name(st.peer), st.pmtu())
+            if st.choose(now, self.dead, self.config.mtu, self.config.vxlan_port, self.udp_port):
+                log.info(
+                    "peer %s: data path now %s%s",
+                    format_name(st.peer),
+                    st.path or "down",
+                    f" ({st.reason})" if st.reason else "",
+                )
+                changed = True
+        if changed or self._warming_up_ended(now):
+            self._changed()
+
+    def _warming_up_ended(self, now: float) -> bool:
+        started = now - self._started_at
+        return WARMUP_AFTER * self.interval <= started < (WARMUP_AFTER + 1) * self.interval
+
+    def _sync_neighbours(self, now: float) -> None:
+        """One PathState per established control connection; a new connection brings new keys."""
+        conns = self.router.connections
+        for name in [n for n in self.paths if n not in conns]:
+            del self.paths[name]
+            self._changed()
+        for name, conn in conns.items():
+            st = self.paths.get(name)
+            ip = getattr(conn, "remote_ip", None)
+            if ip is None or (st is not None and st.epoch == conn.conn_uid):
+                continue
+            assert self.nd is not None
+            try:
+                route_mtu = self.nd.route_mtu(ip)
+            except Exception:  # no route right now: the heartbeat will fail and say so
+                route_mtu = 1500
+            self.paths[name] = PathState(
+                peer=name,
+                ip=ip,
+                udp_addr=st.udp_addr if st is not None else (ip, self.udp_port),
+                keys=getattr(conn, "data_keys", None),
+                epoch=conn.conn_uid,
+                we_trust=trusted(ip, self.trusted),
+                route_mtu=route_mtu,
+                assume_fast_until=self._started_at + self.dead + self.interval if ip in self._adopted_fast else 0.0,
+            )
+            self.paths[name].choose(now, self.dead, self.config.mtu, self.config.vxlan_port, self.udp_port)
+            self._changed()
+
+    # -- outputs -----------------------------------------------------------------------------------
+
+    def _recompute(self) -> None:
+        self._recompute_handle = None
+        if self.sleeve is None or self.nd is None:
+            return
+        from weft.datapath.sleeve import Forwarding, Link
+
+        now = time.monotonic()
+        self._sync_neighbours(now)
+        routes = self.router.routes
+        reachable = routes.reachable()
+        usable = {n for n, st in self.paths.items() if st.sleeve_up(now, self.dead)}
+        fast_ips = {n: st.ip for n, st in self.paths.items() if st.path == FAST}
+        next_hop: dict[int, int] = {}  # how to reach each peer over the sleeve (relays need all of them)
+        relayed: dict[int, int] = {}
+        for dest, hop in reachable.items():
+            st = self.paths.get(dest)
+            if dest in usable:
+                next_hop[dest] = dest
+            if st is None or st.path is None:
+                via = hop if hop in usable and hop != dest else self._other_hop(dest, usable)
+                if via is not None:
+                    next_hop[dest] = relayed[dest] = via
+        self.relayed = relayed
+        sleeve_peers = frozenset(n for n in next_hop if n not in fast_ips)
+        links = {n: Link(n, st.udp_addr, st.keys, st.datagram_size(), st.epoch) for n, st in self.paths.items()}
+        children: dict[int, tuple[int, ...]] = {}
+        for origin in [self.ourself, *reachable]:
+            tree = routes.broadcast(origin)
+            if tree is None:  # routes are being recalculated: flood to every neighbour
+                tree = list(self.paths)
+            children[origin] = tuple(n for n in tree if n in usable)
+        if not sleeve_peers:
+            children[self.ourself] = ()  # every peer hears our floods from the kernel
+        frame_mtu = {n: st.frame_mtu(self.config.mtu, SLEEVE_OVERHEAD) for n, st in self.paths.items()}
+        for dest, hop in relayed.items():
+            frame_mtu[dest] = frame_mtu.get(hop, self.config.mtu)
+        self.sleeve.update(
+            Forwarding(
+                links=links,
+                next_hop=next_hop,
+                sleeve_peers=sleeve_peers,
+                bcast_children=children,
+                mac_owner=dict(self.macs.owner),
+                local_macs=self.macs.local,
+                frame_mtu=frame_mtu,
+            )
+        )
+        want = fdb.desired_state(
+            fast_ips=fast_ips,
+            sleeve_peers=sleeve_peers,
+            owner=self.macs.owner,
+            ourself=self.ourself,
+            own_static={},
+            vxlan=self.vxlan,
+            tap=self.tap,
+        )
+        warming = now - self._started_at < WARMUP_AFTER * self.interval
+        try:
+            fdb.apply(self.nd, bridge=self.bridge, vxlan=self.vxlan, tap=self.tap, want=want, delete=not warming)
+        except Exception as exc:  # netlink refused one entry: say so, keep the rest working
+            log.warning("could not program the kernel forwarding table: %s", exc)
+        self._update_path_metrics(frame_mtu)
+
+    def _other_hop(self, dest: int, usable: set[int]) -> int | None:
+        """A neighbour with a working sleeve that has its own route to ``dest`` (not through us)."""
+        for hop in sorted(usable):
+            if hop == dest:
+                continue
+            entry = self.router.topology.peers.get(hop)
+            if entry is not None and any(c.peer == dest for c in entry.connections):
+                return hop
+        return None
+
+    # -- requests from the API ----------------------------------------------------------------------
+
+    def overlay(self, action: str, body: dict[str, Any], cidrs: list[str]) -> dict:
+        """attach/detach/expose/hide (see weft.datapath.overlay); the MAC watcher picks up the result."""
+        from weft.datapath.overlay import carry_out
+
+        assert self.nd is not None
+        result = carry_out(self.nd, self.bridge, self.config.mtu, action, body, cidrs)
+        if result["changed"]:
+            log.info("%s %s: %s", action, body.get("netns") or body.get("pid") or "host", ", ".join(cidrs) or "all")
+        return result
+
+    # -- status and metrics ------------------------------------------------------------------------
+
+    def connection_status(self) -> dict[int, dict[str, Any]]:
+        """Per peer: the path in use, encryption, MTU, and why a faster path is not in use."""
+        rows: dict[int, dict[str, Any]] = {}
+        mtu = self.config.mtu
+        for name, st in self.paths.items():
+            rows[name] = {
+                "path": st.path or ("relay" if name in self.relayed else "down"),
+                "encrypted": st.encrypted and st.path != FAST,
+                "mtu": st.frame_mtu(mtu, SLEEVE_OVERHEAD),
+                "pmtu": st.pmtu(),
+                "udp": f"{st.udp_addr[0]}:{st.udp_addr[1]}",
+                "reason": st.reason,
+            }
+        for name, hop in self.relayed.items():
+            if name not in rows:
+                hop_state = self.paths.get(hop)
+                rows[name] = {
+                    "path": RELAY,
+                    "encrypted": hop_state is not None and hop_state.encrypted,
+                    "mtu": hop_state.frame_mtu(mtu, SLEEVE_OVERHEAD) if hop_state else mtu,
+                    "pmtu": None,
+                    "udp": None,
+                    "reason": "no direct connection",
+                    "via": format_name(hop),
+                }
+            else:
+                rows[name]["via"] = format_name(hop)
+        return rows
+
+    def _update_path_metrics(self, frame_mtu: dict[int, int]) -> None:
+        m = self.metrics
+        rows = self.connection_status()
+        m.connection_mtu.clear()
+        m.connection_path.clear()
+        for name, row in rows.items():
+            peer = format_name(name)
+            m.connection_mtu.labels(peer).set(row["mtu"])
+            for path in PATHS:
+                m.connection_path.labels(peer, path).set(1 if row["path"] == path else 0)
+
+    def byte_counts(self) -> dict[tuple[str, str], int]:
+        """Data-path bytes by (path, direction): the sleeve's counters plus the VXLAN device's."""
+        counts: dict[tuple[str, str], int] = {}
+        if self.stats is not None:
+            counts.update(self.stats.bytes)
+        if self.nd is not None:
+            with contextlib.suppress(Exception):
+                rx, tx = self.nd.link_bytes(self.vxlan)
+                counts[(FAST, "rx")], counts[(FAST, "tx")] = rx, tx
+        return counts
+
+    def drop_counts(self) -> dict[str, int]:
+        return dict(self.stats.dropped) if self.stats is not None else {}
+
+
+def _uint(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0

@@ -1,0 +1,248 @@
+"""The sleeve's wire format: sealed messages split into path-MTU-sized UDP datagrams.
+
+A *message* is what one hop seals; a *datagram* carries one chunk of it::
+
+    datagram = magic(1) | hop(6) | msgid(4) | idx(1) | cnt(1) | csize(2) | chunk      (HEADER = 15 bytes)
+    message  = counter(8) | AEAD_seal(kind(1) | origin(6) | dst(6) | payload)         (16-byte tag at the end)
+
+* ``magic`` is 0x57 ("W", wire version 1): garbage is rejected before any lookup.
+* ``hop`` is the 48-bit name of the peer that sent this datagram (the previous hop, not the origin): it picks the
+  link whose keys open the message. ``msgid`` numbers the sender's messages (wrapping at 2**32); ``idx`` of
+  ``cnt`` is this chunk's place, every chunk but the last is ``csize`` bytes, so chunk ``idx`` sits at
+  ``idx * csize`` and reassembly needs no other state.
+* ``counter`` is the nonce (4 zero bytes + counter, big-endian); it is authenticated because a wrong nonce fails
+  the tag. Each direction of a link has its own key and counter, and the receiver keeps a replay window.
+* ``kind`` is FRAME (payload = 10-byte virtio_net_hdr + Ethernet frame, for ``dst``), BROADCAST (same payload,
+  flooded along ``origin``'s broadcast tree, ``dst`` = 0) or CONTROL (payload = length(2) | bytes | padding).
+* Meshes without a secret use the same framing without the AEAD (no tag); the counter is then not checked.
+
+A message is sealed once (up to ~64 KiB: a whole GSO frame) and then cut into chunks so that every datagram is at
+most the link's ``datagram_size``; the sender hands them to the kernel with UDP_SEGMENT and the receiver gets them
+back coalesced with UDP_GRO, so the Python cost is per message, not per datagram.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Callable, Container
+
+MAGIC = 0x57
+HEADER = struct.Struct(">B6sIBBH")
+HLEN = HEADER.size
+COUNTER = struct.Struct(">Q")
+NONCE = struct.Struct(">4xQ")
+INNER = struct.Struct(">B6s6s")  # kind, origin, dst
+ILEN = INNER.size
+CLEN = COUNTER.size
+TAG = 16
+CONTROL_LEN = struct.Struct(">H")
+
+FRAME, BROADCAST, CONTROL = 1, 2, 3
+
+MAX_SEGMENTS = 255
+MAX_PAYLOAD = 10 + 14 + 4 + 65535  # vnet header + Ethernet (+ VLAN tag) + the largest IP packet
+MAX_MESSAGE = CLEN + ILEN + MAX_PAYLOAD + TAG
+MAX_UDP = 65507  # largest UDP payload over IPv4: also the limit of one UDP_SEGMENT send
+GSO_MAX_SEGS = 44  # 44 x 1472 B is what fits in one send (65,507 B); fewer, larger sends gain nothing
+MAX_PARTIAL = 32  # messages being reassembled at once, all senders together
+PARTIAL_AGE = 1.0  # seconds a partial message may wait for its missing chunks
+
+
+def peer_bytes(peer: int) -> bytes:
+    return peer.to_bytes(6, "big")
+
+
+def chunk_size(datagram_size: int) -> int:
+    return datagram_size - HLEN
+
+
+def segments_per_send(datagram_size: int) -> int:
+    """How many full datagrams one UDP_SEGMENT send may carry: <= 44 and <= 65,507 bytes together."""
+    return max(1, min(GSO_MAX_SEGS, MAX_UDP // datagram_size))
+
+
+def segment_into(out: bytearray, msg: memoryview, hop: bytes, msgid: int, datagram_size: int) -> int:
+    """Lay ``msg`` out in ``out`` as consecutive datagrams (header + chunk) of ``datagram_size``; return the total
+    length, or -1 if it would need more than MAX_SEGMENTS datagrams. One copy, no allocation per chunk."""
+    csize = datagram_size - HLEN
+    length = len(msg)
+    cnt = -(-length // csize)
+    if cnt > MAX_SEGMENTS or csize <= 0:
+        return -1
+    pack = HEADER.pack_into
+    off = src = 0
+    for i in range(cnt):
+        pack(out, off, MAGIC, hop, msgid, i, cnt, csize)
+        off += HLEN
+        end = src + csize
+        if end > length:
+            end = length
+        n = end - src
+        out[off : off + n] = msg[src:end]
+        off += n
+        src = end
+    return off
+
+
+class ReplayWindow:
+    """Accepts each counter once: anything above the highest seen, or within SIZE below it and not yet seen.
+    ``check`` before opening (cheap rejection), ``update`` only after the message authenticated."""
+
+    SIZE = 1024
+    __slots__ = ("bits", "top")
+
+    def __init__(self) -> None:
+        self.top = -1
+        self.bits = 0  # bit i set: counter top - i was seen
+
+    def check(self, counter: int) -> bool:
+        top = self.top
+        if counter > top:
+            return True
+        back = top - counter
+        return back < self.SIZE and not (self.bits >> back) & 1
+
+    def update(self, counter: int) -> None:
+        top = self.top
+        if counter > top:
+            shift = counter - top
+            self.bits = ((self.bits << shift) | 1) & ((1 << self.SIZE) - 1) if shift < self.SIZE else 1
+            self.top = counter
+        else:
+            self.bits |= 1 << (top - counter)
+
+
+Deliver = Callable[[bytes, memoryview, int], None]
+
+
+class _Partial:
+    __slots__ = ("buf", "cnt", "csize", "full", "length", "mask", "since")
+
+    def __init__(self, buf: bytearray, cnt: int, csize: int, since: float) -> None:
+        self.buf = buf
+        self.cnt = cnt
+        self.csize = csize
+        self.full = (1 << cnt) - 1
+        self.mask = 0
+        self.length = -1
+        self.since = since
+
+
+class Reassembler:
+    """Turns received UDP buffers (one datagram, or several coalesced by GRO) back into whole messages.
+
+    Fast path: a buffer whose first and last headers show one run of a single message is handled with two header
+    reads; a complete single-datagram message is passed on without a copy. Anything else is taken datagram by
+    datagram. Partial messages wait in a small table bounded in size and age; evictions count as "incomplete".
+    ``deliver(hop, message, datagram_size)`` gets a view that is valid only during the call.
+    """
+
+    def __init__(self, dropped: dict[str, int], known: Callable[[], Container[bytes]]) -> None:
+        self.dropped = dropped
+        self._known = known  # hop names worth a reassembly buffer (the current links)
+        self._partial: dict[tuple[bytes, int], _Partial] = {}
+        self._pool: list[bytearray] = []
+        self._whole = bytearray(MAX_MESSAGE)
+        self._whole_view = memoryview(self._whole)
+
+    def _drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def feed(self, view: memoryview, n: int, gso: int, deliver: Deliver) -> None:
+        """``view[:n]`` holds datagrams of ``gso`` bytes each (the last may be shorter); gso <= 0 means one."""
+        if gso <= 0 or gso >= n:
+            self._run(view, 0, n, n, 1, deliver)
+            return
+        k = -(-n // gso)
+        last = (k - 1) * gso
+        if n - last < HLEN or gso < HLEN:
+            self._drop("malformed")
+            return
+        m0, hop0, id0, idx0, cnt0, _ = HEADER.unpack_from(view, 0)
+        m1, hop1, id1, idx1, cnt1, _ = HEADER.unpack_from(view, last)
+        if m0 == MAGIC and m1 == MAGIC and id0 == id1 and idx1 - idx0 == k - 1 and hop0 == hop1 and cnt0 == cnt1:
+            self._run(view, 0, n, gso, k, deliver)
+            return
+        for off in range(0, n, gso):
+            end = off + gso
+            self._run(view, off, end if end < n else n, gso, 1, deliver)
+
+    def _run(self, view: memoryview, start: int, end: int, step: int, k: int, deliver: Deliver) -> None:
+        """``k`` consecutive datagrams of one message in ``view[start:end]``, each ``step`` bytes but the last."""
+        if end - start < HLEN:
+            self._drop("malformed")
+            return
+        magic, hop, msgid, idx, cnt, csize = HEADER.unpack_from(view, start)
+        last_len = end - start - (k - 1) * step - HLEN  # chunk length of the run's last datagram
+        if (
+            magic != MAGIC
+            or idx + k > cnt
+            or csize <= 0
+            or (k > 1 and step - HLEN != csize)
+            or last_len > csize
+            or last_len <= 0
+            or (idx + k < cnt and last_len != csize)
+            or (idx + k - 1) * csize + last_len > MAX_MESSAGE
+        ):
+            self._drop("malformed")
+            return
+        if cnt == 1:
+            deliver(hop, view[start + HLEN : end], end - start)
+            return
+        if idx == 0 and k == cnt:
+            length = (cnt - 1) * csize + last_len
+            out = self._whole
+            _gather(out, 0, view, start, k, step, csize, end)
+            deliver(hop, self._whole_view[:length], step)
+            return
+        key = (hop, msgid)
+        part = self._partial.get(key)
+        if part is None:
+            if hop not in self._known():
+                self._drop("unknown_peer")
+                return
+            part = self._new_partial(key, cnt, csize)
+        elif part.cnt != cnt or part.csize != csize:
+            self._drop("malformed")
+            return
+        bits = ((1 << k) - 1) << idx
+        if part.mask & bits:
+            self._drop("duplicate")
+            return
+        _gather(part.buf, idx * csize, view, start, k, step, csize, end)
+        part.mask |= bits
+        if idx + k == cnt:
+            part.length = (cnt - 1) * csize + last_len
+        if part.mask == part.full:
+            del self._partial[key]
+            try:
+                deliver(hop, memoryview(part.buf)[: part.length], step if k > 1 else csize + HLEN)
+            finally:
+                self._pool.append(part.buf)
+
+    def _new_partial(self, key: tuple[bytes, int], cnt: int, csize: int) -> _Partial:
+        now = time.monotonic()
+        partial = self._partial
+        while partial:
+            oldest = next(iter(partial))
+            if len(partial) < MAX_PARTIAL and now - partial[oldest].since < PARTIAL_AGE:
+                break
+            self._pool.append(partial.pop(oldest).buf)
+            self._drop("incomplete")
+        buf = self._pool.pop() if self._pool else bytearray(MAX_MESSAGE)
+        part = partial[key] = _Partial(buf, cnt, csize, now)
+        return part
+
+    def pending(self) -> int:
+        return len(self._partial)
+
+
+def _gather(out: bytearray, dst: int, view: memoryview, start: int, k: int, step: int, csize: int, end: int) -> None:
+    """Copy the chunks of ``k`` datagrams (headers skipped) to ``out[dst:]``."""
+    src = start + HLEN
+    for _ in range(k - 1):
+        out[dst : dst + csize] = view[src : src + csize]
+        dst += csize
+        src += step
+    out[dst : dst + end - src] = view[src:end]

@@ -1,0 +1,1 @@
+"""The mesh: peer identity, control connections, gossip, topology and routes."""

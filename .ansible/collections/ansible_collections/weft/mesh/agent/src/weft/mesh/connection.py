@@ -1,0 +1,142 @@
+"""One established control connection: a reader, a writer and heartbeats over a TCP stream.
+
+The writer drains the connection's GossipSender whenever it is woken, so gossip for a busy or slow
+peer is merged while it waits instead of piling up. Silence longer than the read timeout ends the
+connection; so does anything that breaks the framing or fails authentication.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from weft.mesh.codec import MAX_MESSAGE, DecodeError, expect, pack, unpack
+from weft.mesh.crypto import SealError
+from weft.mesh.gossip import GossipSender
+from weft.mesh.handshake import Session, frame, read_frame
+
+if TYPE_CHECKING:
+    from weft.mesh.transport import ControlTransport
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT = {"t": "hb"}
+
+
+class ControlConnection:
+    def __init__(
+        self,
+        transport: ControlTransport,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        session: Session,
+        *,
+        outbound: bool,
+        remote_address: str,
+        secret: bytes | None,
+    ) -> None:
+        self._transport = transport
+        self._reader = reader
+        self._writer = writer
+        self._session = session
+        self.remote = session.intro.peer
+        self.remote_address = remote_address
+        self.outbound = outbound
+        self.conn_uid = session.conn_uid
+        self.encrypted = session.encrypted
+        self.data_keys = session.data_keys  # the data path's keys for this link (None without a secret)
+        peername = writer.get_extra_info("peername")
+        self.remote_ip: str | None = peername[0] if peername else None  # the underlay address we see
+        self.secret = secret  # the mesh secret this session was keyed with (rotation closes stale ones)
+        self.sender = GossipSender(self._wake_writer)
+        self._wake = asyncio.Event()
+        self._closed = asyncio.Event()
+        self.close_reason: str | None = None
+
+    @property
+    def info(self) -> str:
+        cipher = "chacha20-poly1305" if self.encrypted else "unencrypted"
+        return f"protocol v{self._session.version}, {cipher}"
+
+    def _wake_writer(self) -> None:
+        self._wake.set()
+
+    def close(self, reason: str) -> None:
+        if self.close_reason is None:
+            self.close_reason = reason
+        self._closed.set()
+
+    async def run(self) -> str:
+        """Serve the connection until it ends; returns why it ended."""
+        tasks = [
+            asyncio.ensure_future(self._read_loop()),
+            asyncio.ensure_future(self._write_loop()),
+            asyncio.ensure_future(self._closed.wait()),
+        ]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._writer.close()
+        return self.close_reason or "closed"
+
+    async def _read_loop(self) -> None:
+        settings = self._transport.settings
+        metrics = self._transport.metrics
+        opener = self._session.opener
+        while True:
+            try:
+                body = await asyncio.wait_for(read_frame(self._reader, MAX_MESSAGE + 64), settings.read_timeout)
+            except TimeoutError:
+                self.close(f"nothing heard for {settings.read_timeout:g}s (read timeout)")
+                return
+            except asyncio.IncompleteReadError:
+                self.close("the peer closed the connection")
+                return
+            except DecodeError as exc:
+                metrics.decode_errors.labels(exc.kind).inc()
+                self.close(str(exc))
+                return
+            except OSError as exc:
+                self.close(f"read failed: {exc}")
+                return
+            if opener is not None:
+                try:
+                    body = opener.open(body)
+                except SealError:
+                    metrics.decode_errors.labels("aead").inc()
+                    self.close("a message failed authentication (wrong key, tampered or replayed)")
+                    return
+            try:
+                msg = expect(unpack(body, "message"), dict, "message", "message")
+            except DecodeError as exc:
+                metrics.decode_errors.labels(exc.kind).inc()
+                log.warning("dropped a malformed message from %s: %s", self.remote.label(), exc)
+                continue
+            if msg.get("t") == "hb":
+                continue
+            self._transport.router.handle_message(self, msg)
+
+    async def _write_loop(self) -> None:
+        settings = self._transport.settings
+        sealer = self._session.sealer
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), settings.heartbeat_interval)
+            self._wake.clear()
+            messages = self.sender.take()
+            self._transport.router.count_sent(messages)
+            if not messages:
+                messages = [HEARTBEAT]
+            for msg in messages:
+                body = pack(msg)
+                self._writer.write(frame(sealer.seal(body) if sealer else body))
+            try:
+                await self._writer.drain()
+            except OSError as exc:
+                self.close(f"write failed: {exc}")
+                return

@@ -1,0 +1,273 @@
+"""The connection maker: which addresses to dial, when, and how long to back off after a failure.
+
+Targets are direct (from config or ``weft connect``) or discovered (addresses other peers report for
+peers we are not connected to). A target whose peer is connected is left alone; a failing one is
+retried with growing, jittered backoff; a connection that lived a while is retried at once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from weft.mesh.clock import Handle, Scheduler
+from weft.mesh.router import Router
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 6783
+
+
+class AddressError(ValueError):
+    """A peer address that is not HOST[:PORT]."""
+
+
+def normalize_address(text: str, default_port: int = DEFAULT_PORT) -> str:
+    """``HOST[:PORT]`` or ``[V6]:PORT`` to a canonical ``host:port`` string."""
+    text = text.strip()
+    if not text:
+        raise AddressError("empty peer address")
+    host, port = text, default_port
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise AddressError(f"peer address {text!r}: missing ']'")
+        host, rest = text[1:end], text[end + 1 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise AddressError(f"peer address {text!r}: [{host}] is not an IPv6 address") from None
+        if rest:
+            if not rest.startswith(":"):
+                raise AddressError(f"peer address {text!r}: expected ':PORT' after ']'")
+            port = _port(rest[1:], text)
+        return f"[{host}]:{port}"
+    if text.count(":") == 1:
+        host, port_text = text.split(":")
+        port = _port(port_text, text)
+    elif text.count(":") > 1:
+        try:
+            ipaddress.IPv6Address(text)  # a bare IPv6 address, no port
+        except ValueError:
+            raise AddressError(f"peer address {text!r} is not HOST[:PORT] (write IPv6 as [ADDR]:PORT)") from None
+        return f"[{text}]:{port}"
+    if not host or any(c.isspace() for c in host):
+        raise AddressError(f"peer address {text!r}: missing host")
+    return f"{host}:{port}"
+
+
+def _port(text: str, whole: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise AddressError(f"peer address {whole!r}: port must be a number from 1 to 65535")
+    return int(text)
+
+
+@dataclass
+class Target:
+    address: str
+    origin: str  # "config", "api" (weft connect) or "discovered"
+    state: str = "waiting"  # waiting | connecting | connected | retrying | failed
+    last_error: str | None = None
+    next_try: float = 0.0
+    interval: float = 0.0
+    attempts: int = 0
+    peer: int | None = None
+
+    @property
+    def direct(self) -> bool:
+        return self.origin != "discovered"
+
+
+class ConnectionMaker:
+    def __init__(
+        self,
+        router: Router,
+        scheduler: Scheduler,
+        dial: Callable[[str], None],
+        *,
+        discovery: bool = True,
+        initial_interval: float = 1.0,
+        max_interval: float = 30.0,
+        reset_after: float = 60.0,
+        on_direct_changed: Callable[[list[Target]], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._router = router
+        self._scheduler = scheduler
+        self._dial = dial
+        self.discovery = discovery
+        self.initial_interval = initial_interval
+        self.max_interval = max_interval
+        self.reset_after = reset_after
+        self._on_direct_changed = on_direct_changed
+        self._rng = rng or random.Random()
+        self.targets: dict[str, Target] = {}
+        self._timer: Handle | None = None
+        self._connected_since: dict[int, float] = {}
+        router.topology_listeners.append(self.check)
+
+    # -- direct targets ---------------------------------------------------------------------------
+
+    def set_origin_targets(self, origin: str, addresses: Iterable[str]) -> None:
+        """Make the direct targets of one origin exactly ``addresses`` (config reload, --replace)."""
+        wanted = {normalize_address(a) for a in addresses}
+        for address, target in list(self.targets.items()):
+            if target.origin == origin and address not in wanted:
+                del self.targets[address]
+        for address in wanted:
+            self._add_direct(address, origin)
+        self._direct_changed()
+
+    def connect(self, addresses: Iterable[str], replace: bool = False) -> list[str]:
+        normalized = [normalize_address(a) for a in addresses]
+        if replace:
+            for address, target in list(self.targets.items()):
+                if target.direct and address not in normalized:
+                    del self.targets[address]
+        for address in normalized:
+            self._add_direct(address, "api")
+        self._direct_changed()
+        return normalized
+
+    def forget(self, addresses: Iterable[str]) -> list[str]:
+        forgotten = []
+        for address in [normalize_address(a) for a in addresses]:  # all valid, or nothing changes
+            target = self.targets.get(address)
+            if target is not None and target.direct:
+                del self.targets[address]
+                forgotten.append(address)
+        self._direct_changed()
+        return forgotten
+
+    def _add_direct(self, address: str, origin: str) -> None:
+        target = self.targets.get(address)
+        if target is None:
+            self.targets[address] = Target(address, origin, next_try=self._scheduler.now())
+        elif not target.direct or (origin == "api" and target.origin == "config"):
+            target.origin = origin
+
+    def _direct_changed(self) -> None:
+        if self._on_direct_changed is not None:
+            self._on_direct_changed([t for t in self.targets.values() if t.direct])
+        self.check()
+
+    # -- results from the transport ----------------------------------------------------------------
+
+    def dial_finished(self, address: str, peer: int | None, error: str | None) -> None:
+        """The transport's answer to a dial: the peer it reached (if any) and why it failed (if so)."""
+        target = self.targets.get(address)
+        if target is None:
+            return
+        now = self._scheduler.now()
+        if peer is not None:
+            target.peer = peer
+        if error is None or (peer is not None and peer in self._router.connections):
+            target.state, target.last_error, target.attempts = "connected", None, 0
+            target.interval = self.initial_interval
+            if peer is not None:
+                self._connected_since.setdefault(peer, now)
+        elif peer == self._router.ourself.name:
+            target.state, target.last_error, target.next_try = "failed", error, float("inf")
+        else:
+            target.interval = min(self.max_interval, max(self.initial_interval, target.interval * 1.5))
+            target.next_try = now + self._jittered(target.interval)
+            target.last_error = error
+            target.state = "retrying" if target.attempts < 3 else "failed"
+            log.debug("dial %s failed (%s); next try in %.1fs", address, error, target.next_try - now)
+        self.check()
+
+    def connection_closed(self, peer: int) -> None:
+        """A connection ended: retry its targets at once if it had lived long, else after backoff."""
+        now = self._scheduler.now()
+        lived = now - self._connected_since.pop(peer, now)
+        for target in self.targets.values():
+            if target.peer == peer:
+                target.state = "waiting"
+                if lived >= self.reset_after:
+                    target.interval, target.next_try = self.initial_interval, now
+                else:
+                    target.interval = max(self.initial_interval, target.interval)
+                    target.next_try = now + self._jittered(target.interval)
+        self.check()
+
+    def _jittered(self, interval: float) -> float:
+        """Between half and all of ``interval`` (capped): peers that failed together retry apart."""
+        return min(self.max_interval, interval) * self._rng.uniform(0.5, 1.0)
+
+    def connection_opened(self, peer: int) -> None:
+        self._connected_since.setdefault(peer, self._scheduler.now())
+
+    # -- deciding what to dial --------------------------------------------------------------------
+
+    def _discover(self) -> None:
+        """Add targets for peers we know of but are not connected to; drop stale discovered ones."""
+        topology = self._router.topology
+        ourself = self._router.ourself.name
+        wanted: dict[str, int] = {}
+        if self.discovery:
+            for entry in topology.peers.values():
+                for c in entry.connections:
+                    if c.peer != ourself and c.peer in topology.peers and c.peer not in self._router.connections:
+                        wanted.setdefault(c.address, c.peer)
+        for address, target in list(self.targets.items()):
+            if target.origin == "discovered" and address not in wanted and target.state != "connecting":
+                del self.targets[address]
+        now = self._scheduler.now()
+        for address, peer in wanted.items():
+            target = self.targets.get(address)
+            if target is None:
+                self.targets[address] = Target(address, "discovered", next_try=now, peer=peer)
+            elif target.peer is None:
+                target.peer = peer
+
+    def check(self) -> None:
+        self._discover()
+        now = self._scheduler.now()
+        connected = self._router.connections
+        soonest: float | None = None
+        for target in self.targets.values():
+            if target.state == "connecting":
+                continue
+            if target.peer is not None and target.peer in connected:
+                target.state, target.last_error = "connected", None
+                continue
+            if target.state == "connected":
+                target.state = "waiting"
+            if target.next_try <= now:
+                target.state = "connecting"
+                target.attempts += 1
+                self._dial(target.address)
+            elif soonest is None or target.next_try < soonest:
+                soonest = target.next_try
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if soonest is not None and soonest != float("inf"):
+            self._timer = self._scheduler.call_later(soonest - now, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.check()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def status(self) -> list[dict]:
+        now = self._scheduler.now()
+        return [
+            {
+                "address": t.address,
+                "origin": t.origin,
+                "state": t.state,
+                "last_error": t.last_error,
+                "next_try": None
+                if t.state in ("connected", "connecting") or t.next_try == float("inf")
+                else max(0.0, round(t.next_try - now, 2)),
+            }
+            for t in sorted(self.targets.values(), key=lambda t: (not t.direct, t.address))
+        ]

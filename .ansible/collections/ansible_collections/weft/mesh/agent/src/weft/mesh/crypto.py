@@ -1,0 +1,102 @@
+"""Session keys and sealing for control connections.
+
+Each connection makes a fresh X25519 key pair (forward secrecy). The session keys come from HKDF over
+the X25519 shared secret *and* the mesh secret, so a peer without the mesh secret derives nothing
+useful. Each direction has its own key and a message counter as nonce, so nonces never repeat and a
+replayed or reordered message fails to open.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+SECRET_ID_LEN = 8
+PUBLIC_KEY_LEN = 32
+
+
+class SealError(Exception):
+    """A sealed message did not authenticate: wrong key, tampered, replayed or reordered."""
+
+
+class EphemeralKey:
+    def __init__(self) -> None:
+        self._private = X25519PrivateKey.generate()
+        self.public = self._private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    def exchange(self, peer_public: bytes) -> bytes:
+        return self._private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+
+
+def secret_id(secret: bytes, public: bytes) -> bytes:
+    """A per-connection tag of a mesh secret: lets the two ends find a secret they share without
+    revealing it, and differs on every connection so it cannot be used to track a mesh."""
+    return hmac.new(secret, b"weft secret id" + public, hashlib.sha256).digest()[:SECRET_ID_LEN]
+
+
+@dataclass(frozen=True)
+class SessionKeys:
+    send: bytes
+    receive: bytes
+
+
+@dataclass(frozen=True)
+class LinkKeys:
+    """Both directions of one connection: the control stream's keys and the data path's keys."""
+
+    control: SessionKeys
+    data: SessionKeys
+
+
+def derive_session_keys(
+    shared: bytes, secret: bytes, dialer_public: bytes, acceptor_public: bytes, outbound: bool
+) -> LinkKeys:
+    """Four independent keys: control and data path, each direction its own."""
+    material = HKDF(
+        algorithm=hashes.SHA256(),
+        length=128,
+        salt=b"weft/1",
+        info=b"weft session keys" + dialer_public + acceptor_public,
+    ).derive(shared + secret)
+    keys = [material[i : i + 32] for i in range(0, 128, 32)]
+    if outbound:
+        return LinkKeys(SessionKeys(keys[0], keys[1]), SessionKeys(keys[2], keys[3]))
+    return LinkKeys(SessionKeys(keys[1], keys[0]), SessionKeys(keys[3], keys[2]))
+
+
+class _Direction:
+    """One direction of a stream: ChaCha20-Poly1305 with a 64-bit message counter as nonce."""
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = ChaCha20Poly1305(key)
+        self._counter = 0
+
+    def _nonce(self) -> bytes:
+        return struct.pack(">IQ", 0, self._counter)
+
+
+class Sealer(_Direction):
+    def seal(self, plaintext: bytes) -> bytes:
+        sealed = self._aead.encrypt(self._nonce(), plaintext, None)
+        self._counter += 1
+        return sealed
+
+
+class Opener(_Direction):
+    def open(self, ciphertext: bytes) -> bytes:
+        """Open the next message; the counter moves on only when it authenticates."""
+        try:
+            plaintext = self._aead.decrypt(self._nonce(), ciphertext, None)
+        except InvalidTag:
+            raise SealError("message failed authentication") from None
+        self._counter += 1
+        return plaintext

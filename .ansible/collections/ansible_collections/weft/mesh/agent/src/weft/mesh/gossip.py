@@ -1,0 +1,109 @@
+"""The gossip contract every replicated piece of state (topology, IPAM, DNS) plugs into.
+
+A channel's gossiper gives its full state, merges what arrives and returns only what was new to it;
+the router moves that delta on. Per connection, pending gossip is merged rather than queued, so a slow
+link carries the latest state instead of a backlog.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from weft.mesh.router import Router
+
+
+class GossipData(Protocol):
+    def merge(self, other: Any) -> None: ...
+
+    def encode(self) -> bytes: ...
+
+
+class Gossiper(Protocol):
+    """One channel's state. Decoders raise DecodeError on bad input; they never crash the agent."""
+
+    def gossip(self) -> GossipData | None:
+        """Full state, sent to new connections and to random neighbours on a timer."""
+
+    def on_gossip(self, payload: bytes) -> GossipData | None:
+        """Merge state from a neighbour; return what was new (to broadcast on), or None."""
+
+    def on_gossip_broadcast(self, source: int, payload: bytes) -> GossipData | None:
+        """Merge a broadcast from ``source``; return what was new (relayed down the tree), or None."""
+
+    def on_gossip_unicast(self, source: int, payload: bytes) -> None:
+        """A message addressed to us alone."""
+
+
+# Wire message types (the "t" field of a control message).
+GOSSIP = "g"
+BROADCAST = "gb"
+UNICAST = "gu"
+
+
+class GossipSender:
+    """Pending gossip for one connection. Data for the same channel (and source) merges in place."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        self._pending: dict[tuple, GossipData | bytes] = {}
+        self._unicast_seq = 0
+
+    def send(self, channel: str, data: GossipData) -> None:
+        self._put((GOSSIP, channel, 0), data)
+
+    def send_broadcast(self, channel: str, source: int, data: GossipData) -> None:
+        self._put((BROADCAST, channel, source), data)
+
+    def send_unicast(self, channel: str, source: int, dest: int, payload: bytes) -> None:
+        self._unicast_seq += 1
+        self._pending[(UNICAST, channel, source, dest, self._unicast_seq)] = payload
+        self._wake()
+
+    def _put(self, key: tuple, data: GossipData) -> None:
+        current = self._pending.get(key)
+        if current is None:
+            # Copy-on-merge: the caller may hand the same object to several senders.
+            self._pending[key] = _fresh(data)
+            self._wake()
+        else:
+            current.merge(data)  # type: ignore[union-attr]
+
+    def take(self) -> list[dict]:
+        """Everything pending, as wire messages; the sender is empty afterwards."""
+        pending, self._pending = self._pending, {}
+        messages = []
+        for key, data in pending.items():
+            kind, channel = key[0], key[1]
+            if kind == GOSSIP:
+                messages.append({"t": GOSSIP, "ch": channel, "d": data.encode()})  # type: ignore[union-attr]
+            elif kind == BROADCAST:
+                messages.append({"t": BROADCAST, "ch": channel, "src": key[2], "d": data.encode()})  # type: ignore[union-attr]
+            else:
+                messages.append({"t": UNICAST, "ch": channel, "src": key[2], "dst": key[3], "d": data})
+        return messages
+
+
+def _fresh(data: GossipData) -> GossipData:
+    """An empty object of the same type merged with ``data``, so later merges never touch the original."""
+    copy = type(data)()  # type: ignore[call-arg]
+    copy.merge(data)
+    return copy
+
+
+class GossipChannel:
+    """A named channel: how a gossiper sends. Receiving is the router's job."""
+
+    def __init__(self, name: str, router: Router, gossiper: Gossiper) -> None:
+        self.name = name
+        self.gossiper = gossiper
+        self._router = router
+
+    def broadcast(self, data: GossipData) -> None:
+        """Send a local change to every peer, once each, along our broadcast tree."""
+        self._router.relay_broadcast(self.name, self._router.ourself.name, data, came_from=None)
+
+    def unicast(self, dest: int, payload: bytes) -> bool:
+        """Send to one peer by the unicast route; False if it is unreachable now."""
+        return self._router.relay_unicast(self.name, self._router.ourself.name, dest, payload)

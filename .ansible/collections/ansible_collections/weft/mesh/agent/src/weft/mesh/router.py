@@ -1,0 +1,350 @@
+"""The router: this peer's connections, its view of the topology, routes, and gossip dispatch.
+
+Transports (real TCP or the simulator) hand it established connections and decoded messages;
+it never does I/O itself, which is what lets one code base run both for real and simulated.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable
+from typing import Protocol
+
+from weft.mesh.clock import Handle, Scheduler
+from weft.mesh.codec import DecodeError, expect_uint, field
+from weft.mesh.gossip import BROADCAST, GOSSIP, UNICAST, GossipChannel, GossipData, Gossiper, GossipSender
+from weft.mesh.peer import NAME_BITS, PeerInfo, format_name
+from weft.mesh.routes import Routes
+from weft.mesh.topology import ConnectionSummary, PeerEntry, Topology, TopologyUpdate
+from weft.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+TOPOLOGY = "topology"
+MAX_CHANNEL_NAME = 64
+
+
+class Conn(Protocol):
+    """What the router needs of an established control connection."""
+
+    remote: PeerInfo
+    remote_address: str  # where the remote peer can be dialled, reported in topology
+    outbound: bool
+    conn_uid: int  # both ends compute the same number; the lower one wins a duplicate
+    encrypted: bool
+    sender: GossipSender
+
+    def close(self, reason: str) -> None: ...
+
+
+class Router:
+    def __init__(
+        self,
+        ourself: PeerInfo,
+        scheduler: Scheduler,
+        metrics: Metrics,
+        *,
+        gossip_interval: float = 30.0,
+        conn_limit: int = 100,
+        update_delay: float = 0.05,
+        gc_grace: float = 1.0,
+        route_interval: float = 0.1,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.ourself = ourself
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.gossip_interval = gossip_interval
+        self.conn_limit = conn_limit
+        self.update_delay = update_delay
+        self.gc_grace = gc_grace
+        self._unreachable_since: dict[int, float] = {}
+        self._gc_handle: Handle | None = None
+        self._full_state_sent: set[int] = set()  # peers whose current connection has had our full state
+        self.rng = rng or random.Random()
+        self.connections: dict[int, Conn] = {}
+        self.topology = Topology(ourself)
+        self.routes = Routes(self.topology, scheduler.now, route_interval)
+        self.channels: dict[str, GossipChannel] = {}
+        self.topology_listeners: list[Callable[[], None]] = []
+        self.peer_gone_listeners: list[Callable[[PeerEntry], None]] = []
+        self._announce_handle: Handle | None = None
+        self._changed_handle: Handle | None = None
+        self._gossip_handle: Handle | None = None
+        self._topology_channel = self.new_channel(TOPOLOGY, _TopologyGossiper(self))
+        self.metrics.peers.set(1)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._schedule_periodic_gossip()
+
+    def stop(self) -> None:
+        for handle in (self._announce_handle, self._changed_handle, self._gossip_handle, self._gc_handle):
+            if handle is not None:
+                handle.cancel()
+
+    def new_channel(self, name: str, gossiper: Gossiper) -> GossipChannel:
+        channel = GossipChannel(name, self, gossiper)
+        self.channels[name] = channel
+        return channel
+
+    # -- connections -----------------------------------------------------------------------------
+
+    def add_connection(self, conn: Conn) -> str | None:
+        """Register a connection whose handshake finished; returns why it was refused, or None."""
+        name = conn.remote.name
+        if name == self.ourself.name:
+            return "connection to self"
+        existing = self.connections.get(name)
+        if existing is not None:
+            restarted = existing.remote.uid != conn.remote.uid
+            if not restarted and conn.conn_uid >= existing.conn_uid:
+                return f"duplicate connection to {conn.remote.label()}"
+            del self.connections[name]
+            existing.close(
+                "the peer restarted" if restarted else f"replaced by a simultaneous connection to {conn.remote.label()}"
+            )
+        elif len(self.connections) >= self.conn_limit:
+            return f"connection limit ({self.conn_limit}) reached"
+        known = self.topology.peers.get(name)
+        self.connections[name] = conn
+        self._full_state_sent.discard(name)
+        self._local_connections_changed()
+        if known is None or known.uid != conn.remote.uid:
+            # A peer new to us (or restarted) may know nothing we know: exchange full state. Two
+            # peers already in each other's view share the mesh's deltas, and anti-entropy covers
+            # anything missed, so a discovered full mesh does not ship the whole state N times.
+            self._send_full_state(conn)
+        log.info(
+            "connection established with %s at %s (%s, %s)",
+            conn.remote.label(),
+            conn.remote_address,
+            "outbound" if conn.outbound else "inbound",
+            "encrypted" if conn.encrypted else "unencrypted",
+        )
+        return None
+
+    def _send_full_state(self, conn: Conn) -> None:
+        self._full_state_sent.add(conn.remote.name)
+        for channel in self.channels.values():
+            data = channel.gossiper.gossip()
+            if data is not None:
+                conn.sender.send(channel.name, data)
+
+    def remove_connection(self, conn: Conn, reason: str) -> None:
+        name = conn.remote.name
+        if self.connections.get(name) is not conn:
+            return
+        del self.connections[name]
+        self._full_state_sent.discard(name)
+        self.metrics.terminations.inc()
+        log.info("connection to %s ended: %s", conn.remote.label(), reason)
+        self._local_connections_changed()
+
+    def _local_connections_changed(self) -> None:
+        self.topology.set_local_connections(
+            ConnectionSummary(c.remote.name, c.remote_address, c.outbound, True) for c in self.connections.values()
+        )
+        self._schedule_announce()
+        self._topology_changed()
+
+    def _schedule_announce(self) -> None:
+        """Coalesce bursts of local changes into one broadcast of our entry."""
+        if self._announce_handle is None:
+            self._announce_handle = self.scheduler.call_later(self.update_delay, self._announce)
+
+    def _announce(self) -> None:
+        self._announce_handle = None
+        entry = self.topology.our_entry
+        self._topology_channel.broadcast(TopologyUpdate({entry.name: entry}))
+
+    def _topology_changed(self) -> None:
+        if self._changed_handle is None:
+            self._changed_handle = self.scheduler.call_later(self.update_delay, self._after_topology_change)
+
+    def _after_topology_change(self) -> None:
+        self._changed_handle = None
+        self._collect_garbage()
+        self.metrics.peers.set(len(self.topology.peers))
+        for listener in self.topology_listeners:
+            listener()
+
+    def _collect_garbage(self) -> None:
+        """Forget peers that stayed unreachable for ``gc_grace``.
+
+        The grace absorbs ordering: a peer's entry can arrive a moment before the entry of the
+        neighbour that connects it to us, and forgetting it then would lose it until the next full
+        gossip.
+        """
+        now = self.scheduler.now()
+        unreachable = self.topology.unreachable()
+        self._unreachable_since = {n: self._unreachable_since.get(n, now) for n in unreachable}
+        expired = {n for n, since in self._unreachable_since.items() if now - since >= self.gc_grace}
+        for entry in self.topology.forget(expired):
+            del self._unreachable_since[entry.name]
+            log.info("forgetting unreachable peer %s(%s)", format_name(entry.name), entry.nickname)
+            for listener in self.peer_gone_listeners:
+                listener(entry)
+        if self._unreachable_since and self._gc_handle is None:
+            wait = self.gc_grace - (now - min(self._unreachable_since.values()))
+            self._gc_handle = self.scheduler.call_later(max(wait, 0.0), self._gc_timer)
+
+    def _gc_timer(self) -> None:
+        self._gc_handle = None
+        self._after_topology_change()
+
+    # -- gossip in ------------------------------------------------------------------------------
+
+    def handle_message(self, conn: Conn, msg: dict) -> None:
+        """Dispatch one decoded control message; malformed ones are counted and dropped."""
+        try:
+            kind = field(msg, "t", str, "message")
+            channel_name = field(msg, "ch", str, "message")
+            payload = field(msg, "d", bytes, "message")
+            if len(channel_name) > MAX_CHANNEL_NAME:
+                raise DecodeError("message", "channel name too long")
+            self.metrics.gossip_bytes.labels(channel_name if channel_name in self.channels else "unknown", "in").inc(
+                len(payload)
+            )
+            channel = self.channels.get(channel_name)
+            if channel is None:
+                self.metrics.gossip_dropped.labels("unknown_channel").inc()
+                return
+            if kind == GOSSIP:
+                if conn.remote.name not in self._full_state_sent and self.connections.get(conn.remote.name) is conn:
+                    self._send_full_state(conn)  # they took us for new: answer in kind
+                delta = channel.gossiper.on_gossip(payload)
+                if delta is not None:
+                    self.relay_broadcast(channel_name, self.ourself.name, delta, came_from=conn.remote.name)
+            elif kind == BROADCAST:
+                source = expect_uint(field(msg, "src", int, "message"), NAME_BITS, "message", "src")
+                delta = channel.gossiper.on_gossip_broadcast(source, payload)
+                if delta is not None:
+                    self.relay_broadcast(channel_name, source, delta, came_from=conn.remote.name)
+            elif kind == UNICAST:
+                source = expect_uint(field(msg, "src", int, "message"), NAME_BITS, "message", "src")
+                dest = expect_uint(field(msg, "dst", int, "message"), NAME_BITS, "message", "dst")
+                if dest == self.ourself.name:
+                    channel.gossiper.on_gossip_unicast(source, payload)
+                else:
+                    self.relay_unicast(channel_name, source, dest, payload)
+            else:
+                raise DecodeError("message", f"unknown message type {kind!r}")
+        except DecodeError as exc:
+            self.metrics.decode_errors.labels(exc.kind).inc()
+            log.warning("dropped a malformed message from %s: %s", conn.remote.label(), exc)
+
+    # -- gossip out -----------------------------------------------------------------------------
+
+    def relay_broadcast(self, channel: str, source: int, data: GossipData, came_from: int | None) -> None:
+        """Pass ``data`` down ``source``'s broadcast tree, or to every neighbour when we are not on it
+        in our view or the view is churning too fast for trees (a peer relays only what was new to it,
+        so a flood stops where the data is already known)."""
+        hops = self.routes.broadcast(source)
+        if hops is None:
+            targets = set(self.connections)
+        else:
+            # Neighbours whose connection to us is not yet symmetric in our view are on no tree yet.
+            targets = set(hops) | (self.connections.keys() - self.routes.neighbours())
+        targets -= {came_from, source}
+        for name in targets:
+            conn = self.connections.get(name)  # trees may be up to one recalculation behind
+            if conn is not None:
+                conn.sender.send_broadcast(channel, source, data)
+
+    def _fanout(self) -> int:
+        return 2 * max(1, math.ceil(math.log2(len(self.topology.peers) + 1)))
+
+    def relay_unicast(self, channel: str, source: int, dest: int, payload: bytes) -> bool:
+        hop = self.routes.unicast(dest)
+        conn = self.connections.get(hop) if hop is not None else None
+        if conn is None:
+            self.metrics.gossip_dropped.labels("unreachable").inc()
+            return False
+        conn.sender.send_unicast(channel, source, dest, payload)
+        return True
+
+    def count_sent(self, messages: list[dict]) -> None:
+        for m in messages:
+            self.metrics.gossip_bytes.labels(m["ch"], "out").inc(len(m["d"]))
+
+    def _schedule_periodic_gossip(self) -> None:
+        jitter = self.rng.uniform(0.8, 1.2)
+        self._gossip_handle = self.scheduler.call_later(self.gossip_interval * jitter, self._periodic_gossip)
+
+    def _periodic_gossip(self) -> None:
+        """Anti-entropy: full state to a few random neighbours, repairing anything a delta missed."""
+        self._schedule_periodic_gossip()
+        if not self.connections:
+            return
+        fanout = min(len(self.connections), self._fanout())
+        chosen = self.rng.sample(sorted(self.connections), fanout)
+        for channel in self.channels.values():
+            data = channel.gossiper.gossip()
+            if data is None:
+                continue
+            for name in chosen:
+                self.connections[name].sender.send(channel.name, data)
+
+    # -- views ----------------------------------------------------------------------------------
+
+    def peers_status(self) -> list[dict]:
+        return [
+            {
+                "name": format_name(e.name),
+                "nickname": e.nickname,
+                "uid": e.uid,
+                "version": e.version,
+                "connections": [
+                    {
+                        "peer": format_name(c.peer),
+                        "nickname": self.topology.peers[c.peer].nickname if c.peer in self.topology.peers else "",
+                        "address": c.address,
+                        "outbound": c.outbound,
+                        "established": c.established,
+                    }
+                    for c in e.connections
+                ],
+            }
+            for e in sorted(self.topology.peers.values(), key=lambda e: e.name)
+        ]
+
+
+class _TopologyGossiper:
+    """The topology channel: merges peer entries and keeps routes and the connection maker informed."""
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    def gossip(self) -> TopologyUpdate:
+        return self._router.topology.full_update()
+
+    def on_gossip(self, payload: bytes) -> TopologyUpdate | None:
+        delta = self._merge(payload)
+        router = self._router
+        if delta is not None and router._announce_handle is not None:
+            # We broadcast this delta as its source; our own entry changed too and waits to be
+            # announced: send it along, so nobody holds these entries without the connection that
+            # links them to us.
+            ours = router.topology.our_entry
+            delta.entries[ours.name] = ours
+        return delta
+
+    def on_gossip_broadcast(self, source: int, payload: bytes) -> TopologyUpdate | None:
+        return self._merge(payload)
+
+    def on_gossip_unicast(self, source: int, payload: bytes) -> None:
+        return None
+
+    def _merge(self, payload: bytes) -> TopologyUpdate | None:
+        router = self._router
+        before = router.topology.graph_version
+        delta, reannounce = router.topology.merge(TopologyUpdate.decode(payload))
+        if reannounce:
+            router._schedule_announce()
+        if router.topology.graph_version != before or delta.entries:
+            router._topology_changed()
+        return delta if delta.entries else None

@@ -1,0 +1,185 @@
+"""The topology channel's CRDT: what every peer knows of every other peer and its connections.
+
+Each peer owns its own entry and bumps its version on every change, so a merge is "newer
+(version, uid) wins" per peer and never conflicts. A change is gossiped as a delta holding only the
+entries that changed, so its cost does not grow with the size of the mesh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from weft.mesh.codec import DecodeError, expect, expect_uint, pack, unpack
+from weft.mesh.peer import NAME_BITS, PeerInfo
+
+KIND = "topology"
+MAX_NICKNAME = 255
+MAX_ADDRESS = 300
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionSummary:
+    """One connection as its owner reports it: the address is one the remote can be dialled at."""
+
+    peer: int
+    address: str
+    outbound: bool
+    established: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PeerEntry:
+    name: int
+    nickname: str
+    uid: int
+    version: int
+    connections: tuple[ConnectionSummary, ...] = ()
+
+    def beats(self, other: PeerEntry) -> bool:
+        return (self.version, self.uid) > (other.version, other.uid)
+
+    def to_wire(self) -> list:
+        return [
+            self.name,
+            self.nickname,
+            self.uid,
+            self.version,
+            [[c.peer, c.address, c.outbound, c.established] for c in self.connections],
+        ]
+
+    @classmethod
+    def from_wire(cls, raw: object) -> PeerEntry:
+        expect(raw, list, KIND, "entry")
+        if len(raw) != 5:
+            raise DecodeError(KIND, f"entry has {len(raw)} fields, expected 5")
+        name = expect_uint(raw[0], NAME_BITS, KIND, "name")
+        if name == 0:
+            raise DecodeError(KIND, "name 0 is reserved")
+        nickname = expect(raw[1], str, KIND, "nickname")[:MAX_NICKNAME]
+        uid = expect_uint(raw[2], 64, KIND, "uid")
+        version = expect_uint(raw[3], 64, KIND, "version")
+        conns = []
+        for c in expect(raw[4], list, KIND, "connections"):
+            expect(c, list, KIND, "connection")
+            if len(c) != 4:
+                raise DecodeError(KIND, "connection must have 4 fields")
+            peer = expect_uint(c[0], NAME_BITS, KIND, "connection peer")
+            address = expect(c[1], str, KIND, "connection address")
+            if len(address) > MAX_ADDRESS:
+                raise DecodeError(KIND, "connection address too long")
+            conns.append(
+                ConnectionSummary(
+                    peer, address, expect(c[2], bool, KIND, "outbound"), expect(c[3], bool, KIND, "established")
+                )
+            )
+        return cls(name, nickname, uid, version, tuple(conns))
+
+
+@dataclass(slots=True)
+class TopologyUpdate:
+    """Gossip data of the topology channel: a set of peer entries, merged by newest-wins."""
+
+    entries: dict[int, PeerEntry] = field(default_factory=dict)
+
+    def merge(self, other: TopologyUpdate) -> None:
+        for name, entry in other.entries.items():
+            mine = self.entries.get(name)
+            if mine is None or entry.beats(mine):
+                self.entries[name] = entry
+
+    def encode(self) -> bytes:
+        return pack([e.to_wire() for e in self.entries.values()])
+
+    @classmethod
+    def decode(cls, payload: bytes) -> TopologyUpdate:
+        raw = unpack(payload, KIND)
+        expect(raw, list, KIND, "update")
+        update = cls()
+        for item in raw:
+            entry = PeerEntry.from_wire(item)
+            update.merge(cls({entry.name: entry}))
+        return update
+
+
+class Topology:
+    """This peer's view of the mesh. Only the owner of an entry changes it; others merge."""
+
+    def __init__(self, ourself: PeerInfo) -> None:
+        self.ourself = ourself
+        self.peers: dict[int, PeerEntry] = {ourself.name: PeerEntry(ourself.name, ourself.nickname, ourself.uid, 1)}
+        # Bumped whenever the graph (who is connected to whom) changes, so routes know when to recompute;
+        # ``dirty`` names the peers whose edges changed, so routes can update just those.
+        self.graph_version = 0
+        self.dirty: set[int] = {ourself.name}
+
+    @property
+    def our_entry(self) -> PeerEntry:
+        return self.peers[self.ourself.name]
+
+    def set_local_connections(self, connections: Iterable[ConnectionSummary]) -> PeerEntry:
+        """Record our connections (a new version of our entry) and return the entry to gossip."""
+        old = self.our_entry
+        conns = tuple(sorted(connections, key=lambda c: c.peer))
+        entry = PeerEntry(old.name, old.nickname, old.uid, old.version + 1, conns)
+        self.peers[old.name] = entry
+        if _edges(old) != _edges(entry):
+            self._graph_changed(old.name)
+        return entry
+
+    def _graph_changed(self, name: int) -> None:
+        self.graph_version += 1
+        self.dirty.add(name)
+
+    def full_update(self) -> TopologyUpdate:
+        return TopologyUpdate(dict(self.peers))
+
+    def merge(self, update: TopologyUpdate) -> tuple[TopologyUpdate, bool]:
+        """Merge gossip; return (what was new to us, whether our own entry must be re-announced).
+
+        Gossip about ourselves with another UID means an earlier run of this peer is still
+        remembered; we jump our version past it so our current entry wins everywhere.
+        """
+        delta = TopologyUpdate()
+        reannounce = False
+        for name, entry in update.entries.items():
+            if name == self.ourself.name:
+                ours = self.our_entry
+                if entry.uid != ours.uid and entry.version >= ours.version:
+                    self.peers[name] = PeerEntry(
+                        ours.name, ours.nickname, ours.uid, entry.version + 1, ours.connections
+                    )
+                    reannounce = True
+                continue
+            mine = self.peers.get(name)
+            if mine is not None and not entry.beats(mine):
+                continue
+            self.peers[name] = entry
+            delta.entries[name] = entry
+            if mine is None or _edges(mine) != _edges(entry):
+                self._graph_changed(name)
+        return delta, reannounce
+
+    def unreachable(self) -> set[int]:
+        """Peers we cannot reach over any chain of reported connections."""
+        reached = {self.ourself.name}
+        stack = [self.ourself.name]
+        while stack:
+            entry = self.peers.get(stack.pop())
+            if entry is None:
+                continue
+            for c in entry.connections:
+                if c.peer not in reached and c.peer in self.peers:
+                    reached.add(c.peer)
+                    stack.append(c.peer)
+        return self.peers.keys() - reached
+
+    def forget(self, names: set[int]) -> list[PeerEntry]:
+        gone = [self.peers.pop(name) for name in names if name in self.peers and name != self.ourself.name]
+        for entry in gone:
+            self._graph_changed(entry.name)
+        return gone
+
+
+def _edges(entry: PeerEntry) -> frozenset[tuple[int, bool]]:
+    return frozenset((c.peer, c.established) for c in entry.connections)

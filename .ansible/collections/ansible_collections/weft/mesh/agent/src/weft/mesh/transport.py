@@ -1,0 +1,286 @@
+"""Control connections over TCP: listening, dialling, admission (rate and connection limits) and
+the handshake, handing finished connections to the router and results to the connection maker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from weft.mesh.connection import ControlConnection
+from weft.mesh.connection_maker import ConnectionMaker
+from weft.mesh.handshake import HandshakeError, handshake
+from weft.mesh.peer import format_name
+from weft.mesh.router import Router
+from weft.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# Handshake failures that mean the remote sent something malformed (also counted as decode errors).
+_MALFORMED = {"bad_magic", "short_handshake", "malformed_hello", "malformed_intro"}
+
+
+@dataclass
+class ConnectionSettings:
+    heartbeat_interval: float = 5.0
+    read_timeout: float = 20.0
+    handshake_timeout: float = 5.0
+    dial_timeout: float = 3.0
+    accept_rate: float = 20.0  # inbound connections per second, sustained
+    accept_burst: int = 20
+
+
+class _TokenBucket:
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self._tokens = float(burst)
+        self._stamp = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False
+
+
+@dataclass
+class PendingConnection:
+    address: str
+    outbound: bool
+    started: float
+
+
+class ControlTransport:
+    def __init__(
+        self,
+        router: Router,
+        metrics: Metrics,
+        settings: ConnectionSettings,
+        secrets: Callable[[], list[bytes]],
+        *,
+        listen: tuple[str, int],
+        advertise: str | None,
+    ) -> None:
+        self.router = router
+        self.metrics = metrics
+        self.settings = settings
+        self._secrets = secrets
+        self.listen = listen
+        self.advertise = advertise
+        self.maker: ConnectionMaker | None = None
+        self.pending: dict[int, PendingConnection] = {}
+        self._bucket = _TokenBucket(settings.accept_rate, settings.accept_burst)
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        host, port = self.listen
+        self._server = await asyncio.start_server(self._on_accept, host or None, port, reuse_address=True)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.router.connections.values()):
+            conn.close("agent shutting down")
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- dialling and accepting --------------------------------------------------------------------
+
+    def dial(self, address: str) -> None:
+        self._spawn(self._dial(address))
+
+    async def _dial(self, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host.strip("[]"), int(port), local_addr=self._local_addr()),
+                self.settings.dial_timeout,
+            )
+        except TimeoutError:
+            self._dial_finished(address, None, f"no answer within {self.settings.dial_timeout:g}s")
+            return
+        except ConnectionRefusedError:
+            self._dial_finished(address, None, "connection refused (is the agent running there?)")
+            return
+        except OSError as exc:
+            self._dial_finished(address, None, exc.strerror or str(exc))
+            return
+        await self._serve(reader, writer, outbound=True, address=address)
+
+    def _local_addr(self) -> tuple[str, int] | None:
+        """Dial from the address we listen on, so peers see (and gossip) the address that answers."""
+        host = self.listen[0]
+        return (host, 0) if host not in ("", "0.0.0.0", "::") else None
+
+    async def _on_accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        if not self._bucket.take():
+            self.metrics.refused.labels("rate_limit").inc()
+            log.debug("refused a connection from %s: accept rate limit", peer[0])
+            writer.close()
+            return
+        if len(self.router.connections) + len(self.pending) >= self.router.conn_limit:
+            self.metrics.refused.labels("conn_limit").inc()
+            log.warning("refused a connection from %s: connection limit (%d) reached", peer[0], self.router.conn_limit)
+            writer.close()
+            return
+        task = asyncio.current_task()
+        if task is not None:  # so stop() can end it like the connections we dialled
+            self._tasks.add(task)
+        try:
+            await self._serve(reader, writer, outbound=False, address=_join(peer[0], peer[1]))
+        except asyncio.CancelledError:
+            # stop() ends inbound connections by cancelling them; asyncio's stream server would log a
+            # cancelled handler as an error, so end quietly instead.
+            writer.close()
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+
+    # -- one connection, start to finish ------------------------------------------------------------
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, outbound: bool, address: str
+    ) -> None:
+        key = id(writer)
+        self.pending[key] = PendingConnection(address, outbound, time.monotonic())
+        secrets = list(self._secrets())
+        try:
+            session = await asyncio.wait_for(
+                handshake(
+                    reader,
+                    writer,
+                    outbound=outbound,
+                    ourself=self.router.ourself,
+                    secrets=secrets,
+                    port=self.listen[1],
+                    advertise=self.advertise,
+                ),
+                self.settings.handshake_timeout,
+            )
+        except HandshakeError as exc:
+            self._handshake_failed(writer, address, outbound, exc.reason, exc.detail)
+            return
+        except TimeoutError:
+            self._handshake_failed(
+                writer, address, outbound, "timeout", f"no handshake within {self.settings.handshake_timeout:g}s"
+            )
+            return
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            self._handshake_failed(writer, address, outbound, "io", str(exc) or exc.__class__.__name__)
+            return
+        finally:
+            self.pending.pop(key, None)
+
+        intro = session.intro
+        if outbound:
+            remote_address = address
+        elif intro.advertise:
+            remote_address = intro.advertise
+        else:
+            remote_address = _join(address.rpartition(":")[0].strip("[]"), intro.port)
+        secret = secrets[session.secret_index] if session.secret_index is not None else None
+        conn = ControlConnection(
+            self, reader, writer, session, outbound=outbound, remote_address=remote_address, secret=secret
+        )
+        refused = self.router.add_connection(conn)
+        if outbound:
+            self._dial_finished(address, intro.peer.name, refused)
+        if refused is not None:
+            log.info("closing connection with %s at %s: %s", intro.peer.label(), address, refused)
+            writer.close()
+            return
+        if self.maker is not None:
+            self.maker.connection_opened(intro.peer.name)
+        reason = await conn.run()
+        self.router.remove_connection(conn, reason)
+        if self.maker is not None:
+            self.maker.connection_closed(intro.peer.name)
+
+    def _handshake_failed(
+        self, writer: asyncio.StreamWriter, address: str, outbound: bool, reason: str, detail: str
+    ) -> None:
+        self.metrics.handshake_failures.labels(reason).inc()
+        if reason in _MALFORMED:
+            self.metrics.decode_errors.labels("handshake").inc()
+        level = (
+            logging.WARNING
+            if reason in ("secret_mismatch", "encryption_mismatch", "version_mismatch")
+            else logging.INFO
+        )
+        log.log(level, "handshake with %s failed (%s): %s", address, reason, detail)
+        writer.close()
+        if outbound:
+            self._dial_finished(address, None, f"{reason}: {detail}")
+
+    def _dial_finished(self, address: str, peer: int | None, error: str | None) -> None:
+        if self.maker is not None:
+            self.maker.dial_finished(address, peer, error)
+
+    # -- secrets ----------------------------------------------------------------------------------
+
+    def retire_stale_sessions(self) -> int:
+        """Close connections keyed with a secret we no longer hold; the maker reconnects them."""
+        current = set(self._secrets())
+        stale = [
+            c
+            for c in self.router.connections.values()
+            if isinstance(c, ControlConnection) and c.secret is not None and c.secret not in current
+        ]
+        for conn in stale:
+            log.info("closing connection to %s: its mesh secret was retired", conn.remote.label())
+            conn.close("mesh secret retired; reconnecting with a current one")
+        return len(stale)
+
+    def status(self) -> list[dict]:
+        now = time.monotonic()
+        secrets = list(self._secrets())
+        rows = [
+            {
+                "peer": None,
+                "nickname": None,
+                "address": p.address,
+                "outbound": p.outbound,
+                "state": "pending",
+                "encrypted": bool(secrets),
+                "info": f"handshake for {now - p.started:.1f}s",
+            }
+            for p in self.pending.values()
+        ]
+        for conn in self.router.connections.values():
+            rows.append(
+                {
+                    "peer": format_name(conn.remote.name),
+                    "nickname": conn.remote.nickname,
+                    "address": conn.remote_address,
+                    "outbound": conn.outbound,
+                    "state": "established",
+                    "encrypted": conn.encrypted,
+                    "info": getattr(conn, "info", ""),
+                    "secret": _secret_label(getattr(conn, "secret", None), secrets),
+                }
+            )
+        return rows
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _secret_label(secret: bytes | None, secrets: list[bytes]) -> str | None:
+    """Which of our secrets a session uses, by position: never anything derived from the secret."""
+    if secret is None:
+        return None
+    return f"{secrets.index(secret) + 1} of {len(secrets)}" if secret in secrets else "retired"

@@ -1,0 +1,96 @@
+"""The agent's Prometheus metrics, on a registry of its own so many agents can share a process."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.peers = Gauge("weft_peers", "Peers in this agent's view of the mesh, itself included", registry=r)
+        self.connections = Gauge(
+            "weft_connections", "Control connections by state and encryption", ["state", "encrypted"], registry=r
+        )
+        self.terminations = Counter(
+            "weft_connection_terminations_total", "Established connections that ended", registry=r
+        )
+        self.gossip_bytes = Counter(
+            "weft_gossip_bytes",
+            "Gossip payload bytes by channel and direction",
+            ["channel", "direction"],
+            registry=r,
+        )
+        self.handshake_failures = Counter(
+            "weft_handshake_failures",
+            "Control connections that failed before becoming a peer connection",
+            ["reason"],
+            registry=r,
+        )
+        self.decode_errors = Counter(
+            "weft_decode_errors", "Malformed input dropped, by what failed to decode", ["kind"], registry=r
+        )
+        self.refused = Counter(
+            "weft_connections_refused",
+            "Inbound connections refused before the handshake",
+            ["reason"],
+            registry=r,
+        )
+        self.gossip_dropped = Counter(
+            "weft_gossip_dropped", "Gossip messages dropped, by reason", ["reason"], registry=r
+        )
+
+        self.reload_failures = Counter(
+            "weft_config_reload_failures", "SIGHUP reloads refused because the new config was invalid", registry=r
+        )
+
+        self.connection_mtu = Gauge(
+            "weft_connection_mtu",
+            "Largest IP packet a container can send to the peer in one piece",
+            ["peer"],
+            registry=r,
+        )
+        self.connection_path = Gauge(
+            "weft_connection_path",
+            "1 for the data path traffic to the peer takes, 0 for the others",
+            ["peer", "path"],
+            registry=r,
+        )
+
+    def add_datapath(
+        self, byte_counts: Callable[[], dict[tuple[str, str], int]], drop_counts: Callable[[], dict[str, int]]
+    ) -> None:
+        """Export the data path's counters, which its thread keeps as plain integers."""
+        self.registry.register(_DatapathCollector(byte_counts, drop_counts))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _DatapathCollector:
+    def __init__(
+        self, byte_counts: Callable[[], dict[tuple[str, str], int]], drop_counts: Callable[[], dict[str, int]]
+    ) -> None:
+        self._bytes = byte_counts
+        self._drops = drop_counts
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        sent = CounterMetricFamily(
+            "weft_datapath_bytes", "Overlay bytes by data path and direction", labels=["path", "direction"]
+        )
+        for (path, direction), value in sorted(self._bytes().items()):
+            sent.add_metric([path, direction], value)
+        yield sent
+        dropped = CounterMetricFamily(
+            "weft_datapath_packets_dropped", "Data-path packets dropped, by reason", labels=["reason"]
+        )
+        for reason, value in sorted(self._drops().items()):
+            dropped.add_metric([reason], value)
+        yield dropped

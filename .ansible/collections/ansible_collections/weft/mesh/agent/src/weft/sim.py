@@ -1,0 +1,192 @@
+"""An in-process mesh simulator: the real router, gossip and connection maker over a fake transport.
+
+Time is virtual (a discrete-event clock), links have a fixed latency, and a dial reaches the peer
+listening at the address unless the two are partitioned. Everything above the transport is the
+same code the agent runs, so what converges here converges for real.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from weft.mesh.clock import VirtualScheduler
+from weft.mesh.connection_maker import ConnectionMaker
+from weft.mesh.gossip import GossipSender
+from weft.mesh.peer import PeerInfo
+from weft.mesh.router import Router
+from weft.metrics import Metrics
+
+
+class SimConn:
+    """One end of a simulated control connection."""
+
+    def __init__(self, net: SimNetwork, owner: SimPeer, remote: SimPeer, outbound: bool, conn_uid: int) -> None:
+        self.net = net
+        self.owner = owner
+        self.remote = remote.info
+        self.remote_address = remote.address
+        self.outbound = outbound
+        self.conn_uid = conn_uid
+        self.encrypted = False
+        self.other: SimConn | None = None
+        self.closed = False
+        self._flush_scheduled = False
+        self.sender = GossipSender(self._wake)
+
+    def _wake(self) -> None:
+        if not self._flush_scheduled and not self.closed:
+            self._flush_scheduled = True
+            self.net.scheduler.call_later(0.0, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self.closed or self.other is None:
+            return
+        messages = self.sender.take()
+        self.owner.router.count_sent(messages)
+        self.net.messages += len(messages)
+        other = self.other
+        self.net.scheduler.call_later(self.net.latency, lambda: other.deliver(messages))
+
+    def deliver(self, messages: list[dict]) -> None:
+        if self.closed:
+            return
+        for msg in messages:
+            self.owner.router.handle_message(self, msg)
+
+    def close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.owner.router.remove_connection(self, reason)
+        self.owner.maker.connection_closed(self.remote.name)
+        if self.other is not None:
+            self.other.close(reason)
+
+
+@dataclass
+class SimPeer:
+    info: PeerInfo
+    address: str
+    router: Router
+    maker: ConnectionMaker
+
+
+@dataclass
+class SimNetwork:
+    """Peers addressed ``simN:6783``; ``blocked`` holds unordered pairs of peer indexes that cannot talk."""
+
+    latency: float = 0.001
+    gossip_interval: float = 30.0
+    seed: int = 1
+    scheduler: VirtualScheduler = field(default_factory=VirtualScheduler)
+    peers: list[SimPeer] = field(default_factory=list)
+    blocked: set[frozenset[int]] = field(default_factory=set)
+    messages: int = 0
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self._by_address: dict[str, int] = {}
+
+    def add_peer(self, targets: list[str], discovery: bool = True) -> SimPeer:
+        index = len(self.peers)
+        info = PeerInfo(0x020000000000 + index + 1, f"sim{index}", self.rng.getrandbits(63) + 1)
+        address = f"sim{index}:6783"
+        router = Router(
+            info,
+            self.scheduler,
+            Metrics(),
+            gossip_interval=self.gossip_interval,
+            conn_limit=1000,
+            rng=random.Random(self.rng.random()),
+        )
+        maker = ConnectionMaker(
+            router,
+            self.scheduler,
+            lambda a, i=index: self._dial(i, a),
+            discovery=discovery,
+            rng=random.Random(self.rng.random()),
+        )
+        peer = SimPeer(info, address, router, maker)
+        self.peers.append(peer)
+        self._by_address[address] = index
+        router.start()
+        maker.set_origin_targets("config", targets)
+        return peer
+
+    def _dial(self, index: int, address: str) -> None:
+        self.scheduler.call_later(self.latency, lambda: self._connect(index, address))
+
+    def _connect(self, index: int, address: str) -> None:
+        dialer = self.peers[index]
+        remote_index = self._by_address.get(address)
+        if remote_index is None:
+            dialer.maker.dial_finished(address, None, "no such host")
+            return
+        if frozenset((index, remote_index)) in self.blocked:
+            dialer.maker.dial_finished(address, None, "timed out")
+            return
+        acceptor = self.peers[remote_index]
+        uid = self.rng.getrandbits(64)
+        out = SimConn(self, dialer, acceptor, True, uid)
+        inc = SimConn(self, acceptor, dialer, False, uid)
+        out.other, inc.other = inc, out
+        refused = acceptor.router.add_connection(inc) if remote_index != index else "connection to self"
+        if refused is None:
+            acceptor.maker.connection_opened(dialer.info.name)
+            refused = dialer.router.add_connection(out)
+            if refused is None:
+                dialer.maker.connection_opened(acceptor.info.name)
+            else:
+                inc.closed = True
+                acceptor.router.remove_connection(inc, refused)
+        dialer.maker.dial_finished(address, acceptor.info.name, refused)
+
+    def partition(self, groups: list[list[int]]) -> None:
+        """Cut every link between groups, closing connections that cross."""
+        for i, a in enumerate(groups):
+            for b in groups[i + 1 :]:
+                for x in a:
+                    for y in b:
+                        self.blocked.add(frozenset((x, y)))
+        for peer_index, peer in enumerate(self.peers):
+            for conn in list(peer.router.connections.values()):
+                other = self._by_address[conn.remote_address]
+                if frozenset((peer_index, other)) in self.blocked:
+                    conn.close("partitioned")  # type: ignore[attr-defined]
+
+    def heal(self) -> None:
+        self.blocked.clear()
+
+    def converged(self, exact: bool = False) -> bool:
+        """Every peer knows every peer with its current UID (``exact``: and its latest version)."""
+        owners = {p.info.name: p.router.topology.our_entry for p in self.peers}
+        for peer in self.peers:
+            view = peer.router.topology.peers
+            if len(view) != len(owners):
+                return False
+            for name, entry in owners.items():
+                mine = view.get(name)
+                if mine is None or mine.uid != entry.uid or (exact and mine.version != entry.version):
+                    return False
+        return True
+
+    def gossip_bytes_out(self) -> float:
+        total = 0.0
+        for peer in self.peers:
+            for metric in peer.router.metrics.gossip_bytes.collect():
+                for sample in metric.samples:
+                    if sample.name.endswith("_total") and sample.labels.get("direction") == "out":
+                        total += sample.value
+        return total
+
+
+def chain_of_strangers(n: int, seed: int = 1, discovery: bool = False, **kwargs) -> SimNetwork:
+    """``n`` peers where each knows exactly one earlier peer, chosen at random."""
+    net = SimNetwork(seed=seed, **kwargs)
+    rng = random.Random(seed)
+    for i in range(n):
+        targets = [] if i == 0 else [f"sim{rng.randrange(i)}:6783"]
+        net.add_peer(targets, discovery=discovery)
+    return net

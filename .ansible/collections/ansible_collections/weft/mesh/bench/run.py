@@ -1,0 +1,413 @@
+#!/usr/bin/env python3
+"""Weft benchmarks: prints tables of figures and writes them as JSON to bench/results/ (mesh.json, datapath.json).
+
+    make bench                                    # everything (as root for the real-agent and data-path parts)
+    make bench BENCH_ARGS="--sim-sizes 100,300 --agents 0 --no-datapath"
+    make bench BENCH_ARGS="--sim-sizes '' --agents 0 --datapath-seconds 5"   # the data path alone
+
+The data-path part measures TCP throughput (iperf3, 1 and 4 streams) and ping RTT (100 x 10 ms) from a
+container on h1 to one on another host: over plain routed veth (the baseline, no agent), then over weft's
+fast (kernel VXLAN), encrypted (sleeve) and relayed (sleeve through h2) paths; medians of --datapath-runs runs.
+It prints the targets next to the figures.
+
+Figures, not tests: nothing here fails on a number. The exit status is non-zero only when a mesh did
+not converge at all (or an agent died), or a data-path scenario could not be measured, because then the
+figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import datapath
+import mesh
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# The columns both simulator tables share: what the gossip cost, next to the whole-topology baseline.
+_GOSSIP_COLUMNS = [
+    "messages",
+    "changes",
+    "gossip/peer",
+    "full-topology baseline/peer",
+    "baseline/weft",
+]
+
+
+def _fmt(value: object, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        text = f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
+    elif isinstance(value, int):
+        text = f"{value:,}"
+    else:
+        text = str(value)
+    return f"{text}{unit}"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = [
+        "  ".join(
+            h.rjust(w) if i else h.ljust(w)
+            for i, (h, w) in enumerate(zip(headers, widths, strict=True))
+        )
+    ]
+    lines.append("  ".join("-" * w for w in widths))
+    for r in rows:
+        lines.append(
+            "  ".join(
+                c.rjust(w) if i else c.ljust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+    return "\n".join(lines)
+
+
+def _kib_to_mib(kib: int | None) -> float | None:
+    return None if kib is None else round(kib / 1024, 1)
+
+
+def print_sim(results: list[dict]) -> None:
+    print(
+        "\nSimulator: chain of strangers (each peer told of one earlier peer), 10 ms links, discovery off"
+    )
+    rows = []
+    for r in results:
+        rows.append(
+            [
+                f"{r['peers']:,} peers",
+                _fmt(r["virtual_s"], " s"),
+                _fmt(r["wall_s"], " s"),
+                _fmt(r["messages"]),
+                _fmt(r.get("changes")),
+                _fmt(r["gossip_bytes_per_peer"], " B"),
+                _fmt(r.get("full_topology_baseline_bytes_per_peer"), " B"),
+                _fmt(r.get("baseline_ratio"), "x"),
+            ]
+        )
+    print(
+        _table(
+            ["mesh", "converged (virtual)", "wall clock", *_GOSSIP_COLUMNS],
+            rows,
+        )
+    )
+    print(
+        "\nOne change after convergence (bytes every peer sends on average, until the mesh is quiet again)"
+    )
+    rows = []
+    for r in results:
+        for key, label in (("join", "a peer joins"), ("new_link", "a new link")):
+            c = r.get(key)
+            if not c:
+                continue
+            rows.append(
+                [
+                    f"{r['peers']:,} peers, {label}",
+                    _fmt(c["settled_s"], " s")
+                    + ("" if c["views_current"] else " (views NOT current)"),
+                    _fmt(c["extra_messages"]),
+                    _fmt(c["changes"]),
+                    _fmt(c["extra_bytes_per_peer"], " B"),
+                    _fmt(c["full_topology_baseline_bytes_per_peer"], " B"),
+                    _fmt(c["baseline_ratio"], "x"),
+                ]
+            )
+    print(
+        _table(
+            ["change", "settled", *_GOSSIP_COLUMNS],
+            rows,
+        )
+    )
+    print(
+        "\n  full-topology baseline: what gossiping the whole topology on every change would cost (Weave's way):\n"
+        "  each change x the size of the topology the announcing peer knew then, sent once per peer (a lower\n"
+        "  bound). weft sends deltas. Anti-entropy (full state to a few neighbours every"
+        f" {results[0].get('gossip_interval_s', 30):g} s) is not in\n"
+        "  these windows; its cost per peer per round is in the JSON (anti_entropy_bytes_per_peer_per_interval)."
+    )
+
+
+SCENARIOS = {
+    "launch": "h2..hN started at once with --peer h1 (times include starting the Python processes)",
+    "connect": "all agents running alone, then told of h1 through the API at once (the mesh alone)",
+}
+
+
+def print_agents(r: dict) -> None:
+    scenario = r.get("scenario", "launch")
+    print(
+        f"\nReal agents in network namespaces, encrypted: {r.get('agents', '?')} agents, {SCENARIOS[scenario]}"
+    )
+    if "skipped" in r:
+        print(f"  skipped: {r['skipped']}")
+        return
+    if "error" in r:
+        print(f"  ERROR: {r['error']}")
+    n = r["agents"]
+    start = (
+        "the launch of h2..hN" if scenario == "launch" else "`weft connect` to h2..hN"
+    )
+    rows = [
+        [
+            f"{scenario}: h2..h{n} launched / told (wall clock)",
+            _fmt(r.get("launch_s"), " s"),
+        ],
+        ["every agent's API answering", _fmt(r.get("all_apis_up_s"), " s")],
+        [f"every status lists all {n} peers", _fmt(r.get("all_know_all_s"), " s")],
+        [
+            f"full mesh ({n * (n - 1) // 2:,} connections) established",
+            _fmt(r.get("full_mesh_s"), " s"),
+        ],
+        ["connections counted after convergence", _fmt(r.get("connections"))],
+        [
+            "gossip bytes sent per agent (mean)",
+            _fmt(r.get("gossip_bytes_out_per_agent"), " B"),
+        ],
+        [
+            "CPU time: h1 / mean per agent / all agents",
+            "{} / {} / {}".format(
+                _fmt(r.get("cpu_s_h1"), " s"),
+                _fmt(r.get("cpu_s_mean"), " s"),
+                _fmt(r.get("cpu_s_total"), " s"),
+            ),
+        ],
+        [
+            "RSS of h1 alone (baseline)",
+            _fmt(_kib_to_mib(r.get("rss_alone_kib")), " MiB"),
+        ],
+        [f"RSS of h1 with {n} peers", _fmt(_kib_to_mib(r.get("rss_h1_kib")), " MiB")],
+        ["  ratio to h1 alone", _fmt(r.get("rss_h1_ratio_to_alone"), "x")],
+        [
+            "RSS max / mean over all agents",
+            "{} / {}".format(
+                _fmt(_kib_to_mib(r.get("rss_max_kib")), " MiB"),
+                _fmt(_kib_to_mib(r.get("rss_mean_kib")), " MiB"),
+            ),
+        ],
+    ]
+    print(_table([f"figure (times from {start})", "value"], rows))
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _datapath_table_row(r: dict) -> list[str]:
+    if "failed" in r:
+        return [r["scenario"], "FAILED", *["-"] * 7]
+    cpu = r.get("agent_cpu_pct_1") or {}
+    return [
+        r["scenario"],
+        (r.get("datapath") or {}).get("path", r["path"]),
+        str(r.get("mtu", "-")),
+        _fmt(r.get("gbps_1")),
+        _fmt(r.get("gbps_4")),
+        _fmt(r.get("ratio_to_baseline_1"), "x"),
+        f"{_ms(r.get('rtt_min_ms'))} / {_ms(r.get('rtt_avg_ms'))}",
+        _ms(r.get("rtt_added_ms")),
+        " / ".join(f"{name} {v:.0f}%" for name, v in cpu.items() if v is not None)
+        or "-",
+    ]
+
+
+def _target_value(t: dict, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f} ms" if t["figure"].endswith("_ms") else f"{value:.2f} Gb/s"
+
+
+def print_datapath(report: dict) -> None:
+    print(
+        f"\nData path: container on h1 to container on h2 (h3 relayed); iperf3 TCP {report['seconds']:g} s,"
+        f" ping {report['ping']}; medians of {report['runs']} run(s)"
+    )
+    if "skipped" in report:
+        print(f"  skipped: {report['skipped']}")
+        return
+    results = report["scenarios"]
+    headers = [
+        "scenario",
+        "path",
+        "MTU",
+        "Gb/s 1 stream",
+        "Gb/s 4 streams",
+        "1 stream / baseline",
+        "RTT min / avg ms",
+        "added RTT (avg) ms",
+        "agent CPU, 1 stream (% of a core)",
+    ]
+    print(_table(headers, [_datapath_table_row(r) for r in results.values()]))
+    for r in results.values():
+        busy = r.get("machine_busy_before_pct")
+        if busy is not None and busy > datapath.QUIET_PCT:
+            print(
+                f"  note: {r['scenario']}: other processes kept the machine {busy:.0f}% busy"
+                f" (of {100 * (os.cpu_count() or 1)}%) before it started: its figures may be low"
+            )
+    for r in results.values():
+        if "failed" in r:
+            print(f"\n  {r['scenario']} FAILED: {r['failed']}")
+            for host, tail in (r.get("log_tail") or {}).items():
+                print(f"    {host} agent log (end):")
+                print(
+                    "\n".join(f"      {line[:160]}" for line in tail.splitlines()[-8:])
+                )
+    print("\nTargets (figures only: nothing fails on them)")
+    rows = [
+        [
+            t["scenario"],
+            t["target"],
+            _target_value(t, t["limit"]),
+            _target_value(t, t["measured"]),
+            {True: "yes", False: "NO", None: "-"}[t["met"]],
+        ]
+        for t in report["targets"]
+    ]
+    print(_table(["scenario", "target", "limit", "measured", "met"], rows))
+
+
+def _sigterm_as_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"received signal {signum}")
+
+
+def main() -> int:
+    # SIGTERM (a cancelled job) unwinds like Ctrl-C, so the lab still removes its namespaces and agents.
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--sim-sizes",
+        default="100,300,1000",
+        help="simulated mesh sizes, comma-separated ('' to skip)",
+    )
+    parser.add_argument(
+        "--agents", type=int, default=50, help="real agents in namespaces (0 to skip)"
+    )
+    parser.add_argument(
+        "--scenarios",
+        default="launch,connect",
+        help=f"real-agent scenarios, comma-separated: {', '.join(SCENARIOS)}",
+    )
+    parser.add_argument(
+        "--output", type=Path, default=RESULTS / "mesh.json", help="mesh JSON"
+    )
+    parser.add_argument(
+        "--datapath",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the data-path benchmark (iperf3 and ping between containers; needs root)",
+    )
+    parser.add_argument(
+        "--datapath-seconds",
+        type=float,
+        default=10.0,
+        help="length of each iperf3 run (iperf3 -t; the reference used 10)",
+    )
+    parser.add_argument(
+        "--datapath-runs",
+        type=int,
+        default=3,
+        help="runs per scenario; the table shows their medians",
+    )
+    parser.add_argument(
+        "--datapath-scenarios",
+        default=",".join(datapath.SCENARIOS),
+        help="data-path scenarios, comma-separated: "
+        + "; ".join(f"{k}: {v}" for k, v in datapath.SCENARIOS.items()),
+    )
+    parser.add_argument(
+        "--datapath-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for the agents to meet and h1 to show the expected path before a scenario"
+        " is recorded as failed",
+    )
+    parser.add_argument(
+        "--datapath-output",
+        type=Path,
+        default=RESULTS / "datapath.json",
+        help="data-path JSON",
+    )
+    args = parser.parse_args()
+    dp_scenarios = [s.strip() for s in args.datapath_scenarios.split(",") if s.strip()]
+    unknown = [s for s in dp_scenarios if s not in datapath.SCENARIOS]
+    if unknown:
+        parser.error(f"unknown --datapath-scenarios: {', '.join(unknown)}")
+
+    sizes = [int(s) for s in args.sim_sizes.split(",") if s.strip()]
+    report: dict = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "kernel": platform.release(),
+        },
+    }
+    failed = False
+
+    if sizes:
+        report["sim"] = []
+        for n in sizes:
+            print(f"simulating {n:,} peers ...", flush=True)
+            r = mesh.sim_convergence(n)
+            report["sim"].append(r)
+            failed |= not r["converged"] or any(
+                not r.get(k, {}).get("views_current", True)
+                for k in ("join", "new_link")
+            )
+        print_sim(report["sim"])
+
+    if args.agents:
+        report["agents"] = {}
+        for scenario in [s.strip() for s in args.scenarios.split(",") if s.strip()]:
+            print(f"\nstarting {args.agents} real agents ({scenario}) ...", flush=True)
+            r = mesh.real_agents(
+                args.agents, scenario=scenario, log=lambda line: print(line, flush=True)
+            )
+            report["agents"][scenario] = r
+            failed |= "error" in r or (
+                "skipped" not in r and r.get("all_know_all_s") is None
+            )
+            print_agents(r)
+
+    if sizes or args.agents:
+        _write(args.output, report)
+
+    if args.datapath and dp_scenarios:
+        print("\ndata path ...", flush=True)
+        dp = datapath.run(
+            dp_scenarios,
+            seconds=args.datapath_seconds,
+            runs=args.datapath_runs,
+            settle_timeout=args.datapath_timeout,
+            log=lambda line: print(line, flush=True),
+        )
+        print_datapath(dp)
+        _write(
+            args.datapath_output, {**{k: report[k] for k in ("when", "machine")}, **dp}
+        )
+        failed |= any("failed" in r for r in dp["scenarios"].values())
+    return 1 if failed else 0
+
+
+def _write(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+import pytest
+from ansible.errors import AnsibleFilterError
+
+from ansible_collections.weft.mesh.plugins.filter.mesh import mesh_problems, peer_addresses, weft_address
+
+# The lab's shape: two data centres that can reach each other, and a VPC behind NAT.
+HOSTVARS = {
+    "dc1-a": {"weft_site": "dc1", "weft_advertise_address": "10.10.1.11", "weft_public_address": "192.0.2.11"},
+    "dc1-b": {"weft_site": "dc1", "ansible_host": "10.10.1.12"},  # no addresses set: ansible_host everywhere
+    "dc2-a": {"weft_site": "dc2", "weft_advertise_address": "10.10.2.11", "weft_public_address": "192.0.2.21:16783"},
+    "aws-a": {"weft_site": "aws", "weft_site_reachable": False, "weft_advertise_address": "172.31.0.11"},
+    "aws-b": {
+        "weft_site": "aws",
+        "weft_site_reachable": "false",
+        "weft_advertise_address": "172.31.0.12",
+        "weft_port": 7000,
+    },
+}
+HOSTS = list(HOSTVARS)
+
+
+def test_same_site_uses_advertise_other_sites_public():
+    assert peer_addresses(HOSTS, HOSTVARS, "dc1-a") == ["10.10.1.12:6783", "192.0.2.21:16783"]
+
+
+def test_fallbacks_and_unreachable_sites_left_out():
+    # dc1-a has a public address for dc2; the VPC's hosts cannot be dialled from dc2.
+    assert peer_addresses(HOSTS, HOSTVARS, "dc2-a") == ["10.10.1.12:6783", "192.0.2.11:6783"]
+
+
+def test_nat_site_dials_everyone():
+    assert peer_addresses(HOSTS, HOSTVARS, "aws-a") == [
+        "10.10.1.12:6783",
+        "172.31.0.12:7000",
+        "192.0.2.11:6783",
+        "192.0.2.21:16783",
+    ]
+
+
+def test_no_site_at_all_means_one_site():
+    hostvars = {"a": {}, "b": {"ansible_host": "10.0.0.2"}, "c": {"weft_public_address": "198.51.100.3"}}
+    assert peer_addresses(list(hostvars), hostvars, "a") == ["10.0.0.2:6783", "c:6783"]
+
+
+def test_unknown_host_is_an_error():
+    with pytest.raises(AnsibleFilterError, match="'ghost' is not a host"):
+        peer_addresses(["ghost"], HOSTVARS, "dc1-a")
+
+
+def test_weft_address():
+    assert weft_address("0.0.0.0", 6783) == "0.0.0.0:6783"
+    assert weft_address("::", "7000") == "[::]:7000"
+    with pytest.raises(AnsibleFilterError, match="missing host"):
+        weft_address(":1")
+
+
+def connection(nickname, state="established", encrypted=True, datapath=None):
+    return {"peer": "x", "nickname": nickname, "state": state, "encrypted": encrypted, "datapath": datapath}
+
+
+def status(*connections, ready=True, peers=("dc1-a", "dc1-b", "dc2-a")):
+    return {
+        "ready": ready,
+        "peers": [{"nickname": n} for n in peers],
+        "connections": list(connections),
+    }
+
+
+MESH = ["dc1-a", "dc1-b", "dc2-a"]
+
+
+def test_healthy_mesh():
+    sealed = {"path": "sleeve", "encrypted": True}
+    fast = {"path": "fast", "encrypted": False}
+    st = status(connection("dc1-b", encrypted=False, datapath=fast), connection("dc2-a", datapath=sealed))
+    assert mesh_problems(st, MESH, HOSTVARS, "dc1-a") == []
+
+
+def test_missing_peer_and_pending_connection():
+    st = status(connection("dc1-b", state="pending"), peers=("dc1-a", "dc1-b"), ready=False)
+    assert mesh_problems(st, MESH, HOSTVARS, "dc1-a") == [
+        "the agent is not ready",
+        "dc1-b: no established connection (connections: pending)",
+        "dc2-a: not among the peers",
+    ]
+
+
+def test_cross_site_traffic_in_clear():
+    # The control channel is sealed but data takes the unencrypted fast path across sites: not acceptable.
+    st = status(connection("dc1-b"), connection("dc2-a", datapath={"path": "fast", "encrypted": False}))
+    assert mesh_problems(st, MESH, HOSTVARS, "dc1-a") == [
+        "dc2-a: connection across sites (dc1 to dc2) is not encrypted"
+    ]
+    assert mesh_problems(st, MESH, HOSTVARS, "dc1-a", False) == []
+
+
+def test_datapath_down_falls_back_to_control_encryption():
+    st = status(connection("dc1-b"), connection("dc2-a", datapath={"path": "down", "encrypted": False}))
+    assert mesh_problems(st, MESH, HOSTVARS, "dc1-a") == []
+
+
+def test_nickname_override():
+    hostvars = dict(HOSTVARS, **{"dc1-b": {"weft_site": "dc1", "weft_nickname": "bee"}})
+    st = status(connection("bee"), connection("dc2-a"), peers=("dc1-a", "bee", "dc2-a"))
+    assert mesh_problems(st, MESH, hostvars, "dc1-a") == []
+
+
+def test_not_a_status():
+    with pytest.raises(AnsibleFilterError, match="expects the weft_info status"):
+        mesh_problems("nope", MESH, HOSTVARS, "dc1-a")
+
+
+def test_routed_site_without_public_address_uses_advertise():
+    # ansible_host may be a management network the hosts cannot use among themselves: it is the last resort.
+    hostvars = {
+        "a": {"weft_site": "s1", "ansible_host": "10.254.0.2"},
+        "b": {"weft_site": "s2", "ansible_host": "10.254.0.3", "weft_advertise_address": "10.10.2.11"},
+    }
+    assert peer_addresses(["a", "b"], hostvars, "a") == ["10.10.2.11:6783"]
