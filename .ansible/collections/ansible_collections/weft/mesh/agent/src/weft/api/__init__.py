@@ -1,1 +1,0 @@
-"""The agent's local API (unix socket), its read-only status and metrics port, and the CLI client."""

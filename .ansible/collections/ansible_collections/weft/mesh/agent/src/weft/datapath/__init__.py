@@ -1,1 +1,0 @@
-"""The data plane: the bridge, container attach, the kernel fast path, the encrypted userspace path."""

@@ -1,1 +1,0 @@
-"""The mesh: peer identity, control connections, gossip, topology and routes."""
