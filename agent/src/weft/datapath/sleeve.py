@@ -176,8 +176,12 @@ class Sleeve:
     def start(self) -> None:
         if self._thread is not None:
             return
-        if not os.path.exists(f"/sys/class/net/{self.tap_name}"):
-            raise FileNotFoundError(f"TAP {self.tap_name} does not exist (the sleeve attaches to a persistent TAP)")
+        try:  # asks the kernel of this network namespace: /sys/class/net may show another one (nspawn)
+            socket.if_nametoindex(self.tap_name)
+        except OSError:
+            raise FileNotFoundError(
+                f"TAP {self.tap_name} does not exist (the sleeve attaches to a persistent TAP)"
+            ) from None
         self._tap_fd = open_tap(self.tap_name)
         try:
             self._sock = open_udp(self.listen)
