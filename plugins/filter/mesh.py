@@ -85,11 +85,12 @@ def _encrypted(connection):
     return bool(connection.get("encrypted"))
 
 
-def mesh_problems(status, hosts, hostvars, me, require_encryption=True):
+def mesh_problems(status, hosts, hostvars, me, require_encryption=True, require_datapath=True):
     """What keeps ``me``'s agent (its weft_info status) from being whole with ``hosts``; [] when healthy.
 
     Healthy: the agent is ready, and every other host is among its peers with an established connection,
-    encrypted when the two hosts are at different sites (and ``require_encryption``).
+    whose data path is up (when the agent runs one and ``require_datapath``), encrypted when the two hosts
+    are at different sites (and ``require_encryption``).
     """
     if not isinstance(status, dict):
         raise AnsibleFilterError("mesh_problems expects the weft_info status (a dict), got %r" % (status,))
@@ -109,6 +110,11 @@ def mesh_problems(status, hosts, hostvars, me, require_encryption=True):
         if not established:
             states = sorted(set(str(c.get("state")) for c in mine)) or ["none"]
             problems.append("%s: no established connection (connections: %s)" % (nickname, ", ".join(states)))
+            continue
+        paths = [c["datapath"] for c in established if c.get("datapath")]
+        if require_datapath and paths and all(p.get("path") in (None, "down") for p in paths):
+            reasons = sorted(set(str(p.get("reason") or "no reason given") for p in paths))
+            problems.append("%s: data path down (%s)" % (nickname, "; ".join(reasons)))
             continue
         other_site = _site(hostvars, host)
         if require_encryption and other_site != site and not any(_encrypted(c) for c in established):

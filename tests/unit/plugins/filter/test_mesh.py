@@ -94,9 +94,20 @@ def test_cross_site_traffic_in_clear():
     assert mesh_problems(st, MESH, HOSTVARS, "dc1-a", False) == []
 
 
-def test_datapath_down_falls_back_to_control_encryption():
-    st = status(connection("dc1-b"), connection("dc2-a", datapath={"path": "down", "encrypted": False}))
-    assert mesh_problems(st, MESH, HOSTVARS, "dc1-a") == []
+def test_datapath_down():
+    down = {"path": "down", "encrypted": False, "reason": "no heartbeat"}
+    st = status(connection("dc1-b"), connection("dc2-a", datapath=down))
+    assert mesh_problems(st, MESH, HOSTVARS, "dc1-a") == ["dc2-a: data path down (no heartbeat)"]
+    # Not required: judged by the control channel's encryption, which is on.
+    assert mesh_problems(st, MESH, HOSTVARS, "dc1-a", True, False) == []
+
+
+def test_no_datapath_at_all():
+    # An agent with datapath: false reports no data path; the control channel is what counts.
+    st = status(connection("dc1-b"), connection("dc2-a", encrypted=False))
+    assert mesh_problems(st, MESH, HOSTVARS, "dc1-a") == [
+        "dc2-a: connection across sites (dc1 to dc2) is not encrypted"
+    ]
 
 
 def test_nickname_override():

@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""Acceptance checks of the Ansible side against the running lab, after `make demo` (or a converged lab).
+
+    .venv/bin/python playbooks/checks/acceptance.py [CHECK...]
+
+Checks, in this order (all by default; each prints PASS or FAIL with the reason):
+  idempotent   a second site.yml run reports changed=0 for every host
+  check-diff   site.yml --check --diff reports no change and no error
+  terminate    terminating aws-b in EC2 (moto) and re-running site.yml takes it out of every peer list by a
+               reload (agent PIDs unchanged) so that it is no host's target; then aws-b is registered again
+               (lab/weftlab.py up) and site.yml brings it back
+  rotate       weft_secrets [new, old], site.yml, then [new], site.yml: the mesh stays whole throughout, the
+               agents only reload; both runs at -vvv, whose output must not contain any of the secrets
+Exit status: the number of failed checks. Needs root and the lab up; changes the lab's mesh secret.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = ROOT / ".venv" / "bin"
+LAB_JSON = Path("/var/lib/weft-lab/lab.json")
+WEFT = "/opt/weft/current/bin/weft"
+LOG_DIR = Path(os.environ.get("WEFT_CHECK_LOGS", "/tmp/weft-acceptance"))
+sys.path.insert(0, str(ROOT / "inventories"))
+
+import labvault  # noqa: E402
+
+
+def lab() -> dict:
+    return json.loads(LAB_JSON.read_text())
+
+
+def env() -> dict[str, str]:
+    ec2 = lab()["ec2"]
+    return dict(
+        os.environ,
+        PATH=f"{VENV_BIN}:{os.environ['PATH']}",
+        AWS_URL=ec2["endpoint_url"],
+        AWS_ACCESS_KEY_ID=ec2["aws_access_key_id"],
+        AWS_SECRET_ACCESS_KEY=ec2["aws_secret_access_key"],
+        AWS_DEFAULT_REGION=ec2["region"],
+        ANSIBLE_VAULT_PASSWORD_FILE=str(ROOT / "inventories" / "lab-vault-password.sh"),
+        ANSIBLE_NOCOLOR="1",
+    )
+
+
+def playbook(name: str, *args: str) -> tuple[int, str, dict[str, dict[str, int]]]:
+    """Run ansible-playbook on the lab inventory; returns rc, the whole output (also kept in LOG_DIR), recap."""
+    cmd = ["ansible-playbook", "-i", "inventories/lab", *args, name]
+    res = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True)
+    out = res.stdout + res.stderr
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    log = LOG_DIR / f"{time.strftime('%H%M%S')}-{Path(name).stem}{''.join(a.strip('-')[:6] for a in args)}.log"
+    log.write_text(f"$ {' '.join(cmd)}\n{out}")
+    recap = {}
+    for line in out.splitlines():
+        m = re.match(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", line)
+        if m:
+            recap[m[1]] = {"ok": int(m[2]), "changed": int(m[3]), "unreachable": int(m[4]), "failed": int(m[5])}
+    print(f"    ran {' '.join(cmd[3:])}: rc={res.returncode} (log: {log})")
+    return res.returncode, out, recap
+
+
+def ssh(name: str, command: str) -> str:
+    """Run a command on a lab machine over the management network."""
+    m = next(m for m in lab()["machines"] if m["name"] == name)
+    key = lab()["ssh"]["private_key_file"]
+    opts = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+    res = subprocess.run(
+        ["ssh", "-i", key, *opts, f"root@{m['mgmt_ip']}", command], capture_output=True, text=True, timeout=60
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"{name}: {command}: {res.stderr.strip()}")
+    return res.stdout
+
+
+def machines() -> list[str]:
+    return [m["name"] for m in lab()["machines"]]
+
+
+def agent_pids(names: list[str]) -> dict[str, str]:
+    return {n: ssh(n, "systemctl show -p MainPID --value weft.service").strip() for n in names}
+
+
+def targets(name: str) -> list[dict]:
+    return json.loads(ssh(name, f"{WEFT} status targets --json"))
+
+
+def ec2():
+    import boto3
+
+    e = lab()["ec2"]
+    return boto3.client(
+        "ec2",
+        endpoint_url=e["endpoint_url"],
+        region_name=e["region"],
+        aws_access_key_id=e["aws_access_key_id"],
+        aws_secret_access_key=e["aws_secret_access_key"],
+    )
+
+
+class Check:
+    failures = 0
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        print(f"--- {self.name}")
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is None:
+            print(f"PASS {self.name}")
+        else:
+            Check.failures += 1
+            print(f"FAIL {self.name}: {exc}")
+        return kind is None or issubclass(kind, (AssertionError, RuntimeError, subprocess.SubprocessError))
+
+
+def no_changes(rc: int, recap: dict) -> None:
+    assert rc == 0, f"ansible-playbook exited {rc}"
+    assert recap, "no PLAY RECAP in the output"
+    changed = {h: r["changed"] for h, r in recap.items() if r["changed"] or r["failed"] or r["unreachable"]}
+    assert not changed, f"hosts with changes, failures or unreachable: {changed}"
+
+
+def check_idempotent() -> None:
+    with Check("idempotent: a second site.yml run changes nothing"):
+        rc, _, recap = playbook("site.yml")
+        no_changes(rc, recap)
+
+
+def check_diff() -> None:
+    with Check("check-diff: site.yml --check --diff reports no change and no error"):
+        rc, out, recap = playbook("site.yml", "--check", "--diff")
+        no_changes(rc, recap)
+        assert "[ERROR]" not in out, "errors in the output"
+
+
+def check_terminate(victim: str = "aws-b") -> None:
+    with Check(f"terminate: {victim} terminated in EC2 leaves every peer list by a reload"):
+        others = [n for n in machines() if n != victim]
+        address = next(m["underlay_ip"] for m in lab()["machines"] if m["name"] == victim)
+        before = agent_pids(others)
+        client = ec2()
+        ids = [
+            i["InstanceId"]
+            for r in client.describe_instances(
+                Filters=[
+                    {"Name": "tag:Name", "Values": [victim]},
+                    {"Name": "instance-state-name", "Values": ["pending", "running"]},
+                ]
+            )["Reservations"]
+            for i in r["Instances"]
+        ]
+        assert ids, f"no live instance named {victim} in EC2"
+        client.terminate_instances(InstanceIds=ids)
+        print(f"    terminated {victim} ({', '.join(ids)})")
+        try:
+            rc, out, recap = playbook("site.yml")
+            assert rc == 0, f"site.yml exited {rc}"
+            assert victim not in recap, f"{victim} is still in the inventory"
+            after = agent_pids(others)
+            assert after == before, f"agents restarted (MainPID before {before}, after {after})"
+            for n in others:
+                config = ssh(n, "cat /etc/weft/weft.yaml")
+                assert f"{address}:" not in config, f"{n}: {address} is still in /etc/weft/weft.yaml"
+                still = [t for t in targets(n) if t["address"].startswith(f"{address}:")]
+                assert not still, f"{n}: {victim} ({address}) is still a target: {still}"
+            print(f"    {victim} ({address}) is in no peer list and no target; agent PIDs unchanged: {after}")
+        finally:
+            print(f"    registering {victim} again (lab/weftlab.py up) and converging")
+            subprocess.run([str(VENV_BIN / "python"), "lab/weftlab.py", "up"], cwd=ROOT, check=True, capture_output=True)
+            rc, _, recap = playbook("site.yml")
+            assert rc == 0 and victim in recap, f"could not bring {victim} back (site.yml rc={rc})"
+
+
+def check_rotate() -> None:
+    with Check("rotate: [new, old] then [new] keeps the mesh whole; -vvv never shows a secret"):
+        lib = labvault.vault()
+        old = labvault.read_secrets(lib)
+        assert old, "no lab secret to rotate (inventories/labvault.py ensure)"
+        pids = agent_pids(machines())
+        seen = list(old)
+        outputs = []
+        for step in ("rotate", "finish"):
+            labvault.main([step])
+            seen += labvault.read_secrets(lib) or []
+            # site.yml ends with the mesh check (playbooks/verify.yml): every host sees every other one.
+            rc, out, _ = playbook("site.yml", "-vvv")
+            outputs.append(out)
+            assert rc == 0, f"site.yml after `labvault.py {step}` exited {rc}: the mesh did not stay whole"
+        now = labvault.read_secrets(lib) or []
+        assert len(now) == 1 and now[0] not in old, "the rotation did not end with only the new secret"
+        for n in machines():
+            files = ssh(n, "ls /etc/weft").split()
+            assert [f for f in files if f.startswith("secret-")] == ["secret-1"], f"{n}: secret files {files}"
+        after = agent_pids(machines())
+        assert after == pids, f"agents restarted during the rotation ({pids} -> {after})"
+        leaked = sorted({labvault.fingerprint(s) for s in seen for out in outputs if s in out})
+        assert not leaked, f"secrets (sha256 {leaked}) appear in the -vvv output"
+        print(f"    {len(seen)} secrets seen by the runs, none in {sum(map(len, outputs))} bytes of -vvv output")
+
+
+CHECKS = {"idempotent": check_idempotent, "check-diff": check_diff, "terminate": check_terminate, "rotate": check_rotate}
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(CHECKS)
+    unknown = [n for n in names if n not in CHECKS]
+    if unknown:
+        raise SystemExit(f"acceptance.py: unknown checks {unknown}; known: {', '.join(CHECKS)}")
+    for n in names:
+        CHECKS[n]()
+    print(f"{len(names) - Check.failures} passed, {Check.failures} failed")
+    return Check.failures
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
