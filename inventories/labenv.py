@@ -75,7 +75,9 @@ def check(lab: dict) -> list[str]:
     aws_vars = yaml.safe_load((LAB_INVENTORY / "group_vars" / "aws.yml").read_text())
     nat = lab["sites"]["aws"]["public_address"]
     if aws_vars.get("weft_public_address") != nat:
-        problems.append(f"group_vars/aws.yml weft_public_address is {aws_vars.get('weft_public_address')}, NAT is {nat}")
+        problems.append(
+            f"group_vars/aws.yml weft_public_address is {aws_vars.get('weft_public_address')}, NAT is {nat}"
+        )
     endpoint = lab["ec2"]["endpoint_url"]
     if endpoint != DEFAULT_ENDPOINT and os.environ.get("AWS_URL") != endpoint:
         problems.append(f"the EC2 endpoint is {endpoint}: export AWS_URL={endpoint} (eval `labenv.py exports`)")

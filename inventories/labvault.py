@@ -53,7 +53,7 @@ def read_secrets(lib: VaultLib) -> list[str] | None:
         return None
     try:
         return [lib.decrypt("".join(line[4:] for line in b.splitlines(keepends=True))).decode() for b in blocks]
-    except Exception:  # noqa: BLE001 - a wrong password or a damaged block: make a new file
+    except Exception:  # a wrong password or a damaged block: make a new file
         return None
 
 

@@ -166,7 +166,7 @@ def check_terminate(victim: str = "aws-b") -> None:
         client.terminate_instances(InstanceIds=ids)
         print(f"    terminated {victim} ({', '.join(ids)})")
         try:
-            rc, out, recap = playbook("site.yml")
+            rc, _, recap = playbook("site.yml")
             assert rc == 0, f"site.yml exited {rc}"
             assert victim not in recap, f"{victim} is still in the inventory"
             after = agent_pids(others)
@@ -179,7 +179,9 @@ def check_terminate(victim: str = "aws-b") -> None:
             print(f"    {victim} ({address}) is in no peer list and no target; agent PIDs unchanged: {after}")
         finally:
             print(f"    registering {victim} again (lab/weftlab.py up) and converging")
-            subprocess.run([str(VENV_BIN / "python"), "lab/weftlab.py", "up"], cwd=ROOT, check=True, capture_output=True)
+            subprocess.run(
+                [str(VENV_BIN / "python"), "lab/weftlab.py", "up"], cwd=ROOT, check=True, capture_output=True
+            )
             rc, _, recap = playbook("site.yml")
             assert rc == 0 and victim in recap, f"could not bring {victim} back (site.yml rc={rc})"
 
@@ -208,10 +210,15 @@ def check_rotate() -> None:
         assert after == pids, f"agents restarted during the rotation ({pids} -> {after})"
         leaked = sorted({labvault.fingerprint(s) for s in seen for out in outputs if s in out})
         assert not leaked, f"secrets (sha256 {leaked}) appear in the -vvv output"
-        print(f"    {len(seen)} secrets seen by the runs, none in {sum(map(len, outputs))} bytes of -vvv output")
+        print(f"    {len(set(seen))} secrets seen by the runs, none in {sum(map(len, outputs))} bytes of -vvv output")
 
 
-CHECKS = {"idempotent": check_idempotent, "check-diff": check_diff, "terminate": check_terminate, "rotate": check_rotate}
+CHECKS = {
+    "idempotent": check_idempotent,
+    "check-diff": check_diff,
+    "terminate": check_terminate,
+    "rotate": check_rotate,
+}
 
 
 def main(argv: list[str]) -> int:

@@ -13,6 +13,22 @@ import time
 import pytest
 import testinfra.utils.ansible_runner
 
+
+def _plain(value):
+    """ansible-core 2.19's `ansible-inventory --list` wraps values from inventory plugins (the aws_ec2 hosts'
+    ansible_host, for one) as {"__ansible_unsafe": value}; testinfra 10 expects plain strings."""
+    if isinstance(value, dict):
+        if set(value) == {"__ansible_unsafe"}:
+            return _plain(value["__ansible_unsafe"])
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+_get_ansible_inventory = testinfra.utils.ansible_runner.get_ansible_inventory
+testinfra.utils.ansible_runner.get_ansible_inventory = lambda *a, **kw: _plain(_get_ansible_inventory(*a, **kw))
+
 INVENTORY = os.environ.get("WEFT_INVENTORY", "inventories/lab")
 MESH_GROUP = os.environ.get("WEFT_MESH_GROUP", "weft_mesh")
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)

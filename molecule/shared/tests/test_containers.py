@@ -39,8 +39,7 @@ def test_container_reaches_every_other_container(host, addresses):
         unreachable = [
             f"{name} ({address})"
             for name, address in sorted(addresses.items())
-            if name != me
-            and not host.run(f"ip netns exec {DEMO_NETNS} ping -c 1 -W 2 -q {address}").succeeded
+            if name != me and not host.run(f"ip netns exec {DEMO_NETNS} ping -c 1 -W 2 -q {address}").succeeded
         ]
         assert not unreachable, f"the container on {me} cannot reach {unreachable}"
 

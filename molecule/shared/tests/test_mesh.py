@@ -32,9 +32,7 @@ def test_sees_every_other_host_with_an_established_connection(host):
     def check():
         status = weft_status(host)
         peers = {p.get("nickname") for p in status.get("peers") or []}
-        established = {
-            c.get("nickname") for c in status.get("connections") or [] if c.get("state") == "established"
-        }
+        established = {c.get("nickname") for c in status.get("connections") or [] if c.get("state") == "established"}
         missing = [h for h in others if h not in peers]
         unconnected = [h for h in others if h not in established]
         assert not missing, f"{me} does not know {missing}"
