@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Check that inventories/lab agrees with the lab that runs (/var/lib/weft-lab/lab.json), and print the
 environment the lab's aws_ec2 inventory wants.
 
@@ -97,7 +96,7 @@ def exports(lab: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="labenv.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="labenv.py", description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("action", choices=["check", "exports"])
     args = parser.parse_args(argv)
     lab = load_lab()

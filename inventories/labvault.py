@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """The lab's mesh secrets: inventories/lab/group_vars/all/vault.yml, each secret vault-encrypted inline with
 the lab's vault password (/var/lib/weft-lab/vault-password, made by `make lab-up`).
 
@@ -79,7 +78,7 @@ def new_secret() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="labvault.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="labvault.py", description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("action", nargs="?", default="ensure", choices=["ensure", "rotate", "finish", "show"])
     args = parser.parse_args(argv)
     lib = vault()
