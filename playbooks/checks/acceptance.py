@@ -189,6 +189,33 @@ def check_terminate(victim: str = "aws-b") -> None:
             assert rc == 0 and victim in recap, f"could not bring {victim} back (site.yml rc={rc})"
 
 
+MAX_LOST = 5  # "at most a few packets" while the secret rotates
+
+
+def demo_address(name: str) -> str:
+    """The overlay address of the demo container on ``name`` (playbooks/checks/containers.yml)."""
+    out = ssh(name, "ip -4 -o -netns weftdemo addr show dev ethwe")
+    match = re.search(r"inet (\d+\.\d+\.\d+\.\d+)/", out)
+    assert match, f"{name}: no demo container on the overlay (run make demo first): {out!r}"
+    return match.group(1)
+
+
+def start_ping(src: str, dst: str) -> str:
+    """A ping every 0.2 s from src's demo container to dst's, in the background; returns its PID."""
+    target = demo_address(dst)
+    cmd = f"ip netns exec weftdemo ping -n -i 0.2 -c 100000 {target} > /tmp/weft-rotate-ping.log 2>&1 & echo $!"
+    return ssh(src, cmd).strip()
+
+
+def stop_ping(src: str, pid: str) -> tuple[int, int]:
+    """Stop the ping (SIGINT, so it prints its summary) and return (sent, received)."""
+    ssh(src, f"kill -INT {pid}; sleep 1; cat /tmp/weft-rotate-ping.log")
+    out = ssh(src, "cat /tmp/weft-rotate-ping.log; rm -f /tmp/weft-rotate-ping.log")
+    match = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+    assert match, f"{src}: no ping summary: {out[-500:]!r}"
+    return int(match.group(1)), int(match.group(2))
+
+
 def check_rotate() -> None:
     with Check("rotate: [new, old] then [new] keeps the mesh whole; -vvv never shows a secret"):
         lib = labvault.vault()
@@ -197,6 +224,7 @@ def check_rotate() -> None:
         pids = agent_pids(machines())
         seen = list(old)
         outputs = []
+        pinger = start_ping("dc1-a", "dc2-a")  # across sites, through both rotations
         for step in ("rotate", "finish"):
             labvault.main([step])
             seen += labvault.read_secrets(lib) or []
@@ -209,6 +237,9 @@ def check_rotate() -> None:
         for n in machines():
             files = ssh(n, "ls /etc/weft").split()
             assert [f for f in files if f.startswith("secret-")] == ["secret-1"], f"{n}: secret files {files}"
+        sent, received = stop_ping("dc1-a", pinger)
+        assert sent - received <= MAX_LOST, f"a ping from dc1-a to dc2-a lost {sent - received} of {sent}"
+        print(f"    ping dc1-a -> dc2-a during the rotation: {received} of {sent} answered")
         after = agent_pids(machines())
         assert after == pids, f"agents restarted during the rotation ({pids} -> {after})"
         leaked = sorted({labvault.fingerprint(s) for s in seen for out in outputs if s in out})
