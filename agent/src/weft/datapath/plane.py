@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
@@ -59,6 +60,7 @@ class DataPlane:
         self.dead = DEAD_AFTER * config.path_interval
         self.trusted = config.trusted_networks()
         self.paths: dict[int, PathState] = {}
+        self._ended: dict[int, tuple[float, PathState]] = {}  # recently closed connections' path state
         self.relayed: dict[int, int] = {}  # peer -> next hop, for peers with no usable direct path
         self.macs = MacTable(self.ourself, self._changed)
         self.nd: NetDev | None = None
@@ -259,8 +261,9 @@ class DataPlane:
     def _sync_neighbours(self, now: float) -> None:
         """One PathState per established control connection; a new connection brings new keys."""
         conns = self.router.connections
+        self._ended = {n: e for n, e in self._ended.items() if now - e[0] <= self.dead}
         for name in [n for n in self.paths if n not in conns]:
-            del self.paths[name]
+            self._ended[name] = (now, self.paths.pop(name))
             self._changed()
         for name, conn in conns.items():
             st = self.paths.get(name)
@@ -272,7 +275,10 @@ class DataPlane:
                 route_mtu = self.nd.route_mtu(ip)
             except Exception:  # no route right now: the heartbeat will fail and say so
                 route_mtu = 1500
-            self.paths[name] = PathState(
+            ended_at, before = self._ended.pop(name, (0.0, None))
+            if st is None and before is not None and before.ip == ip and now - ended_at <= self.dead:
+                st = before  # a reconnection (a re-key, say): what the paths proved still holds
+            fresh = PathState(
                 peer=name,
                 ip=ip,
                 udp_addr=st.udp_addr if st is not None else (ip, self.udp_port),
@@ -282,6 +288,12 @@ class DataPlane:
                 route_mtu=route_mtu,
                 assume_fast_until=self._started_at + self.dead + self.interval if ip in self._adopted_fast else 0.0,
             )
+            if st is not None and st.ip == ip:
+                # New keys, same paths: keep the evidence so traffic does not stop until the next heartbeat.
+                fresh = dataclasses.replace(
+                    st, keys=fresh.keys, epoch=fresh.epoch, we_trust=fresh.we_trust, route_mtu=route_mtu
+                )
+            self.paths[name] = fresh
             self.paths[name].choose(now, self.dead, self.config.mtu, self.config.vxlan_port, self.udp_port)
             self._changed()
 
