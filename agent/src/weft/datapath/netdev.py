@@ -291,13 +291,19 @@ class NetDev:
 
     # -- devices -------------------------------------------------------------------------------------------
 
-    def ensure_bridge(self, name: str, mtu: int) -> int:
+    def _own_link(self, name: str, kind: str, what: str) -> Link | None:
+        """The link called ``name`` if it is of ``kind``; None if there is none; an error if it is something else
+        (never delete a device we did not make)."""
         link = self.link(name)
-        if link is not None and link.kind != "bridge":
+        if link is not None and link.kind != kind:
             raise NetDevError(
-                f"link {name!r} exists but is a {link.kind or 'plain device'}, not a bridge: "
-                "delete it or configure another bridge name"
+                f"link {name!r} exists but is a {link.kind or 'plain device'}, not {what}: "
+                f"delete it or configure another {what.removeprefix('a ')} name"
             )
+        return link
+
+    def ensure_bridge(self, name: str, mtu: int) -> int:
+        link = self._own_link(name, "bridge", "a bridge")
         if link is None:
             _call(
                 f"cannot create bridge {name!r}",
@@ -318,13 +324,8 @@ class NetDev:
     def ensure_vxlan(self, name: str, *, bridge: str, vni: int, port: int, mtu: int) -> int:
         """Kernel VXLAN port on the bridge that learns nothing by itself: the agent programs both FDBs."""
         self._require(bridge, "bridge")
-        link = self.link(name)
+        link = self._own_link(name, "vxlan", "vxlan")
         if link is not None:
-            if link.kind != "vxlan":
-                raise NetDevError(
-                    f"link {name!r} exists but is a {link.kind or 'plain device'}, not vxlan: "
-                    "delete it or configure another vxlan name"
-                )
             d = link.data
             wanted = (vni, port, 0)
             if (d.get("IFLA_VXLAN_ID"), d.get("IFLA_VXLAN_PORT"), d.get("IFLA_VXLAN_LEARNING")) != wanted or (
@@ -352,16 +353,13 @@ class NetDev:
         """Persistent TAP on the bridge; the sleeve attaches later with TUNSETIFF(IFF_TAP|IFF_NO_PI|IFF_VNET_HDR),
         plus IFF_MULTI_QUEUE exactly when `multi_queue` (the kernel refuses a mismatch)."""
         self._require(bridge, "bridge")
-        link = self.link(name)
-        if link is not None:
-            if link.kind != "tun":
-                raise NetDevError(
-                    f"link {name!r} exists but is a {link.kind or 'plain device'}, not a tap: "
-                    "delete it or configure another tap name"
-                )
-            if link.data.get("IFLA_TUN_TYPE") != 2 or bool(link.data.get("IFLA_TUN_MULTI_QUEUE")) != multi_queue:
-                self.delete_link(name)
-                link = None
+        link = self._own_link(name, "tun", "a tap")
+        wrong_mode = link is not None and (
+            link.data.get("IFLA_TUN_TYPE") != 2 or bool(link.data.get("IFLA_TUN_MULTI_QUEUE")) != multi_queue
+        )
+        if wrong_mode:
+            self.delete_link(name)
+            link = None
         if link is None:
             # Must be checked first: pyroute2 "adds" a tuntap via TUNSETIFF, which silently reuses an existing one.
             ifr = {"no_pi": 1, "vnet_hdr": 1, "multi_queue": int(multi_queue)}
