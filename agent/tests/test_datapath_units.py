@@ -161,7 +161,6 @@ def test_fast_peers_macs_go_to_vxlan_and_sleeve_peers_to_the_tap() -> None:
         sleeve_peers={C},
         owner={MAC1: A, MAC2: B, MAC3: C},
         ourself=A,
-        own_static={},
         vxlan="vxlan-6784",
         tap="weft-tap",
     )
@@ -172,9 +171,7 @@ def test_fast_peers_macs_go_to_vxlan_and_sleeve_peers_to_the_tap() -> None:
 
 
 def test_with_no_fast_peer_nothing_is_flooded_to_vxlan() -> None:
-    want = desired_state(
-        fast_ips={}, sleeve_peers={B}, owner={MAC2: B}, ourself=A, own_static={}, vxlan="vx", tap="tap"
-    )
+    want = desired_state(fast_ips={}, sleeve_peers={B}, owner={MAC2: B}, ourself=A, vxlan="vx", tap="tap")
     assert want.vxlan == {}
 
 

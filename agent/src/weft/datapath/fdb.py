@@ -34,7 +34,6 @@ def desired_state(
     sleeve_peers: set[int] | frozenset[int],
     owner: Mapping[bytes, int],
     ourself: int,
-    own_static: Mapping[bytes, str],
     vxlan: str,
     tap: str,
 ) -> FdbState:
@@ -54,8 +53,6 @@ def desired_state(
             state.bridge[mac_str(mac)] = vxlan
         elif peer in sleeve_peers:
             state.bridge[mac_str(mac)] = tap
-    for mac, port in own_static.items():
-        state.bridge[mac_str(mac)] = port
     return state
 
 

@@ -20,10 +20,11 @@ class OverlayError(Exception):
 
 
 def _container(body: dict[str, Any]) -> dict[str, Any]:
+    """The JSON body's container fields, type-checked; attach.py judges the names themselves."""
     netns, pid = body.get("netns"), body.get("pid")
     if (netns is None) == (pid is None):
         raise OverlayError("name the container by exactly one of --netns NAME or --pid PID")
-    if netns is not None and (not isinstance(netns, str) or not netns or "/" in netns):
+    if netns is not None and not isinstance(netns, str):
         raise OverlayError(f"invalid network namespace name {netns!r}")
     if pid is not None and (not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0):
         raise OverlayError(f"invalid PID {pid!r}")

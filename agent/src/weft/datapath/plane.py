@@ -351,7 +351,6 @@ class DataPlane:
             sleeve_peers=sleeve_peers,
             owner=self.macs.owner,
             ourself=self.ourself,
-            own_static={},
             vxlan=self.vxlan,
             tap=self.tap,
         )
@@ -360,7 +359,7 @@ class DataPlane:
             fdb.apply(self.nd, bridge=self.bridge, vxlan=self.vxlan, tap=self.tap, want=want, delete=not warming)
         except Exception as exc:  # netlink refused one entry: say so, keep the rest working
             log.warning("could not program the kernel forwarding table: %s", exc)
-        self._update_path_metrics(frame_mtu)
+        self._update_path_metrics()
 
     def _other_hop(self, dest: int, usable: set[int]) -> int | None:
         """A neighbour with a working sleeve that has its own route to ``dest`` (not through us)."""
@@ -415,7 +414,7 @@ class DataPlane:
                 rows[name]["via"] = format_name(hop)
         return rows
 
-    def _update_path_metrics(self, frame_mtu: dict[int, int]) -> None:
+    def _update_path_metrics(self) -> None:
         m = self.metrics
         rows = self.connection_status()
         m.connection_mtu.clear()
