@@ -8,8 +8,9 @@ from itertools import pairwise
 
 import pytest
 
+from weft.addresses import AddressError
 from weft.mesh.clock import VirtualScheduler
-from weft.mesh.connection_maker import AddressError, ConnectionMaker, Target, normalize_address
+from weft.mesh.connection_maker import ConnectionMaker, Target
 from weft.mesh.gossip import GOSSIP, GossipSender
 from weft.mesh.peer import PeerInfo
 from weft.mesh.router import TOPOLOGY, Router
@@ -97,71 +98,6 @@ def summary(peer: PeerInfo, address: str) -> ConnectionSummary:
 
 
 # -- addresses ----------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("10.0.0.1", "10.0.0.1:6783"),
-        ("10.0.0.1:7000", "10.0.0.1:7000"),
-        ("  host.example.com  ", "host.example.com:6783"),
-        ("host.example.com:1", "host.example.com:1"),
-        ("host:65535", "host:65535"),
-        ("[fd00::1]:7000", "[fd00::1]:7000"),
-        ("[fd00::1]", "[fd00::1]:6783"),
-        ("fd00::1", "[fd00::1]:6783"),
-        ("::1", "[::1]:6783"),
-    ],
-)
-def test_normalize_address_accepts_host_host_port_and_ipv6(text: str, expected: str) -> None:
-    assert normalize_address(text) == expected
-    assert normalize_address(expected) == expected  # canonical forms are stable
-
-
-def test_normalize_address_uses_the_default_port_given() -> None:
-    assert normalize_address("h", default_port=7777) == "h:7777"
-    assert normalize_address("h:1", default_port=7777) == "h:1"
-
-
-@pytest.mark.parametrize(
-    ("text", "mentions"),
-    [
-        ("", "empty"),
-        ("   ", "empty"),
-        ("host:", "port"),
-        ("host:0", "port"),
-        ("host:65536", "port"),
-        ("host:http", "port"),
-        ("host:-1", "port"),
-        (":6783", "host"),
-        ("a b:6783", "host"),
-        ("[fd00::1", "]"),
-        ("[fd00::1]7000", ":PORT"),
-        ("[fd00::1]:x", "port"),
-        ("[fd00::1]:99999", "port"),
-    ],
-)
-def test_normalize_address_rejects_bad_input_clearly(text: str, mentions: str) -> None:
-    with pytest.raises(AddressError) as info:
-        normalize_address(text)
-    message = str(info.value)
-    assert mentions in message
-    if text.strip():
-        assert repr(text.strip()) in message  # the operator sees what was wrong
-
-
-@pytest.mark.parametrize("text", ["1:2:3", "fd00::1::2", "host:1:2"])
-def test_malformed_bare_ipv6_raises_address_error(text: str) -> None:
-    """Several colons and no brackets: must be an AddressError (the API turns those into a 400)."""
-    with pytest.raises(AddressError) as info:
-        normalize_address(text)
-    assert repr(text) in str(info.value)
-
-
-@pytest.mark.parametrize("text", ["[]", "[]:6783"])
-def test_empty_bracketed_host_is_rejected(text: str) -> None:
-    with pytest.raises(AddressError):
-        normalize_address(text)
 
 
 def test_connect_with_a_bad_address_changes_nothing() -> None:
@@ -427,3 +363,18 @@ def test_with_discovery_off_nothing_is_discovered() -> None:
     assert discovered(rig) == {}
     rig.run(1000.0)
     assert rig.dials == []
+
+
+def test_a_peer_reported_address_we_would_refuse_is_never_dialled() -> None:
+    """Gossip is input too: a peer reporting a host name we would refuse must not make us dial it."""
+    rig = Rig()
+    conn_b = rig.connect_peer(B, "b:6783")
+    rig.gossip(
+        conn_b,
+        PeerEntry(B.name, "b", B.uid, 5, (summary(ME, "me:6783"), summary(C, "x" * 70 + ".example:6783"))),
+        PeerEntry(C.name, "c", C.uid, 5, (summary(B, "b:6783"), summary(D, "999.1.1.1:6783"))),
+        PeerEntry(D.name, "d", D.uid, 5, (summary(C, "10.0.0.3:6783"),)),
+    )
+    rig.run(rig.scheduler.now() + 0.5)
+    assert discovered(rig) == {"10.0.0.3:6783": C.name}
+    assert rig.dialled("10.0.0.3:6783") and len(rig.dials) == 1

@@ -7,7 +7,6 @@ it names files, and the files must be private (mode 0600).
 
 from __future__ import annotations
 
-import ipaddress
 import stat
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from weft.mesh.connection_maker import AddressError, normalize_address
+from weft.addresses import AddressError, Network, bind_address, peer_address, subnet
 from weft.mesh.peer import PeerNameError, parse_name
 
 DEFAULT_CONFIG = Path("/etc/weft/weft.yaml")
@@ -72,14 +71,11 @@ class AgentConfig(BaseModel):
     @classmethod
     def _subnets(cls, value: list[str]) -> list[str]:
         for cidr in value:
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError:
-                raise ValueError(f"{cidr!r} is not a subnet in CIDR notation (like 10.0.0.0/8)") from None
+            subnet(cidr, "trusted subnet")
         return value
 
-    def trusted_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-        return [ipaddress.ip_network(c, strict=False) for c in self.trusted_subnets]
+    def trusted_networks(self) -> list[Network]:
+        return [subnet(c) for c in self.trusted_subnets]
 
     @field_validator("name")
     @classmethod
@@ -91,18 +87,18 @@ class AgentConfig(BaseModel):
     @field_validator("listen", "metrics_addr")
     @classmethod
     def _host_port(cls, value: str) -> str:
-        split_host_port(value)
+        bind_address(value)
         return value
 
     @field_validator("advertise")
     @classmethod
     def _advertise(cls, value: str | None) -> str | None:
-        return normalize_address(value) if value else None
+        return peer_address(value) if value else None
 
     @field_validator("peers")
     @classmethod
     def _peers(cls, value: list[str]) -> list[str]:
-        return [normalize_address(p) for p in value]
+        return [peer_address(p) for p in value]
 
     @field_validator("log_level")
     @classmethod
@@ -112,18 +108,10 @@ class AgentConfig(BaseModel):
         return value.lower()
 
     def listen_host_port(self) -> tuple[str, int]:
-        return split_host_port(self.listen)
+        return bind_address(self.listen)
 
     def metrics_host_port(self) -> tuple[str, int]:
-        return split_host_port(self.metrics_addr)
-
-
-def split_host_port(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[V6]:PORT``) into parts; the port is required."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"{value!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
+        return bind_address(self.metrics_addr)
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from weft.addresses import AddressError
 from weft.datapath.overlay import OverlayError
-from weft.mesh.connection_maker import AddressError
 
 if TYPE_CHECKING:
     from weft.agent import Agent

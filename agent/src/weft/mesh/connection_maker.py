@@ -7,62 +7,25 @@ retried with growing, jittered backoff; a connection that lived a while is retri
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from weft.addresses import AddressError, peer_address
 from weft.mesh.clock import Handle, Scheduler
 from weft.mesh.router import Router
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 6783
 
-
-class AddressError(ValueError):
-    """A peer address that is not HOST[:PORT]."""
-
-
-def normalize_address(text: str, default_port: int = DEFAULT_PORT) -> str:
-    """``HOST[:PORT]`` or ``[V6]:PORT`` to a canonical ``host:port`` string."""
-    text = text.strip()
-    if not text:
-        raise AddressError("empty peer address")
-    host, port = text, default_port
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise AddressError(f"peer address {text!r}: missing ']'")
-        host, rest = text[1:end], text[end + 1 :]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise AddressError(f"peer address {text!r}: [{host}] is not an IPv6 address") from None
-        if rest:
-            if not rest.startswith(":"):
-                raise AddressError(f"peer address {text!r}: expected ':PORT' after ']'")
-            port = _port(rest[1:], text)
-        return f"[{host}]:{port}"
-    if text.count(":") == 1:
-        host, port_text = text.split(":")
-        port = _port(port_text, text)
-    elif text.count(":") > 1:
-        try:
-            ipaddress.IPv6Address(text)  # a bare IPv6 address, no port
-        except ValueError:
-            raise AddressError(f"peer address {text!r} is not HOST[:PORT] (write IPv6 as [ADDR]:PORT)") from None
-        return f"[{text}]:{port}"
-    if not host or any(c.isspace() for c in host):
-        raise AddressError(f"peer address {text!r}: missing host")
-    return f"{host}:{port}"
-
-
-def _port(text: str, whole: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise AddressError(f"peer address {whole!r}: port must be a number from 1 to 65535")
-    return int(text)
+def _discovered_address(text: str) -> str | None:
+    """A peer-reported address in canonical form, or None when it is not one we would accept from an operator
+    (a peer's gossip is input too: it must not make us dial something ``weft connect`` would refuse)."""
+    try:
+        return peer_address(text) if isinstance(text, str) else None
+    except AddressError:
+        return None
 
 
 @dataclass
@@ -113,7 +76,7 @@ class ConnectionMaker:
 
     def set_origin_targets(self, origin: str, addresses: Iterable[str]) -> None:
         """Make the direct targets of one origin exactly ``addresses`` (config reload, --replace)."""
-        wanted = {normalize_address(a) for a in addresses}
+        wanted = {peer_address(a) for a in addresses}
         for address, target in list(self.targets.items()):
             if target.origin == origin and address not in wanted:
                 del self.targets[address]
@@ -122,7 +85,7 @@ class ConnectionMaker:
         self._direct_changed()
 
     def connect(self, addresses: Iterable[str], replace: bool = False) -> list[str]:
-        normalized = [normalize_address(a) for a in addresses]
+        normalized = [peer_address(a) for a in addresses]
         if replace:
             for address, target in list(self.targets.items()):
                 if target.direct and address not in normalized:
@@ -134,7 +97,7 @@ class ConnectionMaker:
 
     def forget(self, addresses: Iterable[str]) -> list[str]:
         forgotten = []
-        for address in [normalize_address(a) for a in addresses]:  # all valid, or nothing changes
+        for address in [peer_address(a) for a in addresses]:  # all valid, or nothing changes
             target = self.targets.get(address)
             if target is not None and target.direct:
                 del self.targets[address]
@@ -211,7 +174,9 @@ class ConnectionMaker:
             for entry in topology.peers.values():
                 for c in entry.connections:
                     if c.peer != ourself and c.peer in topology.peers and c.peer not in self._router.connections:
-                        wanted.setdefault(c.address, c.peer)
+                        address = _discovered_address(c.address)
+                        if address is not None:
+                            wanted.setdefault(address, c.peer)
         for address, target in list(self.targets.items()):
             if target.origin == "discovered" and address not in wanted and target.state != "connecting":
                 del self.targets[address]

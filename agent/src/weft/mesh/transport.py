@@ -117,6 +117,10 @@ class ControlTransport:
         except OSError as exc:
             self._dial_finished(address, None, exc.strerror or str(exc))
             return
+        except Exception as exc:  # e.g. a name the resolver cannot encode: a failed attempt, never a crash
+            log.info("dial %s failed: %s: %s", address, type(exc).__name__, exc)
+            self._dial_finished(address, None, f"cannot dial: {exc or type(exc).__name__}")
+            return
         await self._serve(reader, writer, outbound=True, address=address)
 
     def _local_addr(self) -> tuple[str, int] | None:
