@@ -50,15 +50,49 @@ def test_a_restarted_peer_moves_past_what_its_last_run_left() -> None:
     assert delta.entries[A].version > stale.entries[A].version
 
 
-def test_a_moved_mac_belongs_to_the_newest_claim_and_forgotten_peers_lose_theirs() -> None:
+def test_a_mac_claimed_twice_is_a_conflict_with_the_same_owner_on_every_host_whatever_the_order() -> None:
     a, b, c = MacTable(A, lambda: None), MacTable(B, lambda: None), MacTable(C, lambda: None)
-    c.on_gossip(a.set_local([MAC3]).encode())  # type: ignore[union-attr]
+    claim_a = a.set_local([MAC3])
     b.set_local([MAC1])
-    b.set_local([MAC2])  # b's entry is now newer than a's, whatever the clock says
-    c.on_gossip(b.set_local([MAC3]).encode())  # type: ignore[union-attr]
-    assert c.owner[MAC3] == B
+    b.set_local([MAC2])  # b's entry is now newer than a's: a newer version must not take the MAC
+    claim_b = b.set_local([MAC2, MAC3])
+    assert claim_a is not None and claim_b is not None
+    in_order, reversed_order = MacTable(C, lambda: None), MacTable(C, lambda: None)
+    for table, claims in ((in_order, (claim_a, claim_b)), (reversed_order, (claim_b, claim_a))):
+        for claim in claims:
+            table.on_gossip(claim.encode())
+        assert table.owner[MAC3] == A, "the lowest name owns a conflicting MAC"
+        assert table.owner[MAC2] == B
+        assert table.conflicts == {MAC3: (A, B)}
+    c.on_gossip(claim_a.encode())
+    c.on_gossip(claim_b.encode())
     c.forget(B)
-    assert c.owner[MAC3] == A
+    assert c.owner[MAC3] == A and c.conflicts == {}
+
+
+def test_each_claimant_keeps_its_own_container_and_reports_the_conflict_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    a, b = MacTable(A, lambda: None), MacTable(B, lambda: None)
+    claim_a, claim_b = a.set_local([MAC1]), b.set_local([MAC1, MAC2])
+    assert claim_a is not None and claim_b is not None
+    with caplog.at_level("INFO", logger="weft.datapath.macs"):
+        b.on_gossip(claim_a.encode())
+        b.on_gossip(a.gossip().encode())
+        b.set_local([MAC1, MAC2, MAC3])
+    assert b.owner[MAC1] == B, "b attached MAC1 itself: it never sends that container's traffic away"
+    assert b.conflicts == {MAC1: (A, B)}
+    lines = [r.getMessage() for r in caplog.records if "MAC conflict" in r.getMessage()]
+    assert lines == [
+        f"MAC conflict: {MAC1.hex(':')} is claimed by peers 02:00:00:00:00:01, 02:00:00:00:00:02; "
+        "other hosts send it to 02:00:00:00:00:01 (lowest name)"
+    ]
+    a.on_gossip(claim_b.encode())
+    assert a.owner[MAC1] == A and a.conflicts == {MAC1: (A, B)}
+    caplog.clear()
+    with caplog.at_level("INFO", logger="weft.datapath.macs"):
+        b.set_local([MAC2])
+    assert b.conflicts == {} and any("conflict over" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize(

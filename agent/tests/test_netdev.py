@@ -413,19 +413,27 @@ def test_attach_errors_say_what_to_do(env: Env, host: tuple[str, NetDev]) -> Non
 
 
 @netns_test
-def test_local_macs_after_traffic_excluding_overlay_ports(env: Env, overlay: tuple[str, NetDev]) -> None:
-    _, nd = overlay
+def test_local_macs_are_the_attached_ones_never_learned_ones(env: Env, overlay: tuple[str, NetDev]) -> None:
+    name, nd = overlay
     c1, c2 = env.ns("c1"), env.ns("c2")
     a1 = attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1)
     a2 = attach(nd, bridge=BR, cidrs=["10.40.0.2/24"], mtu=MTU, netns=c2)
+    nd.bridge_fdb_set(BR, a1.mac, a1.host_ifname)  # what the agent does at attach; a2's MAC is only learned
     nd.bridge_fdb_set(BR, "02:cc:00:00:00:01", VX)  # remote MACs, programmed by the agent
     nd.bridge_fdb_set(BR, "02:cc:00:00:00:02", TAP)
     ping("ip", "netns", "exec", c1, dst="10.40.0.2")
+    assert a2.mac in sh("bridge", "-n", name, "fdb", "show", "dev", a2.host_ifname), "learned"
     local = nd.local_macs(BR, [VX, TAP])
-    assert {a1.mac, a2.mac, nd.link(BR).mac} <= local
+    assert {a1.mac, nd.link(BR).mac} <= local
+    assert a2.mac not in local, "a learned MAC proves nothing: a container can send any source MAC"
     assert not local & {"02:cc:00:00:00:01", "02:cc:00:00:00:02"}
     assert not local & {nd.link(VX).mac, nd.link(TAP).mac, nd.link(a1.host_ifname).mac}, "no port addresses"
+    assert nd.attached_macs(BR, [VX, TAP]) == {a1.host_ifname: {a1.mac}, a2.host_ifname: set()}
     assert {"02:cc:00:00:00:01", "02:cc:00:00:00:02"} <= nd.local_macs(BR, [])
+    assert nd.container_port(BR, a2.host_ifname) >= 1
+    assert nd.link(a2.host_ifname).port.get("IFLA_BRPORT_LEARNING") == 0
+    assert a2.mac not in sh("bridge", "-n", name, "fdb", "show", "dev", a2.host_ifname)
+    assert nd.container_port(BR, a2.host_ifname) == 0, "idempotent"
 
 
 class Reports:
@@ -457,7 +465,8 @@ def test_mac_watcher_follows_the_fdb(env: Env, overlay: tuple[str, NetDev]) -> N
         initial = wait_until(reports.latest, 10, 0.05, "no initial report")
         assert nd.link(BR).mac in initial and initial == watcher.current()
         nd.bridge_fdb_set(BR, "02:dd:00:00:00:01", VX)  # a remote MAC: never reported as local
-        ping("ip", "netns", "exec", c1, dst="10.40.0.2")
+        ping("ip", "netns", "exec", c1, dst="10.40.0.2")  # learned MACs: never reported either
+        nd.bridge_fdb_set(BR, a1.mac, a1.host_ifname)  # attached: reported
         wait_until(lambda: a1.mac in (reports.latest() or ()), 10, 0.05, "the container MAC was never reported")
         sh("bridge", "-n", name, "fdb", "del", a1.mac, "dev", a1.host_ifname, "master")
         wait_until(lambda: a1.mac not in (reports.latest() or ()), 10, 0.05, "the MAC was never reported gone")

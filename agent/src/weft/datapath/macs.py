@@ -1,19 +1,27 @@
 """MAC gossip: which MAC addresses live behind which peer's bridge.
 
 Each peer owns one entry (its MACs and a version) and is the only one to change it, so merging is
-"newest version wins" and never conflicts. Every agent programs its kernel forwarding state from the
-merged table. Versions start from the wall clock in milliseconds, so a restarted agent's entry beats
-the one its previous run left in the mesh.
+"newest version wins" per peer. Every agent programs its kernel forwarding state from the merged table.
+Versions start from the wall clock in milliseconds, so a restarted agent's entry beats the one its
+previous run left in the mesh.
+
+Two peers can still claim the same MAC (a container moving between hosts for a moment, the same MAC
+attached twice, or a peer lying). That is a conflict, reported, and never decided by versions, which
+the claimant chooses: every host sends the MAC to the claimant with the lowest peer name, whatever
+order the claims arrived in, and a claimant always keeps delivering to the container it attached.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from weft.mesh.codec import DecodeError, expect, expect_uint, pack, unpack
-from weft.mesh.peer import NAME_BITS
+from weft.mesh.peer import NAME_BITS, format_name
+
+log = logging.getLogger(__name__)
 
 KIND = "macs"
 MAX_MACS_PER_PEER = 65536
@@ -66,6 +74,7 @@ class MacTable:
         self._on_change = on_change
         self.entries: dict[int, MacEntry] = {ourself: MacEntry(time.time_ns() // 1_000_000, frozenset())}
         self.owner: dict[bytes, int] = {}
+        self.conflicts: dict[bytes, tuple[int, ...]] = {}  # MAC -> every peer claiming it, lowest name first
 
     # -- our own entry --------------------------------------------------------------------------
 
@@ -124,11 +133,31 @@ class MacTable:
         return delta
 
     def _reindex(self) -> None:
-        owner: dict[bytes, int] = {}
+        claims: dict[bytes, list[int]] = {}
         for name, entry in self.entries.items():
             for mac in entry.macs:
-                # A MAC claimed by two peers (a container moved): the newer claim wins.
-                current = owner.get(mac)
-                if current is None or entry.version > self.entries[current].version:
-                    owner[mac] = name
+                claims.setdefault(mac, []).append(name)
+        local = self.entries[self.ourself].macs
+        owner: dict[bytes, int] = {}
+        conflicts: dict[bytes, tuple[int, ...]] = {}
+        for mac, names in claims.items():
+            if len(names) > 1:
+                conflicts[mac] = tuple(sorted(names))
+            # Ours stays ours (we attached it); otherwise the lowest name, so every host picks the same one.
+            owner[mac] = self.ourself if mac in local else min(names)
         self.owner = owner
+        self._report(conflicts)
+
+    def _report(self, conflicts: dict[bytes, tuple[int, ...]]) -> None:
+        """One log line when a conflict starts (or its claimants change), one when it ends."""
+        for mac, names in sorted(conflicts.items()):
+            if self.conflicts.get(mac) != names:
+                log.warning(
+                    "MAC conflict: %s is claimed by peers %s; other hosts send it to %s (lowest name)",
+                    mac.hex(":"),
+                    ", ".join(format_name(n) for n in names),
+                    format_name(names[0]),
+                )
+        for mac in sorted(self.conflicts.keys() - conflicts.keys()):
+            log.info("MAC conflict over: %s is claimed by one peer again", mac.hex(":"))
+        self.conflicts = conflicts

@@ -585,16 +585,56 @@ class NetDev:
             ignore=(errno.ENOENT, errno.ENODEV),
         )
 
-    def local_macs(self, bridge: str, exclude_ports: Collection[str]) -> set[str]:
-        """MACs living on this host: learned or static on the local ports, plus the bridge's own MAC."""
+    def attached_macs(self, bridge: str, exclude_ports: Collection[str]) -> dict[str, set[str]]:
+        """Port -> the MACs with a static entry on it, for every port but ``exclude_ports``.
+
+        Attach puts a static entry for the container end's MAC on its port; learned entries are left out on
+        purpose: a container can send any source MAC, so what the bridge learned proves nothing.
+        """
         br = self._require(bridge, "bridge")
-        ports, _ = self._ports(br.index)
+        ports, own = self._ports(br.index)
         excluded = set(exclude_ports)
-        out = {br.mac}
+        out: dict[str, set[str]] = {name: set() for name in ports.values() if name not in excluded}
         for m in self._fdb_dump(master=br.index):
-            if m.get_attr("NDA_MASTER") != br.index or m["ifindex"] not in ports:
+            if m.get_attr("NDA_MASTER") != br.index or ports.get(m["ifindex"]) not in out:
                 continue
-            if ports[m["ifindex"]] in excluded or m["state"] & NUD_PERMANENT:
-                continue
-            out.add(m.get_attr("NDA_LLADDR").lower())
+            mac = m.get_attr("NDA_LLADDR").lower()
+            if m["state"] & NUD_NOARP or (m["state"] & NUD_PERMANENT and mac not in own):
+                out[ports[m["ifindex"]]].add(mac)
         return out
+
+    def local_macs(self, bridge: str, exclude_ports: Collection[str]) -> set[str]:
+        """MACs living on this host: the attached ones (static entries on local ports) and the bridge's own."""
+        out = {self._require(bridge, "bridge").mac}
+        for macs in self.attached_macs(bridge, exclude_ports).values():
+            out |= macs
+        return out
+
+    def container_port(self, bridge: str, port: str) -> int:
+        """Make ``port`` a container port that learns nothing and forget what it learned; returns entries removed.
+
+        Without learning, a frame with a forged source MAC cannot move another container's entry to this port.
+        """
+        link = self.link(port)
+        if link is None:
+            return 0
+        if link.port.get("IFLA_BRPORT_LEARNING", 1) != 0:
+            _call(
+                f"cannot set learning off on bridge port {port!r}", self.ipr.brport, "set", index=link.index, learning=0
+            )
+        removed = 0
+        for m in self._fdb_dump(master=self._require(bridge, "bridge").index):
+            if m["ifindex"] != link.index or m["state"] & (NUD_NOARP | NUD_PERMANENT):
+                continue
+            _call(
+                f"cannot delete a learned entry on {port!r}",
+                self.ipr.fdb,
+                "del",
+                ifindex=link.index,
+                lladdr=m.get_attr("NDA_LLADDR"),
+                state=m["state"],
+                flags=NTF_MASTER,
+                ignore=(errno.ENOENT, errno.ENODEV),
+            )
+            removed += 1
+        return removed

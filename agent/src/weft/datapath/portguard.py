@@ -1,0 +1,198 @@
+"""Container ports accept only frames from the MACs attached to them: an nftables bridge table the agent owns.
+
+A container can send frames with any source MAC. Were the bridge to accept them, it would deliver the victim's
+traffic to the forger's port. So every frame entering a container port ("vwe...") is checked against a set of
+allowed (port, MAC) pairs, filled from the static FDB entries attach puts on each port. Anything else is dropped
+before the bridge learns or forwards it, and counted. A port the table does not know yet (a veth that came up an
+instant before its static entry) drops everything, so the guard fails closed.
+
+The forged pairs go into a dynamic set with per-element counters. The agent reads the table once per data-plane
+tick and logs a line per port at most once a minute, naming the port and the forged MAC. The table stays when the
+agent stops (containers stay guarded while it restarts) and is replaced in one transaction when it starts;
+`weft reset` removes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import time
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
+
+from weft.datapath.attach import HOST_PREFIX
+
+__all__ = ["TABLE", "NftError", "PortGuard", "remove_table", "ruleset"]
+
+log = logging.getLogger(__name__)
+
+TABLE = "weft_portguard"
+FAMILY = "bridge"
+LOG_EVERY = 60.0  # seconds between log lines about one port
+FORGED_SIZE = 4096  # (port, MAC) pairs remembered for the log; past that, frames are still dropped and counted
+FORGED_TIMEOUT = "10m"
+_PORT = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # names we can write into a ruleset unquoted-safe
+_MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+
+Runner = Callable[[list[str], "str | None"], str]
+
+
+class NftError(Exception):
+    """nft refused or could not run; the message is its first error line."""
+
+
+def run_nft(args: list[str], script: str | None = None) -> str:
+    """`nft ARGS` (with `-f -` and the script on stdin when given); returns stdout."""
+    cmd = ["nft", *args] if script is None else ["nft", "-f", "-"]
+    try:
+        proc = subprocess.run(cmd, input=script, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise NftError(f"cannot run nft: {exc}") from None
+    if proc.returncode != 0:
+        first = next((line for line in proc.stderr.splitlines() if line.strip()), f"exit code {proc.returncode}")
+        raise NftError(f"nft: {first.strip()}")
+    return proc.stdout
+
+
+def _pairs(allowed: Mapping[str, Collection[str]]) -> dict[str, frozenset[str]]:
+    """Only ports this guard covers, with well-formed MACs; anything else never reaches a ruleset."""
+    out: dict[str, frozenset[str]] = {}
+    for port, macs in allowed.items():
+        if port.startswith(HOST_PREFIX) and _PORT.match(port):
+            out[port] = frozenset(m.lower() for m in macs if _MAC.match(m.lower()))
+    return out
+
+
+def _elements(pairs: Mapping[str, Collection[str]]) -> list[str]:
+    return [f'"{port}" . {mac}' for port, macs in sorted(pairs.items()) for mac in sorted(macs)]
+
+
+def ruleset(allowed: Mapping[str, Collection[str]]) -> str:
+    """The whole table: container ports pass frames from their allowed MACs, and drop (and record) the rest."""
+    elements = _elements(_pairs(allowed))
+    init = f" elements = {{ {', '.join(elements)} }};" if elements else ""
+    return f"""table {FAMILY} {TABLE} {{
+    counter dropped {{ }}
+    set allowed {{ type ifname . ether_addr;{init} }}
+    set forged {{
+        type ifname . ether_addr; size {FORGED_SIZE}; flags dynamic,timeout; timeout {FORGED_TIMEOUT}; counter;
+    }}
+    chain prerouting {{
+        type filter hook prerouting priority -300; policy accept;
+        iifname != "{HOST_PREFIX}*" accept
+        iifname . ether saddr @allowed accept
+        update @forged {{ iifname . ether saddr }}
+        counter name "dropped" drop
+    }}
+}}
+"""
+
+
+def remove_table(run: Runner = run_nft) -> bool:
+    """Delete the table (for `weft reset`); True if there was one."""
+    try:
+        run(["delete", "table", FAMILY, TABLE], None)
+    except NftError as exc:
+        if "No such file or directory" in str(exc):
+            return False
+        raise
+    return True
+
+
+class PortGuard:
+    """Keeps the table equal to the attach state, and turns its counters into a metric and log lines."""
+
+    def __init__(self, run: Runner = run_nft, *, log_every: float = LOG_EVERY) -> None:
+        self._run = run
+        self.log_every = log_every
+        self.ports: dict[str, frozenset[str]] = {}  # what the table allows now
+        self.dropped = 0  # frames dropped since this run started the table
+        self._seen: dict[tuple[str, str], int] = {}  # (port, MAC) -> packets at the last poll
+        self._logged: dict[str, float] = {}  # port -> when we last logged about it
+
+    def start(self, allowed: Mapping[str, Collection[str]]) -> None:
+        """Replace whatever table there is with a fresh one, atomically: no frame passes unchecked meanwhile."""
+        pairs = _pairs(allowed)
+        script = f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n{ruleset(pairs)}"
+        self._run([], script)
+        self.ports, self._seen, self.dropped = pairs, {}, 0
+
+    def sync(self, allowed: Mapping[str, Collection[str]]) -> bool:
+        """Change only the elements that differ; True if anything changed. Rebuilds the table if nft refuses."""
+        want = _pairs(allowed)
+        if want == self.ports:
+            return False
+        add = {p: macs - self.ports.get(p, frozenset()) for p, macs in want.items()}
+        drop = {p: macs - want.get(p, frozenset()) for p, macs in self.ports.items()}
+        cmds = [f"delete element {FAMILY} {TABLE} allowed {{ {e} }}" for e in _elements(drop)]
+        cmds += [f"add element {FAMILY} {TABLE} allowed {{ {e} }}" for e in _elements(add)]
+        try:
+            if cmds:
+                self._run([], "\n".join(cmds) + "\n")
+            self.ports = want
+        except NftError as exc:
+            log.warning("port guard out of step (%s); rebuilding its table", exc)
+            self.poll()
+            self.start(want)
+        for port in self._logged.keys() - want.keys():
+            del self._logged[port]
+        return True
+
+    def poll(self, now: float | None = None) -> None:
+        """Read the counters: add new drops to the total, and log forged MACs per port, rate-limited."""
+        now = time.monotonic() if now is None else now
+        try:
+            listing = json.loads(self._run(["-j", "list", "table", FAMILY, TABLE], None))
+        except (NftError, ValueError) as exc:
+            log.warning("cannot read the port guard's counters: %s", exc)
+            return
+        seen: dict[tuple[str, str], int] = {}
+        for obj in listing.get("nftables", []):
+            counter = obj.get("counter")
+            if isinstance(counter, dict) and counter.get("name") == "dropped":
+                self.dropped = max(self.dropped, _int(counter.get("packets")))
+            forged = obj.get("set")
+            if isinstance(forged, dict) and forged.get("name") == "forged":
+                seen.update(_forged(forged.get("elem", [])))
+        rises: dict[str, list[tuple[str, int]]] = {}
+        for key, packets in seen.items():
+            before = self._seen.get(key, 0)
+            rise = packets - before if packets >= before else packets  # the element expired and came back
+            port, mac = key
+            if rise > 0 and mac not in self.ports.get(port, ()):  # not a frame from before the port was synced
+                rises.setdefault(port, []).append((mac, rise))
+        self._seen = seen
+        for port, found in sorted(rises.items()):
+            if now - self._logged.get(port, -self.log_every) < self.log_every:
+                continue
+            self._logged[port] = now
+            own = ", ".join(sorted(self.ports.get(port, ()))) or "none attached"
+            log.warning(
+                "dropped frames with a forged source MAC on container port %s: %s (its own: %s)",
+                port,
+                ", ".join(f"{mac} x{n}" for mac, n in sorted(found)),
+                own,
+            )
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _forged(elements: Any) -> dict[tuple[str, str], int]:
+    """(port, MAC) -> packets, from `nft -j` set elements ({"elem": {"val": {"concat": [...]}, "counter": ...}})."""
+    out: dict[tuple[str, str], int] = {}
+    if not isinstance(elements, list):
+        return out
+    for item in elements:
+        elem = item.get("elem") if isinstance(item, dict) else None
+        if not isinstance(elem, dict):
+            continue
+        val = elem.get("val")
+        concat = val.get("concat") if isinstance(val, dict) else None
+        counter = elem.get("counter")
+        if isinstance(concat, list) and len(concat) == 2 and isinstance(counter, dict):
+            out[(str(concat[0]), str(concat[1]).lower())] = _int(counter.get("packets"))
+    return out
