@@ -15,6 +15,7 @@ from weft import __version__
 from weft.api import render
 from weft.api.client import DEFAULT_SOCKET, ApiError, Client
 from weft.config import ConfigError, load_config
+from weft.safetext import EscapingFormatter
 from weft.store import StoreError
 
 
@@ -97,9 +98,9 @@ def run(config_path: Path | None, **flags: object) -> None:
         config = load_config(config_path, os.environ, flags)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    logging.basicConfig(
-        level=config.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))  # one line each
+    logging.basicConfig(level=config.log_level.upper(), handlers=[handler])
     logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug output is every netlink message
 
     from weft.agent import Agent

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import cast
+
+from weft.safetext import escape_all
+
+
+def _escaped(render: Callable[[dict], str]) -> Callable[[dict], str]:
+    """Render from a copy whose strings are escaped: peers choose their nicknames and addresses."""
+
+    @functools.wraps(render)
+    def wrapper(s: dict) -> str:
+        return render(cast(dict, escape_all(s)))
+
+    return wrapper
+
 
 def _field(label: str, value: object) -> str:
     return f"{label:>15}: {value}"
 
 
+@_escaped
 def summary(s: dict) -> str:
     established = [c for c in s["connections"] if c["state"] == "established"]
     pending = [c for c in s["connections"] if c["state"] == "pending"]
@@ -41,9 +58,13 @@ def summary(s: dict) -> str:
     if paths:
         counts = ", ".join(f"{paths.count(p)} {p}" for p in ("fast", "sleeve", "relay", "down") if p in paths)
         lines.append(_field("DataPath", counts))
+    for conflict in s.get("mac_conflicts", []):  # absent from an older agent's status
+        claimants = ", ".join(conflict["peers"])
+        lines.append(_field("MACConflict", f"{conflict['mac']} claimed by {claimants}; owner {conflict['owner']}"))
     return "\n".join(lines)
 
 
+@_escaped
 def peers(s: dict) -> str:
     lines = []
     for p in s["peers"]:
@@ -55,6 +76,7 @@ def peers(s: dict) -> str:
     return "\n".join(lines)
 
 
+@_escaped
 def connections(s: dict) -> str:
     """One line per connection: its control state, then the data path it carries traffic on and why."""
     lines = []
@@ -81,6 +103,7 @@ def connections(s: dict) -> str:
     return "\n".join(lines)
 
 
+@_escaped
 def targets(s: dict) -> str:
     lines = []
     for t in s["targets"]:

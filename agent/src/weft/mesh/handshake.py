@@ -28,6 +28,7 @@ from weft.mesh.crypto import (
     secret_id,
 )
 from weft.mesh.peer import NAME_BITS, PeerInfo
+from weft.safetext import refuse_control
 
 MAGIC = b"weft"
 PROTOCOL_MIN = 1
@@ -186,18 +187,28 @@ def _parse_intro(raw: bytes) -> Intro:
     try:
         intro = expect(unpack(raw, "intro"), dict, "intro", "intro")
         name = expect_uint(field(intro, "name", int, "intro"), NAME_BITS, "intro", "name")
-        nick = field(intro, "nick", str, "intro")[:255]
+        nick = _printable(field(intro, "nick", str, "intro")[:255], "nickname")
         uid = expect_uint(field(intro, "uid", int, "intro"), 64, "intro", "uid")
         conn_id = expect_uint(field(intro, "conn_id", int, "intro"), 64, "intro", "conn_id")
         port = expect_uint(field(intro, "port", int, "intro"), 16, "intro", "port")
         advertise = intro.get("advertise")
         if advertise is not None and (not isinstance(advertise, str) or len(advertise) > 300):
             raise DecodeError("intro", "bad advertise address")
+        if advertise is not None:
+            _printable(advertise, "advertise address")
         if name == 0:
             raise DecodeError("intro", "peer name 0 is reserved")
     except DecodeError as exc:
         raise HandshakeError("malformed_intro", str(exc)) from None
     return Intro(PeerInfo(name, nick, uid), conn_id, port, advertise)
+
+
+def _printable(text: str, what: str) -> str:
+    """Refuse a string with control characters: it would forge log lines or drive a terminal."""
+    try:
+        return refuse_control(text, what)
+    except ValueError as exc:
+        raise DecodeError("intro", str(exc)) from None
 
 
 def _common_secret(secrets: list[bytes], their_pub: bytes, their_ids: list[bytes], outbound: bool) -> int | None:

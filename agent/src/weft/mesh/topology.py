@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from weft.mesh.codec import DecodeError, expect, expect_uint, pack, unpack
 from weft.mesh.peer import NAME_BITS, PeerInfo
+from weft.safetext import refuse_control
 
 KIND = "topology"
 MAX_NICKNAME = 255
@@ -56,7 +57,7 @@ class PeerEntry:
         name = expect_uint(raw[0], NAME_BITS, KIND, "name")
         if name == 0:
             raise DecodeError(KIND, "name 0 is reserved")
-        nickname = expect(raw[1], str, KIND, "nickname")[:MAX_NICKNAME]
+        nickname = _printable(expect(raw[1], str, KIND, "nickname")[:MAX_NICKNAME], "nickname")
         uid = expect_uint(raw[2], 64, KIND, "uid")
         version = expect_uint(raw[3], 64, KIND, "version")
         conns = []
@@ -68,6 +69,7 @@ class PeerEntry:
             address = expect(c[1], str, KIND, "connection address")
             if len(address) > MAX_ADDRESS:
                 raise DecodeError(KIND, "connection address too long")
+            _printable(address, "connection address")
             conns.append(
                 ConnectionSummary(
                     peer, address, expect(c[2], bool, KIND, "outbound"), expect(c[3], bool, KIND, "established")
@@ -179,6 +181,14 @@ class Topology:
         for entry in gone:
             self._graph_changed(entry.name)
         return gone
+
+
+def _printable(text: str, what: str) -> str:
+    """Refuse a string with control characters: it would forge log lines or drive a terminal."""
+    try:
+        return refuse_control(text, what)
+    except ValueError as exc:
+        raise DecodeError(KIND, str(exc)) from None
 
 
 def _edges(entry: PeerEntry) -> frozenset[tuple[int, bool]]:
