@@ -59,6 +59,7 @@ class AgentConfig(BaseModel):
     accept_rate: float = Field(20.0, gt=0)
     accept_burst: int = Field(20, ge=1)
     path_interval: float = Field(1.0, gt=0)  # data-path heartbeats and probes; a path is down after 3 missed
+    fast_path_grace: float = Field(60.0, ge=0)  # keep a gone fast peer's kernel entries this long
 
     @field_validator("bridge")
     @classmethod

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from weft.datapath.probe import VXLAN_OVERHEAD
 from weft.mesh.crypto import SessionKeys
@@ -53,6 +53,7 @@ class PathState:
     we_trust: bool  # its underlay address is in our trusted subnets
     route_mtu: int
     assume_fast_until: float = 0.0  # after a restart, keep the kernel's fast path until probes decide
+    remote_uid: int = 0  # the peer's run: its probe sequence starts again when it restarts
     peer_trusts: bool = False
     last_heard: float | None = None  # last authenticated control message over UDP
     fast_seq: int = 0  # our last fast-path probe
@@ -97,6 +98,24 @@ class PathState:
             self.fast_acked_at = now
         if max_size:
             self.pmtu_reports.append(max_size)
+
+    def resumed(self, now: float, *, keys: SessionKeys | None, epoch: int, remote_uid: int, hold: float) -> PathState:
+        """The state for a new connection to the same peer at the same address, keeping what still holds.
+
+        A re-key (same run of the peer) keeps all the evidence. A new run of the peer keeps what we learnt
+        of the path itself (MTU, whether it carried our probes), but not the sequence of its probes, which
+        starts again: comparing the new run's probes with the old run's numbers would ignore them, and the
+        peer would never hear that we get its probes. A path that was fast stays fast for ``hold`` seconds
+        while fresh probes decide, so traffic the kernel carries does not stop for a moment.
+        """
+        fresh = replace(self, keys=keys, epoch=epoch, remote_uid=remote_uid)
+        if remote_uid != self.remote_uid:
+            fresh.heard_fast_seq, fresh.heard_fast_at = 0, None
+            if keys is not None:
+                fresh.peer_trusts = False  # the new run's trust comes with its first heartbeat
+        if self.path == FAST and fresh.fast_allowed():
+            fresh.assume_fast_until = max(fresh.assume_fast_until, now + hold)
+        return fresh
 
     def sleeve_up(self, now: float, dead: float) -> bool:
         return self.last_heard is not None and now - self.last_heard <= dead

@@ -27,6 +27,7 @@ from weft.mesh.peer import format_name
 
 if TYPE_CHECKING:
     from weft.config import AgentConfig
+    from weft.datapath.fastguard import FastGuard
     from weft.datapath.netdev import NetDev
     from weft.datapath.sleeve import Sleeve, SleeveStats
     from weft.mesh.router import Router
@@ -48,7 +49,7 @@ def device_names(bridge: str, vxlan_port: int) -> tuple[str, str]:
 
 
 class DataPlane:
-    def __init__(self, config: AgentConfig, router: Router, metrics: Metrics) -> None:
+    def __init__(self, config: AgentConfig, router: Router, metrics: Metrics, *, encrypting: bool = False) -> None:
         self.config = config
         self.router = router
         self.metrics = metrics
@@ -73,6 +74,8 @@ class DataPlane:
         self._started_at = 0.0
         self._probe_sock: socket.socket | None = None
         self._adopted_fast: set[str] = set()  # peer IPs the kernel already sent to fast when we started
+        self.encrypting = encrypting  # a mesh secret is set: plaintext only inside the trusted subnets
+        self.guard: FastGuard | None = None
         self._channel = router.new_channel(MACS, self.macs)
         router.topology_listeners.append(self._changed)
         router.peer_gone_listeners.append(lambda entry: self.macs.forget(entry.name))
@@ -91,6 +94,7 @@ class DataPlane:
         self.nd.ensure_bridge(self.bridge, c.mtu)
         self.nd.ensure_vxlan(self.vxlan, bridge=self.bridge, vni=VNI, port=c.vxlan_port, mtu=c.mtu)
         self.nd.ensure_tap(self.tap, bridge=self.bridge, mtu=c.mtu)
+        self._guard_fast_path_from_the_start()
         self._adopted_fast = set(self.nd.vxlan_fdb(self.vxlan).get(fdb.ZERO_MAC, set()))
         if self._adopted_fast:
             log.info("kept the kernel fast path to %d peer(s) from the last run", len(self._adopted_fast))
@@ -119,6 +123,59 @@ class DataPlane:
             self.udp_port,
             c.mtu,
         )
+
+    def _guard_fast_path_from_the_start(self) -> None:
+        """Before anything else: the nftables guard, admitting only what the kernel may still send to.
+
+        What the last run left (guard set and VXLAN FDB) keeps fast traffic flowing while the agent
+        restarts, but with a secret set only towards trusted subnets: everything else is dropped by the
+        guard, then removed from the FDB, before the agent says it runs.
+        """
+        from weft.datapath.fastguard import FastGuard
+
+        assert self.nd is not None
+        self.guard = FastGuard(self.config.vxlan_port, self.udp_port)
+        kept = self.guard.kept() | fdb.destinations(self.nd, self.vxlan)
+        allowed = {ip for ip in kept if self._fast_permitted(ip)}
+        self.guard.start(allowed)
+        purged = fdb.purge(self.nd, bridge=self.bridge, vxlan=self.vxlan, allowed=self._fast_permitted)
+        if kept - allowed or purged:
+            log.info(
+                "encryption on: dropped the fast path to %d peer address(es) outside the trusted subnets (%s)",
+                len(kept - allowed),
+                ", ".join(sorted(kept - allowed)),
+            )
+
+    def _fast_permitted(self, ip: str) -> bool:
+        """May frames to and from ``ip`` cross unencrypted? Always without a secret, else only if trusted."""
+        return not self.encrypting or trusted(ip, self.trusted)
+
+    def _matching_connections(self) -> dict[int, Any]:
+        """The connections whose encryption matches ours: one that does not is being closed (a reload)."""
+        return {n: c for n, c in self.router.connections.items() if c.encrypted == self.encrypting}
+
+    def set_encryption(self, on: bool) -> int:
+        """A reload turned encryption on or off: apply it now, before the reload is acknowledged.
+
+        Connections of the other kind are being closed; their paths go at once, as does the fast path
+        (guard set, then FDB) to every peer that may no longer use it. Returns the fast-path peers dropped.
+        """
+        if on == self.encrypting:
+            return 0
+        self.encrypting = on
+        before = set(self.guard.fast) if self.guard is not None else set()
+        now = time.monotonic()
+        for name, st in list(self.paths.items()):
+            if st.encrypted != on:  # its connection is closing; a trusted peer's fast path is held meanwhile
+                del self.paths[name]
+                if self._fast_permitted(st.ip):
+                    self._ended[name] = (now, st)
+        self._ended = {n: e for n, e in self._ended.items() if e[1].encrypted == on or self._fast_permitted(e[1].ip)}
+        if self._recompute_handle is not None:
+            self._recompute_handle.cancel()
+        self._recompute()
+        after = set(self.guard.fast) if self.guard is not None else set()
+        return len(before - after)
 
     def _open_probe_socket(self) -> None:
         """Fast-path probes arrive on the VXLAN device as link-local frames: read them off it."""
@@ -260,7 +317,7 @@ class DataPlane:
 
     def _sync_neighbours(self, now: float) -> None:
         """One PathState per established control connection; a new connection brings new keys."""
-        conns = self.router.connections
+        conns = self._matching_connections()
         self._ended = {n: e for n, e in self._ended.items() if now - e[0] <= self.dead}
         for name in [n for n in self.paths if n not in conns]:
             self._ended[name] = (now, self.paths.pop(name))
@@ -311,6 +368,7 @@ class DataPlane:
         reachable = routes.reachable()
         usable = {n for n, st in self.paths.items() if st.sleeve_up(now, self.dead)}
         fast_ips = {n: st.ip for n, st in self.paths.items() if st.path == FAST}
+        fast_ips = {n: ip for n, ip in fast_ips.items() if self._fast_permitted(ip)}
         next_hop: dict[int, int] = {}  # how to reach each peer over the sleeve (relays need all of them)
         relayed: dict[int, int] = {}
         for dest, hop in reachable.items():
@@ -355,11 +413,33 @@ class DataPlane:
             tap=self.tap,
         )
         warming = now - self._started_at < WARMUP_AFTER * self.interval
+        self._sync_guard(want, before_fdb=True)
         try:
             fdb.apply(self.nd, bridge=self.bridge, vxlan=self.vxlan, tap=self.tap, want=want, delete=not warming)
         except Exception as exc:  # netlink refused one entry: say so, keep the rest working
             log.warning("could not program the kernel forwarding table: %s", exc)
+        self._sync_guard(want, before_fdb=False)
         self._update_path_metrics()
+
+    def _sync_guard(self, want: fdb.FdbState, *, before_fdb: bool) -> None:
+        """Keep the guard's sets equal to where the kernel sends fast traffic (and whose probes may cross).
+
+        Before the FDB changes: drop what is no longer permitted and admit new fast peers, so no frame
+        is dropped on its way to one. After: remove what the FDB no longer sends to.
+        """
+        if self.guard is None or self.nd is None:
+            return
+        probe = {st.ip for st in self.paths.values() if self._fast_permitted(st.ip)}
+        try:
+            if before_fdb:
+                wanted = {dst for dsts in want.vxlan.values() for dst in dsts}
+                self.guard.sync({ip for ip in self.guard.fast if self._fast_permitted(ip)} | wanted, probe)
+            else:
+                if self.encrypting:
+                    fdb.purge(self.nd, bridge=self.bridge, vxlan=self.vxlan, allowed=self._fast_permitted)
+                self.guard.sync({ip for ip in fdb.destinations(self.nd, self.vxlan) if self._fast_permitted(ip)}, probe)
+        except Exception as exc:  # nft or netlink refused: say so; the next change tries again
+            log.warning("could not update the fast-path guard: %s", exc)
 
     def _other_hop(self, dest: int, usable: set[int]) -> int | None:
         """A neighbour with a working sleeve that has its own route to ``dest`` (not through us)."""
@@ -437,7 +517,10 @@ class DataPlane:
         return counts
 
     def drop_counts(self) -> dict[str, int]:
-        return dict(self.stats.dropped) if self.stats is not None else {}
+        counts = dict(self.stats.dropped) if self.stats is not None else {}
+        if self.guard is not None:
+            counts.update(self.guard.dropped())
+        return counts
 
 
 def _uint(value: Any) -> int:
