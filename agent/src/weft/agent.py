@@ -90,7 +90,7 @@ class Agent:
         if c.datapath:
             from weft.datapath.plane import DataPlane
 
-            self.dataplane = DataPlane(c, self.router, self.metrics)
+            self.dataplane = DataPlane(c, self.router, self.metrics, encrypting=bool(self.secrets))
             self.metrics.add_datapath(self.dataplane.byte_counts, self.dataplane.drop_counts)
 
         from weft.api.server import ApiServer  # the API imports the agent's types; avoid a cycle
@@ -152,7 +152,12 @@ class Agent:
     RELOADABLE = ("peers", "secret_files")
 
     def reload(self) -> None:
-        """SIGHUP: re-read config; peers and secrets change in place, established connections stay."""
+        """SIGHUP: re-read config; peers and secrets change in place.
+
+        Connections keyed with a retired secret, or whose encryption no longer matches (plaintext once a
+        secret is set, encrypted once none is), are closed and the data plane stops using them, all
+        before the log line that acknowledges the reload: from then on nothing crosses in clear.
+        """
         try:
             config = self._reload_config()
             secrets = read_secrets(config.secret_files)
@@ -172,14 +177,24 @@ class Agent:
                 "it" if len(needs_restart) == 1 else "them",
             )
         self.config = self.config.model_copy(update={k: getattr(config, k) for k in self.RELOADABLE})
+        was_encrypting = bool(self.secrets)
         self.secrets = secrets
         self.maker.set_origin_targets("config", config.peers)
         retired = self.transport.retire_stale_sessions()
+        dropped_fast = 0
+        if self.dataplane is not None:
+            dropped_fast = self.dataplane.set_encryption(bool(secrets))
+        if bool(secrets) != was_encrypting:
+            encryption = "encryption is now ON" if secrets else "encryption is now OFF"
+        else:
+            encryption = "encryption on" if secrets else "encryption off"
         log.info(
-            "reloaded configuration: %d configured peer(s), %d secret(s)%s",
+            "reloaded configuration: %d configured peer(s), %d secret(s), %s%s%s",
             len(config.peers),
             len(secrets),
-            f", {retired} connection(s) re-keyed" if retired else "",
+            encryption,
+            f", {retired} connection(s) closed to re-key" if retired else "",
+            f", fast path to {dropped_fast} peer address(es) dropped" if dropped_fast else "",
         )
 
     # -- status -----------------------------------------------------------------------------------

@@ -220,6 +220,8 @@ def reset(client: Client, config_path: Path | None, bridge: str | None, state_di
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     from weft.datapath.attach import reset as reset_devices
+    from weft.datapath.fastguard import remove as remove_guard
+    from weft.datapath.fastguard import table_name
     from weft.datapath.netdev import NetDev
     from weft.datapath.plane import device_names
 
@@ -229,6 +231,8 @@ def reset(client: Client, config_path: Path | None, bridge: str | None, state_di
         removed = reset_devices(nd, bridge=config.bridge, vxlan=vxlan, tap=tap)
     finally:
         nd.close()
+    if remove_guard(config.vxlan_port):
+        removed.append(f"nftables table inet {table_name(config.vxlan_port)}")
     click.echo(f"removed: {' '.join(removed)}" if removed else "nothing to remove")
     if state_dir is not None and state_dir.is_dir():
         import shutil

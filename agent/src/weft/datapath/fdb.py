@@ -8,7 +8,7 @@ MACs, and deleting what it has not heard of would cut traffic that the kernel st
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -90,3 +90,33 @@ def apply(nd: NetDev, *, bridge: str, vxlan: str, tap: str, want: FdbState, dele
                 nd.bridge_fdb_del(bridge, mac, port)
                 changes += 1
     return changes
+
+
+def purge(nd: NetDev, *, bridge: str, vxlan: str, allowed: Callable[[str], bool]) -> int:
+    """Remove every VXLAN entry towards an underlay address that may not carry plaintext, at once.
+
+    Unlike :func:`apply` this ignores warm-up: with a secret set, a peer outside the trusted subnets
+    must not get a single frame in clear, whatever the last run left behind. A MAC left with no VXLAN
+    destination also loses its bridge entry on the VXLAN port, so its frames are not flooded instead.
+    Returns the number of entries removed.
+    """
+    changes = 0
+    remaining: set[str] = set()
+    for mac, dsts in nd.vxlan_fdb(vxlan).items():
+        for dst in sorted(dsts):
+            if allowed(dst):
+                remaining.add(mac)
+            else:
+                nd.vxlan_fdb_del(vxlan, mac, dst)
+                changes += 1
+    if changes:
+        for mac, port in nd.bridge_fdb(bridge).items():
+            if port == vxlan and mac not in remaining:
+                nd.bridge_fdb_del(bridge, mac, port)
+                changes += 1
+    return changes
+
+
+def destinations(nd: NetDev, vxlan: str) -> set[str]:
+    """Every underlay address the VXLAN device sends to (what the fast-path guard must admit)."""
+    return {dst for dsts in nd.vxlan_fdb(vxlan).values() for dst in dsts}

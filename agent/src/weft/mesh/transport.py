@@ -199,7 +199,8 @@ class ControlTransport:
         conn = ControlConnection(
             self, reader, writer, session, outbound=outbound, remote_address=remote_address, secret=secret
         )
-        refused = self.router.add_connection(conn)
+        # The secrets may have changed (a reload) while this handshake ran with the old ones.
+        refused = self.stale_reason(conn) or self.router.add_connection(conn)
         if outbound:
             self._dial_finished(address, intro.peer.name, refused)
         if refused is not None:
@@ -235,17 +236,31 @@ class ControlTransport:
 
     # -- secrets ----------------------------------------------------------------------------------
 
+    def stale_reason(self, conn: ControlConnection) -> str | None:
+        """Why a connection may no longer carry traffic under the current secrets, or None if it may.
+
+        A connection keyed with a secret we no longer hold is stale, and so is any connection whose
+        encryption differs from ours: plaintext while we hold a secret, or encrypted when we hold none.
+        """
+        current = self._secrets()
+        if conn.secret is None:
+            return "encryption is now required; reconnecting encrypted" if current else None
+        if not current:
+            return "encryption is now off; reconnecting unencrypted"
+        if conn.secret not in current:
+            return "mesh secret retired; reconnecting with a current one"
+        return None
+
     def retire_stale_sessions(self) -> int:
-        """Close connections keyed with a secret we no longer hold; the maker reconnects them."""
-        current = set(self._secrets())
+        """Close every connection :meth:`stale_reason` refuses, at once; the maker reconnects them."""
         stale = [
-            c
+            (c, reason)
             for c in self.router.connections.values()
-            if isinstance(c, ControlConnection) and c.secret is not None and c.secret not in current
+            if isinstance(c, ControlConnection) and (reason := self.stale_reason(c)) is not None
         ]
-        for conn in stale:
-            log.info("closing connection to %s: its mesh secret was retired", conn.remote.label())
-            conn.close("mesh secret retired; reconnecting with a current one")
+        for conn, reason in stale:
+            log.info("closing connection to %s: %s", conn.remote.label(), reason)
+            conn.close(reason)
         return len(stale)
 
     def status(self) -> list[dict]:

@@ -1,0 +1,223 @@
+"""The fast path's guard: nftables rules that keep the VXLAN port for the peers the mesh put on it.
+
+The kernel VXLAN device listens on every address and decapsulates whatever arrives: without a guard,
+any host on the underlay could send frames into the bridge. The agent therefore owns one nftables table
+per VXLAN port (``inet weft_fast_<port>``) with a set of the underlay addresses the kernel currently
+sends fast traffic to. UDP to the VXLAN port from those addresses is accepted, fast-path probes
+(inner frames to 01:80:c2:00:00:0f, ethertype 0x88b5, which a bridge never forwards) from connected
+peers that may use the fast path are accepted so the path can be discovered, and everything else is
+dropped and counted. The same holds for what leaves towards the VXLAN port: nothing goes to an address
+outside the set except our own probes (sent from the sleeve's socket, source port = the listen port).
+
+The table outlives the agent, like the FDB, so fast traffic keeps flowing while the agent restarts;
+a starting agent reconciles it. Everything is done with ``nft -f -`` (one transaction each time): the
+ruleset is rendered in one place, and set changes are diffs against what we last wrote.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+
+from weft.datapath.probe import ETHERTYPE, GROUP
+
+log = logging.getLogger(__name__)
+
+TABLE_PREFIX = "weft_fast_"
+FAST_SETS = ("fast4", "fast6")
+PROBE_SETS = ("probe4", "probe6")
+# Counter name in nftables -> reason label of weft_datapath_packets_dropped_total.
+COUNTERS = {"unknown_sender": "fast_unknown_sender", "unknown_dest": "fast_unknown_dest"}
+COUNTER_CACHE = 1.0  # seconds a counter reading is reused: scrapes must stay cheap
+_NFT_PATHS = ("/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft")
+
+
+class GuardError(Exception):
+    """The guard cannot be put in place; worded for the operator."""
+
+
+def table_name(vxlan_port: int) -> str:
+    """One table per VXLAN port: two agents in one namespace cannot share a VXLAN port anyway."""
+    return f"{TABLE_PREFIX}{vxlan_port}"
+
+
+def find_nft() -> str:
+    path = shutil.which("nft") or next((p for p in _NFT_PATHS if shutil.which(p)), None)
+    if path is None:
+        raise GuardError(
+            "nftables is not installed (no `nft` command): install it (apt install nftables); "
+            "the data plane guards the fast path's UDP port with nftables rules and does not run unguarded"
+        )
+    return path
+
+
+def _family(ip: str) -> int:
+    try:
+        return ipaddress.ip_address(ip).version
+    except ValueError:
+        return 0
+
+
+def _elements(ips: Iterable[str], version: int) -> list[str]:
+    return sorted(ip for ip in ips if _family(ip) == version)
+
+
+def render(vxlan_port: int, udp_port: int, fast: Iterable[str] = (), probe: Iterable[str] = ()) -> str:
+    """The whole table, replaced in one transaction (the first line makes the delete always succeed)."""
+    table = table_name(vxlan_port)
+    fast, probe = list(fast), list(probe)
+    is_probe = f"@th,128,48 0x{GROUP.hex()} @th,224,16 0x{ETHERTYPE:04x}"  # inner dst MAC and ethertype
+
+    def define(name: str, kind: str, ips: list[str]) -> str:
+        elements = f" elements = {{ {', '.join(ips)} }};" if ips else ""
+        return f"    set {name} {{ type {kind};{elements} }}\n"
+
+    sets = "".join(
+        define(name, kind, _elements(ips, version))
+        for names, ips in ((FAST_SETS, fast), (PROBE_SETS, probe))
+        for name, kind, version in ((names[0], "ipv4_addr", 4), (names[1], "ipv6_addr", 6))
+    )
+    return (
+        f"table inet {table} {{}}\n"
+        f"delete table inet {table}\n"
+        f"table inet {table} {{\n"
+        f'    comment "weft: UDP {vxlan_port} (the fast path) only to and from the fast-path peers"\n'
+        f"{sets}"
+        "    counter unknown_sender { }\n"
+        "    counter unknown_dest { }\n"
+        "    chain input {\n"
+        "        type filter hook input priority filter - 5; policy accept;\n"
+        f"        udp dport {vxlan_port} ip saddr @fast4 accept\n"
+        f"        udp dport {vxlan_port} ip6 saddr @fast6 accept\n"
+        f"        udp dport {vxlan_port} ip saddr @probe4 {is_probe} accept\n"
+        f"        udp dport {vxlan_port} ip6 saddr @probe6 {is_probe} accept\n"
+        f'        udp dport {vxlan_port} counter name "unknown_sender" drop\n'
+        "    }\n"
+        "    chain output {\n"
+        "        type filter hook output priority filter - 5; policy accept;\n"
+        f"        udp dport {vxlan_port} ip daddr @fast4 accept\n"
+        f"        udp dport {vxlan_port} ip6 daddr @fast6 accept\n"
+        f"        udp sport {udp_port} udp dport {vxlan_port} ip daddr @probe4 {is_probe} accept\n"
+        f"        udp sport {udp_port} udp dport {vxlan_port} ip6 daddr @probe6 {is_probe} accept\n"
+        f'        udp dport {vxlan_port} counter name "unknown_dest" drop\n'
+        "    }\n"
+        "}\n"
+    )
+
+
+def render_changes(table: str, sets: tuple[str, str], add: Iterable[str], delete: Iterable[str]) -> str:
+    """Element changes for one pair of sets (IPv4, IPv6) as nft commands; empty if nothing changes."""
+    lines = []
+    for verb, ips in (("add", add), ("delete", delete)):
+        ips = list(ips)
+        for name, version in ((sets[0], 4), (sets[1], 6)):
+            chosen = _elements(ips, version)
+            if chosen:
+                lines.append(f"{verb} element inet {table} {name} {{ {', '.join(chosen)} }}\n")
+    return "".join(lines)
+
+
+class FastGuard:
+    """The agent's nftables table for one VXLAN port, and the two address sets it keeps in sync."""
+
+    def __init__(self, vxlan_port: int, udp_port: int, *, run: Callable[..., str] | None = None) -> None:
+        self.vxlan_port = vxlan_port
+        self.udp_port = udp_port
+        self.table = table_name(vxlan_port)
+        self._run = run or self._nft
+        self._nft_path = "" if run is not None else find_nft()
+        self.fast: set[str] = set()  # what the fast sets hold (we are their only writer)
+        self.probe: set[str] = set()  # connected peers whose probes may cross
+        self._counts: dict[str, int] = {}  # the table's counters at the last reading
+        self._base: dict[str, int] = {}  # what earlier incarnations of the table (this run) counted
+        self._counted_at = -COUNTER_CACHE
+        self._loaded = False
+
+    def _nft(self, *args: str, script: str | None = None) -> str:
+        cmd = [self._nft_path, *args] if script is None else [self._nft_path, "-f", "-"]
+        try:
+            proc = subprocess.run(cmd, input=script, capture_output=True, text=True, timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise GuardError(f"nft failed: {exc}") from None
+        if proc.returncode != 0:
+            raise GuardError(f"nft {' '.join(args) or '-f -'}: {proc.stderr.strip() or proc.returncode}")
+        return proc.stdout
+
+    def kept(self) -> set[str]:
+        """The fast-path addresses the table holds from the last run (empty if there is no table)."""
+        kept: set[str] = set()
+        for name in FAST_SETS:
+            try:
+                out = self._run("-j", "list", "set", "inet", self.table, name)
+            except GuardError:
+                return set()
+            for item in json.loads(out).get("nftables", []):
+                kept.update(e for e in item.get("set", {}).get("elem", []) if isinstance(e, str))
+        return kept
+
+    def start(self, fast: Iterable[str]) -> None:
+        """Put the table in place, atomically, admitting ``fast`` (what the kernel may still send to)."""
+        self._load(set(fast), set())
+
+    def _load(self, fast: set[str], probe: set[str]) -> None:
+        if self._loaded:  # the counters start again from zero: keep what they counted so far
+            self._base = self.dropped(fresh=True)
+        self._run(script=render(self.vxlan_port, self.udp_port, fast, probe))
+        self._loaded = True
+        self.fast, self.probe = fast, probe
+        self._counts = {}
+
+    def admit(self, fast: Iterable[str]) -> None:
+        """Add fast-path addresses (before the kernel starts sending to them)."""
+        self._apply(self.fast | set(fast), self.probe)
+
+    def sync(self, fast: Iterable[str], probe: Iterable[str]) -> None:
+        """Make the sets exactly ``fast`` and ``probe``, changing only what differs."""
+        self._apply(set(fast), set(probe))
+
+    def _apply(self, fast: set[str], probe: set[str]) -> None:
+        script = render_changes(self.table, FAST_SETS, fast - self.fast, self.fast - fast) + render_changes(
+            self.table, PROBE_SETS, probe - self.probe, self.probe - probe
+        )
+        if not script:
+            return
+        try:
+            self._run(script=script)
+        except GuardError as exc:  # someone removed or changed our table: put it back as it should be
+            log.warning("the fast-path guard's table %s was changed outside weft (%s); restoring it", self.table, exc)
+            self._load(fast, probe)
+            return
+        self.fast, self.probe = fast, probe
+
+    def dropped(self, *, fresh: bool = False) -> dict[str, int]:
+        """Packets the guard dropped this run, by reason; read from nftables at most once a second."""
+        now = time.monotonic()
+        if fresh or now - self._counted_at >= COUNTER_CACHE:
+            self._counted_at = now
+            try:
+                out = self._run("-j", "list", "counters", "table", "inet", self.table)
+                counts = {}
+                for item in json.loads(out).get("nftables", []):
+                    counter = item.get("counter", {})
+                    if counter.get("name") in COUNTERS:
+                        counts[COUNTERS[counter["name"]]] = int(counter.get("packets", 0))
+                self._counts = counts
+            except (GuardError, ValueError) as exc:
+                log.debug("cannot read the fast-path guard's counters: %s", exc)
+        return {k: self._base.get(k, 0) + self._counts.get(k, 0) for k in {*self._base, *self._counts}}
+
+
+def remove(vxlan_port: int) -> bool:
+    """Delete the guard's table (``weft reset``); False if there was none or nftables is missing."""
+    try:
+        nft = find_nft()
+    except GuardError:
+        return False
+    table = table_name(vxlan_port)
+    proc = subprocess.run([nft, "delete", "table", "inet", table], capture_output=True, text=True, check=False)
+    return proc.returncode == 0
