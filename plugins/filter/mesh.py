@@ -13,6 +13,8 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import ipaddress
+
 from ansible.errors import AnsibleFilterError
 
 from ansible_collections.weft.mesh.plugins.module_utils.weft_api import DEFAULT_PORT, normalize_address
@@ -85,19 +87,117 @@ def _encrypted(connection):
     return bool(connection.get("encrypted"))
 
 
+def _ip(address):
+    """The IP of an agent address (HOST:PORT, [V6]:PORT); None when it is a name or missing."""
+    if not address:
+        return None
+    host = str(address)
+    if host.startswith("["):
+        host = host[1 : host.find("]")]
+    elif host.count(":") == 1:
+        host = host.split(":")[0]
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _subnets(hostvars, host):
+    networks = []
+    for subnet in _var(hostvars, host, "weft_trusted_subnets", []) or []:
+        try:
+            networks.append(ipaddress.ip_network(str(subnet), strict=False))
+        except ValueError:
+            raise AnsibleFilterError("weft_trusted_subnets of %s: %r is not a subnet" % (host, subnet)) from None
+    return networks
+
+
+def _addresses(connections):
+    """Where the peer's traffic comes from: its connections' addresses and its data path's UDP address."""
+    ips = set()
+    for c in connections:
+        for address in (c.get("address"), (c.get("datapath") or {}).get("udp")):
+            ip = _ip(address)
+            if ip is not None:
+                ips.add(ip)
+    return sorted(ips, key=str)
+
+
+def _how(connections):
+    """The path and the source addresses, as in "fast from 10.10.1.12"."""
+    paths = sorted(set(str((c.get("datapath") or {}).get("path") or "control channel") for c in connections))
+    return "%s from %s" % (
+        "/".join(paths),
+        ", ".join(str(ip) for ip in _addresses(connections)) or "an unknown address",
+    )
+
+
+def _judge_plaintext(hostvars, me, host, connections):
+    """(scope, verdict, acceptable) for a peer whose established connections are all unencrypted.
+
+    Acceptable: the peer is at ``me``'s site and every address it uses is in ``me``'s trusted subnets (the
+    agent's own rule for the fast path with a secret), or both ends set weft_allow_unencrypted.
+    """
+    site = _site(hostvars, me)
+    ips = _addresses(connections)
+    subnets = _subnets(hostvars, me)
+    if host is None:
+        scope = "to a peer outside the inventory"
+    elif _site(hostvars, host) != site:
+        scope = "across sites (%s to %s)" % (site, _site(hostvars, host))
+    elif ips and all(any(ip in net for net in subnets) for ip in ips):
+        return "at the same site", "trusted subnet", True
+    else:
+        scope = "at the same site from outside the trusted subnets"
+    allowed = _truthy(_var(hostvars, me, "weft_allow_unencrypted", False)) and (
+        host is None or _truthy(_var(hostvars, host, "weft_allow_unencrypted", False))
+    )
+    return scope, "allowed by weft_allow_unencrypted" if allowed else "not allowed", allowed
+
+
+def _plaintext_peers(status, hosts, hostvars, me):
+    """[(nickname, how, scope, verdict, acceptable)] for every peer whose established connections are all
+    unencrypted, sorted by nickname."""
+    by_nickname = dict((str(_var(hostvars, h, "weft_nickname", h)), h) for h in hosts if h != me)
+    established = {}
+    for c in status.get("connections") or []:
+        if c.get("state") == "established" and c.get("nickname"):
+            established.setdefault(str(c["nickname"]), []).append(c)
+    found = []
+    for nickname, connections in sorted(established.items()):
+        if any(_encrypted(c) for c in connections):
+            continue
+        scope, verdict, acceptable = _judge_plaintext(hostvars, me, by_nickname.get(nickname), connections)
+        found.append((nickname, _how(connections), scope, verdict, acceptable))
+    return found
+
+
+def _check_status(status, name):
+    if not isinstance(status, dict):
+        raise AnsibleFilterError("%s expects the weft_info status (a dict), got %r" % (name, status))
+
+
+def plaintext_connections(status, hosts, hostvars, me):
+    """One line per peer ``me`` reaches without encryption, saying whether that is acceptable and why."""
+    _check_status(status, "plaintext_connections")
+    return [
+        "%s: %s, %s, %s" % (nickname, how, scope, verdict)
+        for nickname, how, scope, verdict, _ in _plaintext_peers(status, hosts, hostvars, me)
+    ]
+
+
 def mesh_problems(status, hosts, hostvars, me, require_encryption=True, require_datapath=True):
     """What keeps ``me``'s agent (its weft_info status) from being whole with ``hosts``; [] when healthy.
 
     Healthy: the agent is ready, and every other host is among its peers with an established connection,
-    whose data path is up (when the agent runs one and ``require_datapath``), encrypted when the two hosts
-    are at different sites (and ``require_encryption``).
+    whose data path is up (when the agent runs one and ``require_datapath``). With ``require_encryption``,
+    every peer (in the inventory or not) is reached encrypted, unless it is at the same site in a trusted subnet
+    of ``me``, or both ends set weft_allow_unencrypted (see plaintext_connections).
     """
-    if not isinstance(status, dict):
-        raise AnsibleFilterError("mesh_problems expects the weft_info status (a dict), got %r" % (status,))
+    _check_status(status, "mesh_problems")
     problems = [] if status.get("ready") else ["the agent is not ready"]
     known = set(p.get("nickname") for p in status.get("peers") or [])
     connections = status.get("connections") or []
-    site = _site(hostvars, me)
     for host in hosts:
         if host == me:
             continue
@@ -115,10 +215,10 @@ def mesh_problems(status, hosts, hostvars, me, require_encryption=True, require_
         if require_datapath and paths and all(p.get("path") in (None, "down") for p in paths):
             reasons = sorted(set(str(p.get("reason") or "no reason given") for p in paths))
             problems.append("%s: data path down (%s)" % (nickname, "; ".join(reasons)))
-            continue
-        other_site = _site(hostvars, host)
-        if require_encryption and other_site != site and not any(_encrypted(c) for c in established):
-            problems.append("%s: connection across sites (%s to %s) is not encrypted" % (nickname, site, other_site))
+    if require_encryption:
+        for nickname, how, scope, _, acceptable in _plaintext_peers(status, hosts, hostvars, me):
+            if not acceptable:
+                problems.append("%s: connection %s is not encrypted (%s)" % (nickname, scope, how))
     return problems
 
 
@@ -127,5 +227,6 @@ class FilterModule:
         return {
             "peer_addresses": peer_addresses,
             "mesh_problems": mesh_problems,
+            "plaintext_connections": plaintext_connections,
             "weft_address": weft_address,
         }

@@ -1,11 +1,21 @@
 import pytest
 from ansible.errors import AnsibleFilterError
 
-from ansible_collections.weft.mesh.plugins.filter.mesh import mesh_problems, peer_addresses, weft_address
+from ansible_collections.weft.mesh.plugins.filter.mesh import (
+    mesh_problems,
+    peer_addresses,
+    plaintext_connections,
+    weft_address,
+)
 
 # The lab's shape: two data centres that can reach each other, and a VPC behind NAT.
 HOSTVARS = {
-    "dc1-a": {"weft_site": "dc1", "weft_advertise_address": "10.10.1.11", "weft_public_address": "192.0.2.11"},
+    "dc1-a": {
+        "weft_site": "dc1",
+        "weft_advertise_address": "10.10.1.11",
+        "weft_public_address": "192.0.2.11",
+        "weft_trusted_subnets": ["10.10.1.0/24"],
+    },
     "dc1-b": {"weft_site": "dc1", "ansible_host": "10.10.1.12"},  # no addresses set: ansible_host everywhere
     "dc2-a": {"weft_site": "dc2", "weft_advertise_address": "10.10.2.11", "weft_public_address": "192.0.2.21:16783"},
     "aws-a": {"weft_site": "aws", "weft_site_reachable": False, "weft_advertise_address": "172.31.0.11"},
@@ -54,8 +64,19 @@ def test_weft_address():
         weft_address(":1")
 
 
-def connection(nickname, state="established", encrypted=True, datapath=None):
-    return {"peer": "x", "nickname": nickname, "state": state, "encrypted": encrypted, "datapath": datapath}
+ADDRESSES = {"dc1-a": "10.10.1.11", "dc1-b": "10.10.1.12", "dc2-a": "10.10.2.11"}
+
+
+def connection(nickname, state="established", encrypted=True, datapath=None, address=None):
+    address = address or ADDRESSES.get(nickname, "192.0.2.99") + ":40001"
+    return {
+        "peer": "x",
+        "nickname": nickname,
+        "address": address,
+        "state": state,
+        "encrypted": encrypted,
+        "datapath": datapath,
+    }
 
 
 def status(*connections, ready=True, peers=("dc1-a", "dc1-b", "dc2-a")):
@@ -89,7 +110,7 @@ def test_cross_site_traffic_in_clear():
     # The control channel is sealed but data takes the unencrypted fast path across sites: not acceptable.
     st = status(connection("dc1-b"), connection("dc2-a", datapath={"path": "fast", "encrypted": False}))
     assert mesh_problems(st, MESH, HOSTVARS, "dc1-a") == [
-        "dc2-a: connection across sites (dc1 to dc2) is not encrypted"
+        "dc2-a: connection across sites (dc1 to dc2) is not encrypted (fast from 10.10.2.11)"
     ]
     assert mesh_problems(st, MESH, HOSTVARS, "dc1-a", False) == []
 
@@ -106,7 +127,7 @@ def test_no_datapath_at_all():
     # An agent with datapath: false reports no data path; the control channel is what counts.
     st = status(connection("dc1-b"), connection("dc2-a", encrypted=False))
     assert mesh_problems(st, MESH, HOSTVARS, "dc1-a") == [
-        "dc2-a: connection across sites (dc1 to dc2) is not encrypted"
+        "dc2-a: connection across sites (dc1 to dc2) is not encrypted (control channel from 10.10.2.11)"
     ]
 
 
@@ -128,3 +149,78 @@ def test_routed_site_without_public_address_uses_advertise():
         "b": {"weft_site": "s2", "ansible_host": "10.254.0.3", "weft_advertise_address": "10.10.2.11"},
     }
     assert peer_addresses(["a", "b"], hostvars, "a") == ["10.10.2.11:6783"]
+
+
+# --- plaintext connections: what verify.yml fails on, and what it lists ------------------------------------
+
+
+def plaintext_mesh():
+    """A mesh without secrets, as the agents report it: every connection unencrypted."""
+    fast = {"path": "fast", "encrypted": False, "udp": "10.10.1.12:6784"}
+    sleeve = {"path": "sleeve", "encrypted": False, "udp": "10.10.2.11:6783"}
+    return status(
+        connection("dc1-b", encrypted=False, datapath=fast), connection("dc2-a", encrypted=False, datapath=sleeve)
+    )
+
+
+def allowing(hostvars, *hosts):
+    return dict(hostvars, **{h: dict(hostvars[h], weft_allow_unencrypted=True) for h in hosts})
+
+
+def test_plaintext_across_sites_fails_unless_both_ends_allow_it():
+    st = plaintext_mesh()
+    refused = ["dc2-a: connection across sites (dc1 to dc2) is not encrypted (sleeve from 10.10.2.11)"]
+    assert mesh_problems(st, MESH, HOSTVARS, "dc1-a") == refused
+    # The setting a typo cannot produce: both ends must say so in inventory ("true" from -e counts too).
+    assert mesh_problems(st, MESH, allowing(HOSTVARS, "dc1-a"), "dc1-a") == refused
+    everyone = allowing(HOSTVARS, "dc1-a", "dc1-b", "dc2-a")
+    everyone["dc2-a"]["weft_allow_unencrypted"] = "true"
+    assert mesh_problems(st, MESH, everyone, "dc1-a") == []
+    # ...and verify still lists them.
+    assert plaintext_connections(st, MESH, everyone, "dc1-a") == [
+        "dc1-b: fast from 10.10.1.12, at the same site, trusted subnet",
+        "dc2-a: sleeve from 10.10.2.11, across sites (dc1 to dc2), allowed by weft_allow_unencrypted",
+    ]
+
+
+def test_plaintext_at_the_same_site_needs_a_trusted_subnet():
+    # dc1-b's traffic comes from outside dc1-a's trusted subnets (its UDP address says so): not acceptable.
+    elsewhere = {"path": "fast", "encrypted": False, "udp": "10.99.0.12:6784"}
+    st = status(connection("dc1-b", encrypted=False, datapath=elsewhere), connection("dc2-a"))
+    assert mesh_problems(st, MESH, HOSTVARS, "dc1-a") == [
+        "dc1-b: connection at the same site from outside the trusted subnets is not encrypted"
+        " (fast from 10.10.1.12, 10.99.0.12)"
+    ]
+    # No trusted subnets at all: nothing unencrypted is acceptable without the flag.
+    untrusted = dict(HOSTVARS, **{"dc1-a": {"weft_site": "dc1"}})
+    assert len(mesh_problems(plaintext_mesh(), MESH, untrusted, "dc1-a")) == 2
+
+
+def test_plaintext_to_a_peer_outside_the_inventory():
+    st = status(connection("dc1-b"), connection("dc2-a"), connection("stranger", encrypted=False))
+    assert mesh_problems(st, MESH, HOSTVARS, "dc1-a") == [
+        "stranger: connection to a peer outside the inventory is not encrypted (control channel from 192.0.2.99)"
+    ]
+    assert mesh_problems(st, MESH, allowing(HOSTVARS, "dc1-a"), "dc1-a") == []
+
+
+def test_encrypted_mesh_lists_only_the_trusted_fast_path():
+    assert plaintext_connections(status(connection("dc1-b"), connection("dc2-a")), MESH, HOSTVARS, "dc1-a") == []
+    fast = {"path": "fast", "encrypted": False, "udp": "10.10.1.12:6784"}
+    st = status(connection("dc1-b", datapath=fast), connection("dc2-a", datapath={"path": "sleeve", "encrypted": True}))
+    assert mesh_problems(st, MESH, HOSTVARS, "dc1-a") == []
+    assert plaintext_connections(st, MESH, HOSTVARS, "dc1-a") == [
+        "dc1-b: fast from 10.10.1.12, at the same site, trusted subnet"
+    ]
+
+
+def test_ipv6_addresses_and_bad_subnets():
+    hostvars = {
+        "a": {"weft_site": "s", "weft_trusted_subnets": ["fd00::/64"]},
+        "b": {"weft_site": "s"},
+    }
+    st = status(connection("b", encrypted=False, address="[fd00::2]:6783"), peers=("a", "b"))
+    assert mesh_problems(st, ["a", "b"], hostvars, "a") == []
+    hostvars["a"]["weft_trusted_subnets"] = ["not-a-subnet"]
+    with pytest.raises(AnsibleFilterError, match="weft_trusted_subnets of a"):
+        mesh_problems(st, ["a", "b"], hostvars, "a")
