@@ -236,4 +236,5 @@ class Agent:
             "peers": self.router.peers_status(),
             "connections": connections,
             "targets": self.maker.status(),
+            "mac_conflicts": self.dataplane.mac_conflicts() if self.dataplane is not None else [],
         }

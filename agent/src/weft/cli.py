@@ -233,6 +233,13 @@ def reset(client: Client, config_path: Path | None, bridge: str | None, state_di
         nd.close()
     if remove_guard(config.vxlan_port):
         removed.append(f"nftables table inet {table_name(config.vxlan_port)}")
+    from weft.datapath.portguard import NftError, remove_table
+
+    try:
+        if remove_table():
+            removed.append("nftables table bridge weft_portguard")
+    except NftError as exc:
+        raise click.ClickException(f"cannot remove the container port guard: {exc}") from None
     click.echo(f"removed: {' '.join(removed)}" if removed else "nothing to remove")
     if state_dir is not None and state_dir.is_dir():
         import shutil

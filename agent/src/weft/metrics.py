@@ -54,6 +54,9 @@ class Metrics:
             ["peer"],
             registry=r,
         )
+        self.mac_conflicts = Gauge(
+            "weft_mac_conflicts", "MAC addresses that more than one peer claims as its own", registry=r
+        )
         self.connection_path = Gauge(
             "weft_connection_path",
             "1 for the data path traffic to the peer takes, 0 for the others",

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from weft.config import AgentConfig
     from weft.datapath.fastguard import FastGuard
     from weft.datapath.netdev import NetDev
+    from weft.datapath.portguard import PortGuard
     from weft.datapath.sleeve import Sleeve, SleeveStats
     from weft.mesh.router import Router
     from weft.metrics import Metrics
@@ -36,11 +37,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MACS = "macs"
+FORGED_SOURCE_MAC = "forged_source_mac"  # drop reason: a container sent a source MAC not attached to its port
 VNI = 0x5746  # one overlay per mesh; the bridge keeps hosts apart, not VNIs
 DEAD_AFTER = 3  # heartbeat intervals without news before a path counts as down
 WARMUP_AFTER = 4  # intervals after start before we remove kernel state we did not write this run
 PMTU_EVERY = 5  # intervals between path-MTU probe rounds, after one each for the first three
 SLEEVE_OVERHEAD = 80  # Ethernet, virtio header, sleeve header and AEAD tag, per datagram (upper bound)
+GUARD_RESYNC = 10  # intervals between re-reads of the attach state for the port guard (events may be missed)
 
 
 def device_names(bridge: str, vxlan_port: int) -> tuple[str, str]:
@@ -68,6 +71,9 @@ class DataPlane:
         self.sleeve: Sleeve | None = None
         self.stats: SleeveStats | None = None
         self._watcher: Any = None
+        self.portguard: PortGuard | None = None
+        self._guarded: set[str] = set()  # container ports already made non-learning
+        self._guard_ticks = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
         self._recompute_handle: asyncio.Handle | None = None
@@ -94,6 +100,7 @@ class DataPlane:
         self.nd.ensure_bridge(self.bridge, c.mtu)
         self.nd.ensure_vxlan(self.vxlan, bridge=self.bridge, vni=VNI, port=c.vxlan_port, mtu=c.mtu)
         self.nd.ensure_tap(self.tap, bridge=self.bridge, mtu=c.mtu)
+        self._start_portguard()
         self._guard_fast_path_from_the_start()
         self._adopted_fast = set(self.nd.vxlan_fdb(self.vxlan).get(fdb.ZERO_MAC, set()))
         if self._adopted_fast:
@@ -228,6 +235,7 @@ class DataPlane:
     # -- inputs ------------------------------------------------------------------------------------
 
     def _on_local_macs(self, macs: frozenset[str], now: float) -> None:
+        self._guard_ports()
         delta = self.macs.set_local(bytes.fromhex(m.replace(":", "")) for m in macs)
         if delta is not None:
             log.debug("local MACs now %s", ", ".join(sorted(macs)) or "none")
@@ -279,6 +287,7 @@ class DataPlane:
         self._tick_handle = self._loop.call_later(self.interval, self._tick)
         now = time.monotonic()
         self._sync_neighbours(now)
+        self._poll_portguard(now)
         sleeve = self.sleeve
         assert sleeve is not None
         changed = False
@@ -420,6 +429,7 @@ class DataPlane:
             log.warning("could not program the kernel forwarding table: %s", exc)
         self._sync_guard(want, before_fdb=False)
         self._update_path_metrics()
+        self.metrics.mac_conflicts.set(len(self.macs.conflicts))
 
     def _sync_guard(self, want: fdb.FdbState, *, before_fdb: bool) -> None:
         """Keep the guard's sets equal to where the kernel sends fast traffic (and whose probes may cross).
@@ -459,6 +469,8 @@ class DataPlane:
 
         assert self.nd is not None
         result = carry_out(self.nd, self.bridge, self.config.mtu, action, body, cidrs)
+        if action in ("attach", "detach"):
+            self._guard_ports()  # now, not after the watcher's settle time: the new port drops all until then
         if result["changed"]:
             log.info("%s %s: %s", action, body.get("netns") or body.get("pid") or "host", ", ".join(cidrs) or "all")
         return result
@@ -520,7 +532,56 @@ class DataPlane:
         counts = dict(self.stats.dropped) if self.stats is not None else {}
         if self.guard is not None:
             counts.update(self.guard.dropped())
+        if self.portguard is not None:
+            counts[FORGED_SOURCE_MAC] = self.portguard.dropped
         return counts
+
+    def mac_conflicts(self) -> list[dict[str, Any]]:
+        """MACs more than one peer claims, for status: who claims each, and who other hosts send it to."""
+        return [
+            {"mac": mac.hex(":"), "peers": [format_name(n) for n in names], "owner": format_name(names[0])}
+            for mac, names in sorted(self.macs.conflicts.items())
+        ]
+
+    # -- the container port guard --------------------------------------------------------------------
+
+    def _start_portguard(self) -> None:
+        """Replace the last run's guard table with one for the ports attached now, before anything else runs."""
+        from weft.datapath.portguard import NftError, PortGuard
+
+        assert self.nd is not None
+        guard = PortGuard()
+        try:
+            guard.start(self.nd.attached_macs(self.bridge, (self.vxlan, self.tap)))
+        except NftError as exc:
+            log.error("container port guard unavailable, containers can forge source MACs on this host: %s", exc)
+            return
+        self.portguard = guard
+        self._guard_ports()
+
+    def _guard_ports(self) -> None:
+        """Container ports learn nothing, and pass frames only from the MACs attached to them."""
+        from weft.datapath.attach import HOST_PREFIX
+
+        if self.nd is None:
+            return
+        try:
+            attached = self.nd.attached_macs(self.bridge, (self.vxlan, self.tap))
+            for port in sorted(attached.keys() - self._guarded):
+                if port.startswith(HOST_PREFIX):
+                    self.nd.container_port(self.bridge, port)
+            self._guarded = set(attached)
+            if self.portguard is not None:
+                self.portguard.sync(attached)
+        except Exception as exc:  # a port that went away meanwhile, nft refusing: the next event or tick retries
+            log.warning("could not update the container port guard: %s", exc)
+
+    def _poll_portguard(self, now: float) -> None:
+        self._guard_ticks += 1
+        if self._guard_ticks % GUARD_RESYNC == 0:
+            self._guard_ports()
+        if self.portguard is not None:
+            self.portguard.poll(now)
 
 
 def _uint(value: Any) -> int:

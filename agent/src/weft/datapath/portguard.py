@@ -93,11 +93,10 @@ def ruleset(allowed: Mapping[str, Collection[str]]) -> str:
 def remove_table(run: Runner = run_nft) -> bool:
     """Delete the table (for `weft reset`); True if there was one."""
     try:
-        run(["delete", "table", FAMILY, TABLE], None)
-    except NftError as exc:
-        if "No such file or directory" in str(exc):
-            return False
-        raise
+        run(["list", "table", FAMILY, TABLE], None)
+    except NftError:
+        return False  # none (or no nft at all, so none either)
+    run(["delete", "table", FAMILY, TABLE], None)
     return True
 
 
