@@ -100,14 +100,19 @@ class Agent:
             await self.transport.start()
         except OSError as exc:
             raise ConfigError(f"cannot listen on {c.listen}: {exc.strerror or exc}") from None
-        await api.start()
-        if self.dataplane is not None:
+        if self.dataplane is not None:  # before the API: a status answer means the data plane is guarded
             try:
                 self.dataplane.start()
             except Exception as exc:
                 await self.transport.stop()
-                await api.stop()
                 raise ConfigError(f"cannot set up the data plane: {exc}") from None
+        try:
+            await api.start()
+        except BaseException:
+            if self.dataplane is not None:
+                self.dataplane.stop()
+            await self.transport.stop()
+            raise
         self.router.start()
         self.maker.check()
         loop.add_signal_handler(signal.SIGHUP, self.reload)

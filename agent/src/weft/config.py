@@ -58,7 +58,10 @@ class AgentConfig(BaseModel):
     conn_limit: int = Field(100, ge=1)
     accept_rate: float = Field(20.0, gt=0)
     accept_burst: int = Field(20, ge=1)
+    api_conn_limit: int = Field(64, ge=1)  # per API listener (the socket and the metrics address)
+    api_timeout: float = Field(5.0, gt=0)  # an API connection idle (or a metrics request unanswered) this long
     path_interval: float = Field(1.0, gt=0)  # data-path heartbeats and probes; a path is down after 3 missed
+    address_probe_time: float = Field(0.5, ge=0, le=10)  # ARP-probe a new overlay address this long; 0: never
     fast_path_grace: float = Field(60.0, ge=0)  # keep a gone fast peer's kernel entries this long
 
     @field_validator("bridge")

@@ -43,6 +43,28 @@ class Metrics:
         self.gossip_dropped = Counter(
             "weft_gossip_dropped", "Gossip messages dropped, by reason", ["reason"], registry=r
         )
+        self.overlay_refused = Counter(
+            "weft_overlay_refused",
+            "attach/detach/expose/hide requests refused (nothing changed), by action and reason",
+            ["action", "reason"],
+            registry=r,
+        )
+
+        self.api_connections = Gauge(
+            "weft_api_connections", "Open connections to the agent's API listeners", ["listener"], registry=r
+        )
+        self.api_refused = Counter(
+            "weft_api_connections_refused",
+            "API connections closed unanswered, by listener and reason (conn_limit, timeout, too_large, bad_request)",
+            ["listener", "reason"],
+            registry=r,
+        )
+        self.accept_errors = Counter(
+            "weft_accept_errors",
+            "Times a listener could not accept for lack of resources (EMFILE: out of open files)",
+            ["reason"],
+            registry=r,
+        )
 
         self.reload_failures = Counter(
             "weft_config_reload_failures", "SIGHUP reloads refused because the new config was invalid", registry=r

@@ -463,17 +463,47 @@ class DataPlane:
 
     # -- requests from the API ----------------------------------------------------------------------
 
-    def overlay(self, action: str, body: dict[str, Any], cidrs: list[str]) -> dict:
-        """attach/detach/expose/hide (see weft.datapath.overlay); the MAC watcher picks up the result."""
-        from weft.datapath.overlay import carry_out
+    async def overlay(self, action: str, body: dict[str, Any], cidrs: list[str]) -> dict:
+        """attach/detach/expose/hide (see weft.datapath.overlay); the MAC watcher picks up the result.
+
+        In a worker thread: a new address is probed for on the overlay first, and the answers cross the mesh,
+        which this event loop goes on running meanwhile.
+        """
+        from weft.datapath.overlay import AddressInUse, OverlayError, carry_out
 
         assert self.nd is not None
-        result = carry_out(self.nd, self.bridge, self.config.mtu, action, body, cidrs)
+        try:
+            result = await asyncio.to_thread(
+                carry_out,
+                self.nd,
+                self.bridge,
+                self.config.mtu,
+                action,
+                body,
+                cidrs,
+                probe_wait=self.config.address_probe_time,
+                describe_mac=self.describe_mac,
+            )
+        except OverlayError as exc:
+            reason = "address_in_use" if isinstance(exc, AddressInUse) else "invalid"
+            self.metrics.overlay_refused.labels(action, reason).inc()
+            log.info("%s refused: %s", action, exc)
+            raise
         if action in ("attach", "detach"):
             self._guard_ports()  # now, not after the watcher's settle time: the new port drops all until then
         if result["changed"]:
             log.info("%s %s: %s", action, body.get("netns") or body.get("pid") or "host", ", ".join(cidrs) or "all")
         return result
+
+    def describe_mac(self, mac: str) -> str:
+        """Who holds a MAC, for an error message: this host, or the peer that announces it."""
+        owner = self.macs.owner.get(bytes.fromhex(mac.replace(":", "")))
+        if owner is None:
+            return "not announced by any host of the mesh"
+        if owner == self.ourself:
+            return "this host"
+        entry = self.router.topology.peers.get(owner)
+        return f"host {entry.nickname if entry else '?'!r} {format_name(owner)}"
 
     # -- status and metrics ------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from weft.limits import Episode
 from weft.mesh.connection import ControlConnection
 from weft.mesh.connection_maker import ConnectionMaker
 from weft.mesh.handshake import HandshakeError, handshake
@@ -75,6 +76,13 @@ class ControlTransport:
         self.maker: ConnectionMaker | None = None
         self.pending: dict[int, PendingConnection] = {}
         self._bucket = _TokenBucket(settings.accept_rate, settings.accept_burst)
+        # A flood of connections is counted per connection but logged once per episode.
+        self._refusals = Episode(
+            log,
+            "control listener: refusing new connections (accept rate or connection limit reached);"
+            " see weft_connections_refused_total",
+            "control listener: accepting connections again; refused",
+        )
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task] = set()
 
@@ -132,12 +140,12 @@ class ControlTransport:
         peer = writer.get_extra_info("peername") or ("?", 0)
         if not self._bucket.take():
             self.metrics.refused.labels("rate_limit").inc()
-            log.debug("refused a connection from %s: accept rate limit", peer[0])
+            self._refusals.hit()
             writer.close()
             return
         if len(self.router.connections) + len(self.pending) >= self.router.conn_limit:
             self.metrics.refused.labels("conn_limit").inc()
-            log.warning("refused a connection from %s: connection limit (%d) reached", peer[0], self.router.conn_limit)
+            self._refusals.hit()
             writer.close()
             return
         task = asyncio.current_task()
