@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import logging
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from weft.addresses import AddressError
+from weft.api.public import PublicServer
 from weft.datapath.overlay import OverlayError
+from weft.limits import Episode
 
 if TYPE_CHECKING:
     from weft.agent import Agent
@@ -18,16 +22,24 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SECTIONS = ("peers", "connections", "targets")
+MAX_BODY = 64 * 1024  # the largest request body the control API reads; its requests are a few hundred bytes
 
 
 class ApiServer:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self._runners: list[web.AppRunner] = []
+        self._unix: asyncio.Server | None = None
+        self._public: PublicServer | None = None
+        self._refusals = Episode(
+            log,
+            f"API socket: connection cap ({agent.config.api_conn_limit}) reached; closing new connections",
+            "API socket: below its connection cap again; connections refused",
+        )
 
     async def start(self) -> None:
         config = self.agent.config
-        control = web.Application()
+        control = web.Application(client_max_size=MAX_BODY, middlewares=[_errors])
         control.add_routes(
             [
                 web.get("/status", self.status),
@@ -46,30 +58,40 @@ class ApiServer:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_socket():
             path.unlink()  # left by a previous run that was killed
-        runner = web.AppRunner(control, access_log=None)
+        # An idle connection is closed after api_timeout; the cap bounds what even root can hold open.
+        runner = web.AppRunner(control, access_log=None, keepalive_timeout=config.api_timeout)
         await runner.setup()
+        self._runners.append(runner)
+        server = runner.server
+        assert server is not None
+
+        def factory() -> asyncio.BaseProtocol:
+            if len(server.connections) >= config.api_conn_limit:
+                return _Refused(self, "api")
+            return server()
+
         old_umask = os.umask(0o077)
         try:
-            await web.UnixSite(runner, str(path)).start()
+            self._unix = await asyncio.get_running_loop().create_unix_server(factory, str(path))
         finally:
             os.umask(old_umask)
-        self._runners.append(runner)
 
-        public = web.Application()
-        public.add_routes(
-            [
-                web.get("/metrics", self.metrics),
-                web.get("/status", self.status),
-                web.get("/status/{section}", self.status),
-            ]
-        )
-        runner = web.AppRunner(public, access_log=None)
-        await runner.setup()
         host, port = config.metrics_host_port()
-        await web.TCPSite(runner, host or None, port, reuse_address=True).start()
-        self._runners.append(runner)
+        self._public = PublicServer(
+            self.public_get, self.agent.metrics, limit=config.api_conn_limit, timeout=config.api_timeout
+        )
+        await self._public.start(host or None, port)
+
+    def refused(self, listener: str) -> None:
+        self.agent.metrics.api_refused.labels(listener, "conn_limit").inc()
+        self._refusals.hit()
 
     async def stop(self) -> None:
+        if self._unix is not None:
+            self._unix.close()
+        if self._public is not None:
+            await self._public.stop()
+        self._refusals.cancel()
         for runner in self._runners:
             await runner.cleanup()
         with contextlib.suppress(OSError):
@@ -83,6 +105,22 @@ class ApiServer:
         if section not in SECTIONS:
             return _error(404, f"no status section {section!r}; choose from {', '.join(SECTIONS)}")
         return web.json_response(status[section])
+
+    def public_get(self, path: str) -> tuple[int, str, bytes]:
+        """GET on the public listener: the metrics and the read-only status, nothing else."""
+        if path == "/metrics":
+            self._refresh_gauges()
+            return 200, "text/plain; version=0.0.4; charset=utf-8", self.agent.metrics.render()
+        if path == "/status" or path.startswith("/status/"):
+            status = self.agent.status()
+            section = path[len("/status/") :] if path.startswith("/status/") else None
+            if section is None:
+                return 200, "application/json", json.dumps(status).encode()
+            if section in SECTIONS:
+                return 200, "application/json", json.dumps(status[section]).encode()
+            body = {"error": f"no status section; choose from {', '.join(SECTIONS)}"}
+            return 404, "application/json", json.dumps(body).encode()
+        return 404, "application/json", json.dumps({"error": "not found: GET /metrics or /status"}).encode()
 
     async def metrics(self, request: web.Request) -> web.Response:
         self._refresh_gauges()
@@ -103,8 +141,11 @@ class ApiServer:
         body = await _json(request)
         if isinstance(body, web.Response):
             return body
+        replace = body.get("replace", False)
+        if not isinstance(replace, bool):
+            return _error(400, "'replace' must be true or false")
         try:
-            added = self.agent.maker.connect(body["addresses"], replace=bool(body.get("replace")))
+            added = self.agent.maker.connect(body["addresses"], replace=replace)
         except AddressError as exc:
             return _error(400, str(exc))
         return web.json_response({"targets": added})
@@ -137,27 +178,66 @@ class ApiServer:
         plane = self.agent.dataplane
         if plane is None:
             return _error(409, "the data plane is off on this agent (datapath: false); enable it and restart")
-        try:
-            body = await request.json()
-        except ValueError:
-            return _error(400, "request body must be JSON")
-        if not isinstance(body, dict):
-            return _error(400, "request body must be a JSON object")
+        body = await _object(request)
+        if isinstance(body, web.Response):
+            return body
         cidrs = body.get("cidrs", [])
         if not isinstance(cidrs, list) or not all(isinstance(c, str) for c in cidrs):
             return _error(400, "'cidrs' must be a list of CIDR strings like 10.32.0.1/12")
         try:
-            return web.json_response(plane.overlay(action, body, cidrs))
+            return web.json_response(await plane.overlay(action, body, cidrs))
         except OverlayError as exc:
             return _error(400, str(exc))
 
 
-async def _json(request: web.Request) -> dict | web.Response:
+class _Refused(asyncio.Protocol):
+    """A connection over a listener's cap: closed at once, unread, counted, logged once per episode."""
+
+    def __init__(self, server: ApiServer, listener: str) -> None:
+        self._server = server
+        self._listener = listener
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.abort()
+        self._server.refused(self._listener)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Whatever goes wrong in a handler, the client gets one line of JSON and the log one line."""
     try:
-        body = await request.json()
+        return await handler(request)
+    except web.HTTPRequestEntityTooLarge:
+        return _error(413, f"request body is over the {MAX_BODY}-byte limit")
+    except web.HTTPException:
+        raise
+    except Exception as exc:
+        log.error("API %s %s failed: %s: %s", request.method, request.path, type(exc).__name__, exc)
+        log.debug("API failure", exc_info=True)
+        return _error(500, f"internal error ({type(exc).__name__}); the agent log has the details")
+
+
+async def _object(request: web.Request) -> dict | web.Response:
+    """The request body as a JSON object, or the 4xx answer that says what is wrong with it."""
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        return _error(413, f"request body is over the {MAX_BODY}-byte limit")
+    raw = await request.read()  # aiohttp stops at client_max_size (413, via _errors)
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        return _error(400, "request body is nested too deeply")
     except ValueError:
         return _error(400, "request body must be JSON")
-    addresses = body.get("addresses") if isinstance(body, dict) else None
+    if not isinstance(body, dict):
+        return _error(400, "request body must be a JSON object")
+    return body
+
+
+async def _json(request: web.Request) -> dict | web.Response:
+    body = await _object(request)
+    if isinstance(body, web.Response):
+        return body
+    addresses = body.get("addresses")
     if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
         return _error(400, "'addresses' must be a list of HOST[:PORT] strings")
     return body
