@@ -195,7 +195,7 @@ def overlay_cidr(text: str) -> Interface:
     has neither, RFC 3021); and a single-address prefix (/32, /128), which leaves the interface no neighbour on the
     overlay it could reach.
     """
-    iface = parse_cidr(text, "overlay address")
+    iface = parse_cidr(text)
     refused = _V4_REFUSED if iface.version == 4 else _V6_REFUSED
     for net, why in refused:
         if iface.ip in net:

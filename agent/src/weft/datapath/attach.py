@@ -8,22 +8,36 @@ same namespace finds the same pair.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import ipaddress
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from weft.addresses import AddressError, Interface, overlay_cidrs, parse_cidr
+from weft.addresses import ifname as check_ifname
 from weft.datapath.netdev import Link, NetDev, NetDevError
+from weft.datapath.underlay import host_networks
 
-__all__ = ["MULTICAST_ROUTE", "AttachError", "Attachment", "attach", "detach", "expose", "hide", "host_ifname", "reset"]
+__all__ = [
+    "MULTICAST_ROUTE",
+    "AttachError",
+    "Attachment",
+    "InUseCheck",
+    "LinkHook",
+    "attach",
+    "detach",
+    "expose",
+    "hide",
+    "host_ifname",
+    "reset",
+]
 
 NETNS_RUN_DIR = "/var/run/netns"
 MULTICAST_ROUTE = "224.0.0.0/4"  # multicast leaves the container over the overlay, not a default route
 HOST_PREFIX = "vwe"
 HOST_HASH_CHARS = 8
-IFNAMSIZ = 15  # usable characters in a Linux interface name
 
 
 class AttachError(Exception):
@@ -39,19 +53,40 @@ class Attachment:
     changed: bool  # False when the call changed nothing
 
 
+# Called with the addresses about to be given (none of them held yet by the interface that gets them); raises
+# AttachError when one is in use elsewhere. Runs before anything is changed.
+InUseCheck = Callable[[list[Interface]], None]
+# Called with (container MAC, host-side veth) once the pair is up on the bridge and before it gets addresses;
+# raising undoes the attach.
+LinkHook = Callable[[str, str], None]
+
+
+def _overlay_cidrs(cidrs: Sequence[str]) -> list[str]:
+    """Addresses to give: normalised ("10.0.0.1/24"), each one usable on the overlay (see weft.addresses)."""
+    try:
+        return overlay_cidrs(list(cidrs))
+    except AddressError as e:
+        raise AttachError(str(e)) from None
+
+
 def _parse_cidrs(cidrs: Sequence[str]) -> list[str]:
-    """Normalised CIDRs ("10.0.0.1/24"); an address without a prefix length is refused, not guessed."""
+    """Addresses to take away: only their form is checked, so that any address given earlier can be removed."""
     out: list[str] = []
     for cidr in cidrs:
         try:
-            if "/" not in cidr:
-                raise ValueError
-            iface = ipaddress.ip_interface(cidr)
-        except ValueError:
-            raise AttachError(f"invalid CIDR {cidr!r}: expected ADDRESS/PREFIXLEN, e.g. 10.32.0.5/12") from None
-        if str(iface) not in out:
-            out.append(str(iface))
+            text = str(parse_cidr(cidr))
+        except AddressError as e:
+            raise AttachError(str(e)) from None
+        if text not in out:
+            out.append(text)
     return out
+
+
+def _ifname(name: object) -> str:
+    try:
+        return check_ifname(name)
+    except AddressError as e:
+        raise AttachError(str(e)) from None
 
 
 def _check_identity(netns: str | None, pid: int | None) -> None:
@@ -129,45 +164,70 @@ def attach(
     netns: str | None = None,
     pid: int | None = None,
     ifname: str = "ethwe",
+    in_use: InUseCheck | None = None,
+    on_link: LinkHook | None = None,
 ) -> Attachment:
-    """Put a container on the bridge: veth pair, CIDRs, MTU and the multicast route; adds only what is missing."""
-    wanted = _parse_cidrs(cidrs)
-    if not ifname or len(ifname) > IFNAMSIZ or "/" in ifname or " " in ifname:
-        raise AttachError(f"invalid interface name {ifname!r} (1-15 characters, no '/' or spaces)")
+    """Put a container on the bridge: veth pair, CIDRs, MTU and the multicast route; adds only what is missing.
+
+    All or nothing: every input is checked and every new address probed (``in_use``) before anything changes,
+    and a failure after the pair was made deletes it again, so a refused attach leaves no veth behind.
+    """
+    wanted = _overlay_cidrs(cidrs)
+    ifname = _ifname(ifname)
     _require_bridge(nd, bridge)
     path = _netns_path(netns, pid)
     if _same_netns(path, nd):
         raise AttachError("that network namespace is the host's own: use expose to put the host on the overlay")
     host = host_ifname(path, ifname)
+    created = False
+    added: list[str] = []
     try:
         with _container(path) as cnd:
             h, c = _peer(nd, cnd, host, ifname)
+            if c is None and cnd.link(ifname) is not None:
+                raise AttachError(
+                    f"the container already has an interface {ifname!r} that weft did not create: "
+                    "remove it or attach with another ifname"
+                )
+            held = set(cnd.addresses(ifname)) if c is not None else set()
+            new = [cidr for cidr in wanted if cidr not in held]
+            if in_use is not None and new:
+                in_use([parse_cidr(cidr) for cidr in new])
             changed = False
             if c is None:
-                if cnd.link(ifname) is not None:
-                    raise AttachError(
-                        f"the container already has an interface {ifname!r} that weft did not create: "
-                        "remove it or attach with another ifname"
-                    )
                 if h is not None:
                     nd.delete_link(host)  # a half-made or stale pair: start again
                 fd = os.open(path, os.O_RDONLY)
                 try:
                     nd.add_veth(host, peer=ifname, peer_netns_fd=fd, mtu=mtu)
+                    created = True
                 finally:
                     os.close(fd)
                 changed = True
             changed |= nd.set_link(host, mtu=mtu, master=bridge, up=True)
             changed |= cnd.set_link(ifname, mtu=mtu, up=True)
-            for cidr in wanted:
-                changed |= cnd.address_add(ifname, cidr)
-            changed |= cnd.ensure_route(MULTICAST_ROUTE, ifname)
             link = cnd.link(ifname)
             if link is None:
                 raise AttachError(f"{ifname!r} vanished from the container while attaching; retry")
+            if on_link is not None:
+                on_link(link.mac, host)
+            for cidr in new:
+                if cnd.address_add(ifname, cidr):
+                    added.append(cidr)
+                    changed = True
+            changed |= cnd.ensure_route(MULTICAST_ROUTE, ifname)
             return Attachment(host, ifname, link.mac, cnd.addresses(ifname), changed)
-    except NetDevError as e:
-        raise AttachError(str(e)) from None
+    except BaseException as e:
+        with contextlib.suppress(NetDevError, AttachError):
+            if created:
+                nd.delete_link(host)  # deleting one end deletes the pair: nothing is left half-made
+            elif added:
+                with _container(path) as cnd:
+                    for cidr in added:
+                        cnd.address_del(ifname, cidr)
+        if isinstance(e, NetDevError):
+            raise AttachError(str(e)) from None
+        raise
 
 
 def detach(
@@ -184,6 +244,7 @@ def detach(
     A container (or namespace) that no longer exists counts as not attached: its veth died with it.
     """
     drop = _parse_cidrs(cidrs)
+    ifname = _ifname(ifname)
     _check_identity(netns, pid)
     try:
         path = _netns_path(netns, pid)
@@ -212,14 +273,36 @@ def detach(
         raise AttachError(str(e)) from None
 
 
-def expose(nd: NetDev, *, bridge: str, cidrs: list[str]) -> list[str]:
-    """Give the bridge device addresses so the host itself joins the overlay; returns those added."""
-    wanted = _parse_cidrs(cidrs)
+def expose(nd: NetDev, *, bridge: str, cidrs: list[str], in_use: InUseCheck | None = None) -> list[str]:
+    """Give the bridge device addresses so the host itself joins the overlay; returns those added.
+
+    Refused before anything changes: an address whose subnet the host already reaches another way (an address or
+    route on an interface that is not weft's), which would take that traffic onto the overlay, and an address in
+    use elsewhere (``in_use``).
+    """
+    wanted = _overlay_cidrs(cidrs)
     _require_bridge(nd, bridge)
     try:
-        return [cidr for cidr in wanted if nd.address_add(bridge, cidr)]
+        held = set(nd.addresses(bridge))
+        new = [cidr for cidr in wanted if cidr not in held]
+        ifaces = [parse_cidr(cidr) for cidr in new]
+        _refuse_underlay_overlap(nd, bridge, ifaces)
+        if in_use is not None and ifaces:
+            in_use(ifaces)
+        return [cidr for cidr in new if nd.address_add(bridge, cidr)]
     except NetDevError as e:
         raise AttachError(str(e)) from None
+
+
+def _refuse_underlay_overlap(nd: NetDev, bridge: str, ifaces: list[Interface]) -> None:
+    weft_devices = {bridge, *nd.bridge_ports(bridge)}
+    for iface in ifaces:
+        for device, net in host_networks(nd, weft_devices):
+            if iface.network.overlaps(net):
+                raise AttachError(
+                    f"{iface} overlaps {net} on {device}, which is not weft's: the overlay would take that "
+                    "traffic off it; pick an overlay range the host does not use"
+                )
 
 
 def hide(nd: NetDev, *, bridge: str, cidrs: list[str]) -> list[str]:
