@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from weft import __version__
 from weft.config import AgentConfig, ConfigError, read_secrets
+from weft.limits import install_accept_error_handler, raise_file_limit
 from weft.mesh.clock import AsyncioScheduler
 from weft.mesh.connection_maker import ConnectionMaker, Target
 from weft.mesh.handshake import PROTOCOL_MAX, PROTOCOL_MIN
@@ -56,6 +57,10 @@ class Agent:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        install_accept_error_handler(loop, self.metrics)
+        files_before, files = raise_file_limit()
+        if files != files_before:
+            log.debug("open-file limit raised from %d to %d", files_before, files)
         scheduler = AsyncioScheduler(loop)
         c = self.config
         self.router = Router(
