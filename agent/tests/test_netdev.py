@@ -485,3 +485,38 @@ def test_cidr_validation_needs_no_kernel() -> None:
 
     with pytest.raises(AttachError, match="invalid CIDR 'x/24'"):
         attach(NoKernel(), bridge=BR, cidrs=["x/24"], mtu=MTU, netns="n")  # type: ignore[arg-type]
+
+
+# -- all or nothing ----------------------------------------------------------------------------------------------
+
+
+@netns_test
+def test_a_failed_attach_leaves_nothing_behind(env: Env, overlay: tuple[str, NetDev]) -> None:
+    name, nd = overlay
+    c1 = env.ns("c1")
+
+    def broken(mac: str, host: str) -> None:
+        raise NetDevError("the kernel said no")
+
+    def in_use(ifaces: list) -> None:
+        raise AttachError(f"address {ifaces[0].ip} is already in use")
+
+    def links(ns: str) -> str:
+        return sh("ip", "-n", ns, "-o", "link", "show")
+
+    with pytest.raises(AttachError, match="the kernel said no"):
+        attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1, on_link=broken)
+    assert "vwe" not in links(name) and "ethwe" not in links(c1), "the veth made for the attach is gone again"
+    with pytest.raises(AttachError, match="already in use"):
+        attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1, in_use=in_use)
+    assert "vwe" not in links(name) and "ethwe" not in links(c1), "nothing is made before the probe"
+    with pytest.raises(AttachError, match="'%'"):
+        attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1, ifname="e%d")
+    assert "vwe" not in links(name) and "e0" not in links(c1)
+
+    a = attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1)
+    attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1, in_use=in_use)  # held already: no probe
+    with pytest.raises(AttachError, match="the kernel said no"):
+        attach(nd, bridge=BR, cidrs=["10.40.0.1/24", "10.40.0.2/24"], mtu=MTU, netns=c1, on_link=broken)
+    assert a.host_ifname in links(name), "an attach that existed before stays"
+    assert "10.40.0.2/24" not in sh("ip", "-n", c1, "addr", "show", "ethwe")
