@@ -378,3 +378,26 @@ def test_a_peer_reported_address_we_would_refuse_is_never_dialled() -> None:
     rig.run(rig.scheduler.now() + 0.5)
     assert discovered(rig) == {"10.0.0.3:6783": C.name}
     assert rig.dialled("10.0.0.3:6783") and len(rig.dials) == 1
+
+
+def test_a_dial_that_raises_anything_is_a_failed_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resolver error that is not an OSError (a name IDNA cannot encode raised UnicodeError) once escaped the
+    dial task, and the target said "connecting" for ever."""
+    import asyncio
+
+    from weft.mesh.transport import ConnectionSettings, ControlTransport
+
+    async def explode(*args: object, **kwargs: object) -> None:
+        raise UnicodeError("label too long")
+
+    monkeypatch.setattr(asyncio, "open_connection", explode)
+    rig = Rig()
+    transport = ControlTransport(
+        rig.router, Metrics(), ConnectionSettings(), lambda: [], listen=("0.0.0.0", 6783), advertise=None
+    )
+    transport.maker = rig.maker
+    rig.maker.connect(["a"])
+    assert rig.states()["a:6783"] == ("api", "connecting")
+    asyncio.run(transport._dial("a:6783"))
+    target = rig.maker.targets["a:6783"]
+    assert target.state == "retrying" and "label too long" in (target.last_error or "")
