@@ -8,6 +8,7 @@ import logging
 import pytest
 
 from weft.api import render
+from weft.config import AgentConfig
 from weft.mesh.codec import DecodeError
 from weft.mesh.topology import PeerEntry
 from weft.safetext import EscapingFormatter, escape, has_control, refuse_control
@@ -77,3 +78,9 @@ def test_status_output_escapes_every_string() -> None:
     out = render.peers(status)
     assert "\x1b" not in out and "\r" not in out
     assert len(out.splitlines()) == 2
+
+
+def test_our_own_nickname_is_checked_like_a_peers() -> None:
+    with pytest.raises(ValueError, match="nickname contains a control character"):
+        AgentConfig(nickname="h1\x1b[31m")
+    assert AgentConfig(nickname="h1 ünïcode").nickname == "h1 ünïcode"

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from weft.addresses import AddressError, Network, bind_address, peer_address, subnet
 from weft.mesh.peer import PeerNameError, parse_name
+from weft.safetext import refuse_control
 
 DEFAULT_CONFIG = Path("/etc/weft/weft.yaml")
 ENV_PREFIX = "WEFT_"
@@ -86,6 +87,16 @@ class AgentConfig(BaseModel):
     def _name(cls, value: str | None) -> str | None:
         if value is not None:
             parse_name(value)
+        return value
+
+    @field_validator("nickname")
+    @classmethod
+    def _nickname(cls, value: str | None) -> str | None:
+        """Peers refuse a nickname with control characters (it could forge their log lines): refuse it here."""
+        if value is not None:
+            if len(value) > 255:
+                raise ValueError("must be at most 255 characters")
+            refuse_control(value, "nickname")
         return value
 
     @field_validator("listen", "metrics_addr")
