@@ -1,0 +1,96 @@
+"""The fast-path guard's ruleset and set changes, without touching the kernel (nft is faked)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from weft.datapath import fastguard
+from weft.datapath.fastguard import FastGuard, GuardError, render, render_changes
+
+
+class FakeNft:
+    """Records scripts; answers list commands like nft -j would."""
+
+    def __init__(self) -> None:
+        self.scripts: list[str] = []
+        self.fail_next = False
+        self.packets = {"unknown_sender": 7, "unknown_dest": 2}
+
+    def __call__(self, *args: str, script: str | None = None) -> str:
+        if script is not None:
+            if self.fail_next:
+                self.fail_next = False
+                raise GuardError("No such file or directory")
+            self.scripts.append(script)
+            return ""
+        if args[:3] == ("-j", "list", "counters"):
+            items = [{"counter": {"name": n, "packets": p, "bytes": 0}} for n, p in self.packets.items()]
+            return json.dumps({"nftables": [{"metainfo": {}}, *items]})
+        if args[:3] == ("-j", "list", "set"):
+            elem = ["10.0.0.9"] if args[-1] == "fast4" else []
+            return json.dumps({"nftables": [{"metainfo": {}}, {"set": {"name": args[-1], "elem": elem}}]})
+        raise AssertionError(args)
+
+
+def test_the_ruleset_admits_fast_peers_and_probes_and_drops_the_rest() -> None:
+    text = render(6784, 6783, ["10.0.0.2", "fd00::2"], ["10.0.0.3"])
+    assert text.startswith("table inet weft_fast_6784 {}\ndelete table inet weft_fast_6784\n")  # atomic replace
+    assert "set fast4 { type ipv4_addr; elements = { 10.0.0.2 }; }" in text
+    assert "set fast6 { type ipv6_addr; elements = { fd00::2 }; }" in text
+    assert "set probe4 { type ipv4_addr; elements = { 10.0.0.3 }; }" in text
+    assert "udp dport 6784 ip saddr @fast4 accept" in text
+    assert "ip saddr @probe4 @th,128,48 0x0180c200000f @th,224,16 0x88b5 accept" in text
+    assert "udp sport 6783 udp dport 6784 ip daddr @probe4" in text
+    assert 'udp dport 6784 counter name "unknown_sender" drop' in text
+    assert 'udp dport 6784 counter name "unknown_dest" drop' in text
+    assert "weft_lab" not in text
+
+
+def test_set_changes_are_diffs_and_nothing_runs_when_nothing_changes() -> None:
+    nft = FakeNft()
+    guard = FastGuard(6784, 6783, run=nft)
+    guard.start(["10.0.0.1"])
+    assert len(nft.scripts) == 1
+    guard.sync(["10.0.0.1", "10.0.0.2"], ["10.0.0.2"])
+    assert nft.scripts[-1] == (
+        "add element inet weft_fast_6784 fast4 { 10.0.0.2 }\nadd element inet weft_fast_6784 probe4 { 10.0.0.2 }\n"
+    )
+    guard.sync(["10.0.0.1", "10.0.0.2"], ["10.0.0.2"])
+    assert len(nft.scripts) == 2
+    guard.sync(["fd00::1"], [])
+    assert nft.scripts[-1] == (
+        "add element inet weft_fast_6784 fast6 { fd00::1 }\n"
+        "delete element inet weft_fast_6784 fast4 { 10.0.0.1, 10.0.0.2 }\n"
+        "delete element inet weft_fast_6784 probe4 { 10.0.0.2 }\n"
+    )
+    assert render_changes("t", ("a", "b"), [], []) == ""
+
+
+def test_a_table_removed_under_the_agent_is_loaded_again_whole() -> None:
+    nft = FakeNft()
+    guard = FastGuard(6784, 6783, run=nft)
+    guard.start([])
+    nft.fail_next = True
+    guard.sync(["10.0.0.5"], [])
+    assert nft.scripts[-1].startswith("table inet weft_fast_6784 {}\ndelete table")
+    assert "elements = { 10.0.0.5 }" in nft.scripts[-1]
+    assert guard.fast == {"10.0.0.5"}
+
+
+def test_drops_are_read_from_the_counters_and_survive_a_reload_of_the_table() -> None:
+    nft = FakeNft()
+    guard = FastGuard(6784, 6783, run=nft)
+    guard.start([])
+    assert guard.kept() == {"10.0.0.9"}
+    assert guard.dropped() == {"fast_unknown_sender": 7, "fast_unknown_dest": 2}
+    guard.start([])  # counters start from zero in the new table; the metric must not go back
+    nft.packets = {"unknown_sender": 1, "unknown_dest": 0}
+    assert guard.dropped(fresh=True) == {"fast_unknown_sender": 8, "fast_unknown_dest": 2}
+
+
+def test_without_nft_the_error_says_to_install_nftables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fastguard.shutil, "which", lambda name: None)
+    with pytest.raises(GuardError, match=r"install it \(apt install nftables\)"):
+        FastGuard(6784, 6783)
