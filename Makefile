@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv lint test bench clean ansible-venv demo molecule vault
+.PHONY: help venv lint unit test bench clean ansible-venv demo molecule vault
 
 help: ## List the targets
 	@echo "Usage: make TARGET [PYTHON=python3] [PYTEST_ARGS='...'] [BENCH_ARGS='...']"
@@ -27,6 +27,9 @@ $(STAMP): agent/pyproject.toml
 lint: venv ## ruff check and ruff format --check on agent/
 	$(VPY) -m ruff check agent
 	$(VPY) -m ruff format --check agent
+
+unit: venv ## Fast tests that need no root and no namespaces (the agent's unit tests), a few seconds
+	$(VPY) -m pytest agent/tests -q -m "not netns and not slow" $(PYTEST_ARGS)
 
 test: venv lint ansible-venv ## Lint, the agent's tests, the collection's unit tests, molecule on the lab (root)
 	@if [ "$$(id -u)" != 0 ]; then \

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from weft.mesh.connection_maker import ConnectionMaker
 from weft.mesh.peer import PeerInfo
 from weft.mesh.router import Router
@@ -36,6 +38,7 @@ def settle(net: SimNetwork, seconds: float = 1.0) -> None:
     net.scheduler.run_until(lambda: False, net.scheduler.now() + seconds)
 
 
+@pytest.mark.slow  # seconds of CPU: in `make test`, not in `make unit`
 def test_a_chain_of_1000_strangers_converges() -> None:
     net = chain_of_strangers(1000)
     # Well inside the first anti-entropy round (30 s): deltas alone carry the view across the mesh.
@@ -48,6 +51,7 @@ def test_a_chain_of_1000_strangers_converges() -> None:
     assert sum(len(p.router.connections) for p in net.peers) == 2 * 999
 
 
+@pytest.mark.slow  # seconds of CPU: in `make test`, not in `make unit`
 def test_discovery_builds_a_full_mesh_of_50() -> None:
     net = chain_of_strangers(50, discovery=True)
     assert run(net, lambda: full_mesh(net), 20.0)
@@ -58,6 +62,7 @@ def test_discovery_builds_a_full_mesh_of_50() -> None:
         assert all(t["state"] == "connected" for t in peer.maker.status())
 
 
+@pytest.mark.slow  # seconds of CPU: in `make test`, not in `make unit`
 def test_a_partitioned_mesh_splits_in_two_and_merges_again_after_healing() -> None:
     net = chain_of_strangers(40, discovery=True, seed=3)
     assert run(net, lambda: full_mesh(net), 20.0)
