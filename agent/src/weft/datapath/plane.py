@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import socket
 import time
@@ -32,6 +31,7 @@ if TYPE_CHECKING:
     from weft.datapath.portguard import PortGuard
     from weft.datapath.sleeve import Sleeve, SleeveStats
     from weft.mesh.router import Router
+    from weft.mesh.topology import PeerEntry
     from weft.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,12 @@ class DataPlane:
         self.udp_port = config.listen_host_port()[1]
         self.interval = config.path_interval
         self.dead = DEAD_AFTER * config.path_interval
+        self.grace = config.fast_path_grace
         self.trusted = config.trusted_networks()
         self.paths: dict[int, PathState] = {}
-        self._ended: dict[int, tuple[float, PathState]] = {}  # recently closed connections' path state
+        # Closed connections' path state: kept `dead` seconds for a re-key, and `grace` seconds for a peer
+        # that was on the fast path, whose kernel entries keep its containers reachable while its agent restarts.
+        self._ended: dict[int, tuple[float, PathState]] = {}
         self.relayed: dict[int, int] = {}  # peer -> next hop, for peers with no usable direct path
         self.macs = MacTable(self.ourself, self._changed)
         self.nd: NetDev | None = None
@@ -84,7 +87,7 @@ class DataPlane:
         self.guard: FastGuard | None = None
         self._channel = router.new_channel(MACS, self.macs)
         router.topology_listeners.append(self._changed)
-        router.peer_gone_listeners.append(lambda entry: self.macs.forget(entry.name))
+        router.peer_gone_listeners.append(self._peer_gone)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -327,9 +330,27 @@ class DataPlane:
     def _sync_neighbours(self, now: float) -> None:
         """One PathState per established control connection; a new connection brings new keys."""
         conns = self._matching_connections()
-        self._ended = {n: e for n, e in self._ended.items() if now - e[0] <= self.dead}
+        for name, (ended_at, st) in list(self._ended.items()):
+            if now - ended_at > self._kept_for(st):
+                del self._ended[name]
+                if st.path == FAST:
+                    log.info(
+                        "peer %s: no sign of it for %.0fs, dropping its fast-path entries",
+                        format_name(name),
+                        now - ended_at,
+                    )
+                    self._changed()
+                if name not in self.router.topology.peers:
+                    self.macs.forget(name)
         for name in [n for n in self.paths if n not in conns]:
-            self._ended[name] = (now, self.paths.pop(name))
+            st = self.paths.pop(name)
+            self._ended[name] = (now, st)
+            if self._kept_for(st) > self.dead:
+                log.info(
+                    "peer %s: control connection gone, keeping its fast path for up to %gs",
+                    format_name(name),
+                    self._kept_for(st),
+                )
             self._changed()
         for name, conn in conns.items():
             st = self.paths.get(name)
@@ -342,8 +363,8 @@ class DataPlane:
             except Exception:  # no route right now: the heartbeat will fail and say so
                 route_mtu = 1500
             ended_at, before = self._ended.pop(name, (0.0, None))
-            if st is None and before is not None and before.ip == ip and now - ended_at <= self.dead:
-                st = before  # a reconnection (a re-key, say): what the paths proved still holds
+            if st is None and before is not None and before.ip == ip and now - ended_at <= self._kept_for(before):
+                st = before  # a reconnection (a re-key or a restart): what the paths proved still holds
             fresh = PathState(
                 peer=name,
                 ip=ip,
@@ -352,16 +373,33 @@ class DataPlane:
                 epoch=conn.conn_uid,
                 we_trust=trusted(ip, self.trusted),
                 route_mtu=route_mtu,
-                assume_fast_until=self._started_at + self.dead + self.interval if ip in self._adopted_fast else 0.0,
+                remote_uid=conn.remote.uid,
+                assume_fast_until=now + self.dead + self.interval if ip in self._adopted_fast else 0.0,
             )
             if st is not None and st.ip == ip:
                 # New keys, same paths: keep the evidence so traffic does not stop until the next heartbeat.
-                fresh = dataclasses.replace(
-                    st, keys=fresh.keys, epoch=fresh.epoch, we_trust=fresh.we_trust, route_mtu=route_mtu
+                fresh = st.resumed(
+                    now, keys=fresh.keys, epoch=fresh.epoch, remote_uid=conn.remote.uid, hold=self.dead + self.interval
                 )
+                fresh.we_trust, fresh.route_mtu = trusted(ip, self.trusted), route_mtu
             self.paths[name] = fresh
             self.paths[name].choose(now, self.dead, self.config.mtu, self.config.vxlan_port, self.udp_port)
             self._changed()
+
+    def _kept_for(self, st: PathState) -> float:
+        """How long a closed connection's path state is kept: the fast path's grace, else a re-key's moment."""
+        if st.path == FAST and st.fast_allowed() and self._fast_permitted(st.ip):
+            return max(self.grace, self.dead)
+        return self.dead
+
+    def _held_fast(self) -> dict[int, str]:
+        """Peers whose agent is gone for now but whose kernel fast path we keep (peer -> underlay address)."""
+        return {n: st.ip for n, (_, st) in self._ended.items() if self._kept_for(st) > self.dead}
+
+    def _peer_gone(self, entry: PeerEntry) -> None:
+        """The mesh forgot a peer; its MACs go too, unless its fast path is held (its agent restarting)."""
+        if entry.name not in self._held_fast():
+            self.macs.forget(entry.name)
 
     # -- outputs -----------------------------------------------------------------------------------
 
@@ -376,7 +414,8 @@ class DataPlane:
         routes = self.router.routes
         reachable = routes.reachable()
         usable = {n for n, st in self.paths.items() if st.sleeve_up(now, self.dead)}
-        fast_ips = {n: st.ip for n, st in self.paths.items() if st.path == FAST}
+        fast_ips = {n: ip for n, ip in self._held_fast().items() if n not in self.paths}
+        fast_ips.update((n, st.ip) for n, st in self.paths.items() if st.path == FAST)
         fast_ips = {n: ip for n, ip in fast_ips.items() if self._fast_permitted(ip)}
         next_hop: dict[int, int] = {}  # how to reach each peer over the sleeve (relays need all of them)
         relayed: dict[int, int] = {}
