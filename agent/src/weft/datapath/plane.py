@@ -622,9 +622,8 @@ class DataPlane:
         guard = PortGuard()
         try:
             guard.start(self.nd.attached_macs(self.bridge, (self.vxlan, self.tap)))
-        except NftError as exc:
-            log.error("container port guard unavailable, containers can forge source MACs on this host: %s", exc)
-            return
+        except NftError as exc:  # without it, containers could forge source MACs: do not run
+            raise NftError(f"cannot load the container port guard: {exc}") from None
         self.portguard = guard
         self._guard_ports()
 
