@@ -110,6 +110,7 @@ class PortGuard:
         self.dropped = 0  # frames dropped since this run started the table
         self._seen: dict[tuple[str, str], int] = {}  # (port, MAC) -> packets at the last poll
         self._logged: dict[str, float] = {}  # port -> when we last logged about it
+        self._pending: dict[str, dict[str, int]] = {}  # port -> forged MAC -> frames not logged yet
 
     def start(self, allowed: Mapping[str, Collection[str]]) -> None:
         """Replace whatever table there is with a fresh one, atomically: no frame passes unchecked meanwhile."""
@@ -137,6 +138,8 @@ class PortGuard:
             self.start(want)
         for port in self._logged.keys() - want.keys():
             del self._logged[port]
+        for port in self._pending.keys() - want.keys():
+            del self._pending[port]
         return True
 
     def poll(self, now: float | None = None) -> None:
@@ -155,23 +158,24 @@ class PortGuard:
             forged = obj.get("set")
             if isinstance(forged, dict) and forged.get("name") == "forged":
                 seen.update(_forged(forged.get("elem", [])))
-        rises: dict[str, list[tuple[str, int]]] = {}
         for key, packets in seen.items():
             before = self._seen.get(key, 0)
             rise = packets - before if packets >= before else packets  # the element expired and came back
             port, mac = key
             if rise > 0 and mac not in self.ports.get(port, ()):  # not a frame from before the port was synced
-                rises.setdefault(port, []).append((mac, rise))
+                found = self._pending.setdefault(port, {})
+                found[mac] = found.get(mac, 0) + rise
         self._seen = seen
-        for port, found in sorted(rises.items()):
+        for port in sorted(self._pending):
             if now - self._logged.get(port, -self.log_every) < self.log_every:
                 continue
+            found = self._pending.pop(port)
             self._logged[port] = now
             own = ", ".join(sorted(self.ports.get(port, ()))) or "none attached"
             log.warning(
                 "dropped frames with a forged source MAC on container port %s: %s (its own: %s)",
                 port,
-                ", ".join(f"{mac} x{n}" for mac, n in sorted(found)),
+                ", ".join(f"{mac} x{n}" for mac, n in sorted(found.items())),
                 own,
             )
 
