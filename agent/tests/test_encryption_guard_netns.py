@@ -368,3 +368,32 @@ def test_frames_from_outside_the_mesh_reach_no_container(lab: Lab, mode: str) ->
     assert grew["auth"] + grew["unknown_peer"] + grew["malformed"] >= 180, f"sleeve drops not counted: {grew}"
     assert c1.ping(c2, count=3), "the mesh stopped working"
     assert datapaths(h1)["h2"]["path"] == path
+
+
+# -- the guard's table across restarts ------------------------------------------------------------------
+
+
+def guard_set(host: Host) -> set[str] | None:
+    res = host.exec("nft", "-j", "list", "set", "inet", "weft_fast_6784", "fast4", check=False)
+    if res.returncode != 0:
+        return None
+    items = json.loads(res.stdout)["nftables"]
+    return {e for item in items for e in item.get("set", {}).get("elem", [])}
+
+
+def test_the_guard_outlives_the_agent_and_weft_reset_removes_it(lab: Lab) -> None:
+    h1, h2, c1, c2 = mesh_of_two(lab)
+    wait_until(lambda: guard_set(h1) == {h2.ip}, timeout=10, message=lambda: f"guard set {guard_set(h1)}")
+    assert "fast_unknown_sender" in h1.metrics()
+    for sig in (signal.SIGKILL, signal.SIGTERM):
+        h1.kill_agent(sig)
+        assert guard_set(h1) == {h2.ip}, "the guard's set went with the agent"
+        assert c1.ping(c2, count=3), "fast traffic stopped while the agent was down"
+        h1.start_agent(peers=[h2])
+        h1.wait_ready()
+        assert guard_set(h1) == {h2.ip}
+        assert c1.ping(c2, count=3)
+    h1.kill_agent()
+    reset = [sys.executable, "-m", "weft.cli", "--api-socket", str(h1.api_socket), "reset"]
+    assert "nftables table inet weft_fast_6784" in h1.exec(*reset).stdout
+    assert guard_set(h1) is None
