@@ -46,7 +46,7 @@ def in_use_check(
     nd: NetDev, bridge: str, wait: float, describe: Callable[[str], str]
 ) -> Callable[[list[Interface]], None]:
     """Refuse an address this host holds on its bridge, or that anyone on the overlay answers an ARP probe for
-    within ``wait`` seconds (IPv4; for IPv6 the kernel's duplicate address detection does this)."""
+    within ``wait`` seconds (IPv4; for IPv6 the kernel's duplicate address detection does this; 0: no probe)."""
     from weft.datapath.addrprobe import arp_probe
 
     def check(ifaces: list[Interface]) -> None:
@@ -86,7 +86,7 @@ def carry_out(
     from weft.datapath import attach as ops
     from weft.datapath.netdev import NetDevError
 
-    in_use = in_use_check(nd, bridge, probe_wait, describe_mac) if probe_wait > 0 else None
+    in_use = in_use_check(nd, bridge, probe_wait, describe_mac)
 
     def static_entry(mac: str, host_ifname: str) -> None:
         holder = nd.bridge_fdb(bridge).get(mac)
