@@ -95,7 +95,7 @@ def _ip(address):
     if host.startswith("["):
         host = host[1 : host.find("]")]
     elif host.count(":") == 1:
-        host = host.split(":")[0]
+        host = host.split(":", maxsplit=1)[0]
     try:
         return ipaddress.ip_address(host)
     except ValueError:
@@ -180,10 +180,7 @@ def _check_status(status, name):
 def plaintext_connections(status, hosts, hostvars, me):
     """One line per peer ``me`` reaches without encryption, saying whether that is acceptable and why."""
     _check_status(status, "plaintext_connections")
-    return [
-        "%s: %s, %s, %s" % (nickname, how, scope, verdict)
-        for nickname, how, scope, verdict, _ in _plaintext_peers(status, hosts, hostvars, me)
-    ]
+    return ["%s: %s, %s, %s" % peer[:4] for peer in _plaintext_peers(status, hosts, hostvars, me)]
 
 
 def mesh_problems(status, hosts, hostvars, me, require_encryption=True, require_datapath=True):
@@ -216,7 +213,7 @@ def mesh_problems(status, hosts, hostvars, me, require_encryption=True, require_
             reasons = sorted(set(str(p.get("reason") or "no reason given") for p in paths))
             problems.append("%s: data path down (%s)" % (nickname, "; ".join(reasons)))
     if require_encryption:
-        for nickname, how, scope, _, acceptable in _plaintext_peers(status, hosts, hostvars, me):
+        for nickname, how, scope, _verdict, acceptable in _plaintext_peers(status, hosts, hostvars, me):
             if not acceptable:
                 problems.append("%s: connection %s is not encrypted (%s)" % (nickname, scope, how))
     return problems

@@ -48,6 +48,7 @@ def site(tmp_path, hostvars, extra=()):
         capture_output=True,
         text=True,
         timeout=300,
+        check=False,
     )
     output = run.stdout + run.stderr
     recap = {
