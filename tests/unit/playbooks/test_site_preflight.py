@@ -89,6 +89,14 @@ def test_misspelt_secrets_fail_before_any_host(tmp_path):
     assert secret not in output
 
 
+def test_null_secrets_fail_before_any_host(tmp_path):
+    # `weft_secrets:` with nothing after it is null: the argument spec refuses it on every host, first thing.
+    rc, output, recap = site(tmp_path, {h: {"weft_secrets": None} for h in ("dc1-a", "dc1-b", "dc2-a")})
+    assert rc == 2, output
+    assert all(c["failed"] == 1 and c["changed"] == 0 and c["unreachable"] == 0 for c in recap.values()), output
+    assert len(tasks_run(output)) == 1 and "argument 'weft_secrets' is of type NoneType" in output
+
+
 def test_secrets_on_some_hosts_only(tmp_path):
     rc, output, recap = site(tmp_path, {"dc1-a": {"weft_secrets": ["0123456789abcdef"]}}, ["-vvv"])
     assert_stopped_before_any_host(rc, output, recap)
