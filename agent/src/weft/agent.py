@@ -97,6 +97,7 @@ class Agent:
 
             self.dataplane = DataPlane(c, self.router, self.metrics, encrypting=bool(self.secrets))
             self.metrics.add_datapath(self.dataplane.byte_counts, self.dataplane.drop_counts)
+            self.transport.refusal_listeners.append(self.dataplane.address_refused)
 
         from weft.api.server import ApiServer  # the API imports the agent's types; avoid a cycle
 

@@ -396,6 +396,20 @@ class DataPlane:
         """Peers whose agent is gone for now but whose kernel fast path we keep (peer -> underlay address)."""
         return {n: st.ip for n, (_, st) in self._ended.items() if self._kept_for(st) > self.dead}
 
+    def address_refused(self, ip: str) -> None:
+        """A handshake with ``ip`` failed over the secrets: its agent is back and will not talk plaintext
+        with us (or we with it), so a fast path held for it ends now, not after the grace."""
+        ended = [n for n, (_, st) in self._ended.items() if st.ip == ip and self._kept_for(st) > self.dead]
+        for name in ended:
+            del self._ended[name]
+            log.info(
+                "peer %s at %s and this host disagree on secrets: dropping its held fast path", format_name(name), ip
+            )
+            if name not in self.router.topology.peers:
+                self.macs.forget(name)
+        if ended:
+            self._changed()
+
     def _peer_gone(self, entry: PeerEntry) -> None:
         """The mesh forgot a peer; its MACs go too, unless its fast path is held (its agent restarting)."""
         if entry.name not in self._held_fast():

@@ -85,6 +85,9 @@ class ControlTransport:
         )
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task] = set()
+        # Called with a peer's underlay address when it refuses us (or we it) for a secret mismatch: a
+        # sign that it is up and will not talk to us as before.
+        self.refusal_listeners: list[Callable[[str], None]] = []
 
     async def start(self) -> None:
         host, port = self.listen
@@ -235,6 +238,10 @@ class ControlTransport:
         )
         log.log(level, "handshake with %s failed (%s): %s", address, reason, detail)
         writer.close()
+        if reason in ("secret_mismatch", "encryption_mismatch"):
+            host = address.rpartition(":")[0].strip("[]")
+            for listener in self.refusal_listeners:
+                listener(host)
         if outbound:
             self._dial_finished(address, None, f"{reason}: {detail}")
 
