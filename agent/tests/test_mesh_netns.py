@@ -320,23 +320,68 @@ def test_connect_forget_and_replace_from_the_cli(lab: Lab) -> None:
     assert h1.wait_ready()["targets"] == []
 
 
-def test_inbound_connections_are_rate_limited_and_capped(lab: Lab) -> None:
-    h1, h2 = lab(2)
-    h1.start_agent(env={"WEFT_ACCEPT_BURST": "5", "WEFT_ACCEPT_RATE": "1", "WEFT_CONN_LIMIT": "3"})
-    h1.wait_ready()
-    script = (
+def _hold_connections(target: Host, count: int, seconds: float) -> str:
+    """A script that opens ``count`` TCP connections to ``target``'s control port and keeps them idle."""
+    return (
         "import socket, time\n"
         "socks = []\n"
-        "for _ in range(40):\n"
-        f"    s = socket.create_connection(('{h1.ip}', 6783), timeout=2); socks.append(s)\n"
-        "time.sleep(1)\n"
+        f"for _ in range({count}):\n"
+        "    try:\n"
+        f"        socks.append(socket.create_connection(('{target.ip}', 6783), timeout=2))\n"
+        "    except OSError:\n"
+        "        pass\n"
+        f"time.sleep({seconds})\n"
     )
-    h2.exec(sys.executable, "-c", script, timeout=60)
+
+
+def test_inbound_connections_are_rate_limited_and_capped(lab: Lab) -> None:
+    h1, h2, h3, h4 = lab(4)
+    h1.start_agent(env={"WEFT_ACCEPT_BURST": "5", "WEFT_ACCEPT_RATE": "1", "WEFT_CONN_LIMIT": "3"})
+    h1.wait_ready()
+    # Three sources at once, each far past its share: each is held to its own share, then the mesh-wide
+    # rate and connection limits refuse the rest.
+    floods = [h.popen(sys.executable, "-c", _hold_connections(h1, 15, 3)) for h in (h2, h3, h4)]
+    for flood in floods:
+        assert flood.wait(60) == 0
     metrics = h1.metrics()
     refused = metric_value(metrics, "weft_connections_refused_total")
-    assert refused >= 30, f"only {refused} of 40 quick connections were refused"
-    assert metric_value(metrics, "weft_connections_refused_total", reason="rate_limit") >= 1
-    assert metric_value(metrics, "weft_connections_refused_total", reason="conn_limit") >= 1
+    assert refused >= 35, f"only {refused} of 45 quick connections were refused"
+    for reason in ("source_limit", "rate_limit", "conn_limit"):
+        assert metric_value(metrics, "weft_connections_refused_total", reason=reason) >= 1, reason
     # Refused or not, the agent goes on and still takes a real peer once the burst has passed.
     h2.start_agent(peers=[h1])
     wait_until(lambda: established(h1) == {"h2"}, timeout=15)
+
+
+FLOOD = """
+import socket, sys, time
+target, until, socks = sys.argv[1], time.monotonic() + float(sys.argv[2]), []
+while time.monotonic() < until:
+    try:
+        socks.append((time.monotonic(), socket.create_connection((target, 6783), timeout=1)))
+    except OSError:
+        pass
+    while socks and socks[0][0] < time.monotonic() - 6:  # held past the handshake timeout, then let go
+        socks.pop(0)[1].close()
+    time.sleep(0.005)
+"""
+
+
+def test_a_flood_from_one_address_does_not_keep_a_peer_out(lab: Lab) -> None:
+    h1, h2, h3 = lab(3)
+    h1.start_agent()
+    h1.wait_ready()
+    flood = h3.popen(sys.executable, "-c", FLOOD, h1.ip, "40")
+    wait_until(
+        lambda: metric_value(h1.metrics(), "weft_connections_refused_total") > 100,
+        timeout=20,
+        message="the flood did not start",
+    )
+    started = time.monotonic()
+    h2.start_agent(peers=[h1])
+    wait_until(lambda: established(h1) == {"h2"}, timeout=15, message="h2 could not join h1 during a flood from h3")
+    joined = time.monotonic() - started
+    assert flood.poll() is None, "the flood ended before h2 joined: the test proves nothing"
+    assert metric_value(h1.metrics(), "weft_connections_refused_total", reason="source_limit") > 100
+    flood.kill()
+    assert joined < 15

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +19,12 @@ from weft.mesh.router import Router
 from weft.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+# One source address (a host, or every host behind one NAT) may take at most this share of the accept
+# rate and this many handshakes at once, so a flood from one place cannot keep everyone else out.
+SOURCE_SHARE = 2
+SOURCE_PENDING = 8
+SOURCES_TRACKED = 4096  # per-source buckets kept, least recently seen dropped first
 
 # Handshake failures that mean the remote sent something malformed (also counted as decode errors).
 _MALFORMED = {"bad_magic", "short_handshake", "malformed_hello", "malformed_intro"}
@@ -54,6 +61,23 @@ class PendingConnection:
     address: str
     outbound: bool
     started: float
+    source: str = ""  # the remote IP of an inbound connection
+
+
+class _SourceLimits:
+    """Admission per source address: a token bucket each (a share of the accept rate) and a pending cap."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate / SOURCE_SHARE
+        self.burst = max(1, burst // SOURCE_SHARE)
+        self._buckets: OrderedDict[str, _TokenBucket] = OrderedDict()
+
+    def take(self, source: str) -> bool:
+        bucket = self._buckets.pop(source, None) or _TokenBucket(self.rate, self.burst)
+        self._buckets[source] = bucket  # most recently seen last
+        while len(self._buckets) > SOURCES_TRACKED:
+            self._buckets.popitem(last=False)
+        return bucket.take()
 
 
 class ControlTransport:
@@ -76,6 +100,7 @@ class ControlTransport:
         self.maker: ConnectionMaker | None = None
         self.pending: dict[int, PendingConnection] = {}
         self._bucket = _TokenBucket(settings.accept_rate, settings.accept_burst)
+        self._per_source = _SourceLimits(settings.accept_rate, settings.accept_burst)
         # A flood of connections is counted per connection but logged once per episode.
         self._refusals = Episode(
             log,
@@ -141,6 +166,12 @@ class ControlTransport:
 
     async def _on_accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername") or ("?", 0)
+        pending_here = sum(1 for p in self.pending.values() if p.source == peer[0])
+        if pending_here >= SOURCE_PENDING or not self._per_source.take(peer[0]):
+            self.metrics.refused.labels("source_limit").inc()
+            self._refusals.hit()
+            writer.close()
+            return
         if not self._bucket.take():
             self.metrics.refused.labels("rate_limit").inc()
             self._refusals.hit()
@@ -170,7 +201,8 @@ class ControlTransport:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, outbound: bool, address: str
     ) -> None:
         key = id(writer)
-        self.pending[key] = PendingConnection(address, outbound, time.monotonic())
+        source = "" if outbound else address.rpartition(":")[0].strip("[]")
+        self.pending[key] = PendingConnection(address, outbound, time.monotonic(), source)
         secrets = list(self._secrets())
         try:
             session = await asyncio.wait_for(
