@@ -19,6 +19,7 @@ from weft.mesh.peer import PeerInfo, format_name, parse_name, random_name, rando
 from weft.mesh.router import Router
 from weft.mesh.transport import ConnectionSettings, ControlTransport
 from weft.metrics import Metrics
+from weft.sdnotify import notify
 from weft.store import Store
 
 if TYPE_CHECKING:
@@ -28,8 +29,16 @@ log = logging.getLogger(__name__)
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, reload_config: Callable[[], AgentConfig]) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        reload_config: Callable[[], AgentConfig],
+        early_reloads: list[int] | None = None,
+    ) -> None:
+        """``early_reloads`` collects SIGHUPs that came before the event loop ran (see ``weft run``)."""
         self.config = config
+        self._early_reloads = early_reloads if early_reloads is not None else []
+        self._reload_pending = False
         self._reload_config = reload_config
         self.metrics = Metrics()
         self.store = Store(config.state_dir)
@@ -57,6 +66,8 @@ class Agent:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        # From the first moment: a reload asked for while starting is applied once the agent is ready.
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         install_accept_error_handler(loop, self.metrics)
         files_before, files = raise_file_limit()
         if files != files_before:
@@ -121,7 +132,6 @@ class Agent:
             raise
         self.router.start()
         self.maker.check()
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
         loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
         loop.add_signal_handler(signal.SIGINT, self._stopping.set)
         self.ready = True
@@ -133,7 +143,12 @@ class Agent:
             "enabled" if self.secrets else "disabled",
             len(self.maker.targets),
         )
+        if self._reload_pending or self._early_reloads:
+            log.info("applying the reload asked for while the agent was starting")
+            self.reload()
+        notify("READY=1")  # systemd (Type=notify) sends reloads only from now on
         await self._stopping.wait()
+        notify("STOPPING=1")
         log.info("shutting down")
         self.maker.stop()
         self.router.stop()
@@ -161,6 +176,12 @@ class Agent:
 
     # Settings a reload applies in place; the rest need a restart.
     RELOADABLE = ("peers", "secret_files")
+
+    def _on_sighup(self) -> None:
+        if self.ready:
+            self.reload()
+        else:
+            self._reload_pending = True
 
     def reload(self) -> None:
         """SIGHUP: re-read config; peers and secrets change in place.

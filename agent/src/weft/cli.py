@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -91,6 +92,8 @@ def run(config_path: Path | None, **flags: object) -> None:
 
     Every flag can also be set in the config file (same name, underscores) or as WEFT_<NAME>.
     """
+    early_reloads: list[int] = []  # a SIGHUP before the agent's loop runs must not kill it: keep it for later
+    signal.signal(signal.SIGHUP, lambda signum, frame: early_reloads.append(signum))
     flags["api_socket"] = flags.pop("run_api_socket")
     if flags.pop("no_discovery"):
         flags["discovery"] = False
@@ -102,11 +105,12 @@ def run(config_path: Path | None, **flags: object) -> None:
     handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))  # one line each
     logging.basicConfig(level=config.log_level.upper(), handlers=[handler])
     logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug output is every netlink message
+    logging.getLogger("weft").info("starting weft %s (config %s)", __version__, config_path or "none")
 
     from weft.agent import Agent
 
     try:
-        agent = Agent(config, lambda: load_config(config_path, os.environ, flags))
+        agent = Agent(config, lambda: load_config(config_path, os.environ, flags), early_reloads)
         asyncio.run(agent.run())
     except (ConfigError, StoreError) as exc:
         raise click.ClickException(str(exc)) from None
