@@ -114,6 +114,8 @@ def test_containers_reach_each_other_and_100mb_arrives_intact(lab: Lab, mode: st
     if mode == "trusted":
         assert "trusted subnet" in paths["h3"]["reason"]
         wait_paths(h3, {"h1": "sleeve", "h2": "sleeve"})
+        # The summary says where a secret is set and traffic still crosses in clear.
+        assert "1 peer in clear on trusted subnets" in h1.cli("status").stdout
 
     all_ping([c for host_cs in cs for c in host_cs])
     transfer(cs[0][0], cs[2][0], 100 * MB)

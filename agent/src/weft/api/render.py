@@ -40,8 +40,12 @@ def summary(s: dict) -> str:
     encryption = (
         f"enabled ({s['secrets']} secret{'s' if s['secrets'] != 1 else ''})"
         if s["encryption"] == "enabled"
-        else "disabled"
+        else "disabled: container traffic crosses the underlay in clear"
     )
+    in_clear = [c for c in s["connections"] if c.get("datapath") and not c["datapath"].get("encrypted", True)]
+    if s["encryption"] == "enabled" and in_clear:
+        # Say it where people look: a secret is set, yet these peers get plaintext (trusted subnets).
+        encryption += f"; {len(in_clear)} peer{'s' if len(in_clear) != 1 else ''} in clear on trusted subnets"
     lines = [
         _field("Version", s["version"]),
         "",
