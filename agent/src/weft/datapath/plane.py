@@ -81,6 +81,7 @@ class DataPlane:
         self._tick_handle: asyncio.TimerHandle | None = None
         self._recompute_handle: asyncio.Handle | None = None
         self._started_at = 0.0
+        self._stopped = False
         self._probe_sock: socket.socket | None = None
         self._adopted_fast: set[str] = set()  # peer IPs the kernel already sent to fast when we started
         self.encrypting = encrypting  # a mesh secret is set: plaintext only inside the trusted subnets
@@ -210,7 +211,12 @@ class DataPlane:
             self._on_probe(frame, now)
 
     def stop(self) -> None:
-        """Stop the threads; the bridge, devices and FDB entries stay for the next run."""
+        """Stop the threads; the bridge, devices and FDB entries stay for the next run.
+
+        From here on nothing is recomputed: connections closing as the agent shuts down must not take the
+        kernel entries of their peers with them, which keep forwarding while the agent is away.
+        """
+        self._stopped = True
         if self._probe_sock is not None and self._loop is not None:
             self._loop.remove_reader(self._probe_sock.fileno())
             self._probe_sock.close()
@@ -280,7 +286,7 @@ class DataPlane:
 
     def _changed(self) -> None:
         """Something the tables depend on changed: recompute soon, once for a burst of changes."""
-        if self._loop is not None and self._recompute_handle is None:
+        if self._loop is not None and self._recompute_handle is None and not self._stopped:
             self._recompute_handle = self._loop.call_soon(self._recompute)
 
     # -- heartbeats --------------------------------------------------------------------------------
@@ -419,7 +425,7 @@ class DataPlane:
 
     def _recompute(self) -> None:
         self._recompute_handle = None
-        if self.sleeve is None or self.nd is None:
+        if self.sleeve is None or self.nd is None or self._stopped:
             return
         from weft.datapath.sleeve import Forwarding, Link
 
