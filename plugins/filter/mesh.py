@@ -135,18 +135,22 @@ def _how(connections):
 def _judge_plaintext(hostvars, me, host, connections):
     """(scope, verdict, acceptable) for a peer whose established connections are all unencrypted.
 
-    Acceptable: the peer is at ``me``'s site and every address it uses is in ``me``'s trusted subnets (the
-    agent's own rule for the fast path with a secret), or both ends set weft_allow_unencrypted.
+    Acceptable: every address the peer uses is in ``me``'s trusted subnets and it is at ``me``'s site (or not
+    in the inventory at all) -- the agent's own rule for the fast path with a secret -- or both ends set
+    weft_allow_unencrypted.
     """
     site = _site(hostvars, me)
     ips = _addresses(connections)
     subnets = _subnets(hostvars, me)
-    if host is None:
-        scope = "to a peer outside the inventory"
-    elif _site(hostvars, host) != site:
+    trusted = bool(ips) and all(any(ip in net for net in subnets) for ip in ips)
+    if host is not None and _site(hostvars, host) != site:
         scope = "across sites (%s to %s)" % (site, _site(hostvars, host))
-    elif ips and all(any(ip in net for net in subnets) for ip in ips):
-        return "at the same site", "trusted subnet", True
+    elif trusted:
+        # A peer outside the inventory (just removed from it, say) that only uses trusted addresses gets
+        # plaintext by the same rule as any host there: the agent's rule, which the operator chose.
+        return ("at the same site" if host is not None else "to a peer outside the inventory"), "trusted subnet", True
+    elif host is None:
+        scope = "to a peer outside the inventory"
     else:
         scope = "at the same site from outside the trusted subnets"
     allowed = _truthy(_var(hostvars, me, "weft_allow_unencrypted", False)) and (

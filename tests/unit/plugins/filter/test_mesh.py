@@ -204,6 +204,21 @@ def test_plaintext_to_a_peer_outside_the_inventory():
     assert mesh_problems(st, MESH, allowing(HOSTVARS, "dc1-a"), "dc1-a") == []
 
 
+def test_plaintext_to_a_removed_host_in_the_trusted_subnets_is_the_trusted_rule():
+    # A host just taken out of the inventory (an EC2 instance terminated) whose agent still runs in a subnet
+    # this host trusts: plaintext there is what the operator chose for the subnet, not a broken mesh.
+    fast = {"path": "fast", "encrypted": False, "udp": "10.10.1.99:6784"}
+    st = status(
+        connection("dc1-b"),
+        connection("dc2-a"),
+        connection("gone", encrypted=False, datapath=fast, address="10.10.1.99:6783"),
+    )
+    assert mesh_problems(st, MESH, HOSTVARS, "dc1-a") == []
+    assert plaintext_connections(st, MESH, HOSTVARS, "dc1-a") == [
+        "gone: fast from 10.10.1.99, to a peer outside the inventory, trusted subnet"
+    ]
+
+
 def test_encrypted_mesh_lists_only_the_trusted_fast_path():
     assert plaintext_connections(status(connection("dc1-b"), connection("dc2-a")), MESH, HOSTVARS, "dc1-a") == []
     fast = {"path": "fast", "encrypted": False, "udp": "10.10.1.12:6784"}
