@@ -90,7 +90,10 @@ class ControlConnection:
         opener = self._session.opener
         while True:
             try:
-                body = await asyncio.wait_for(read_frame(self._reader, MAX_MESSAGE + 64), settings.read_timeout)
+                # asyncio.timeout, not wait_for: on 3.11, wait_for swallows a cancel that comes as the read completes,
+                # and the loop would outlive its connection (the agent then hung on SIGTERM).
+                async with asyncio.timeout(settings.read_timeout):
+                    body = await read_frame(self._reader, MAX_MESSAGE + 64)
             except TimeoutError:
                 self.close(f"nothing heard for {settings.read_timeout:g}s (read timeout)")
                 return
@@ -126,7 +129,8 @@ class ControlConnection:
         sealer = self._session.sealer
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), settings.heartbeat_interval)
+                async with asyncio.timeout(settings.heartbeat_interval):  # not wait_for: see _read_loop
+                    await self._wake.wait()
             self._wake.clear()
             messages = self.sender.take()
             self._transport.router.count_sent(messages)
