@@ -1,0 +1,33 @@
+"""Keep the C allocator from fragmenting the heap with netlink's large, short-lived read buffers.
+
+pyroute2 reads every netlink reply through an asyncio datagram transport, which receives into a fresh
+256 KiB buffer and shrinks it to the reply's size. glibc serves blocks of 128 KiB and up with mmap until
+the first such block is freed; then it raises its mmap threshold past 256 KiB, and from there on every
+receive buffer is cut from the heap and shrunk in place. The holes between the replies that live on are
+too small for the next buffer, so the heap grew by tens of KB per attach or peer restart, for good.
+A fixed threshold keeps those buffers in mmap, where freeing one returns it to the system at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger(__name__)
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter; setting it also turns off the dynamic adjustment
+MMAP_THRESHOLD = 128 * 1024  # glibc's default, kept fixed
+
+
+def fix_mmap_threshold() -> bool:
+    """Pin glibc's mmap threshold; False (and nothing changed) on a C library without mallopt, e.g. musl."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        log.debug("no mallopt in this C library: leaving the allocator's settings alone")
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
