@@ -135,6 +135,12 @@ def test_idle_connection_flood_on_the_metrics_port_does_not_take_the_agent_down(
         message=lambda: f"RSS {rss_mb(agent.pid):.1f} MB, was {rss_before:.1f} MB",
     )
     print(f"agent RSS {rss_before:.1f} -> {rss_after:.1f} MB, fds {fds_before} -> {fd_count(agent.pid)}")
+    # The episode's end is logged once the listener has been quiet for a while (10 s).
+    wait_until(
+        lambda: "metrics listener: below its connection cap again" in h1.agent_log(),
+        timeout=30,
+        message="the end of the flood was not logged",
+    )
     log = h1.agent_log()
     episodes = [line for line in log.splitlines() if "metrics listener" in line]
     assert 2 <= len(episodes) <= 8, f"the cap was not logged once per episode: {len(episodes)} lines"
