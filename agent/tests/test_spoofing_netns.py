@@ -94,7 +94,7 @@ def assert_victim_keeps_its_traffic(
     pattern = re.compile(rf"forged source MAC on container port vwe[0-9a-f]+: .*{mac} x\d+")
     wait_until(
         lambda: pattern.search(attacker.host.agent_log()),
-        timeout=10,
+        timeout=20,
         message=f"{attacker.host.name}: no log line about the forged MAC",
     )
     for h in hosts:  # had the attacker's host gossiped the victim's MAC, every host would see two claims

@@ -104,7 +104,8 @@ def run(config_path: Path | None, **flags: object) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))  # one line each
     logging.basicConfig(level=config.log_level.upper(), handlers=[handler])
-    logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug output is every netlink message
+    # pyroute2's debug output is every netlink message, and importing it resets its logger's level: filter here.
+    handler.addFilter(lambda record: record.levelno >= logging.WARNING or not record.name.startswith("pyroute2"))
     logging.getLogger("weft").info("starting weft %s (config %s)", __version__, config_path or "none")
 
     from weft.agent import Agent
