@@ -162,7 +162,9 @@ class PortGuard:
             before = self._seen.get(key, 0)
             rise = packets - before if packets >= before else packets  # the element expired and came back
             port, mac = key
-            if rise > 0 and mac not in self.ports.get(port, ()):  # not a frame from before the port was synced
+            # A port not yet synced is a container still being attached: its first frames are dropped (and
+            # counted) but are not a forgery to report, and must not use up the port's log line for the minute.
+            if rise > 0 and port in self.ports and mac not in self.ports[port]:
                 found = self._pending.setdefault(port, {})
                 found[mac] = found.get(mac, 0) + rise
         self._seen = seen
