@@ -4,11 +4,16 @@
     make bench                                    # everything (as root for the real-agent and data-path parts)
     make bench BENCH_ARGS="--sim-sizes 100,300 --agents 0 --no-datapath"
     make bench BENCH_ARGS="--sim-sizes '' --agents 0 --datapath-seconds 5"   # the data path alone
+    make bench BENCH_ARGS="--sim-sizes '' --agents 0 --no-datapath --restart-baseline main"  # restarts alone
 
 The data-path part measures TCP throughput (iperf3, 1 and 4 streams) and ping RTT (100 x 10 ms) from a
 container on h1 to one on another host: over plain routed veth (the baseline, no agent), then over weft's
 fast (kernel VXLAN), encrypted (sleeve) and relayed (sleeve through h2) paths; medians of --datapath-runs runs.
 It prints the targets next to the figures.
+
+The restart part (bench/restart.py) measures the restart gap on the encrypted path: how long UDP traffic between
+containers stops while one agent is restarted as systemd does it (SIGTERM, exit, start), and where the time goes;
+with --restart-baseline REV the same runs first against the agent of that git revision.
 
 Figures, not tests: nothing here fails on a number. The exit status is non-zero only when a mesh did
 not converge at all (or an agent died), or a data-path scenario could not be measured, because then the
@@ -30,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import datapath
 import mesh
+import restart
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -278,6 +284,79 @@ def print_datapath(report: dict) -> None:
     print(_table(["scenario", "target", "limit", "measured", "met"], rows))
 
 
+def print_restart(report: dict) -> None:
+    print(
+        f"\nRestart gap, encrypted path: h2's agent restarted {report['restarts']} times (SIGTERM, exit, start) under"
+        f" UDP flows of {report['rate']:g} datagrams/s h1->h2 (echoed) and h1->h3; median / max over the restarts"
+    )
+    if "skipped" in report:
+        print(f"  skipped: {report['skipped']}")
+        return
+    variants = report["variants"]
+    rows = [
+        ("longest gap, h1->h2->h1 echoes", "gap_s", " s"),
+        ("longest gap, h1->h2 alone", "gap_h1_to_h2_s", " s"),
+        ("datagrams lost (round trip)", "lost", ""),
+        ("  SIGTERM to exit", "exit_s", " s"),
+        ("  exec to first log line", "exec_to_logging_s", " s"),
+        ("  exec to ready", "exec_to_ready_s", " s"),
+        ("  ready to connected with h1", "ready_to_connected_s", " s"),
+        ("  connected to first echo", "connected_to_forwarding_s", " s"),
+        ("  SIGTERM to first echo", "term_to_forwarding_s", " s"),
+        ("  SIGTERM to last echo before the gap", "term_to_gap_start_s", " s"),
+    ]
+    headers = ["figure", *variants]
+    table = []
+    for label, key, unit in rows:
+        cells = []
+        for r in variants.values():
+            s = (r.get("summary") or {}).get(key)
+            cells.append(
+                "FAILED" if "failed" in r else f"{_fmt(s['median'], unit)} / {_fmt(s['max'], unit)}" if s else "-"
+            )
+        table.append([label, *cells])
+    table.append(
+        [
+            "h1->h3 flow (not restarted): lost / longest gap",
+            *(
+                "-"
+                if "failed" in r
+                else f"{r['flow_h1_h3']['lost']} / {_fmt(r['flow_h1_h3']['longest_gap'], ' s')}"
+                for r in variants.values()
+            ),
+        ]
+    )
+    table.append(
+        [
+            "TAP and bridge kept (same ifindex)",
+            *(
+                "-" if "failed" in r else "yes" if r["tap_kept"] and r["bridge_kept"] else "NO"
+                for r in variants.values()
+            ),
+        ]
+    )
+    table.append(
+        [
+            f"target: longest gap <= {report['target_gap_s']:g} s (max)",
+            *(
+                "-"
+                if "failed" in r
+                else "yes"
+                if r["summary"]["gap_s"]["max"] <= report["target_gap_s"]
+                else "NO"
+                for r in variants.values()
+            ),
+        ]
+    )
+    print(_table(headers, table))
+    for name, r in variants.items():
+        if "failed" in r:
+            print(f"\n  {name} FAILED: {r['failed']}")
+            for host, tail in (r.get("log_tail") or {}).items():
+                print(f"    {host} agent log (end):")
+                print("\n".join(f"      {line[:160]}" for line in tail.splitlines()[-8:]))
+
+
 def _sigterm_as_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"received signal {signum}")
 
@@ -341,6 +420,25 @@ def main() -> int:
         default=RESULTS / "datapath.json",
         help="data-path JSON",
     )
+    parser.add_argument(
+        "--restart",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the restart-gap benchmark (an agent restarted under UDP flows on the encrypted path; needs root)",
+    )
+    parser.add_argument("--restart-runs", type=int, default=5, help="restarts of h2's agent; median and max")
+    parser.add_argument("--restart-rate", type=float, default=1000.0, help="datagrams a second in each flow")
+    parser.add_argument(
+        "--restart-baseline",
+        metavar="REV",
+        help="also measure the agent of this git revision first (e.g. main, HEAD~3), in the same run",
+    )
+    parser.add_argument(
+        "--restart-output",
+        type=Path,
+        default=RESULTS / "restart.json",
+        help="restart-gap JSON",
+    )
     args = parser.parse_args()
     dp_scenarios = [s.strip() for s in args.datapath_scenarios.split(",") if s.strip()]
     unknown = [s for s in dp_scenarios if s not in datapath.SCENARIOS]
@@ -400,6 +498,19 @@ def main() -> int:
             args.datapath_output, {**{k: report[k] for k in ("when", "machine")}, **dp}
         )
         failed |= any("failed" in r for r in dp["scenarios"].values())
+
+    if args.restart and args.restart_runs > 0:
+        print("\nrestart gap ...", flush=True)
+        rs = restart.run(
+            restarts=args.restart_runs,
+            rate=args.restart_rate,
+            settle_timeout=args.datapath_timeout,
+            baseline=args.restart_baseline,
+            log=lambda line: print(line, flush=True),
+        )
+        print_restart(rs)
+        _write(args.restart_output, {**{k: report[k] for k in ("when", "machine")}, **rs})
+        failed |= any("failed" in r for r in rs.get("variants", {}).values())
     return 1 if failed else 0
 
 
