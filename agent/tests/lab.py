@@ -225,6 +225,9 @@ class Host:
         self.agent_log_path = tmp_dir / "agent.log"
         self.agent: LabProcess | None = None
         self.containers: list[Container] = []
+        # The agent and CLI this host runs: the tree under test unless a test points it at another release.
+        self.agent_src = AGENT_SRC
+        self.python = sys.executable
         self._secret_count = 0
 
     def __repr__(self) -> str:
@@ -310,7 +313,7 @@ class Host:
     ) -> list[str]:
         """The exact ``weft run`` command line used by :meth:`start_agent`."""
         cmd = [
-            sys.executable,
+            self.python,
             "-m",
             "weft.cli",
             "run",
@@ -353,7 +356,7 @@ class Host:
         cmd = self.agent_command(*extra_args, peers=peers, secret_files=secret_files, resume=resume)
         with self.agent_log_path.open("a") as log:
             log.write(f"=== lab: starting agent at {time.strftime('%H:%M:%S')}: {' '.join(cmd)}\n")
-        self.agent = self.lab._spawn(self.netns, cmd, self.tmp_dir, "agent.log", env)
+        self.agent = self.lab._spawn(self.netns, cmd, self.tmp_dir, "agent.log", env, agent_src=self.agent_src)
         return self.agent
 
     def agent_log(self) -> str:
@@ -379,8 +382,8 @@ class Host:
 
     def cli(self, *args: str, check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
         """Run the weft CLI against this host's API socket (a file path, so no namespace needed)."""
-        cmd = [sys.executable, "-m", "weft.cli", "--api-socket", str(self.api_socket), *args]
-        return _run(*cmd, check=check, timeout=timeout, env=self.lab.process_env())
+        cmd = [self.python, "-m", "weft.cli", "--api-socket", str(self.api_socket), *args]
+        return _run(*cmd, check=check, timeout=timeout, env=self.lab.process_env(agent_src=self.agent_src))
 
     def status(self) -> Any:
         """Parsed ``status --json``."""
@@ -590,10 +593,10 @@ class Lab:
                 return h
         raise KeyError(name)
 
-    def process_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        """Environment for agents/CLI: the in-tree ``weft`` package importable, unbuffered output."""
+    def process_env(self, extra: dict[str, str] | None = None, *, agent_src: Path | None = None) -> dict[str, str]:
+        """Environment for agents/CLI: the in-tree ``weft`` package (or ``agent_src``) importable, unbuffered output."""
         env = dict(os.environ)
-        paths = [str(p) for p in [*self.extra_pythonpath, AGENT_SRC]]
+        paths = [str(p) for p in [*self.extra_pythonpath, agent_src or AGENT_SRC]]
         if env.get("PYTHONPATH"):
             paths.append(env["PYTHONPATH"])
         env["PYTHONPATH"] = os.pathsep.join(paths)
@@ -609,6 +612,8 @@ class Lab:
         log_dir: Path,
         log_name: str | None,
         env: dict[str, str] | None,
+        *,
+        agent_src: Path | None = None,
         **kwargs: Any,
     ) -> LabProcess:
         """Start ``cmd`` in ``netns`` (``ip netns exec`` execs, so the PID is the command's own)."""
@@ -625,7 +630,7 @@ class Lab:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=self.process_env(env),
+                env=self.process_env(env, agent_src=agent_src),
                 start_new_session=True,  # own process group: immune to the terminal's Ctrl-C
                 **kwargs,
             )
