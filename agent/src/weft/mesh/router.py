@@ -199,9 +199,16 @@ class Router:
     # -- gossip in ------------------------------------------------------------------------------
 
     def handle_message(self, conn: Conn, msg: dict) -> None:
-        """Dispatch one decoded control message; malformed ones are counted and dropped."""
+        """Dispatch one decoded control message; malformed ones are counted and dropped.
+
+        What a later version may add is let through (docs/protocol.md, "Compatibility between versions"):
+        fields we do not know are ignored, an unknown type is counted and dropped, a channel we do not have is
+        counted and dropped, except a unicast for another peer, which is forwarded whatever its channel.
+        """
         try:
             kind = field(msg, "t", str, "message")
+            if kind not in (GOSSIP, BROADCAST, UNICAST):
+                raise DecodeError("message", f"unknown message type {kind[:MAX_CHANNEL_NAME]!r}")
             channel_name = field(msg, "ch", str, "message")
             payload = field(msg, "d", bytes, "message")
             if len(channel_name) > MAX_CHANNEL_NAME:
@@ -209,6 +216,13 @@ class Router:
             self.metrics.gossip_bytes.labels(channel_name if channel_name in self.channels else "unknown", "in").inc(
                 len(payload)
             )
+            if kind == UNICAST:
+                source = expect_uint(field(msg, "src", int, "message"), NAME_BITS, "message", "src")
+                dest = expect_uint(field(msg, "dst", int, "message"), NAME_BITS, "message", "dst")
+                if dest != self.ourself.name:
+                    # Forwarding needs only the envelope: an older peer on the route must not cut off two newer ones.
+                    self.relay_unicast(channel_name, source, dest, payload)
+                    return
             channel = self.channels.get(channel_name)
             if channel is None:
                 self.metrics.gossip_dropped.labels("unknown_channel").inc()
@@ -224,15 +238,8 @@ class Router:
                 delta = channel.gossiper.on_gossip_broadcast(source, payload)
                 if delta is not None:
                     self.relay_broadcast(channel_name, source, delta, came_from=conn.remote.name)
-            elif kind == UNICAST:
-                source = expect_uint(field(msg, "src", int, "message"), NAME_BITS, "message", "src")
-                dest = expect_uint(field(msg, "dst", int, "message"), NAME_BITS, "message", "dst")
-                if dest == self.ourself.name:
-                    channel.gossiper.on_gossip_unicast(source, payload)
-                else:
-                    self.relay_unicast(channel_name, source, dest, payload)
-            else:
-                raise DecodeError("message", f"unknown message type {kind!r}")
+            else:  # a unicast for us
+                channel.gossiper.on_gossip_unicast(source, payload)
         except DecodeError as exc:
             self.metrics.decode_errors.labels(exc.kind).inc()
             log.warning("dropped a malformed message from %s: %s", conn.remote.label(), exc)
@@ -269,7 +276,8 @@ class Router:
 
     def count_sent(self, messages: list[dict]) -> None:
         for m in messages:
-            self.metrics.gossip_bytes.labels(m["ch"], "out").inc(len(m["d"]))
+            channel = m["ch"] if m["ch"] in self.channels else "unknown"  # a relayed unicast's is the sender's choice
+            self.metrics.gossip_bytes.labels(channel, "out").inc(len(m["d"]))
 
     def _schedule_periodic_gossip(self) -> None:
         jitter = self.rng.uniform(0.8, 1.2)
