@@ -5,12 +5,14 @@ wheel for the target's Python and platform, and pip itself (which installs them 
 
 Run by the agent role with the controller's Python (the one running Ansible, which has pip):
 
-    build_wheelhouse.py --source agent/ --version 0.1.0 --python-version 3.11 --machine x86_64 \
-        --glibc 2.36 --dest ~/.cache/weft/wheelhouse/weft-0.1.0-cp311-manylinux_2_36_x86_64
+    build_wheelhouse.py --source agent/ --version 0.3.0 --build 1f2e3d4c5b6a --python-version 3.11 \
+        --machine x86_64 --glibc 2.36 --dest ~/.cache/weft/wheelhouse/weft-0.3.0-1f2e3d4c5b6a-cp311-...
 
-Everything is built in a temporary directory next to --dest and renamed into place at the end, so --dest
-either holds a complete wheelhouse (with wheelhouse.json listing it) or does not exist: the role skips the
-build when wheelhouse.json is there.
+Dependencies are pinned by the source's constraints.txt when it has one, so two builds of one source are the
+same wheels. The result is one uncompressed tar (wheelhouse.tar: the wheels and wheelhouse.json) that the role
+copies to a host in one transfer. Everything is built in a temporary directory next to --dest and renamed into
+place at the end, so --dest either holds a complete wheelhouse (wheelhouse.json and wheelhouse.tar) or does
+not exist: the role skips the build when wheelhouse.json is there.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -59,6 +62,8 @@ def build(args: argparse.Namespace, work: Path) -> dict:
         ignore=shutil.ignore_patterns("tests", "build", "dist", "*.egg-info", "__pycache__", ".*cache"),
     )
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", *args.pip_arg]
+    constraints = args.source / "constraints.txt"
+    pinned = ["--constraint", str(constraints)] if constraints.is_file() else []
     run([*pip, "wheel", "--no-deps", "--wheel-dir", str(wheels), str(source)])
     built = sorted(wheels.glob("weft-*.whl"))
     if len(built) != 1:
@@ -76,10 +81,12 @@ def build(args: argparse.Namespace, work: Path) -> dict:
     for tag in platforms(args.machine, args.glibc):
         target += ["--platform", tag]
     # Dependencies (resolved from the agent's wheel metadata) and pip, binary only: the host builds nothing.
-    run([*pip, "download", "--only-binary=:all:", *target, "--dest", str(wheels), str(agent), "pip"])
+    run([*pip, "download", "--only-binary=:all:", *target, "--dest", str(wheels), *pinned, str(agent), "pip"])
     pip_wheels = sorted(p.name for p in wheels.glob("pip-*.whl"))
     return {
         "version": args.version,
+        "build": args.build,
+        "pinned": bool(pinned),
         "python": args.python_version,
         "platforms": platforms(args.machine, args.glibc),
         "agent_wheel": agent.name,
@@ -92,6 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, required=True, help="the agent's source (with pyproject.toml)")
     parser.add_argument("--version", required=True, help="the agent version the wheel must have")
+    parser.add_argument("--build", required=True, help="the source's content digest (weft.mesh.source_digest)")
     parser.add_argument("--python-version", required=True, help="the target's Python, MAJOR.MINOR")
     parser.add_argument("--machine", required=True, help="the target's architecture, like x86_64 or aarch64")
     parser.add_argument("--glibc", required=True, help="the target's glibc version, like 2.36")
@@ -106,8 +114,22 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix=".build-", dir=args.dest.parent))
     try:
         manifest = build(args, work)
-        (work / "wheels" / "wheelhouse.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        (work / "wheels").rename(args.dest)
+        wheels = work / "wheels"
+        (wheels / "wheelhouse.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        result = work / "result"
+        result.mkdir()
+        # Sorted names and fixed metadata: the same wheels always make the same archive.
+        with tarfile.open(result / "wheelhouse.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+            for path in sorted(wheels.iterdir()):
+                info = tar.gettarinfo(str(path), arcname=path.name)
+                info.uid = info.gid = 0
+                info.uname = info.gname = "root"
+                info.mtime = 0
+                info.mode = 0o644
+                with path.open("rb") as f:
+                    tar.addfile(info, f)
+        shutil.copy(wheels / "wheelhouse.json", result / "wheelhouse.json")
+        result.rename(args.dest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(manifest))

@@ -1,0 +1,49 @@
+# Copyright: (c) 2026, Weft engineers
+# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+"""Everything the agent role needs to know about a host, in one round trip (run with `python3 -c`).
+
+Prints one JSON object: the Python and platform the wheelhouse must match (facts do not give the C library
+version the manylinux tags depend on), the agent builds installed under the install directory (a build counts
+only once its weft-build.json is written, the last step of an install), and what `current` points at.
+"""
+
+import json
+import os
+import platform
+import sys
+
+install_dir = sys.argv[1]
+builds = []
+if os.path.isdir(install_dir):
+    for name in sorted(os.listdir(install_dir)):
+        path = os.path.join(install_dir, name)
+        marker = os.path.join(path, "weft-build.json")
+        if name in ("current", "wheelhouse") or os.path.islink(path):
+            continue
+        if os.path.isfile(marker):
+            try:
+                with open(marker) as f:
+                    build = json.load(f)
+            except (OSError, ValueError):
+                continue
+        elif os.path.exists(os.path.join(path, "bin", "weft")) and name[:1].isdigit():
+            # Installed by a role before builds were keyed by content: /opt/weft/<version>.
+            build, marker = {"version": name, "build": ""}, os.path.join(path, "bin", "weft")
+        else:
+            continue
+        build["dir"] = path
+        build["installed_at"] = os.stat(marker).st_mtime
+        builds.append(build)
+current = os.path.join(install_dir, "current")
+print(
+    json.dumps(
+        {
+            "python": "%d.%d" % sys.version_info[:2],
+            "implementation": sys.implementation.name,
+            "machine": platform.machine(),
+            "libc": platform.libc_ver(),
+            "builds": builds,
+            "current": os.path.realpath(current) if os.path.islink(current) else None,
+        }
+    )
+)

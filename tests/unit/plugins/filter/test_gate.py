@@ -1,0 +1,45 @@
+"""The restart gate: a restarted agent must be back with every peer, over the same path and encryption."""
+
+from ansible_collections.weft.mesh.plugins.filter.gate import container_ports, restart_problems
+
+
+def status(*connections, ready=True):
+    return {"ready": ready, "connections": list(connections)}
+
+
+def conn(nick, path, encrypted=True, state="established"):
+    return {"nickname": nick, "state": state, "encrypted": encrypted, "datapath": {"path": path, "encrypted": encrypted}}
+
+
+BEFORE = status(conn("dc1-b", "fast", False), conn("dc2-a", "sleeve"), conn("aws-a", "relay", state="relayed"))
+
+
+def test_back_as_it_was():
+    assert restart_problems(BEFORE, BEFORE) == []
+
+
+def test_a_missing_peer_a_changed_path_and_lost_encryption_are_named():
+    after = status(conn("dc1-b", "sleeve", True), conn("dc2-a", "sleeve", False))
+    assert restart_problems(after, BEFORE) == [
+        "aws-a is not back (it was relay, encrypted)",
+        "dc1-b is sleeve, encrypted, it was fast, plaintext",
+        "dc2-a is sleeve, plaintext, it was sleeve, encrypted",
+    ]
+
+
+def test_an_agent_not_ready_fails():
+    assert restart_problems(status(ready=False), status()) == ["the agent is not ready"]
+
+
+def test_of_two_connections_the_one_carrying_traffic_counts():
+    after = status(conn("dc2-a", "down"), conn("dc2-a", "sleeve"), conn("dc1-b", "fast", False), BEFORE["connections"][2])
+    assert restart_problems(after, BEFORE) == []
+
+
+def test_container_ports_ignore_the_bridge_and_self_entries():
+    fdb = [
+        {"mac": "02:00:00:00:00:01", "ifname": "vwe1a2b", "flags": [], "state": "static", "master": "weft"},
+        {"mac": "aa:bb:cc:00:00:01", "ifname": "vwe1a2b", "flags": ["self"], "state": "permanent"},
+        {"mac": "02:00:00:00:00:02", "ifname": "weft-tap", "state": ""},
+    ]
+    assert container_ports(fdb) == ["vwe1a2b 02:00:00:00:00:01"]
