@@ -111,7 +111,10 @@ def installed(built, tmp_path_factory):
     inventory = {
         "weft_mesh": {
             "vars": {"ansible_host": "127.0.0.1", "ansible_port": 1, "ansible_user": "nobody"},
-            "hosts": {"node-1": {"weft_site": "one"}, "node-2": {"weft_site": "two"}},
+            "hosts": {
+                "node-1": {"weft_site": "one", "weft_advertise_address": "192.0.2.1"},
+                "node-2": {"weft_site": "two", "weft_advertise_address": "192.0.2.2"},
+            },
         }
     }
     (user / "hosts.yml").write_text(yaml.safe_dump(inventory))
@@ -209,4 +212,4 @@ def test_installed_site_gets_to_the_hosts(installed):
     assert result.returncode == 4, output
     tasks = re.findall(r"^TASK \[(?:weft\.mesh\.agent : )?(.*?)\] \*", result.stdout, re.M)
     assert "Check the agent version" in tasks, output
-    assert tasks[-1] == "Look for the configuration directory", output
+    assert tasks[-1] == "Look for systemd and weft_python on the host", output

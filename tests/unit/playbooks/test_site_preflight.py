@@ -21,9 +21,9 @@ pytestmark = pytest.mark.skipif(not PLAYBOOK.exists(), reason="ansible-playbook 
 def site(tmp_path, hostvars, extra=()):
     """Run site.yml against dc1-a, dc1-b, dc2-a (nothing listens on 127.0.0.1:1); (rc, output, recap)."""
     hosts = {
-        "dc1-a": {"weft_site": "dc1"},
-        "dc1-b": {"weft_site": "dc1"},
-        "dc2-a": {"weft_site": "dc2"},
+        "dc1-a": {"weft_site": "dc1", "weft_advertise_address": "10.10.1.11"},
+        "dc1-b": {"weft_site": "dc1", "weft_advertise_address": "10.10.1.12"},
+        "dc2-a": {"weft_site": "dc2", "weft_advertise_address": "10.10.2.11"},
     }
     for name, values in hostvars.items():
         hosts[name].update(values)
@@ -105,8 +105,8 @@ def test_secrets_on_some_hosts_only(tmp_path):
 
 
 def test_allowed_plaintext_gets_past_the_check(tmp_path):
-    # With the flag the play goes on to read the hosts, which here cannot be reached: the check was the stop.
+    # With the flag the play goes on to look at the hosts, which here cannot be reached: the check was the stop.
     rc, output, recap = site(tmp_path, {}, ["-e", "weft_allow_unencrypted=true"])
     assert rc == 4, output
-    assert tasks_run(output)[-1] == "Look for the configuration directory", output
+    assert tasks_run(output)[-1] == "Look for systemd and weft_python on the host", output
     assert all(counts["unreachable"] == 1 and counts["changed"] == 0 for counts in recap.values()), output
