@@ -108,6 +108,12 @@ def build_plan(probe, version, source_version, digest, install_dir, keep=2):
     }
 
 
+def secret_file_digests(secrets):
+    """The SHA-1 of each secret file the role writes (the secret and a newline), in order: compared with the
+    host's files, so that unchanged secrets are not sent again. Digests only; the caller hides them too."""
+    return [hashlib.sha1((str(secret) + "\n").encode()).hexdigest() for secret in secrets or []]
+
+
 class FilterModule(object):
     def filters(self):
-        return {"source_digest": source_digest, "build_plan": build_plan}
+        return {"source_digest": source_digest, "build_plan": build_plan, "secret_file_digests": secret_file_digests}

@@ -4,15 +4,45 @@
 
 Prints one JSON object: the Python and platform the wheelhouse must match (facts do not give the C library
 version the manylinux tags depend on), the agent builds installed under the install directory (a build counts
-only once its weft-build.json is written, the last step of an install), and what `current` points at.
+only once its weft-build.json is written, the last step of an install), what `current` points at, and what the
+role would otherwise ask with a task each: the configuration file, the secret files (as SHA-1 digests of their
+contents: the task that runs this hides its output), the unit file and whether the service is enabled and
+active. On a run with nothing to change, this is the only round trip the role makes before the readiness check.
 """
 
+import hashlib
 import json
 import os
 import platform
+import subprocess
 import sys
 
-install_dir = sys.argv[1]
+install_dir, config_dir, unit_path = sys.argv[1:4]
+
+
+def read(path, binary=False):
+    try:
+        with open(path, "rb" if binary else "r") as f:
+            return f.read()
+    except (OSError, ValueError):
+        return None
+
+
+def systemctl(verb):
+    try:
+        done = subprocess.run(["systemctl", verb, "weft.service"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    except OSError:
+        return "unknown"
+    return done.stdout.decode(errors="replace").strip() or "unknown"
+
+
+secrets = {}
+if os.path.isdir(config_dir):
+    for name in sorted(os.listdir(config_dir)):
+        if name.startswith("secret-"):
+            data = read(os.path.join(config_dir, name), binary=True)
+            secrets[os.path.join(config_dir, name)] = hashlib.sha1(data).hexdigest() if data is not None else None
+
 builds = []
 if os.path.isdir(install_dir):
     for name in sorted(os.listdir(install_dir)):
@@ -44,6 +74,12 @@ print(
             "libc": platform.libc_ver(),
             "builds": builds,
             "current": os.path.realpath(current) if os.path.islink(current) else None,
+            "config_dir": os.path.isdir(config_dir),
+            "config": read(os.path.join(config_dir, "weft.yaml")),
+            "secrets": secrets,
+            "unit": read(unit_path),
+            "enabled": systemctl("is-enabled"),
+            "active": systemctl("is-active"),
         }
     )
 )

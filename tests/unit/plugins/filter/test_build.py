@@ -88,3 +88,13 @@ def test_a_build_from_an_older_role_counts_by_its_version():
     legacy = {"version": "0.2.0", "build": "", "dir": "/opt/weft/0.2.0", "installed_at": 5}
     plan = build_plan({"builds": [legacy], "current": legacy["dir"]}, "0.2.0", "0.3.0", "x", "/opt/weft")
     assert not plan["install"] and not plan["switch"]
+
+
+def test_secret_file_digests_match_the_files_the_role_writes(tmp_path):
+    import hashlib
+
+    from ansible_collections.weft.mesh.plugins.filter.build import secret_file_digests
+
+    (tmp_path / "secret-1").write_text("s3cret-value\n")  # what configure.yml writes: the secret and a newline
+    assert secret_file_digests(["s3cret-value"]) == [hashlib.sha1((tmp_path / "secret-1").read_bytes()).hexdigest()]
+    assert secret_file_digests([]) == []
