@@ -203,8 +203,8 @@ def _new_or_leaving(hostvars, host):
     if not _truthy(facts.get("present", True)):
         return "leaves"
     old = hostvars[host].get("_weft_old_config")
-    if isinstance(old, dict) and not old.get("skipped") and "content" not in old:
-        return "joins"  # no weft.yaml before this run
+    if isinstance(old, dict) and "content" not in old:
+        return "joins"  # no weft.yaml before this run (not found, or not read for want of /etc/weft)
     return None
 
 

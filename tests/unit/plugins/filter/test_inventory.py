@@ -305,3 +305,11 @@ def test_joining_and_leaving_together():
 def test_hosts_not_judged_yet_count_for_nothing():
     hostvars = lab()
     assert stale(hostvars, ["dc1-a"])["msg"] == ""
+
+
+def test_a_present_host_whose_configuration_was_not_read_is_new():
+    # The read skipped (no configuration directory): nothing to read, so the host is new to the mesh.
+    hostvars = lab()
+    hostvars["dc2-a"]["_weft_preflight"] = {"present": True}
+    hostvars["dc2-a"]["_weft_old_config"] = {"changed": False, "skipped": True}
+    assert stale(hostvars, ["dc2-a"])["joining"] == ["dc2-a"]
