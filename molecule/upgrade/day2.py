@@ -286,8 +286,24 @@ def main() -> int:
             raise Failed(f"hosts other than {broken} failed: {touched}")
         playbook("-i", str(INVENTORY), "playbooks/verify.yml", label="the mesh is whole after the rollback")
 
-        # 4. The upgrade, then again with nothing to do, then the no-op site.yml, timed.
+        # 4. What would happen (check mode: nothing changes), the upgrade, then again with nothing to do, then the
+        # no-op site.yml, timed.
         before = agent_pids(hosts)
+        check = playbook(
+            "-i", str(INVENTORY), "playbooks/upgrade.yml", "--check", "--diff", label="upgrade.yml --check"
+        )
+        for h in hosts:
+            if (
+                not re.search(
+                    rf"{re.escape(h)}.*\n(?:.*\n){{0,6}}.*weft {re.escape(prev_version)} \(.*->"
+                    rf"\s*{re.escape(cur_version)}",
+                    check.output,
+                )
+                and f"would restart weft on {h}" not in check.output
+            ):
+                raise Failed(f"upgrade.yml --check does not say that {h} goes from {prev_version} to {cur_version}")
+        if agent_pids(hosts) != before or set(versions(hosts).values()) != {prev_version}:
+            raise Failed("upgrade.yml --check changed a host")
         t0 = time.time()
         run = playbook("-i", str(INVENTORY), "playbooks/upgrade.yml", label=f"upgrade.yml to {cur_version}")
         phases["upgrade"] = (t0, time.time())

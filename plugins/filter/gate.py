@@ -56,7 +56,9 @@ def container_ports(fdb):
         set(
             "%s %s" % (e.get("ifname"), e.get("mac"))
             for e in fdb
-            if isinstance(e, dict) and str(e.get("ifname", "")).startswith("vwe") and "self" not in (e.get("flags") or [])
+            if isinstance(e, dict)
+            and str(e.get("ifname", "")).startswith("vwe")
+            and "self" not in (e.get("flags") or [])
         )
     )
 

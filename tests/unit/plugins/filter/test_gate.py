@@ -8,7 +8,12 @@ def status(*connections, ready=True):
 
 
 def conn(nick, path, encrypted=True, state="established"):
-    return {"nickname": nick, "state": state, "encrypted": encrypted, "datapath": {"path": path, "encrypted": encrypted}}
+    return {
+        "nickname": nick,
+        "state": state,
+        "encrypted": encrypted,
+        "datapath": {"path": path, "encrypted": encrypted},
+    }
 
 
 BEFORE = status(conn("dc1-b", "fast", False), conn("dc2-a", "sleeve"), conn("aws-a", "relay", state="relayed"))
@@ -32,7 +37,9 @@ def test_an_agent_not_ready_fails():
 
 
 def test_of_two_connections_the_one_carrying_traffic_counts():
-    after = status(conn("dc2-a", "down"), conn("dc2-a", "sleeve"), conn("dc1-b", "fast", False), BEFORE["connections"][2])
+    after = status(
+        conn("dc2-a", "down"), conn("dc2-a", "sleeve"), conn("dc1-b", "fast", False), BEFORE["connections"][2]
+    )
     assert restart_problems(after, BEFORE) == []
 
 
