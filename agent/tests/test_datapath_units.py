@@ -9,7 +9,7 @@ from weft.datapath.macs import MacTable, MacUpdate
 from weft.datapath.paths import FAST, SLEEVE, PathState, ladder
 from weft.datapath.plane import DataPlane
 from weft.datapath.probe import GROUP, VXLAN_OVERHEAD, build_probe, parse_probe, probe_mac
-from weft.mesh.codec import DecodeError, pack
+from weft.mesh.codec import DecodeError, pack, unpack
 from weft.mesh.crypto import SessionKeys
 from weft.metrics import Metrics
 
@@ -180,6 +180,22 @@ def test_after_a_restart_the_kernel_fast_path_is_kept_until_probes_decide() -> N
     assert st.path is None
 
 
+def test_a_reconnection_that_was_on_the_sleeve_carries_data_at_once_with_the_new_keys() -> None:
+    """The peer's agent restarted: its new run's keys are used on the sleeve at once, not after a heartbeat round;
+    if the new run never answers over UDP, the path goes down once the hold is over."""
+    st = _state(KEYS)
+    st.last_heard, st.remote_uid, st.answered = 0.0, 1, True
+    st.choose(0.0, 3.0, 1376, 6784, 6783)
+    assert st.path == SLEEVE
+    new_keys = SessionKeys(b"S" * 32, b"R" * 32)
+    fresh = st.resumed(10.0, keys=new_keys, epoch=2, remote_uid=2, hold=4.0)
+    assert fresh.keys == new_keys and not fresh.answered
+    fresh.choose(10.0, 3.0, 1376, 6784, 6783)
+    assert fresh.path == SLEEVE, "nothing heard from the new run yet, and already carrying data"
+    fresh.choose(14.5, 3.0, 1376, 6784, 6783)
+    assert fresh.path is None and "no heartbeat" in fresh.reason
+
+
 def test_the_probe_ladder_starts_at_the_route_mtu() -> None:
     assert ladder(1500) == [1500, 1400, 1280, 1000, 576]
     assert ladder(9001)[:2] == [9001, 1500]
@@ -258,6 +274,34 @@ def test_only_path_mtu_probes_count_towards_the_reported_size() -> None:
     assert plane.paths[B].max_rx_size == 0
     plane._on_control(B, ("10.0.0.2", 6783), pack({"t": "pm"}), 972, 1.0)
     assert plane.paths[B].max_rx_size == 972
+
+
+class _Sleeve:
+    """What the controller sends through the sleeve, kept."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, dict]] = []
+
+    def send_control(self, peer: int, payload: bytes, *, pad_to: int = 0) -> bool:
+        self.sent.append((peer, unpack(payload, "test")))
+        return True
+
+
+def test_the_first_heartbeat_of_a_connection_is_answered_at_once_and_brings_the_path_up() -> None:
+    """A restarted peer's first heartbeat: answered now (its side need not wait for our round), and the path is
+    chosen now (ours need not wait for our round either). Later heartbeats wait for the rounds."""
+    plane, _ = _plane()
+    sleeve = _Sleeve()
+    plane.sleeve = sleeve  # type: ignore[assignment]
+    plane.paths[B] = st = _state(KEYS)
+    st.max_rx_size = 1472  # a probe round in progress: an extra heartbeat must not report it early
+    hb = pack({"t": "hb", "tr": False, "fs": 0, "mx": 0})
+    plane._on_control(B, ("10.0.0.2", 6783), hb, 60, 1.0)
+    assert st.path == SLEEVE
+    assert [(peer, msg["t"], msg["mx"]) for peer, msg in sleeve.sent] == [(B, "hb", 0)]
+    assert st.max_rx_size == 1472
+    plane._on_control(B, ("10.0.0.2", 6783), hb, 60, 1.1)
+    assert len(sleeve.sent) == 1
 
 
 def test_a_malformed_heartbeat_is_counted_not_raised() -> None:

@@ -53,6 +53,8 @@ class PathState:
     we_trust: bool  # its underlay address is in our trusted subnets
     route_mtu: int
     assume_fast_until: float = 0.0  # after a restart, keep the kernel's fast path until probes decide
+    assume_sleeve_until: float = 0.0  # after a reconnection, carry data on the sleeve until heartbeats decide
+    answered: bool = False  # we answered this connection's first heartbeat (the far end need not wait a round)
     remote_uid: int = 0  # the peer's run: its probe sequence starts again when it restarts
     peer_trusts: bool = False
     last_heard: float | None = None  # last authenticated control message over UDP
@@ -106,19 +108,24 @@ class PathState:
         of the path itself (MTU, whether it carried our probes), but not the sequence of its probes, which
         starts again: comparing the new run's probes with the old run's numbers would ignore them, and the
         peer would never hear that we get its probes. A path that was fast stays fast for ``hold`` seconds
-        while fresh probes decide, so traffic the kernel carries does not stop for a moment.
+        while fresh probes decide, so traffic the kernel carries does not stop for a moment; a path that was the
+        sleeve carries data with the new keys at once, for ``hold`` seconds unless heartbeats confirm it, so a
+        restarted peer's traffic does not wait for a heartbeat round.
         """
-        fresh = replace(self, keys=keys, epoch=epoch, remote_uid=remote_uid)
+        fresh = replace(self, keys=keys, epoch=epoch, remote_uid=remote_uid, answered=False)
         if remote_uid != self.remote_uid:
             fresh.heard_fast_seq, fresh.heard_fast_at = 0, None
             if keys is not None:
                 fresh.peer_trusts = False  # the new run's trust comes with its first heartbeat
         if self.path == FAST and fresh.fast_allowed():
             fresh.assume_fast_until = max(fresh.assume_fast_until, now + hold)
+        elif self.path == SLEEVE:
+            fresh.assume_sleeve_until = max(fresh.assume_sleeve_until, now + hold)
         return fresh
 
     def sleeve_up(self, now: float, dead: float) -> bool:
-        return self.last_heard is not None and now - self.last_heard <= dead
+        heard = self.last_heard is not None and now - self.last_heard <= dead
+        return heard or now < self.assume_sleeve_until
 
     def fast_up(self, now: float, dead: float) -> bool:
         return (

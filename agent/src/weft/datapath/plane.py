@@ -14,7 +14,7 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from weft.datapath import fdb
@@ -80,10 +80,13 @@ class DataPlane:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
         self._recompute_handle: asyncio.Handle | None = None
+        self._kernel_handle: asyncio.Handle | None = None
+        self._want: tuple[fdb.FdbState, bool] | None = None  # kernel state to program next, and whether to delete
         self._started_at = 0.0
         self._stopped = False
         self._probe_sock: socket.socket | None = None
         self._adopted_fast: set[str] = set()  # peer IPs the kernel already sent to fast when we started
+        self._hello: set[int] = set()  # new connections: a heartbeat goes out as soon as the sleeve has their keys
         self.encrypting = encrypting  # a mesh secret is set: plaintext only inside the trusted subnets
         self.guard: FastGuard | None = None
         self._channel = router.new_channel(MACS, self.macs)
@@ -165,6 +168,11 @@ class DataPlane:
         """The connections whose encryption matches ours: one that does not is being closed (a reload)."""
         return {n: c for n, c in self.router.connections.items() if c.encrypted == self.encrypting}
 
+    def forwarding(self, peers: Iterable[int]) -> bool:
+        """Each of ``peers`` that is connected has its path chosen: a restarted agent's traffic to them flows."""
+        conns = self._matching_connections()
+        return all(self.paths[n].path is not None if n in self.paths else n not in conns for n in peers)
+
     def set_encryption(self, on: bool) -> int:
         """A reload turned encryption on or off: apply it now, before the reload is acknowledged.
 
@@ -185,6 +193,7 @@ class DataPlane:
         if self._recompute_handle is not None:
             self._recompute_handle.cancel()
         self._recompute()
+        self._program_kernel()
         after = set(self.guard.fast) if self.guard is not None else set()
         return len(before - after)
 
@@ -220,7 +229,7 @@ class DataPlane:
         if self._probe_sock is not None and self._loop is not None:
             self._loop.remove_reader(self._probe_sock.fileno())
             self._probe_sock.close()
-        for handle in (self._tick_handle, self._recompute_handle):
+        for handle in (self._tick_handle, self._recompute_handle, self._kernel_handle):
             if handle is not None:
                 handle.cancel()
         if self._watcher is not None:
@@ -271,9 +280,14 @@ class DataPlane:
                     _uint(msg.get("fs", 0)),
                     _uint(msg.get("mx", 0)),
                 )
+                if not st.answered:  # a new connection: the far end hears from us now, not at our next round
+                    st.answered = True
+                    self._heartbeat(st, now, report_size=False)
         except DecodeError as exc:
             self.metrics.decode_errors.labels(exc.kind).inc()
             log.debug("bad data-path control message from %s: %s", format_name(peer), exc)
+        if st.path is None and self._choose(st, now):  # a path that was down is up: use it now, not next round
+            self._changed()
 
     def _on_probe(self, frame: bytes, now: float) -> None:
         parsed = parse_probe(frame)
@@ -301,9 +315,7 @@ class DataPlane:
         assert sleeve is not None
         changed = False
         for st in self.paths.values():
-            hb = {"t": "hb", "tr": st.we_trust, "fs": st.heard_fast(now, self.dead), "mx": st.max_rx_size}
-            st.max_rx_size = 0
-            sleeve.send_control(st.peer, pack(hb))
+            self._heartbeat(st, now)
             st.ticks += 1
             if st.ticks <= 3 or st.ticks % PMTU_EVERY == 0:
                 for size in ladder(st.route_mtu):
@@ -318,16 +330,32 @@ class DataPlane:
                 changed = True
                 if st.pmtu() is not None:
                     log.info("peer %s: path MTU %d", format_name(st.peer), st.pmtu())
-            if st.choose(now, self.dead, self.config.mtu, self.config.vxlan_port, self.udp_port):
-                log.info(
-                    "peer %s: data path now %s%s",
-                    format_name(st.peer),
-                    st.path or "down",
-                    f" ({st.reason})" if st.reason else "",
-                )
+            if self._choose(st, now):
                 changed = True
         if changed or self._warming_up_ended(now):
             self._changed()
+
+    def _heartbeat(self, st: PathState, now: float, *, report_size: bool = True) -> None:
+        """One heartbeat to a neighbour; ``report_size`` reports (and starts over) the largest probe heard from it,
+        which only the regular rounds do: an extra heartbeat must not cut a probe round short."""
+        if self.sleeve is None:
+            return
+        hb = {"t": "hb", "tr": st.we_trust, "fs": st.heard_fast(now, self.dead), "mx": 0}
+        if report_size:
+            hb["mx"], st.max_rx_size = st.max_rx_size, 0
+        self.sleeve.send_control(st.peer, pack(hb))
+
+    def _choose(self, st: PathState, now: float) -> bool:
+        """Choose the neighbour's path from the evidence now; True (and a log line) if it changed."""
+        if not st.choose(now, self.dead, self.config.mtu, self.config.vxlan_port, self.udp_port):
+            return False
+        log.info(
+            "peer %s: data path now %s%s",
+            format_name(st.peer),
+            st.path or "down",
+            f" ({st.reason})" if st.reason else "",
+        )
+        return True
 
     def _warming_up_ended(self, now: float) -> bool:
         started = now - self._started_at
@@ -390,6 +418,7 @@ class DataPlane:
                 fresh.we_trust, fresh.route_mtu = trusted(ip, self.trusted), route_mtu
             self.paths[name] = fresh
             self.paths[name].choose(now, self.dead, self.config.mtu, self.config.vxlan_port, self.udp_port)
+            self._hello.add(name)
             self._changed()
 
     def _kept_for(self, st: PathState) -> float:
@@ -472,6 +501,10 @@ class DataPlane:
                 frame_mtu=frame_mtu,
             )
         )
+        for name in self._hello:  # the sleeve has their keys now: heartbeats need not wait for the next round
+            if name in self.paths:
+                self._heartbeat(self.paths[name], now, report_size=False)
+        self._hello.clear()
         want = fdb.desired_state(
             fast_ips=fast_ips,
             sleeve_peers=sleeve_peers,
@@ -481,14 +514,28 @@ class DataPlane:
             tap=self.tap,
         )
         warming = now - self._started_at < WARMUP_AFTER * self.interval
+        self._want = (want, not warming)
+        if self._kernel_handle is None and self._loop is not None:
+            # Next, not now: the sleeve's tables are already in place, and heartbeats that came meanwhile (a path
+            # coming up) are handled before the netlink work, which takes a while, rather than after it.
+            self._kernel_handle = self._loop.call_soon(self._program_kernel)
+        self._update_path_metrics()
+        self.metrics.mac_conflicts.set(len(self.macs.conflicts))
+
+    def _program_kernel(self) -> None:
+        """The FDBs and the fast-path guard, to what the last recomputation wants (several coalesce into one)."""
+        if self._kernel_handle is not None:
+            self._kernel_handle.cancel()
+            self._kernel_handle = None
+        if self._want is None or self.nd is None or self._stopped:
+            return
+        (want, delete), self._want = self._want, None
         self._sync_guard(want, before_fdb=True)
         try:
-            fdb.apply(self.nd, bridge=self.bridge, vxlan=self.vxlan, tap=self.tap, want=want, delete=not warming)
+            fdb.apply(self.nd, bridge=self.bridge, vxlan=self.vxlan, tap=self.tap, want=want, delete=delete)
         except Exception as exc:  # netlink refused one entry: say so, keep the rest working
             log.warning("could not program the kernel forwarding table: %s", exc)
         self._sync_guard(want, before_fdb=False)
-        self._update_path_metrics()
-        self.metrics.mac_conflicts.set(len(self.macs.conflicts))
 
     def _sync_guard(self, want: fdb.FdbState, *, before_fdb: bool) -> None:
         """Keep the guard's sets equal to where the kernel sends fast traffic (and whose probes may cross).
