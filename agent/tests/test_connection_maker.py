@@ -81,9 +81,9 @@ class Rig:
         self.maker.connection_opened(peer.name)
         return conn
 
-    def disconnect_peer(self, conn: FakeConn) -> None:
+    def disconnect_peer(self, conn: FakeConn, *, clean: bool = False) -> None:
         self.router.remove_connection(conn, "closed")
-        self.maker.connection_closed(conn.remote.name)
+        self.maker.connection_closed(conn.remote.name, clean=clean)
 
     def gossip(self, conn: FakeConn, *entries: PeerEntry) -> None:
         payload = TopologyUpdate({e.name: e for e in entries}).encode()
@@ -213,6 +213,92 @@ def test_a_connection_that_died_young_is_redialled_after_a_pause() -> None:
     rig.run(600.0)
     _, second = rig.dialled("b.example:6783")
     assert second > 2.0
+
+
+def test_a_connection_the_peer_closed_in_order_is_redialled_at_once() -> None:
+    """The peer's agent stopping (a restart): the first dial goes out the moment the connection ends."""
+    rig = Rig(reset_after=60.0, initial_interval=1.0)
+    rig.maker.connect(["b.example"])
+    conn = rig.connect_peer(B, "b.example:6783")
+    rig.maker.dial_finished("b.example:6783", B.name, None)
+    rig.scheduler.call_later(5.0, lambda: rig.disconnect_peer(conn, clean=True))
+    rig.run(5.0)
+    assert rig.dialled("b.example:6783") == [0.0, 5.0]
+
+
+def test_a_connection_the_peer_closed_at_once_is_redialled_after_a_pause() -> None:
+    """A peer that accepts and hangs up straight away (failing as it starts) gets the backoff, not a dial loop."""
+    rig = Rig(reset_after=60.0, initial_interval=5.0)
+    rig.maker.connect(["b.example"])
+    conn = rig.connect_peer(B, "b.example:6783")
+    rig.maker.dial_finished("b.example:6783", B.name, None)
+    rig.scheduler.call_later(2.0, lambda: rig.disconnect_peer(conn, clean=True))
+    rig.run(600.0)
+    _, second = rig.dialled("b.example:6783")
+    assert second > 2.0
+
+
+def test_after_a_clean_close_failing_dials_still_back_off() -> None:
+    """The peer does not come back: only the first dial is immediate, then the waits grow as for any failure."""
+    rig = Rig(seed=2, reset_after=60.0, initial_interval=1.0, max_interval=30.0)
+    rig.maker.connect(["b.example"])
+    conn = rig.connect_peer(B, "b.example:6783")
+    rig.maker.dial_finished("b.example:6783", B.name, None)
+    rig.fail_every_dial()
+    rig.scheduler.call_later(5.0, lambda: rig.disconnect_peer(conn, clean=True))
+    rig.run(600.0)
+    times = rig.dialled("b.example:6783")[1:]
+    assert times[0] == 5.0
+    delays = [b - a for a, b in pairwise(times)]
+    assert delays[0] > 0.5
+    assert statistics.mean(delays[-5:]) > 5 * delays[0]
+
+
+def test_a_peer_restarting_20_times_in_a_row_costs_a_few_dials_each_time() -> None:
+    """Each restart: a dial at once (refused while the peer is down), then backoff until one of the two ends
+    reaches the other (the restarted peer dials its configured peers as it starts)."""
+    rig = Rig(seed=5, reset_after=60.0, initial_interval=1.0, max_interval=30.0)
+    up = True
+    conns: list[FakeConn] = []
+
+    def dial(address: str) -> None:
+        rig.dials.append((rig.scheduler.now(), address))
+
+        def finish() -> None:
+            if not up:
+                rig.maker.dial_finished(address, None, "connection refused (is the agent running there?)")
+            elif B.name in rig.router.connections:
+                rig.maker.dial_finished(address, B.name, "duplicate connection")
+            else:
+                conns.append(rig.connect_peer(B, address))
+                rig.maker.dial_finished(address, B.name, None)
+
+        rig.scheduler.call_later(0.01, finish)
+
+    def stop() -> None:
+        nonlocal up
+        up = False
+        rig.disconnect_peer(conns[-1], clean=True)
+
+    def start() -> None:
+        nonlocal up
+        up = True
+        if B.name not in rig.router.connections:
+            conns.append(rig.connect_peer(B, "b.example:6783"))  # it dialled us
+
+    rig.maker._dial = dial  # type: ignore[method-assign]
+    rig.maker.connect(["b.example"])
+    stops = [5.0 + 4.0 * i for i in range(20)]  # down for a second, up for three, twenty times
+    for t in stops:
+        rig.scheduler.call_later(t, stop)
+        rig.scheduler.call_later(t + 1.0, start)
+    rig.run(stops[-1] + 60.0)
+    times = rig.dialled("b.example:6783")
+    assert B.name in rig.router.connections and len(conns) >= 21
+    for t, after in zip(stops, [*stops[1:], stops[-1] + 60.0], strict=True):
+        dials = [d for d in times if t <= d < after]
+        assert dials[0] == t, "the first dial after a restart goes out at once"
+        assert len(dials) <= 3, f"{len(dials)} dials for one restart: {dials}"
 
 
 def test_a_dial_that_reaches_ourselves_is_never_retried() -> None:

@@ -54,6 +54,7 @@ class ControlConnection:
         self._wake = asyncio.Event()
         self._closed = asyncio.Event()
         self.close_reason: str | None = None
+        self.closed_by_peer = False  # the peer ended the stream in order (its agent stopping or restarting)
 
     @property
     def info(self) -> str:
@@ -98,6 +99,7 @@ class ControlConnection:
                 self.close(f"nothing heard for {settings.read_timeout:g}s (read timeout)")
                 return
             except asyncio.IncompleteReadError:
+                self.closed_by_peer = self.close_reason is None
                 self.close("the peer closed the connection")
                 return
             except DecodeError as exc:

@@ -2,7 +2,10 @@
 
 Targets are direct (from config or ``weft connect``) or discovered (addresses other peers report for
 peers we are not connected to). A target whose peer is connected is left alone; a failing one is
-retried with growing, jittered backoff; a connection that lived a while is retried at once.
+retried with growing, jittered backoff; a connection that lived a while is retried at once, and so is
+one the peer closed in order after it had worked (its agent restarting): the first dial goes out at once,
+and should it fail, the backoff grows as for any failure, so a peer restarting again and again costs a
+few dials per restart, never a storm.
 """
 
 from __future__ import annotations
@@ -142,8 +145,9 @@ class ConnectionMaker:
             log.debug("dial %s failed (%s); next try in %.1fs", address, error, target.next_try - now)
         self.check()
 
-    def connection_closed(self, peer: int) -> None:
-        """A connection ended: retry its targets at once if it had lived long, else after backoff."""
+    def connection_closed(self, peer: int, *, clean: bool = False) -> None:
+        """A connection ended: retry its targets at once if it had lived long, or if the peer closed it in order
+        (``clean``) after it had worked for at least the initial interval; else after backoff."""
         now = self._scheduler.now()
         lived = now - self._connected_since.pop(peer, now)
         for target in self.targets.values():
@@ -151,6 +155,9 @@ class ConnectionMaker:
                 target.state = "waiting"
                 if lived >= self.reset_after:
                     target.interval, target.next_try = self.initial_interval, now
+                elif clean and lived >= self.initial_interval:
+                    # Most likely its agent restarting: the first dial now, the backoff as it stands after that.
+                    target.interval, target.next_try = max(self.initial_interval, target.interval), now
                 else:
                     target.interval = max(self.initial_interval, target.interval)
                     target.next_try = now + self._jittered(target.interval)

@@ -255,7 +255,7 @@ class ControlTransport:
         reason = await conn.run()
         self.router.remove_connection(conn, reason)
         if self.maker is not None:
-            self.maker.connection_closed(intro.peer.name)
+            self.maker.connection_closed(intro.peer.name, clean=conn.closed_by_peer)
 
     def _handshake_failed(
         self, writer: asyncio.StreamWriter, address: str, outbound: bool, reason: str, detail: str
