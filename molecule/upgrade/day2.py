@@ -79,13 +79,17 @@ class Run:
     recap: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
-def playbook(*args: str, env: dict | None = None, cwd: Path = REPO, check: bool = True, label: str = "") -> Run:
+def playbook(
+    *args: str, env: dict | None = None, cwd: Path = REPO, check: bool = True, label: str = "", clean: bool = False
+) -> Run:
     cmd = ["ansible-playbook", *args]
     say(f"\n--- {label or ' '.join(args)}")
     start = time.monotonic()
     plain = {"ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1"}  # molecule forces colour; the recap is parsed
+    # clean: none of this checkout's or molecule's Ansible settings, as on a user's machine.
+    base = {k: v for k, v in os.environ.items() if not (clean and k.startswith(("ANSIBLE_", "MOLECULE_")))}
     done = subprocess.run(
-        cmd, cwd=cwd, env={**os.environ, **plain, **(env or {})}, capture_output=True, text=True, check=False
+        cmd, cwd=cwd, env={**base, **plain, **(env or {})}, capture_output=True, text=True, check=False
     )
     run = Run(done.returncode, done.stdout + done.stderr, time.monotonic() - start)
     for host, counts in re.findall(r"^(\S+)\s+:\s+(ok=.*)$", done.stdout, re.M):
@@ -457,7 +461,8 @@ def main() -> int:
         installed = install_collection(work)
         user_inventory = work / "inventory"
         shutil.copytree(INVENTORY, user_inventory)
-        (user_inventory / "group_vars" / "all" / "rotation.yml").write_text(
+        # The user's vault now holds the rotated secret (group_vars/all/vault.yml is read last there).
+        (user_inventory / "group_vars" / "all" / "vault.yml").write_text(
             store.read_text() + 'weft_secrets: ["{{ weft_secret_store.day2 }}"]\n'
         )
         env = {"ANSIBLE_COLLECTIONS_PATH": str(installed), "ANSIBLE_CONFIG": str(work / "ansible.cfg")}
@@ -472,6 +477,7 @@ def main() -> int:
             "weft.mesh.site",
             env=env,
             cwd=work,
+            clean=True,
             label="weft.mesh.site from the installed tarball, the user's inventory",
         )
         if not ok:

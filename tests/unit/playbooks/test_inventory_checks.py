@@ -263,15 +263,15 @@ CHECK_MODE_BLOCK = "Check the configuration with the agent's parser (check mode)
 
 
 def check_configure(tmp_path, agent, **values):
-    """configure.yml's check-mode block in check mode against this machine; agent: None, or the venv to install
+    """The check-mode block (check_config.yml, included by configure.yml) in check mode against this machine; agent: None, or the venv to install
     as `current`. The block runs in a copy of the role (its defaults, vars and templates) that holds nothing
     else, so what the rest of configure.yml needs from the host does not matter here."""
     role = tmp_path / "roles" / "weft_check_mode"
     (role / "tasks").mkdir(parents=True)
     for part in ("defaults", "vars", "templates"):
         shutil.copytree(ROOT / "roles" / "agent" / part, role / part)
-    configure = yaml.safe_load((ROOT / "roles" / "agent" / "tasks" / "configure.yml").read_text())
-    (block,) = [task for task in configure if task.get("name") == CHECK_MODE_BLOCK]
+    check_config = yaml.safe_load((ROOT / "roles" / "agent" / "tasks" / "check_config.yml").read_text())
+    (block,) = [task for task in check_config if task.get("name") == CHECK_MODE_BLOCK]
     (role / "tasks" / "main.yml").write_text(yaml.safe_dump([block], sort_keys=False))
     install = tmp_path / "opt"
     install.mkdir()

@@ -18,13 +18,23 @@ import yaml
 ROOT = Path(__file__).resolve().parents[3]
 TASKS = ROOT / "roles" / "agent" / "tasks"
 PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
+# Task files the role includes (skipped whole on most runs), by the name of the task that includes them.
+INCLUDED = {
+    "absent.yml": "Remove the agent",
+    "install.yml": "Install the agent into its versioned venv",
+    "firewall.yml": "Open the agent's ports in the host's firewall",
+    "check_config.yml": "Check the configuration with the agent's parser (check mode)",
+}
 
 pytestmark = pytest.mark.skipif(not PLAYBOOK.exists(), reason="ansible-playbook is not installed next to python")
 
 
 def task_names(filename, skip_tag=None):
     """Names of the tasks in a task file, in blocks too (not their rescue and always sections, which
-    --list-tasks does not show); without those tagged skip_tag (themselves or by their block)."""
+    --list-tasks does not show); without those tagged skip_tag (themselves or by their block). A file included
+    dynamically (include_tasks) shows in --list-tasks as its include task: that name stands for it."""
+    if filename in INCLUDED:
+        return [INCLUDED[filename]]
     names = []
 
     def walk(tasks, inherited):
@@ -32,7 +42,7 @@ def task_names(filename, skip_tag=None):
             tags = inherited | set(task.get("tags") or [])
             if "block" in task:
                 walk(task["block"], tags)
-            elif skip_tag not in tags:
+            elif skip_tag not in tags and "ansible.builtin.include_tasks" not in task:
                 names.append(task["name"])
 
     walk(yaml.safe_load((TASKS / filename).read_text()), set())
