@@ -117,6 +117,12 @@ def run(config_path: Path | None, **flags: object) -> None:
         asyncio.run(agent.run())
     except (ConfigError, StoreError) as exc:
         raise click.ClickException(str(exc)) from None
+    # Stopped in order: connections closed, threads joined, the state database closed, the kernel's state left as
+    # it is. Tearing the interpreter down (its modules, one by one) would only hold up a restart: end here.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @main.command()
