@@ -23,9 +23,18 @@ from weft.sdnotify import notify
 from weft.store import Store
 
 if TYPE_CHECKING:
+    from weft.api.server import ApiServer
     from weft.datapath.plane import DataPlane
 
 log = logging.getLogger(__name__)
+
+FORWARDING_WAIT = 1  # path intervals a starting agent waits for its targets' data paths before it starts the API
+
+
+def _api_server() -> type[ApiServer]:
+    from weft.api.server import ApiServer  # imports the agent's types; a module-level import would be a cycle
+
+    return ApiServer
 
 
 class Agent:
@@ -110,9 +119,6 @@ class Agent:
             self.metrics.add_datapath(self.dataplane.byte_counts, self.dataplane.drop_counts)
             self.transport.refusal_listeners.append(self.dataplane.address_refused)
 
-        from weft.api.server import ApiServer  # the API imports the agent's types; avoid a cycle
-
-        api = ApiServer(self)
         try:
             await self.transport.start()
         except OSError as exc:
@@ -123,17 +129,24 @@ class Agent:
             except Exception as exc:
                 await self.transport.stop()
                 raise ConfigError(f"cannot set up the data plane: {exc}") from None
+        # Peers before the API: a restart's traffic waits for the targets' dials and their data paths, not for the
+        # import of the API's web framework (a fifth of a second of CPU), which comes after, in a thread.
+        self.router.start()
+        targets = list(self.maker.targets.values())
+        self.maker.check()
+        loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self._stopping.set)
+        await self._until_forwarding(targets, FORWARDING_WAIT * c.path_interval)
         try:
+            api: ApiServer = (await asyncio.to_thread(_api_server))(self)
             await api.start()
         except BaseException:
+            self.maker.stop()
+            self.router.stop()
             if self.dataplane is not None:
                 self.dataplane.stop()
             await self.transport.stop()
             raise
-        self.router.start()
-        self.maker.check()
-        loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
-        loop.add_signal_handler(signal.SIGINT, self._stopping.set)
         self.ready = True
         log.info(
             "weft %s running as %s, listening on %s, encryption %s, %d target(s)",
@@ -160,6 +173,18 @@ class Agent:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    async def _until_forwarding(self, targets: list[Target], limit: float) -> None:
+        """Until the first dial of each of ``targets`` has ended and each peer it reached has a data path, at most
+        ``limit`` seconds (a peer that never answers must not keep the API away for long)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        while targets and loop.time() < deadline and not self._stopping.is_set():
+            dialling = any(t.state == "connecting" for t in targets)
+            reached = [t.peer for t in targets if t.peer is not None]
+            if not dialling and (self.dataplane is None or self.dataplane.forwarding(reached)):
+                return
+            await asyncio.sleep(0.01)
 
     # -- targets and reload ------------------------------------------------------------------------
 
