@@ -170,3 +170,14 @@ def test_an_address_in_use_on_another_host_is_refused(lab: Lab, secret: bool) ->
     assert container_links(new) == ["lo"]
     h1.cli("attach", "--netns", new.netns, "10.32.1.2/16")  # a free address is fine
     assert new.ping(there)
+
+
+def test_a_metrics_address_the_host_lacks_stops_the_agent_with_the_setting_named(lab: Lab) -> None:
+    """A start-up fault must end the process at once with a clear line (systemd then reports a failed start, and
+    the role's restart gate rolls back), not leave it hanging until systemd's start timeout."""
+    (h1,) = lab.add_hosts(1)
+    agent = h1.start_agent("--metrics-addr", "192.0.2.1:6782")
+    assert agent.wait(60) == 1, h1.agent_log()
+    log = h1.agent_log()
+    assert "cannot listen for metrics on 192.0.2.1:6782 (metrics_addr): Cannot assign requested address" in log
+    assert "Traceback" not in log

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from weft.addresses import AddressError
 from weft.api.public import PublicServer
+from weft.config import ConfigError
 from weft.datapath.overlay import OverlayError
 from weft.limits import Episode
 
@@ -73,6 +74,8 @@ class ApiServer:
         old_umask = os.umask(0o077)
         try:
             self._unix = await asyncio.get_running_loop().create_unix_server(factory, str(path))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on the API socket {path}: {exc.strerror or exc}") from None
         finally:
             os.umask(old_umask)
 
@@ -80,7 +83,13 @@ class ApiServer:
         self._public = PublicServer(
             self.public_get, self.agent.metrics, limit=config.api_conn_limit, timeout=config.api_timeout
         )
-        await self._public.start(host or None, port)
+        try:
+            await self._public.start(host or None, port)
+        except OSError as exc:
+            # A metrics address the host does not have (or a port taken): say which setting, and exit.
+            raise ConfigError(
+                f"cannot listen for metrics on {config.metrics_addr} (metrics_addr): {exc.strerror or exc}"
+            ) from None
 
     def refused(self, listener: str) -> None:
         self.agent.metrics.api_refused.labels(listener, "conn_limit").inc()
