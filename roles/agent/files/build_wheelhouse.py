@@ -5,8 +5,8 @@ wheel for the target's Python and platform, and pip itself (which installs them 
 
 Run by the agent role with the controller's Python (the one running Ansible, which has pip):
 
-    build_wheelhouse.py --source agent/ --version 0.3.0 --build 1f2e3d4c5b6a --python-version 3.11 \
-        --machine x86_64 --glibc 2.36 --dest ~/.cache/weft/wheelhouse/weft-0.3.0-1f2e3d4c5b6a-cp311-...
+    build_wheelhouse.py --source agent/ --version 0.4.0 --build 1f2e3d4c5b6a --python-version 3.11 \
+        --machine x86_64 --glibc 2.36 --dest ~/.cache/weft/wheelhouse/weft-0.4.0-1f2e3d4c5b6a-cp311-...
 
 Dependencies are pinned by the source's constraints.txt when it has one, so two builds of one source are the
 same wheels. The result is one uncompressed tar (wheelhouse.tar: the wheels and wheelhouse.json) that the role
