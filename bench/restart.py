@@ -6,11 +6,12 @@ container on h2, and another flow at the same rate to the container on h3. Then 
 times as systemd restarts a unit: SIGTERM, wait for the process to exit, start ``weft run`` again. For each
 restart the figures are the longest gap in the echoes h1 got back (both directions), the longest gap in what h2's
 container got (h1 to h2 alone), the datagrams lost, and where the time went: the old process exiting, the new one
-from exec to ready, from ready to its connection with h1, and from there to the first echo. The h1-h3 flow
-shows what the restart costs hosts that did not restart.
+from exec to its connection with h1 and to ready (and the CPU time it used for each, which a busy machine
+stretches much less than the wall clock), and from the connection to the first echo. The h1-h3 flow shows what
+the restart costs hosts that did not restart.
 
-With ``baseline=REV`` the same scenario runs first against the agent of that git revision (exported with ``git
-archive``, first on PYTHONPATH), so both sets of figures come from one run on one machine.
+With ``baseline=REV`` (or ``REV,REV,...``) the same scenario runs first against the agent of each git revision
+(exported with ``git archive``, first on PYTHONPATH), so all the sets of figures come from one run on one machine.
 
 Figures only: nothing here fails on a number. A scenario that cannot be measured returns ``{"failed": reason}``.
 """
@@ -101,7 +102,7 @@ def exported_agent(rev: str) -> Iterator[Path]:
 
 def _flow_result(proc: LabProcess) -> dict:
     for line in reversed(proc.read_log().strip().splitlines()):
-        if line.startswith("{") and ('"sent"' in line or '"received"' in line):
+        if line.startswith('{"done"'):
             return json.loads(line)
     raise datapath.BenchError(f"no result from udpflow: {proc.read_log()[-300:]}")
 
@@ -148,11 +149,18 @@ def _restart(h: Host, peer: Host, start: Callable[[], None], timeout: float) -> 
     start()
     deadline = time.monotonic() + timeout
     new: list[str] = []
+    t["cpu_at_ready"] = t["cpu_at_connected"] = None
     while time.monotonic() < deadline:
         lines = _read_from(h.agent_log_path, offset)
         cut = next((i for i, line in enumerate(lines) if line.startswith(_NEW_RUN)), len(lines))
         new = lines[cut:]
-        if _first(new, "connection established with", f"({peer.name})"):
+        # The CPU the new agent had used by each step (to within one 20 ms poll): a busy machine stretches the
+        # wall-clock figures, much less these.
+        if t["cpu_at_ready"] is None and _first(new, "running as"):
+            t["cpu_at_ready"] = mesh._cpu_seconds(h.agent.pid)
+        if t["cpu_at_connected"] is None and _first(new, "connection established with", f"({peer.name})"):
+            t["cpu_at_connected"] = mesh._cpu_seconds(h.agent.pid)
+        if t["cpu_at_ready"] is not None and t["cpu_at_connected"] is not None:
             break
         if h.agent is not None and h.agent.poll() is not None:
             raise datapath.BenchError(f"{h.name}: the restarted agent exited with {h.agent.returncode}")
@@ -200,7 +208,10 @@ def _figures(t: dict, window_end: float, rt: dict, one_way: dict) -> dict:
         "exit_s": _since(t["term"], t["exit"]),
         "exec_to_logging_s": _since(t["exec"], t["logging"]),
         "exec_to_ready_s": _since(t["exec"], t["ready"]),
+        "cpu_to_ready_s": t["cpu_at_ready"],
+        "cpu_to_connected_s": t["cpu_at_connected"],
         "ready_to_connected_s": _since(t["ready"], t["connected"]),
+        "exec_to_connected_s": _since(t["exec"], t["connected"]),
         "connected_to_forwarding_s": _since(t["connected"], gap[1] if gap else None),
         "term_to_gap_start_s": _since(t["term"], gap[0] if gap else None),
         "term_to_forwarding_s": _since(t["term"], gap[1] if gap else None),
@@ -221,7 +232,10 @@ FIGURES = [
     "exit_s",
     "exec_to_logging_s",
     "exec_to_ready_s",
+    "cpu_to_ready_s",
+    "cpu_to_connected_s",
     "ready_to_connected_s",
+    "exec_to_connected_s",
     "connected_to_forwarding_s",
     "term_to_gap_start_s",
     "term_to_forwarding_s",
@@ -253,7 +267,10 @@ def scenario(
 ) -> dict:
     """h1, h2, h3 with a secret; flows h1->h2 and h1->h3; h2's agent restarted ``restarts`` times."""
     result: dict = {"restarts": restarts, "rate": rate}
-    with Lab(extra_pythonpath=extra_pythonpath) as lab:
+    with tempfile.TemporaryDirectory(prefix="weft-bench-pyc-") as pyc, Lab(extra_pythonpath=extra_pythonpath) as lab:
+        # Bytecode cached as an installed agent has it (pip compiles at install): a restart must not pay for
+        # compiling the agent's modules, even where PYTHONDONTWRITEBYTECODE is set.
+        env = {"PYTHONDONTWRITEBYTECODE": "", "PYTHONPYCACHEPREFIX": pyc}
         try:
             hosts = lab.add_hosts(3)
             h1, h2, h3 = hosts
@@ -261,7 +278,7 @@ def scenario(
             # As systemd runs it: info logging (the lab's default is debug), peers from the config.
             args = ("--log-level", "info")
             for h in hosts:
-                h.start_agent(*args, peers=[o for o in hosts if o is not h], secrets=secret)
+                h.start_agent(*args, peers=[o for o in hosts if o is not h], secrets=secret, env=env)
             for h in hosts:
                 h.wait_ready(timeout=settle_timeout)
             cs = [h.add_container(f"10.32.{h.index}.1/16") for h in hosts]
@@ -286,7 +303,7 @@ def scenario(
             for i in range(restarts):
 
                 def start() -> None:
-                    h2.start_agent(*args, peers=[h1, h3], secrets=secret)
+                    h2.start_agent(*args, peers=[h1, h3], secrets=secret, env=env)
 
                 t = _restart(h2, h1, start, settle_timeout)
                 steps.append(t)
@@ -325,35 +342,59 @@ def scenario(
 
 def run(
     *,
-    restarts: int = 5,
+    restarts: int = 6,
     rate: float = 1000.0,
     settle_timeout: float = 60.0,
     baseline: str | None = None,
+    rounds: int = 2,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """The scenario against the agent of git revision ``baseline`` (if given), then against this tree's."""
-    report: dict = {"restarts": restarts, "rate": rate, "target_gap_s": TARGET_GAP_S, "variants": {}}
+    """The scenario against the agent of each git revision in ``baseline`` (comma-separated, if given) and against
+    this tree's, in ``rounds`` rounds that split the restarts between them: each round runs every variant, in turn
+    forwards and backwards, so a machine that gets busier or quieter meanwhile weighs on all of them alike."""
+    report: dict = {"restarts": restarts, "rate": rate, "rounds": rounds, "target_gap_s": TARGET_GAP_S}
     reason = datapath.netns_unavailable_reason()
     if reason:
         report["skipped"] = reason
         return report
     variants: list[tuple[str, str | None]] = []
-    if baseline:
-        variants.append((f"baseline ({baseline})", baseline))
+    for rev in (r.strip() for r in (baseline or "").split(",")):
+        if rev:
+            variants.append((rev, rev))
     variants.append(("this tree", None))
-    for name, rev in variants:
-        log(f"  restart gap, encrypted path: {name} ...")
-        busy = datapath._wait_quiet(log)
-        try:
-            with contextlib.ExitStack() as stack:
-                extra = (str(stack.enter_context(exported_agent(rev))),) if rev else ()
-                r = scenario(
-                    restarts=restarts, rate=rate, settle_timeout=settle_timeout, log=log, extra_pythonpath=extra
-                )
-        except datapath.BenchError as exc:
-            r = {"failed": str(exc)}
-        r["machine_busy_before_pct"] = busy
-        report["variants"][name] = r
-        if "failed" in r:
-            log(f"    failed: {r['failed']}")
+    rounds = max(1, min(rounds, restarts))
+    runs: dict[str, list[dict]] = {name: [] for name, _ in variants}
+    with contextlib.ExitStack() as stack:
+        sources = {rev: str(stack.enter_context(exported_agent(rev))) for _, rev in variants if rev}
+        for k in range(rounds):
+            n = restarts // rounds + (1 if k < restarts % rounds else 0)
+            for name, rev in variants if k % 2 == 0 else variants[::-1]:
+                log(f"  restart gap, encrypted path: {name}, round {k + 1}/{rounds} ...")
+                busy = datapath._wait_quiet(log)
+                extra = (sources[rev],) if rev else ()
+                r = scenario(restarts=n, rate=rate, settle_timeout=settle_timeout, log=log, extra_pythonpath=extra)
+                r["machine_busy_before_pct"] = busy
+                runs[name].append(r)
+                if "failed" in r:
+                    log(f"    failed: {r['failed']}")
+    report["variants"] = {name: _merge(rs) for name, rs in runs.items()}
     return report
+
+
+def _merge(runs: list[dict]) -> dict:
+    """One variant's rounds as one result."""
+    failed = [r for r in runs if "failed" in r]
+    if failed:
+        return {**failed[0], "rounds": runs}
+    per = [p for r in runs for p in r["per_restart"]]
+    flow_h1_h3 = {k: sum(r["flow_h1_h3"][k] for r in runs) for k in ("sent", "echoed", "send_errors", "lost")}
+    flow_h1_h3["longest_gap"] = max(r["flow_h1_h3"]["longest_gap"] for r in runs)
+    return {
+        "restarts": len(per),
+        "per_restart": per,
+        "summary": _summarise(per),
+        "flow_h1_h3": flow_h1_h3,
+        "tap_kept": all(r["tap_kept"] for r in runs),
+        "bridge_kept": all(r["bridge_kept"] for r in runs),
+        "machine_busy_before_pct": [r["machine_busy_before_pct"] for r in runs],
+    }

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Weft benchmarks: prints tables of figures and writes them as JSON to bench/results/ (mesh.json, datapath.json).
+"""Weft benchmarks: prints tables of figures and writes them as JSON to bench/results/ (mesh.json, datapath.json,
+restart.json).
 
     make bench                                    # everything (as root for the real-agent and data-path parts)
     make bench BENCH_ARGS="--sim-sizes 100,300 --agents 0 --no-datapath"
     make bench BENCH_ARGS="--sim-sizes '' --agents 0 --datapath-seconds 5"   # the data path alone
-    make bench BENCH_ARGS="--sim-sizes '' --agents 0 --no-datapath --restart-baseline main"  # restarts alone
+    make bench BENCH_ARGS="--sim-sizes '' --agents 0 --no-datapath --restart-baseline HEAD~3"  # restarts
 
 The data-path part measures TCP throughput (iperf3, 1 and 4 streams) and ping RTT (100 x 10 ms) from a
 container on h1 to one on another host: over plain routed veth (the baseline, no agent), then over weft's
@@ -13,7 +14,7 @@ It prints the targets next to the figures.
 
 The restart part (bench/restart.py) measures the restart gap on the encrypted path: how long UDP traffic between
 containers stops while one agent is restarted as systemd does it (SIGTERM, exit, start), and where the time goes;
-with --restart-baseline REV the same runs first against the agent of that git revision.
+with --restart-baseline REV[,REV...] the same runs first against the agent of each git revision.
 
 Figures, not tests: nothing here fails on a number. The exit status is non-zero only when a mesh did
 not converge at all (or an agent died), or a data-path scenario could not be measured, because then the
@@ -288,6 +289,7 @@ def print_restart(report: dict) -> None:
     print(
         f"\nRestart gap, encrypted path: h2's agent restarted {report['restarts']} times (SIGTERM, exit, start) under"
         f" UDP flows of {report['rate']:g} datagrams/s h1->h2 (echoed) and h1->h3; median / max over the restarts"
+        f" ({report.get('rounds', 1)} rounds, each over every variant)"
     )
     if "skipped" in report:
         print(f"  skipped: {report['skipped']}")
@@ -300,7 +302,9 @@ def print_restart(report: dict) -> None:
         ("  SIGTERM to exit", "exit_s", " s"),
         ("  exec to first log line", "exec_to_logging_s", " s"),
         ("  exec to ready", "exec_to_ready_s", " s"),
-        ("  ready to connected with h1", "ready_to_connected_s", " s"),
+        ("  CPU time the new agent used to get ready", "cpu_to_ready_s", " s"),
+        ("  CPU time the new agent used to connect with h1", "cpu_to_connected_s", " s"),
+        ("  exec to connected with h1", "exec_to_connected_s", " s"),
         ("  connected to first echo", "connected_to_forwarding_s", " s"),
         ("  SIGTERM to first echo", "term_to_forwarding_s", " s"),
         ("  SIGTERM to last echo before the gap", "term_to_gap_start_s", " s"),
@@ -426,12 +430,21 @@ def main() -> int:
         default=True,
         help="run the restart-gap benchmark (an agent restarted under UDP flows on the encrypted path; needs root)",
     )
-    parser.add_argument("--restart-runs", type=int, default=5, help="restarts of h2's agent; median and max")
+    parser.add_argument(
+        "--restart-runs", type=int, default=6, help="restarts of h2's agent (per variant); median and max"
+    )
+    parser.add_argument(
+        "--restart-rounds",
+        type=int,
+        default=2,
+        help="rounds the restarts are split into, each running every variant (in turn forwards and backwards)",
+    )
     parser.add_argument("--restart-rate", type=float, default=1000.0, help="datagrams a second in each flow")
     parser.add_argument(
         "--restart-baseline",
         metavar="REV",
-        help="also measure the agent of this git revision first (e.g. main, HEAD~3), in the same run",
+        help="also measure the agent of these git revisions first (comma-separated, e.g. HEAD~3,HEAD~1), in the same"
+        " run",
     )
     parser.add_argument(
         "--restart-output",
@@ -506,6 +519,7 @@ def main() -> int:
             rate=args.restart_rate,
             settle_timeout=args.datapath_timeout,
             baseline=args.restart_baseline,
+            rounds=args.restart_rounds,
             log=lambda line: print(line, flush=True),
         )
         print_restart(rs)

@@ -5,7 +5,8 @@
 SIGTERM, then print one JSON line: counts, the gaps in what arrived (each ``[last before, first after]``, wall
 clock, so a caller can line them up with what it did meanwhile), and for the sender the runs of datagrams that
 never came back (``[first sent, last sent, count]``). Two directions are told apart: the echo's gaps are the
-sender-to-echo direction alone, the sender's are the round trip.
+sender-to-echo direction alone, the sender's are the round trip. With ``--progress S`` the sender also prints
+``{"sent": N, "echoed": M}`` every S seconds while it runs, so a caller can see traffic flowing.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def echo(args: argparse.Namespace) -> None:
         received += 1
         with contextlib.suppress(OSError):
             sock.sendto(data, addr)
-    print(json.dumps({"received": received, **gaps.report()}), flush=True)
+    print(json.dumps({"done": True, "received": received, **gaps.report()}), flush=True)
 
 
 def send(args: argparse.Namespace) -> None:
@@ -82,9 +83,13 @@ def send(args: argparse.Namespace) -> None:
     send_errors = 0
     print(json.dumps({"sending": f"{args.ip}:{args.port}", "rate": args.rate}), flush=True)
     next_send = time.monotonic()
+    next_progress = next_send + args.progress if args.progress else float("inf")
     stop_at: float | None = None
     while True:
         now = time.monotonic()
+        if now >= next_progress:
+            print(json.dumps({"sent": len(sent_at), "echoed": sum(echoed)}), flush=True)
+            next_progress += args.progress
         if _stop and stop_at is None:
             stop_at = now + DRAIN
         if stop_at is not None and now >= stop_at:
@@ -127,6 +132,7 @@ def send(args: argparse.Namespace) -> None:
         else:
             lost.append([sent_at[seq], sent_at[seq], 1, seq])
     result = {
+        "done": True,
         "sent": len(sent_at),
         "echoed": sum(echoed),
         "send_errors": send_errors,
@@ -149,6 +155,7 @@ def main() -> None:
     p.add_argument("port", type=int)
     p.add_argument("--rate", type=float, default=1000.0, help="datagrams a second")
     p.add_argument("--size", type=int, default=64, help="UDP payload bytes")
+    p.add_argument("--progress", type=float, default=0.0, help="print the counts every this many seconds")
     p.set_defaults(fn=send)
     args = parser.parse_args()
     args.fn(args)
