@@ -533,12 +533,18 @@ def install_collection(work: Path) -> Path:
     if bad:
         raise Failed(f"the tarball holds what it must not: {bad[:5]}")
     dest = work / "collections"
+    # A clean environment and --force: with this checkout's collections path, ansible-galaxy would find weft.mesh
+    # "already installed" (the checkout itself) and install nothing.
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "MOLECULE_"))}
     subprocess.run(
-        ["ansible-galaxy", "collection", "install", str(tarball), "-p", str(dest)],
+        ["ansible-galaxy", "collection", "install", "--force", str(tarball), "-p", str(dest)],
+        env=clean,
         check=True,
         capture_output=True,
         cwd=work,
     )
+    if not (dest / "ansible_collections" / "weft" / "mesh" / "playbooks" / "site.yml").is_file():
+        raise Failed(f"the tarball did not install weft.mesh into {dest}")
     return dest
 
 
