@@ -310,3 +310,37 @@ def test_a_malformed_heartbeat_is_counted_not_raised() -> None:
     plane._on_control(B, ("10.0.0.2", 6783), b"\xc1\xc1", 10, 1.0)
     plane._on_control(B, ("10.0.0.2", 6783), pack([1, 2]), 10, 1.0)
     assert metrics.decode_errors.labels("datapath")._value.get() == 2
+
+
+def _trusted_fast(keys: SessionKeys | None) -> PathState:
+    """A fast path with a secret between hosts that trust each other's subnet, as a run of the peer left it."""
+    st = _state(keys)
+    st.we_trust, st.remote_uid = True, 1
+    st.on_heartbeat(0.0, trusts=True, fast_seq=0, max_size=0)
+    st.assume_fast_until = 1.0
+    st.choose(0.0, 3.0, 1376, 6784, 6783)
+    assert st.path == FAST
+    return st
+
+
+def test_a_peer_restart_keeps_the_trusted_fast_path_until_its_new_run_speaks() -> None:
+    """With a secret, fast needs both ends' trust. The peer's new run has not said yet what it trusts: the fast path
+    is held on its old run's word (the kernel keeps forwarding), and its first heartbeat decides."""
+    fresh = _trusted_fast(KEYS).resumed(10.0, keys=SessionKeys(b"S" * 32, b"R" * 32), epoch=2, remote_uid=2, hold=4.0)
+    assert not fresh.peer_trusts and fresh.held_trust
+    fresh.choose(10.0, 3.0, 1376, 6784, 6783)
+    assert fresh.path == FAST, "traffic the kernel carries stopped while the peer's new run said nothing yet"
+    fresh.on_heartbeat(10.2, trusts=False, fast_seq=0, max_size=0)  # the new run no longer trusts us
+    fresh.last_heard = 10.2
+    fresh.choose(10.2, 3.0, 1376, 6784, 6783)
+    assert fresh.path == SLEEVE and "does not trust" in fresh.reason
+
+
+def test_a_held_trust_ends_with_the_hold_and_never_stands_in_for_our_own() -> None:
+    fresh = _trusted_fast(KEYS).resumed(10.0, keys=SessionKeys(b"S" * 32, b"R" * 32), epoch=2, remote_uid=2, hold=4.0)
+    fresh.choose(14.5, 3.0, 1376, 6784, 6783)
+    assert fresh.path != FAST, "the old run's trust outlived the hold"
+    ours = _trusted_fast(KEYS).resumed(10.0, keys=SessionKeys(b"S" * 32, b"R" * 32), epoch=2, remote_uid=2, hold=4.0)
+    ours.we_trust = False  # this host no longer trusts the peer's subnet
+    ours.choose(10.0, 3.0, 1376, 6784, 6783)
+    assert ours.path != FAST

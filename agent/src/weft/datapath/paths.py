@@ -57,6 +57,10 @@ class PathState:
     answered: bool = False  # we answered this connection's first heartbeat (the far end need not wait a round)
     remote_uid: int = 0  # the peer's run: its probe sequence starts again when it restarts
     peer_trusts: bool = False
+    # The trust of the peer's previous run, while a fast path is held across its restart (assume_fast_until) and
+    # until the new run's first heartbeat says what it trusts now: the kernel keeps forwarding, and the first
+    # word of the new run (which may be "no") decides.
+    held_trust: bool = False
     last_heard: float | None = None  # last authenticated control message over UDP
     fast_seq: int = 0  # our last fast-path probe
     fast_acked: int = 0  # the newest of our probes the peer reported hearing
@@ -78,6 +82,10 @@ class PathState:
         """Unencrypted traffic is allowed: no mesh secret, or both ends trust each other's subnet."""
         return not self.encrypted or (self.we_trust and self.peer_trusts)
 
+    def fast_holdable(self) -> bool:
+        """As fast_allowed, with the peer's previous run's trust standing in until its new run speaks."""
+        return not self.encrypted or (self.we_trust and (self.peer_trusts or self.held_trust))
+
     def pmtu(self) -> int | None:
         """The largest IP packet the neighbour reports getting from us lately, if it reported any."""
         best = max(self.pmtu_reports, default=0)
@@ -95,6 +103,7 @@ class PathState:
 
     def on_heartbeat(self, now: float, trusts: bool, fast_seq: int, max_size: int) -> None:
         self.peer_trusts = trusts
+        self.held_trust = False
         if fast_seq > self.fast_acked or (fast_seq and fast_seq == self.fast_acked):
             self.fast_acked = fast_seq
             self.fast_acked_at = now
@@ -113,11 +122,13 @@ class PathState:
         restarted peer's traffic does not wait for a heartbeat round.
         """
         fresh = replace(self, keys=keys, epoch=epoch, remote_uid=remote_uid, answered=False)
+        was_fast = self.path == FAST and self.fast_allowed()
         if remote_uid != self.remote_uid:
             fresh.heard_fast_seq, fresh.heard_fast_at = 0, None
             if keys is not None:
-                fresh.peer_trusts = False  # the new run's trust comes with its first heartbeat
-        if self.path == FAST and fresh.fast_allowed():
+                fresh.peer_trusts = False  # the new run's trust comes with its first heartbeat...
+                fresh.held_trust = was_fast  # ...and until then, the hold goes on the old run's
+        if was_fast and fresh.fast_holdable():
             fresh.assume_fast_until = max(fresh.assume_fast_until, now + hold)
         elif self.path == SLEEVE:
             fresh.assume_sleeve_until = max(fresh.assume_sleeve_until, now + hold)
@@ -138,7 +149,7 @@ class PathState:
     def choose(self, now: float, dead: float, mtu: int, vxlan_port: int, udp_port: int) -> bool:
         """Set ``path`` and ``reason``; True if the path changed."""
         before = self.path
-        if self.fast_up(now, dead) or (self.fast_allowed() and now < self.assume_fast_until):
+        if self.fast_up(now, dead) or (self.fast_holdable() and now < self.assume_fast_until):
             self.path, self.reason = FAST, ""
         else:
             self.reason = self._why_not_fast(mtu, vxlan_port)

@@ -409,6 +409,9 @@ class DataPlane:
                 route_mtu=route_mtu,
                 remote_uid=conn.remote.uid,
                 assume_fast_until=now + self.dead + self.interval if ip in self._adopted_fast else 0.0,
+                # The kernel sent to it fast when we started: both runs trusted each other then. Held until
+                # its first heartbeat, like a restart of the peer (PathState.resumed).
+                held_trust=ip in self._adopted_fast,
             )
             if st is not None and st.ip == ip:
                 # New keys, same paths: keep the evidence so traffic does not stop until the next heartbeat.
