@@ -363,32 +363,14 @@ def main() -> int:
         store.write_text("weft_secret_store:\n" + textwrap.indent(vault("day2", secret), "  "))
         pids = agent_pids(hosts)
         t0 = time.time()
-        rot = playbook(
-            "-i",
-            str(INVENTORY),
-            "playbooks/rotate_secret.yml",
-            "-e",
-            f"@{store}",
-            "-e",
-            "new_secret_id=day2",
-            "-vvv",
-            label="rotate_secret.yml -vvv",
-        )
+        rotate = ["-i", str(INVENTORY), "playbooks/rotate_secret.yml", "-e", f"@{store}", "-e", "new_secret_id=day2"]
+        rot = playbook(*rotate, "-vvv", label="rotate_secret.yml -vvv")
         phases["rotation"] = (t0, time.time())
         if secret in rot.output:
             raise Failed("the new secret appears in rotate_secret.yml's output")
         if agent_pids(hosts) != pids:
             raise Failed(f"rotation restarted agents: {pids} -> {agent_pids(hosts)}")
-        again = playbook(
-            "-i",
-            str(INVENTORY),
-            "playbooks/rotate_secret.yml",
-            "-e",
-            f"@{store}",
-            "-e",
-            "new_secret_id=day2",
-            label="rotate_secret.yml again",
-        )
+        again = playbook(*rotate, label="rotate_secret.yml again")
         if any(r.get("changed", 0) for r in again.recap.values()):
             raise Failed("a second rotate_secret.yml changed something")
 
