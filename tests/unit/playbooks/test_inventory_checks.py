@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from .runner import inventory_and_env
+
 ROOT = Path(__file__).resolve().parents[3]
 PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
 SECRET = "correct-horse-battery-staple"
@@ -31,15 +33,7 @@ pytestmark = pytest.mark.skipif(not PLAYBOOK.exists(), reason="ansible-playbook 
 
 def playbook(tmp_path, inventory, argv, playbook_file="site.yml", env=()):
     """Run ansible-playbook from the repository root; (rc, output with white space folded, recap, tasks run)."""
-    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
-    environment = dict(
-        os.environ,
-        ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
-        ANSIBLE_LOCAL_TEMP=str(tmp_path / "tmp"),
-        ANSIBLE_NOCOLOR="1",
-        ANSIBLE_STDOUT_CALLBACK="default",
-        **dict(env),
-    )
+    environment = inventory_and_env(tmp_path, inventory, **dict(env))
     run = subprocess.run(
         [str(PLAYBOOK), "-i", str(tmp_path / "hosts.yml"), str(playbook_file), *argv],
         cwd=ROOT,
@@ -263,9 +257,10 @@ CHECK_MODE_BLOCK = "Check the configuration with the agent's parser (check mode)
 
 
 def check_configure(tmp_path, agent, **values):
-    """The check-mode block (check_config.yml, included by configure.yml) in check mode against this machine; agent: None, or the venv to install
-    as `current`. The block runs in a copy of the role (its defaults, vars and templates) that holds nothing
-    else, so what the rest of configure.yml needs from the host does not matter here."""
+    """The check-mode block (check_config.yml, included by configure.yml) in check mode against this machine;
+    agent: None, or the venv to install as `current`. The block runs in a copy of the role (its defaults, vars
+    and templates) that holds nothing else, so what the rest of configure.yml needs from the host does not
+    matter here."""
     role = tmp_path / "roles" / "weft_check_mode"
     (role / "tasks").mkdir(parents=True)
     for part in ("defaults", "vars", "templates"):

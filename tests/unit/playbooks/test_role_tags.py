@@ -4,7 +4,6 @@ run with any tags, the wait for readiness with every phase that can reload or re
 all of them. Task names are read from the role's task files, so a task added to a phase is checked too."""
 
 import functools
-import os
 import re
 import shutil
 import subprocess
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from .runner import inventory_and_env
 
 ROOT = Path(__file__).resolve().parents[3]
 TASKS = ROOT / "roles" / "agent" / "tasks"
@@ -62,13 +63,7 @@ def listed(*args):
             },
         }
     }
-    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
-    env = dict(
-        os.environ,
-        ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
-        ANSIBLE_LOCAL_TEMP=str(tmp_path / "tmp"),
-        ANSIBLE_NOCOLOR="1",
-    )
+    env = inventory_and_env(tmp_path, inventory)
     try:
         run = subprocess.run(
             [str(PLAYBOOK), "-i", str(tmp_path / "hosts.yml"), "site.yml", "--list-tasks", *args],

@@ -2,14 +2,14 @@
 is contacted, let alone changed. The hosts are dummies on a closed local port, so a task that reached a host
 would show up as unreachable in the recap; the secret check runs on the controller and must come first."""
 
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
+
+from .runner import inventory_and_env
 
 ROOT = Path(__file__).resolve().parents[3]
 PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
@@ -33,14 +33,7 @@ def site(tmp_path, hostvars, extra=()):
             "children": {"weft_mesh": {"hosts": hosts}},
         }
     }
-    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
-    env = dict(
-        os.environ,
-        ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
-        ANSIBLE_LOCAL_TEMP=str(tmp_path / "tmp"),
-        ANSIBLE_NOCOLOR="1",
-        ANSIBLE_STDOUT_CALLBACK="default",
-    )
+    env = inventory_and_env(tmp_path, inventory)
     run = subprocess.run(
         [str(PLAYBOOK), "-i", str(tmp_path / "hosts.yml"), "site.yml", *extra],
         cwd=ROOT,
