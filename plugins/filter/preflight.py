@@ -123,6 +123,35 @@ def preflight_problems(hosts, hostvars, known=()):
     return {"errors": errors, "warnings": warnings}
 
 
+def serial_problems(serial):
+    """What is wrong with weft_upgrade_serial (site.yml's restart batches), [] when nothing.
+
+    Ansible reads a serial of 0 (or "0%") as every host at once: a typo there would restart the whole mesh in one
+    batch, the one thing the restart play exists to prevent. Each batch must be a positive count or percentage.
+    """
+    sizes = serial if isinstance(serial, (list, tuple)) else [serial]
+    bad = []
+    for size in sizes:
+        text = str(size).strip()
+        number = text[:-1] if text.endswith("%") else text
+        try:
+            ok = (
+                not isinstance(size, bool)
+                and float(number) > 0
+                and (text.endswith("%") or float(number) == int(float(number)))
+            )
+        except ValueError:
+            ok = False
+        if not ok or (text.endswith("%") and float(number) > 100):
+            bad.append(text)
+    if not sizes or bad:
+        return [
+            "weft_upgrade_serial %s: each restart batch must be a host count of at least 1 or a percentage above 0%% "
+            '(like 1, "25%%" or [1, "25%%"]); 0 would restart every host at once' % (", ".join(bad) or "is empty")
+        ]
+    return []
+
+
 class FilterModule:
     def filters(self):
-        return {"preflight_problems": preflight_problems}
+        return {"preflight_problems": preflight_problems, "serial_problems": serial_problems}

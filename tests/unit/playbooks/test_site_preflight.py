@@ -103,3 +103,14 @@ def test_allowed_plaintext_gets_past_the_check(tmp_path):
     assert rc == 4, output
     assert tasks_run(output)[-1] == "Look for systemd and weft_python on the host", output
     assert all(counts["unreachable"] == 1 and counts["changed"] == 0 for counts in recap.values()), output
+
+
+def test_a_restart_batch_of_zero_fails_before_any_host(tmp_path):
+    """Ansible reads serial 0 as every host at once: site.yml must refuse it before changing anything."""
+    hostvars = {h: {"weft_allow_unencrypted": True} for h in ("dc1-a", "dc1-b", "dc2-a")}
+    rc, output, recap = site(tmp_path, hostvars, ["-e", "weft_upgrade_serial=0"])
+    assert rc == 2, output
+    for counts in recap.values():
+        assert counts["changed"] == 0 and counts["unreachable"] == 0, output
+    assert tasks_run(output)[-1] == "Check the restart batches", output
+    assert "weft_upgrade_serial 0: each restart batch must be a host count of at least 1" in output

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from ansible.errors import AnsibleFilterError
 
-from ansible_collections.weft.mesh.plugins.filter.preflight import misspellings, preflight_problems
+from ansible_collections.weft.mesh.plugins.filter.preflight import misspellings, preflight_problems, serial_problems
 
 ROOT = Path(__file__).resolve().parents[4]
 SPECS = yaml.safe_load((ROOT / "roles/agent/meta/argument_specs.yml").read_text())
@@ -105,3 +105,14 @@ def test_host_without_facts():
         preflight_problems(["a", "b"], {"a": host(), "b": {}}, KNOWN)
     with pytest.raises(AnsibleFilterError, match="'c' is not a host"):
         preflight_problems(["c"], {"a": host()}, KNOWN)
+
+
+@pytest.mark.parametrize("serial", [1, "1", "25%", [1, "25%"], (2, "100%")])
+def test_restart_batches_that_keep_restarts_serial(serial):
+    assert serial_problems(serial) == []
+
+
+@pytest.mark.parametrize("serial", [0, "0", "0%", [1, 0], "-1", "1.5", "150%", "all", [], True])
+def test_restart_batches_that_would_restart_everything_at_once_or_make_no_sense(serial):
+    (problem,) = serial_problems(serial)
+    assert problem.startswith("weft_upgrade_serial ") and "0 would restart every host at once" in problem
