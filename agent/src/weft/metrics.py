@@ -86,6 +86,30 @@ class Metrics:
             registry=r,
         )
 
+        self.ipam_addresses = Gauge(
+            "weft_ipam_addresses",
+            "Addresses of the allocation range this peer owns, has allocated, and has free",
+            ["state"],
+            registry=r,
+        )
+        self.ipam_unreachable_ratio = Gauge(
+            "weft_ipam_unreachable_ratio",
+            "Share of the allocation range owned by peers this one cannot reach (weft rmpeer the dead ones)",
+            registry=r,
+        )
+        self.ipam_pending = Gauge(
+            "weft_ipam_pending_allocations", "Allocations waiting for a ring or for space from a peer", registry=r
+        )
+        self.ipam_refused = Counter(
+            "weft_ipam_refused_updates",
+            "IPAM ring updates refused: another range or seed, or one that would take allocated addresses",
+            ["reason"],
+            registry=r,
+        )
+        self.ipam_space_requests = Counter(
+            "weft_ipam_space_requests", "Space requests sent, granted and denied by this peer", ["result"], registry=r
+        )
+
     def add_datapath(
         self, byte_counts: Callable[[], dict[tuple[str, str], int]], drop_counts: Callable[[], dict[str, int]]
     ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from weft.mesh.clock import VirtualScheduler
 from weft.mesh.connection_maker import ConnectionMaker
@@ -16,6 +17,9 @@ from weft.mesh.gossip import GossipSender
 from weft.mesh.peer import PeerInfo
 from weft.mesh.router import Router
 from weft.metrics import Metrics
+
+if TYPE_CHECKING:
+    from weft.ipam.service import Ipam
 
 
 class SimConn:
@@ -190,3 +194,27 @@ def chain_of_strangers(n: int, seed: int = 1, discovery: bool = False, **kwargs)
         targets = [] if i == 0 else [f"sim{rng.randrange(i)}:6783"]
         net.add_peer(targets, discovery=discovery)
     return net
+
+
+def add_ipam(net: SimNetwork, universe: str = "10.32.0.0/12", init: str | None = None) -> list[Ipam]:
+    """The real IPAM on every peer of ``net`` (no store): seeded by all of them unless ``init`` says otherwise."""
+    from weft.ipam.bootstrap import parse_init, parse_range
+    from weft.ipam.service import Ipam
+    from weft.mesh.peer import format_name
+
+    space = parse_range(universe)
+    how = parse_init(init or "seed=" + ",".join(format_name(p.info.name) for p in net.peers))
+    ipams = []
+    for peer in net.peers:
+        ipam = Ipam(
+            peer.router,
+            peer.router.metrics,
+            universe=space,
+            default_subnet=space,
+            init=how,
+            quorum=how.quorum(len(net.peers) - 1),
+            rng=random.Random(net.rng.random()),
+        )
+        ipam.start()
+        ipams.append(ipam)
+    return ipams

@@ -9,6 +9,11 @@ from pathlib import Path
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS targets (address TEXT PRIMARY KEY, origin TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS ipam_tokens (
+    token INTEGER PRIMARY KEY, version INTEGER NOT NULL, owner INTEGER NOT NULL, free INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS ipam_allocations (
+    address INTEGER PRIMARY KEY, key TEXT NOT NULL, prefixlen INTEGER NOT NULL, label TEXT NOT NULL,
+    host_ifname TEXT);
 """
 
 
@@ -43,6 +48,11 @@ class Store:
             self._db.execute("BEGIN")
             self._db.execute("DELETE FROM targets")
             self._db.executemany("INSERT INTO targets (address, origin) VALUES (?, ?)", targets)
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """For the modules that keep their own tables here (weft.ipam.persist); one transaction per change."""
+        return self._db
 
     def close(self) -> None:
         self._db.close()

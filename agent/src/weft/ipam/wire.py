@@ -1,0 +1,174 @@
+"""The ``ipam`` gossip channel's messages, and their total decoding (anything malformed is a DecodeError).
+
+Gossip carries a :class:`RingUpdate`: the range and seed it belongs to, tokens (all of them on connect and in
+anti-entropy, only the changed ones otherwise) and, before a ring exists, the consensus votes. Unicasts carry space
+requests and their answers. docs/protocol.md describes the fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from weft.ipam.consensus import Vote
+from weft.ipam.ring import Entry, Ring
+from weft.mesh.codec import DecodeError, expect, expect_uint, pack, unpack
+from weft.mesh.peer import NAME_BITS
+
+KIND = "ipam"
+MAX_TOKENS = 1 << 17  # far above any real ring (a token per donation), far below what would hurt to hold
+MAX_SEED = 4096
+MAX_VOTES = 4096
+MAX_REASON = 300
+
+
+@dataclass(slots=True)
+class RingUpdate:
+    """Gossip data of the ``ipam`` channel. ``complete`` says it holds every token its sender knew."""
+
+    start: int = 0
+    end: int = 0
+    seed: tuple[int, ...] = ()
+    entries: dict[int, Entry] = field(default_factory=dict)
+    complete: bool = False
+    sender: int = 0
+    votes: dict[int, Vote] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, ring: Ring, sender: int, tokens: dict[int, Entry] | None = None) -> RingUpdate:
+        """The whole ring, or only ``tokens`` of it."""
+        return cls(
+            ring.start,
+            ring.end,
+            ring.seed,
+            dict(ring.entries if tokens is None else tokens),
+            tokens is None and not ring.empty,
+            sender,
+        )
+
+    def merge(self, other: RingUpdate) -> None:
+        """Pending gossip for one connection merges: tokens by the ring's rule, votes by their own."""
+        if not self.end:
+            self.start, self.end, self.seed, self.sender = other.start, other.end, other.seed, other.sender
+        for token, entry in other.entries.items():
+            mine = self.entries.get(token)
+            if mine is None or entry > mine:
+                self.entries[token] = entry
+        self.complete = self.complete or other.complete
+        for node, vote in other.votes.items():
+            mine_vote = self.votes.get(node)
+            if mine_vote is None or vote.newer_than(mine_vote):
+                self.votes[node] = vote
+
+    def ring(self) -> Ring:
+        ring = Ring(self.start, self.end, self.seed)
+        for token, entry in self.entries.items():
+            ring.put(token, entry)
+        return ring
+
+    def encode(self) -> bytes:
+        return pack(
+            {
+                "r": [self.start, self.end],
+                "s": list(self.seed),
+                "e": [[t, e.version, e.owner, e.free] for t, e in sorted(self.entries.items())],
+                "c": self.complete,
+                "f": self.sender,
+                "v": [v.to_wire() for v in self.votes.values()],
+            }
+        )
+
+    @classmethod
+    def decode(cls, payload: bytes) -> RingUpdate:
+        raw = unpack(payload, KIND)
+        expect(raw, dict, KIND, "update")
+        span = _list(raw, "r", 2, 2)
+        start, end = (expect_uint(v, 32, KIND, "range") for v in span)
+        if start >= end or end > 1 << 32:
+            raise DecodeError(KIND, "range is empty")
+        seed = tuple(_name(v, "seed peer") for v in _list(raw, "s", 0, MAX_SEED))
+        if list(seed) != sorted(set(seed)):
+            raise DecodeError(KIND, "seed must be sorted and without repeats")
+        update = cls(start, end, seed, complete=expect(raw.get("c", False), bool, KIND, "complete"))
+        update.sender = _name(raw.get("f"), "sender")
+        size = end - start
+        for item in _list(raw, "e", 0, MAX_TOKENS):
+            expect(item, list, KIND, "token")
+            if len(item) != 4:
+                raise DecodeError(KIND, f"token has {len(item)} fields, expected 4")
+            token = expect_uint(item[0], 32, KIND, "token")
+            if not start <= token < end:
+                raise DecodeError(KIND, "token outside the range")
+            if token in update.entries:
+                raise DecodeError(KIND, "token repeated")
+            version = expect_uint(item[1], 63, KIND, "version")
+            owner = _name(item[2], "owner")
+            free = expect_uint(item[3], 32, KIND, "free count")
+            if free > size:
+                raise DecodeError(KIND, "free count larger than the range")
+            update.entries[token] = Entry(version, owner, free)
+        for item in _list(raw, "v", 0, MAX_VOTES):
+            vote = Vote.from_wire(item, KIND)
+            update.votes[vote.node] = vote
+        return update
+
+
+def _list(raw: dict, key: str, least: int, most: int) -> list:
+    value = expect(raw.get(key, []), list, KIND, key)
+    if not least <= len(value) <= most:
+        raise DecodeError(KIND, f"{key}: {len(value)} items, expected {least}..{most}")
+    return value
+
+
+def _name(value: object, what: str) -> int:
+    name = expect_uint(value, NAME_BITS, KIND, what)
+    if name == 0:
+        raise DecodeError(KIND, f"{what}: name 0 is reserved")
+    return name
+
+
+# -- unicasts: space requests ------------------------------------------------------------------------------------------
+
+REQUEST = "req"
+GRANT = "grant"
+DENY = "deny"
+
+
+@dataclass(frozen=True, slots=True)
+class SpaceMessage:
+    """A request for space in ``[lo, hi)``, or its answer (a grant carries the ring's changed tokens)."""
+
+    kind: str
+    request_id: int
+    lo: int = 0
+    hi: int = 0
+    reason: str = ""
+    grant: RingUpdate | None = None
+
+    def encode(self) -> bytes:
+        body: dict = {"k": self.kind, "id": self.request_id}
+        if self.kind == REQUEST:
+            body["span"] = [self.lo, self.hi]
+        elif self.kind == DENY:
+            body["why"] = self.reason
+        elif self.grant is not None:
+            body["ring"] = self.grant.encode()
+        return pack(body)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> SpaceMessage:
+        raw = unpack(payload, KIND)
+        expect(raw, dict, KIND, "space message")
+        kind = expect(raw.get("k"), str, KIND, "kind")
+        request_id = expect_uint(raw.get("id"), 64, KIND, "request id")
+        if kind == REQUEST:
+            span = _list(raw, "span", 2, 2)
+            lo, hi = (expect_uint(v, 33, KIND, "span") for v in span)
+            if lo >= hi:
+                raise DecodeError(KIND, "empty span")
+            return cls(kind, request_id, lo, hi)
+        if kind == DENY:
+            reason = expect(raw.get("why", ""), str, KIND, "reason")[:MAX_REASON]
+            return cls(kind, request_id, reason=reason)
+        if kind == GRANT:
+            return cls(kind, request_id, grant=RingUpdate.decode(expect(raw.get("ring"), bytes, KIND, "ring")))
+        raise DecodeError(KIND, f"unknown space message kind {kind[:20]!r}")
