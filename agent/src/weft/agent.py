@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from weft import __version__
 from weft.config import AgentConfig, ConfigError, read_secrets
+from weft.ipam.persist import IpamStore
+from weft.ipam.service import Ipam
 from weft.limits import install_accept_error_handler, raise_file_limit
 from weft.mesh.clock import AsyncioScheduler
 from weft.mesh.connection_maker import ConnectionMaker, Target
@@ -59,6 +61,7 @@ class Agent:
         self.maker: ConnectionMaker
         self.transport: ControlTransport
         self.dataplane: DataPlane | None = None
+        self.ipam: Ipam
 
     def _peer_name(self) -> int:
         """The configured name, else the one kept in the state dir, else a new one kept from now on."""
@@ -112,6 +115,18 @@ class Agent:
         )
         self.transport.maker = self.maker
         self._load_targets()
+        universe, default_subnet = c.ipam_subnets()
+        init = c.ipam_init()
+        self.ipam = Ipam(
+            self.router,
+            self.metrics,
+            universe=universe,
+            default_subnet=default_subnet,
+            init=init,
+            quorum=init.quorum(len(c.peers)),
+            store=IpamStore(self.store),
+        )
+        self.ipam.start()  # before any connection: gossip that arrives finds the kept ring
         if c.datapath:
             from weft.datapath.plane import DataPlane
 
@@ -129,6 +144,7 @@ class Agent:
             except Exception as exc:
                 await self.transport.stop()
                 raise ConfigError(f"cannot set up the data plane: {exc}") from None
+            self.ipam.sweep(self.dataplane.ipam_holders_alive())
         # Peers before the API: a restart's traffic waits for the targets' dials and their data paths, not for the
         # import of the API's web framework (a fifth of a second of CPU), which comes after, in a thread.
         self.router.start()
@@ -164,6 +180,7 @@ class Agent:
         notify("STOPPING=1")
         log.info("shutting down")
         self.maker.stop()
+        self.ipam.stop()
         self.router.stop()
         if self.dataplane is not None:
             self.dataplane.stop()
@@ -294,4 +311,5 @@ class Agent:
             "connections": connections,
             "targets": self.maker.status(),
             "mac_conflicts": self.dataplane.mac_conflicts() if self.dataplane is not None else [],
+            "ipam": self.ipam.status(),
         }

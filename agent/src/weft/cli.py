@@ -86,6 +86,16 @@ def main(ctx: click.Context, api_socket: str) -> None:
     multiple=True,
     help="Underlay subnet (CIDR) whose peers need no encryption: they use the fast path. Repeatable.",
 )
+@click.option("--ipalloc-range", help="Subnet containers get addresses from (IPAM). Default 10.32.0.0/12.")
+@click.option(
+    "--ipalloc-default-subnet", help="Subnet of the range an attach with no address uses. Default: the whole range."
+)
+@click.option(
+    "--ipalloc-init",
+    help="How the first ring is made: seed=NAME,... (the same list on every peer: allocates at once), "
+    "consensus[=N] (a majority of N peers agree; default N: this peer and its --peer targets) or observer "
+    "(owns no space until it asks). Only shapes a first ring: a kept ring stands.",
+)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Default info.")
 def run(config_path: Path | None, **flags: object) -> None:
     """Run the agent in the foreground until SIGTERM; SIGHUP re-reads peers and secrets.
@@ -130,7 +140,7 @@ def run(config_path: Path | None, **flags: object) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def status(client: Client, section: str | None, as_json: bool) -> None:
-    """Show the agent's status, or one section of it: peers, connections or targets."""
+    """Show the agent's status, or one section of it: peers, connections, targets or ipam."""
     data = _call(client.status)
     if as_json:
         click.echo(json.dumps(data[section] if section else data, indent=2))
@@ -165,6 +175,7 @@ def _container_options(fn):
 
 
 def _overlay(client: Client, action: str, body: dict) -> None:
+    client.timeout = max(client.timeout, 45.0)  # an allocation may wait up to 30 s for a first ring
     result = _call(lambda: client.request("POST", f"/{action}", body))
     if not result["changed"]:
         click.echo(f"{action}: nothing to do")
@@ -176,10 +187,14 @@ def _overlay(client: Client, action: str, body: dict) -> None:
 
 @main.command()
 @_container_options
-@click.argument("cidrs", nargs=-1, required=True)
+@click.argument("cidrs", nargs=-1)
 @click.pass_obj
 def attach(client: Client, netns: str | None, pid: int | None, ifname: str, cidrs: tuple[str, ...]) -> None:
-    """Put a container on the overlay with the given addresses (CIDR, like 10.32.0.5/12).
+    """Put a container on the overlay; with no CIDR it gets a free address of the default subnet.
+
+    CIDRS: net:SUBNET for a free address of that subnet of the allocation range (net:10.40.0.0/16), or an
+    address (10.32.0.5/12): one inside the range is reserved in the ring and refused if another container
+    holds it. The container keeps its address while attached, across agent restarts; detach frees it.
 
     Makes a veth pair: one end on the weft bridge, the other (ethwe) in the container with the
     addresses, the overlay MTU and a route for multicast (224.0.0.0/4). Running it again changes nothing.
@@ -197,19 +212,35 @@ def detach(client: Client, netns: str | None, pid: int | None, ifname: str, cidr
 
 
 @main.command()
-@click.argument("cidrs", nargs=-1, required=True)
+@click.argument("cidrs", nargs=-1)
 @click.pass_obj
 def expose(client: Client, cidrs: tuple[str, ...]) -> None:
-    """Give this host itself addresses on the overlay (on the weft bridge)."""
+    """Give this host itself addresses on the overlay (on the weft bridge); with no CIDR, a free one of the
+    default subnet (net:SUBNET and addresses work as for attach)."""
     _overlay(client, "expose", {"cidrs": list(cidrs)})
 
 
 @main.command()
-@click.argument("cidrs", nargs=-1, required=True)
+@click.argument("cidrs", nargs=-1)
 @click.pass_obj
 def hide(client: Client, cidrs: tuple[str, ...]) -> None:
-    """Remove addresses that `weft expose` gave this host."""
+    """Remove addresses that `weft expose` gave this host (with no CIDR, every address it allocated)."""
     _overlay(client, "hide", {"cidrs": list(cidrs)})
+
+
+@main.command()
+@click.argument("peers", nargs=-1, required=True)
+@click.option("--force", is_flag=True, help="Reclaim even a peer that is reachable (it must never allocate again).")
+@click.pass_obj
+def rmpeer(client: Client, peers: tuple[str, ...], force: bool) -> None:
+    """Take the address ranges of dead peers (NAME or NICKNAME) over, and tell the mesh.
+
+    For peers that are gone for good (a terminated instance, a decommissioned host): their space would
+    otherwise stay unusable. Refused while a peer is reachable, unless --force. Run it on one peer only.
+    """
+    result = _call(lambda: client.request("POST", "/rmpeer", {"peers": list(peers), "force": force}))
+    for name, count in result["reclaimed"].items():
+        click.echo(f"{name}: {count} address(es) reclaimed" if count else f"{name}: owned nothing (already reclaimed)")
 
 
 @main.command()

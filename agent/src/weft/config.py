@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from weft.addresses import AddressError, Network, bind_address, peer_address, subnet
+from weft.ipam.bootstrap import DEFAULT_RANGE, BootstrapError, Init, parse_init, parse_range, parse_subnets
+from weft.ipam.space import Subnet
 from weft.mesh.peer import PeerNameError, parse_name
 from weft.safetext import refuse_control
 
@@ -64,6 +66,37 @@ class AgentConfig(BaseModel):
     path_interval: float = Field(1.0, gt=0)  # data-path heartbeats and probes; a path is down after 3 missed
     address_probe_time: float = Field(0.5, ge=0, le=10)  # ARP-probe a new overlay address this long; 0: never
     fast_path_grace: float = Field(60.0, ge=0)  # keep a gone fast peer's kernel entries this long
+    # IPAM: the range containers get addresses from, and how its first ring comes about (docs/ipam.md).
+    ipalloc_range: str = DEFAULT_RANGE
+    ipalloc_default_subnet: str | None = None
+    ipalloc_init: str | None = None  # seed=NAME,... | consensus[=N] | observer; default: consensus among the targets
+
+    @field_validator("ipalloc_range")
+    @classmethod
+    def _ipalloc_range(cls, value: str) -> str:
+        return str(_bootstrap(parse_range, value))
+
+    @field_validator("ipalloc_default_subnet")
+    @classmethod
+    def _ipalloc_default(cls, value: str | None) -> str | None:
+        return None if value is None else str(_bootstrap(parse_range, value, "ipalloc_default_subnet"))
+
+    @field_validator("ipalloc_init")
+    @classmethod
+    def _ipalloc_init(cls, value: str | None) -> str | None:
+        return None if value is None else str(_bootstrap(parse_init, value))
+
+    @model_validator(mode="after")
+    def _default_subnet_inside(self) -> AgentConfig:
+        _bootstrap(parse_subnets, self.ipalloc_range, self.ipalloc_default_subnet)
+        return self
+
+    def ipam_subnets(self) -> tuple[Subnet, Subnet]:
+        """(the allocation range, the default subnet)."""
+        return parse_subnets(self.ipalloc_range, self.ipalloc_default_subnet)
+
+    def ipam_init(self) -> Init:
+        return parse_init(self.ipalloc_init)
 
     @field_validator("bridge")
     @classmethod
@@ -127,6 +160,14 @@ class AgentConfig(BaseModel):
 
     def metrics_host_port(self) -> tuple[str, int]:
         return bind_address(self.metrics_addr)
+
+
+def _bootstrap(parse: Any, *args: Any) -> Any:
+    """Run an IPAM parser; its error, worded for the operator, becomes the validation message."""
+    try:
+        return parse(*args)
+    except BootstrapError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:

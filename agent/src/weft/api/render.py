@@ -120,4 +120,39 @@ def targets(s: dict) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = {"peers": peers, "connections": connections, "targets": targets}
+@_escaped
+def ipam(s: dict) -> str:
+    """The ring as operators read it: the state, then who owns how much of the range and how much is in use."""
+    i = s["ipam"]
+    subnet = f", default subnet {i['default_subnet']}" if i["default_subnet"] != i["range"] else ""
+    lines = [
+        _field("Range", i["range"] + subnet),
+        _field("Init", i["init"]),
+        _field("Status", i["state"]),
+    ]
+    if i["unreachable_ratio"]:
+        lines.append(
+            _field(
+                "Unreachable",
+                f"{100 * i['unreachable_ratio']:.1f}% of the range is owned by unreachable peers: "
+                "weft rmpeer them if they are gone",
+            )
+        )
+    for message in i["refused"]:
+        lines.append(_field("Refused", message))
+    if i["peers"]:
+        lines.append("")
+        lines.append(f"{'PEER':<30} {'ADDRESSES':>10} {'SHARE':>7} {'IN USE':>7} {'FREE':>8}  REACHABLE")
+        for p in i["peers"]:
+            who = f"{p['name']}({p['nickname']})" if p["nickname"] else p["name"]
+            reach = "yes (this peer)" if p["ourself"] else ("yes" if p["reachable"] else "NO")
+            lines.append(f"{who:<30} {p['addresses']:>10} {p['share']:>6.1f}% {p['in_use']:>7} {p['free']:>8}  {reach}")
+    if i["allocations"]:
+        lines.append("")
+        lines.append("ALLOCATED HERE")
+        for a in i["allocations"]:
+            lines.append(f"{a['address']:<20} {a['holder']}")
+    return "\n".join(lines)
+
+
+SECTIONS = {"peers": peers, "connections": connections, "targets": targets, "ipam": ipam}

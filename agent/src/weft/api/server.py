@@ -15,6 +15,9 @@ from weft.addresses import AddressError
 from weft.api.public import PublicServer
 from weft.config import ConfigError
 from weft.datapath.overlay import OverlayError
+from weft.ipam.holders import HolderError
+from weft.ipam.holders import carry_out as with_ipam
+from weft.ipam.service import IpamError
 from weft.limits import Episode
 
 if TYPE_CHECKING:
@@ -22,7 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("peers", "connections", "targets")
+SECTIONS = ("peers", "connections", "targets", "ipam")
 MAX_BODY = 64 * 1024  # the largest request body the control API reads; its requests are a few hundred bytes
 
 
@@ -53,6 +56,7 @@ class ApiServer:
                 web.post("/detach", self.detach),
                 web.post("/expose", self.expose),
                 web.post("/hide", self.hide),
+                web.post("/rmpeer", self.rmpeer),
             ]
         )
         path = config.api_socket
@@ -137,6 +141,7 @@ class ApiServer:
 
     def _refresh_gauges(self) -> None:
         metrics = self.agent.metrics
+        self.agent.ipam.update_metrics()
         metrics.peers.set(len(self.agent.router.topology.peers))
         counts: dict[tuple[str, str], int] = {}
         for row in self.agent.transport.status():
@@ -194,9 +199,28 @@ class ApiServer:
         if not isinstance(cidrs, list) or not all(isinstance(c, str) for c in cidrs):
             return _error(400, "'cidrs' must be a list of CIDR strings like 10.32.0.1/12")
         try:
-            return web.json_response(await plane.overlay(action, body, cidrs))
+            return web.json_response(await with_ipam(self.agent.ipam, plane.overlay, action, body, cidrs))
         except OverlayError as exc:
             return _error(400, str(exc))
+        except HolderError as exc:
+            self.agent.metrics.overlay_refused.labels(action, "ipam").inc()
+            log.info("%s refused: %s", action, exc)
+            return _error(409, str(exc))
+
+    async def rmpeer(self, request: web.Request) -> web.Response:
+        """Take dead peers' address ranges over (weft rmpeer)."""
+        body = await _object(request)
+        if isinstance(body, web.Response):
+            return body
+        peers, force = body.get("peers"), body.get("force", False)
+        if not isinstance(peers, list) or not peers or not all(isinstance(p, str) and p for p in peers):
+            return _error(400, "'peers' must be a non-empty list of peer names or nicknames")
+        if not isinstance(force, bool):
+            return _error(400, "'force' must be true or false")
+        try:
+            return web.json_response({"reclaimed": self.agent.ipam.rmpeer(peers, force=force)})
+        except IpamError as exc:
+            return _error(409, str(exc))
 
 
 class _Refused(asyncio.Protocol):

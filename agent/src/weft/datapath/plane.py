@@ -572,11 +572,12 @@ class DataPlane:
 
     # -- requests from the API ----------------------------------------------------------------------
 
-    async def overlay(self, action: str, body: dict[str, Any], cidrs: list[str]) -> dict:
+    async def overlay(self, action: str, body: dict[str, Any], cidrs: list[str], probe: bool = True) -> dict:
         """attach/detach/expose/hide (see weft.datapath.overlay); the MAC watcher picks up the result.
 
-        In a worker thread: a new address is probed for on the overlay first, and the answers cross the mesh,
-        which this event loop goes on running meanwhile.
+        In a worker thread: a new address is probed for on the overlay first (unless ``probe`` is False: IPAM
+        reserved every address in the ring, which no one else hands out), and the answers cross the mesh, which
+        this event loop goes on running meanwhile.
         """
         from weft.datapath.overlay import AddressInUse, OverlayError, carry_out
 
@@ -590,7 +591,7 @@ class DataPlane:
                 action,
                 body,
                 cidrs,
-                probe_wait=self.config.address_probe_time,
+                probe_wait=self.config.address_probe_time if probe else 0.0,
                 describe_mac=self.describe_mac,
             )
         except OverlayError as exc:
@@ -603,6 +604,14 @@ class DataPlane:
         if result["changed"]:
             log.info("%s %s: %s", action, body.get("netns") or body.get("pid") or "host", ", ".join(cidrs) or "all")
         return result
+
+    def ipam_holders_alive(self) -> Callable[..., bool]:
+        """For IPAM's start: whether an allocation's holder is still attached (its veth, or the host's address)."""
+        from weft.ipam.holders import alive_check
+
+        assert self.nd is not None
+        nd = self.nd
+        return alive_check(lambda ifname: nd.link(ifname) is not None, lambda: nd.addresses(self.bridge))
 
     def describe_mac(self, mac: str) -> str:
         """Who holds a MAC, for an error message: this host, or the peer that announces it."""

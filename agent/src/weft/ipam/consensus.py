@@ -45,7 +45,8 @@ class Vote:
             expect(item, list, kind, "proposal")
             if len(item) != 2:
                 raise DecodeError(kind, "proposal must be [round, proposer]")
-            proposals.append((expect_uint(item[0], 32, kind, "round"), expect_uint(item[1], NAME_BITS, kind, "proposer")))
+            round_ = expect_uint(item[0], 32, kind, "round")
+            proposals.append((round_, expect_uint(item[1], NAME_BITS, kind, "proposer")))
         value = expect(raw[3], list, kind, "vote value")
         if len(value) > MAX_VALUE:
             raise DecodeError(kind, "vote value too long")

@@ -20,7 +20,7 @@ from weft.ipam.bootstrap import CONSENSUS, OBSERVER, SEED, Init
 from weft.ipam.consensus import Consensus
 from weft.ipam.persist import IpamStore, Saved
 from weft.ipam.ring import Entry, Ring
-from weft.ipam.space import Subnet
+from weft.ipam.space import Allocation, Subnet
 from weft.ipam.wire import DENY, GRANT, REQUEST, RingUpdate, SpaceMessage
 from weft.mesh.clock import Handle
 from weft.mesh.peer import format_name, parse_name
@@ -37,7 +37,9 @@ TICK = 0.25  # while allocations wait: how often they are retried
 PROPOSE_AGAIN = 3.0  # no consensus this long after our last vote changed: propose anew (the proposer may be gone)
 LOG_AGAIN = 60.0  # the same refusal from the same peer is logged at most this often (it is counted every time)
 
-Done = Callable[[str | None, str | None], None]  # (CIDR, None) or (None, one-line reason)
+# (CIDR, None) when served; (None, one-line reason) when refused; (None, None) for a claim nobody can answer for now
+# (no ring yet, or its owner unreachable): the caller may use the address unreserved, as without IPAM.
+Done = Callable[[str | None, str | None], None]
 
 
 class IpamError(Exception):
@@ -52,6 +54,7 @@ class Pending:
     done: Done
     started: float
     claim: int | None = None  # a given address, rather than any in the subnet
+    lenient: bool = False  # a claim that gives up (unreserved) rather than wait for a ring or an unreachable owner
     denied: set[int] = field(default_factory=set)
     asked: int | None = None
     asked_at: float = 0.0
@@ -93,16 +96,15 @@ class Ipam:
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
 
-    def start(self, alive: Callable[[int, Any], bool] | None = None) -> None:
-        """Load the ring and allocations; free those whose holder is gone (``alive(address, allocation)``); make
-        the first ring if this peer can (seed), or start voting (consensus)."""
+    def start(self) -> None:
+        """Load the ring and allocations, then make the first ring if this peer can (seed), or start voting
+        (consensus). Before the first connection: gossip that arrives finds the kept ring in place."""
         saved = self._store.load() if self._store is not None else Saved()
         span = (self.universe.lo, self.universe.hi)
         if saved.range is not None and saved.range != span:
-            old = _span_text(*saved.range)
             log.warning(
                 "IPAM: ipalloc_range changed from %s to %s: forgetting the old ring and %d allocation(s)",
-                old,
+                _span_text(*saved.range),
                 self.universe,
                 len(saved.allocations),
             )
@@ -115,19 +117,28 @@ class Ipam:
         if saved.ring is not None:
             self.alloc.ring = saved.ring
             if self.init.mode == SEED and saved.ring.seed != self.init.seed:
-                log.info("IPAM: the ring kept in the state dir stands; ipalloc_init %s applies to a first ring only", self.init)
+                log.info(
+                    "IPAM: the ring kept in the state dir stands; ipalloc_init %s applies to a first ring only",
+                    self.init,
+                )
         elif self.init.mode == SEED:
             self.alloc.adopt(Ring.seeded(self.universe.lo, self.universe.hi, self.init.seed))
-        gone = [(a, x) for a, x in saved.allocations.items() if alive is not None and not alive(a, x)]
-        for address, allocation in gone:
-            self.alloc.free(allocation.key, [address])
-        if gone:
-            log.info("IPAM: freed %d address(es) whose holder went away while the agent was down", len(gone))
         self.alloc.recount()
         if self.alloc.ring is None and self.consensus is not None:
             self._vote(self.consensus.propose())
         kept = len(self.alloc.space.allocations)
         log.info("IPAM: range %s, %s, %s, %d address(es) allocated here", self.universe, self.init, self.state(), kept)
+
+    def sweep(self, alive: Callable[[int, Allocation], bool]) -> list[str]:
+        """Free the allocations whose holder went away while the agent was down (``alive(address, allocation)``
+        is False): a detached container's address is free again, an attached one keeps its own."""
+        gone = [(a, x) for a, x in list(self.alloc.space.allocations.items()) if not alive(a, x)]
+        freed = []
+        for address, allocation in gone:
+            freed += self.free(allocation.key, [address])
+        if freed:
+            log.info("IPAM: freed %s: their holders went away while the agent was down", ", ".join(freed))
+        return freed
 
     def stop(self) -> None:
         for handle in (self._tick, self._propose):
@@ -279,10 +290,11 @@ class Ipam:
             return
         self._start(Pending(key, subnet, label, done, self.router.scheduler.now()))
 
-    def claim(self, key: str, address: int, prefixlen: int, label: str, done: Done) -> None:
-        """A given address of the range for the holder: ours if free, else asked of its owner."""
+    def claim(self, key: str, address: int, prefixlen: int, label: str, done: Done, *, lenient: bool = True) -> None:
+        """A given address of the range for the holder: ours if free, else asked of its owner. ``lenient``: when
+        there is no ring yet or the owner is unreachable, answer (None, None) at once instead of waiting."""
         subnet = Subnet(address, address + 1, prefixlen)
-        self._start(Pending(key, subnet, label, done, self.router.scheduler.now(), claim=address))
+        self._start(Pending(key, subnet, label, done, self.router.scheduler.now(), claim=address, lenient=lenient))
 
     def free(self, key: str, addresses: list[int] | None = None) -> list[str]:
         held = {a: self.alloc.space.allocations[a] for a in self.alloc.held(key)}
@@ -343,6 +355,11 @@ class Ipam:
                 p.denied.add(p.asked)  # no answer: ask someone else
                 p.asked = None
             reason, final = self._ask(p, now)
+            if reason is not None and p.lenient and not final:
+                self.pending.remove(p)
+                log.info("IPAM: %s: using it unreserved (%s)", p.label, reason)
+                p.done(None, None)
+                continue
             limit = RING_TIMEOUT if self.alloc.ring is None else SPACE_TIMEOUT
             if reason is not None and (final or now - p.started >= limit):
                 self.pending.remove(p)
@@ -381,7 +398,7 @@ class Ipam:
         if p.claim is not None:
             owner = ring.owner_of(p.claim)
             if owner in away:
-                return f"{where} belongs to {self._label(owner)}, which is unreachable (weft rmpeer it if it is gone)", False
+                return f"{where} belongs to {self._label(owner)}, which is unreachable (rmpeer it if it is gone)", False
             return f"{where} is in use on {self._label(owner)}", True
         if away:
             return (
