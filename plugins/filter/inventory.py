@@ -20,6 +20,7 @@ import ipaddress
 
 from ansible.errors import AnsibleFilterError
 
+from ansible_collections.weft.mesh.plugins.filter.ipam import ipam_problems
 from ansible_collections.weft.mesh.plugins.filter.mesh import _site, _truthy, _var, dial_address, peer_addresses
 from ansible_collections.weft.mesh.plugins.module_utils.weft_api import DEFAULT_PORT, normalize_address
 
@@ -174,7 +175,8 @@ def inventory_problems(hosts, hostvars):
     Addresses and subnets that do not parse; two hosts that one site would dial at the same address (their
     advertised address at the same site, their public one elsewhere, as peer_addresses computes them; a host
     behind NAT is dialled by nobody outside its site, so hosts behind one NAT may share its address); hosts
-    of one site with different weft_site_reachable or weft_trusted_subnets.
+    of one site with different weft_site_reachable or weft_trusted_subnets; the mesh's IPAM settings
+    (ipam.ipam_problems: hosts that disagree on weft_ipalloc_range or weft_ipalloc_init, peer names).
     """
     hosts = sorted(set(hosts))  # the order of groups[] is not to be relied on
     for host in hosts:
@@ -192,6 +194,7 @@ def inventory_problems(hosts, hostvars):
             errors.append(str(exc))
     errors.extend(_duplicates([h for h in hosts if h in addresses], hostvars, addresses))
     errors.extend(_disagreements(hosts, hostvars, subnets))
+    errors.extend(ipam_problems(hosts, hostvars))
     return errors
 
 
