@@ -32,7 +32,11 @@ def api_argument_spec():
 
 
 class WeftApiError(Exception):
-    """The agent could not be reached or refused the request."""
+    """The agent could not be reached or refused the request (``status``: the HTTP status, None if unreached)."""
+
+    def __init__(self, message, status=None):
+        Exception.__init__(self, message)
+        self.status = status
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -82,7 +86,8 @@ class WeftApi:
             reason = decoded.get("error") if isinstance(decoded, dict) else None
             raise WeftApiError(
                 "the agent refused %s %s (HTTP %d): %s"
-                % (method, path, response.status, reason or data.decode("utf-8", "replace")[:200] or response.reason)
+                % (method, path, response.status, reason or data.decode("utf-8", "replace")[:200] or response.reason),
+                response.status,
             )
         if decoded is None:
             raise WeftApiError("the agent's answer to %s %s is not JSON: %r" % (method, path, data[:200]))
@@ -113,6 +118,23 @@ class WeftApi:
 
     def detach(self, body):
         return self.request("POST", "/detach", body)
+
+    def ipam_status(self):
+        """The address ring as this agent sees it (``weft status ipam --json``)."""
+        try:
+            return self.request("GET", "/status/ipam")
+        except WeftApiError as exc:
+            if exc.status == 404:
+                raise WeftApiError(
+                    "the agent at %s has no IPAM (GET /status/ipam: not found): it runs a version before address "
+                    "management; upgrade it" % self.api_socket,
+                    404,
+                ) from None
+            raise
+
+    def rmpeer(self, peers, force=False):
+        """Take the ranges of dead peers over: {"reclaimed": {name: addresses}}."""
+        return self.request("POST", "/rmpeer", {"peers": list(peers), "force": bool(force)})
 
 
 def normalize_address(text, default_port=DEFAULT_PORT):

@@ -16,6 +16,9 @@ description:
     C(weft attach), or to detach it, like C(weft detach).
   - Attaching gives the container an interface (O(ifname)) on the agent's bridge, with the addresses in
     O(cidrs), the overlay MTU and a multicast route; only what is missing is added.
+  - Without O(cidrs), the agent allocates the container an address from its address ring (IPAM), in its default
+    subnet; C(net:SUBNET) in O(cidrs) allocates one in that subnet. RV(addresses) says which. Attaching again
+    keeps the address the container has.
   - The agent says whether it changed anything, so the module is idempotent.
 author:
   - Weft engineers (@weft)
@@ -36,10 +39,12 @@ options:
     default: ethwe
   cidrs:
     description:
-      - Addresses with prefix length, like C(10.32.0.5/12).
-      - Required (at least one) with O(state=present).
+      - Addresses with prefix length, like C(10.32.0.5/12), or C(net:SUBNET) (like C(net:10.40.0.0/16)) for an
+        address the agent allocates in that subnet.
+      - With O(state=present) and none, the agent allocates an address in its default subnet
+        (C(ipalloc_default_subnet)); that needs an agent with address management.
       - With O(state=absent), only these addresses are removed (the interface goes when none remain); when
-        empty, the whole interface is removed.
+        empty, the whole interface is removed. C(net:) entries are for O(state=present) only.
     type: list
     elements: str
     default: []
@@ -57,6 +62,8 @@ attributes:
     details:
       - Check mode cannot ask the agent (attach and detach change things), so it looks at the container's
         interfaces with C(ip) (and C(nsenter) for O(pid)) and predicts from the interface and its addresses.
+      - An allocation (no O(cidrs), or C(net:SUBNET)) is predicted as a change when the interface has no address
+        in the subnet (the default one from C(weft status ipam)); the address it would get is not known.
       - It assumes an interface named O(ifname) of kind veth is the agent's, and it does not inspect what an
         attach would also repair (the MTU, the multicast route, the bridge port); a real run may report a
         change check mode did not predict.
@@ -83,6 +90,17 @@ EXAMPLES = r"""
     cidrs:
       - 10.32.1.6/12
       - fd00:32::6/64
+
+- name: Attach a container with an address the agent allocates (IPAM)
+  weft.mesh.weft_attach:
+    netns: web2
+  register: web2
+  # web2.addresses: ["10.32.0.1/12"]
+
+- name: Attach a container with an address allocated in another subnet of the range
+  weft.mesh.weft_attach:
+    netns: web3
+    cidrs: [net:10.40.0.0/16]
 
 - name: Take one address away (the interface stays while others remain)
   weft.mesh.weft_attach:
@@ -114,7 +132,8 @@ mac:
   sample: "a2:4e:10:7c:3b:01"
 addresses:
   description:
-    - Addresses on the container's interface afterwards (in check mode, the predicted ones).
+    - Addresses on the container's interface afterwards, allocated ones included (in check mode, the predicted
+      ones; an allocation not made yet is not among them).
   returned: success
   type: list
   elements: str
@@ -136,19 +155,56 @@ from ansible_collections.weft.mesh.plugins.module_utils.weft_api import (
 NETNS_RUN_DIR = "/run/netns"
 
 
+NET_PREFIX = "net:"
+
+
 def normalize_cidrs(module, cidrs):
-    """The agent's canonical form (10.32.0.5/12); an address without a prefix length is refused, as the agent does."""
+    """The agent's canonical form (10.32.0.5/12, net:10.40.0.0/16); an address without a prefix length is refused,
+    as the agent does, and so is a subnet with host bits set."""
     out = []
     for cidr in cidrs:
-        try:
-            if "/" not in cidr:
-                raise ValueError
-            text = str(ipaddress.ip_interface(cidr))
-        except ValueError:
-            module.fail_json(msg="invalid CIDR %r: expected ADDRESS/PREFIXLEN, e.g. 10.32.0.5/12" % cidr)
+        cidr = cidr.strip()
+        if cidr.startswith(NET_PREFIX):
+            subnet = cidr[len(NET_PREFIX) :].strip()
+            try:
+                if "/" not in subnet:
+                    raise ValueError
+                text = NET_PREFIX + str(ipaddress.IPv4Network(subnet))
+            except ValueError:
+                try:
+                    hint = ": did you mean %s%s?" % (NET_PREFIX, ipaddress.IPv4Network(subnet, strict=False))
+                except ValueError:
+                    hint = ""
+                module.fail_json(
+                    msg="invalid subnet %r: expected net:NETWORK/PREFIXLEN, e.g. net:10.40.0.0/16%s" % (cidr, hint)
+                )
+        else:
+            try:
+                if "/" not in cidr:
+                    raise ValueError
+                text = str(ipaddress.ip_interface(cidr))
+            except ValueError:
+                module.fail_json(
+                    msg="invalid CIDR %r: expected ADDRESS/PREFIXLEN (e.g. 10.32.0.5/12) or net:SUBNET" % cidr
+                )
         if text not in out:
             out.append(text)
     return out
+
+
+def allocations(cidrs, default_subnet=None):
+    """The subnets ``cidrs`` asks the agent to allocate in: each net: entry, or the default subnet when there are
+    no entries at all (None when it is not known)."""
+    if not cidrs:
+        return [default_subnet]
+    return [c[len(NET_PREFIX) :] for c in cidrs if c.startswith(NET_PREFIX)]
+
+
+def _inside(address, subnet):
+    try:
+        return ipaddress.ip_interface(address).ip in ipaddress.ip_network(subnet)
+    except (TypeError, ValueError):
+        return False
 
 
 class Inspector:
@@ -197,8 +253,9 @@ class Inspector:
         return None
 
 
-def predict(module, inspector, state, cidrs):
-    """(changed, addresses after) for check mode; fails where the real run would fail."""
+def predict(module, inspector, state, cidrs, default_subnet=None):
+    """(changed, addresses after) for check mode; fails where the real run would fail. An allocation (no cidrs,
+    or net:SUBNET) changes something when the interface has no address in its subnet."""
     if not inspector.exists():
         if state == "absent":
             return False, []  # a namespace that is gone took its interface with it
@@ -209,15 +266,18 @@ def predict(module, inspector, state, cidrs):
         module.fail_json(msg="no %s" % what)
     link = inspector.interface()
     if state == "present":
+        static = [c for c in cidrs if not c.startswith(NET_PREFIX)]
+        subnets = allocations(cidrs, default_subnet)
         if link is None:
-            return True, list(cidrs)
+            return True, static
         if link["kind"] != "veth":
             module.fail_json(
                 msg="the container already has an interface %r that weft did not create: "
                 "remove it or attach with another ifname" % inspector.ifname
             )
-        missing = [c for c in cidrs if c not in link["addresses"]]
-        return bool(missing), link["addresses"] + missing
+        missing = [c for c in static if c not in link["addresses"]]
+        unallocated = [s for s in subnets if not any(_inside(a, s) for a in link["addresses"])]
+        return bool(missing or unallocated), link["addresses"] + missing
     if link is None or link["kind"] != "veth":
         return False, []
     if not cidrs:
@@ -243,8 +303,10 @@ def main():
     )
     p = module.params
     state, cidrs = p["state"], normalize_cidrs(module, p["cidrs"])
-    if state == "present" and not cidrs:
-        module.fail_json(msg="give at least one address in cidrs, like 10.32.0.5/12")
+    if state == "absent" and any(c.startswith(NET_PREFIX) for c in cidrs):
+        module.fail_json(
+            msg="net: entries allocate an address: they are for state=present (give the address to remove)"
+        )
     api = WeftApi.from_module(module)
     inspector = Inspector(module, p["netns"], p["pid"], p["ifname"])
 
@@ -262,7 +324,10 @@ def main():
     try:
         if module.check_mode:
             api.status()  # the real run would need the agent: fail the same way when it is not there
-            changed, after = predict(module, inspector, state, cidrs)
+            default_subnet = None
+            if state == "present" and not cidrs:
+                default_subnet = api.ipam_status().get("default_subnet")  # and its IPAM, to allocate
+            changed, after = predict(module, inspector, state, cidrs, default_subnet)
             result = dict(changed=changed, addresses=after)
         else:
             body = dict(ifname=p["ifname"], cidrs=cidrs)

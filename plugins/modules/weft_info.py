@@ -19,6 +19,14 @@ description:
   - Never changes anything, so it is safe in check mode and as a health gate.
 author:
   - Weft engineers (@weft)
+options:
+  ipam:
+    description:
+      - Also read the agent's address ring (C(weft status ipam --json)) into the C(ipam) key of the status.
+      - Fails on an agent without address management (one that does not answer C(GET /status/ipam)).
+    type: bool
+    default: false
+    version_added: 0.5.0
 extends_documentation_fragment:
   - weft.mesh.api
   - ansible.builtin.action_common_attributes
@@ -48,6 +56,12 @@ EXAMPLES = r"""
   until: weft_status is not failed and weft_status.weft.ready
   retries: 30
   delay: 2
+
+- name: Read the address ring too
+  weft.mesh.weft_info:
+    ipam: true
+  register: weft_status
+  # weft_status.weft.ipam.peers: who owns how much of the range, and whether this agent reaches them
 
 - name: Show the connections that are not encrypted
   ansible.builtin.debug:
@@ -126,6 +140,28 @@ weft:
       returned: success
       sample:
         - {address: "10.10.1.12:6783", origin: config, state: connected, last_error: null, next_try: null}
+    ipam:
+      description:
+        - With O(ipam), the address ring as C(weft status ipam --json) prints it - C(range), C(default_subnet),
+          C(init), C(state) (C(ready), C(awaiting consensus - K of Q peers)...), C(seed), C(tokens), C(peers) (per
+          owner - C(name), C(nickname), C(addresses), C(share), C(in_use), C(free), C(ranges), C(reachable),
+          C(ourself)), C(unreachable_ratio), C(allocations), C(pending), C(refused).
+      type: dict
+      returned: when O(ipam) is true
+      sample:
+        range: 10.32.0.0/12
+        default_subnet: 10.32.0.0/12
+        init: seed=02:1f:aa:00:00:01,02:1f:aa:00:00:02
+        state: ready
+        seed: ["02:1f:aa:00:00:01", "02:1f:aa:00:00:02"]
+        tokens: 2
+        peers:
+          - {name: "02:1f:aa:00:00:01", nickname: dc1-a, addresses: 524288, share: 50.0, in_use: 1, free: 524286,
+             ranges: 1, reachable: true, ourself: true}
+        unreachable_ratio: 0.0
+        allocations: [{address: 10.32.0.1/12, holder: web1, key: "netns:web1", interface: vwe3f2a91c0}]
+        pending: 0
+        refused: []
 ansible_facts:
   description: Facts set by the module.
   returned: success
@@ -147,13 +183,18 @@ from ansible_collections.weft.mesh.plugins.module_utils.weft_api import (
 
 
 def main():
-    module = AnsibleModule(argument_spec=api_argument_spec(), supports_check_mode=True)
+    argument_spec = api_argument_spec()
+    argument_spec.update(ipam=dict(type="bool", default=False))
+    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
+    api = WeftApi.from_module(module)
     try:
-        status = WeftApi.from_module(module).status()
+        status = api.status()
+        if not isinstance(status, dict):
+            module.fail_json(msg="the agent's status is not a JSON object: %r" % (status,))
+        if module.params["ipam"]:
+            status["ipam"] = api.ipam_status()
     except WeftApiError as exc:
         module.fail_json(msg=str(exc))
-    if not isinstance(status, dict):
-        module.fail_json(msg="the agent's status is not a JSON object: %r" % (status,))
     module.exit_json(changed=False, weft=status, ansible_facts=dict(weft=status))
 
 

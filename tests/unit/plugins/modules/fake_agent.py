@@ -1,8 +1,10 @@
 """A stand-in for the Weft agent's control API: HTTP over a unix socket, with the agent's semantics for
-/status, /connect, /forget, /attach and /detach (see agent/src/weft/api/server.py), and a log of every
-request so tests can check what a module sent, and that check mode sent nothing that changes state.
+/status, /connect, /forget, /attach and /detach (see agent/src/weft/api/server.py), and, once a test gives it a
+ring (``ring``), /status/ipam, /rmpeer and attach with allocation; and a log of every request so tests can check
+what a module sent, and that check mode sent nothing that changes state.
 """
 
+import ipaddress
 import json
 import socketserver
 import threading
@@ -23,6 +25,37 @@ class FakeAgent:
         self.attached = {}  # (netns or pid, ifname) -> [cidrs]
         self.requests = []  # (method, path, body)
         self.datapath = True
+        self.ipam = None  # None: an agent without IPAM (404); else ring(...) fills it
+        self.allocated = {}  # (netns or pid, ifname, subnet) -> cidr
+
+    def ring(self, *owners, range_="10.32.0.0/12", default_subnet=None, state="ready"):
+        """Give the agent a ring: owners are (name, nickname, addresses, reachable), the first is ourself."""
+        self.ipam = {
+            "range": range_,
+            "default_subnet": default_subnet or range_,
+            "init": "seed=" + ",".join(sorted(o[0] for o in owners)),
+            "state": state,
+            "seed": sorted(o[0] for o in owners),
+            "tokens": len(owners),
+            "peers": [
+                {
+                    "name": name,
+                    "nickname": nickname,
+                    "addresses": addresses,
+                    "share": 0.0,
+                    "in_use": 0,
+                    "free": addresses,
+                    "ranges": 1 if addresses else 0,
+                    "reachable": reachable,
+                    "ourself": i == 0,
+                }
+                for i, (name, nickname, addresses, reachable) in enumerate(owners)
+            ],
+            "unreachable_ratio": 0.0,
+            "allocations": [],
+            "pending": 0,
+            "refused": [],
+        }
 
     # -- the API --------------------------------------------------------------------------------------
 
@@ -66,11 +99,23 @@ class FakeAgent:
     def attach(self, body):
         if not self.datapath:
             return 409, {"error": "the data plane is off on this agent (datapath: false); enable it and restart"}
-        if not body.get("cidrs"):
+        cidrs = list(body.get("cidrs") or [])
+        subnets = [c[4:] for c in cidrs if c.startswith("net:")] or ([] if cidrs else [None])
+        if subnets and self.ipam is None:
             return 400, {"error": "give at least one address, like 10.32.0.5/12"}
         key = self._who(body)
+        for subnet in subnets:
+            subnet = subnet or self.ipam["default_subnet"]
+            where = (*key, subnet)
+            if where not in self.allocated:
+                network = ipaddress.ip_network(subnet)
+                taken = set(self.allocated.values())
+                host = next(h for h in network.hosts() if "%s/%d" % (h, network.prefixlen) not in taken)
+                self.allocated[where] = "%s/%d" % (host, network.prefixlen)
+            cidrs.append(self.allocated[where])
+        cidrs = [c for c in cidrs if not c.startswith("net:")]
         have = self.attached.setdefault(key, [])
-        added = [c for c in body["cidrs"] if c not in have]
+        added = [c for c in cidrs if c not in have]
         have.extend(added)
         return 200, {
             "changed": bool(added),
@@ -93,6 +138,33 @@ class FakeAgent:
             return 200, {"changed": True, "addresses": []}
         self.attached[key] = remaining
         return 200, {"changed": changed, "addresses": remaining}
+
+    def rmpeer(self, body):
+        peers = self.ipam["peers"]
+        found = []
+        for text in body["peers"]:
+            match = [p for p in peers if text in (p["name"], p["nickname"])]
+            if not match:
+                if ":" not in text:
+                    return 400, {"error": "no peer named or nicknamed %r is known here (see weft status ipam)" % text}
+                found.append({"name": text, "nickname": "", "addresses": 0, "reachable": False, "ourself": False})
+                continue
+            peer = match[0]
+            if peer["ourself"]:
+                return 409, {"error": "rmpeer names this peer itself: run it on another peer of the mesh"}
+            if peer["reachable"] and not body.get("force"):
+                return 409, {
+                    "error": "%s(%s) is reachable: rmpeer is for peers that are gone for good"
+                    % (peer["name"], peer["nickname"])
+                }
+            found.append(peer)
+        reclaimed = {}
+        for peer in found:
+            reclaimed[peer["name"]] = peer["addresses"]
+            peers[0]["addresses"] += peer["addresses"]
+            peer["addresses"] = 0
+        self.ipam["peers"] = [p for p in peers if p["ourself"] or p["addresses"]]
+        return 200, {"reclaimed": reclaimed}
 
     def changes(self):
         """Requests that change the agent's state."""
@@ -122,6 +194,8 @@ class FakeAgent:
                 agent.requests.append(("GET", self.path, None))
                 if self.path == "/status":
                     self._answer(200, agent.status())
+                elif self.path == "/status/ipam" and agent.ipam is not None:
+                    self._answer(200, agent.ipam)
                 else:
                     self._answer(404, {"error": "no such path"})
 
@@ -133,6 +207,7 @@ class FakeAgent:
                     "/forget": agent.forget,
                     "/attach": agent.attach,
                     "/detach": agent.detach,
+                    "/rmpeer": agent.rmpeer if agent.ipam is not None else None,
                 }.get(self.path)
                 if action is None:
                     self._answer(404, {"error": "no such path"})

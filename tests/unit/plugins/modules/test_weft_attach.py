@@ -67,11 +67,35 @@ def test_agent_refusal_is_reported(agent, run_module):
     assert "the data plane is off on this agent" in result["msg"]
 
 
+def test_attach_without_addresses_allocates_once(agent, run_module):
+    agent.ring(("02:00:00:00:00:01", "fake", 1 << 20, True))
+    first = run(run_module, agent, netns="web1")
+    assert first["changed"] is True and first["addresses"] == ["10.32.0.1/12"]
+    assert agent.changes() == [("POST", "/attach", {"netns": "web1", "ifname": "ethwe", "cidrs": []})]
+    again = run(run_module, agent, netns="web1")
+    assert again["changed"] is False and again["addresses"] == ["10.32.0.1/12"]
+
+
+def test_attach_allocates_in_a_subnet_beside_a_given_address(agent, run_module):
+    agent.ring(("02:00:00:00:00:01", "fake", 1 << 20, True))
+    result = run(run_module, agent, netns="web1", cidrs=["net:10.40.0.0/16", "10.32.9.9/12"])
+    assert result["changed"] is True
+    assert agent.changes()[0][2]["cidrs"] == ["net:10.40.0.0/16", "10.32.9.9/12"]
+    assert sorted(result["addresses"]) == ["10.32.9.9/12", "10.40.0.1/16"]
+
+
+def test_allocation_needs_an_agent_with_ipam(agent, run_module):
+    result = run(run_module, agent, netns="web1")
+    assert result.failed and "give at least one address" in result["msg"]  # the agent's own refusal
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ({"netns": "web1", "cidrs": []}, "give at least one address"),
         ({"netns": "web1", "cidrs": ["10.32.1.5"]}, "invalid CIDR '10.32.1.5'"),
+        ({"netns": "web1", "cidrs": ["net:10.40.0.1/16"]}, "did you mean net:10.40.0.0/16?"),
+        ({"netns": "web1", "cidrs": ["net:10.40.0.0"]}, "expected net:NETWORK/PREFIXLEN"),
+        ({"netns": "web1", "cidrs": ["net:10.40.0.0/16"], "state": "absent"}, "they are for state=present"),
         ({"cidrs": ["10.32.1.5/12"]}, "one of the following is required: netns, pid"),
         ({"netns": "a", "pid": 1, "cidrs": ["10.32.1.5/12"]}, "parameters are mutually exclusive: netns|pid"),
     ],
@@ -135,3 +159,26 @@ def test_diff_shows_addresses(agent, run_module, netns):
     # before: read from the namespace; after: what the (fake) agent answered
     assert result["diff"]["before"] == "10.32.0.5/12\n"
     assert result["diff"]["after"] == "10.32.0.6/12\n"
+
+
+@needs_root
+@pytest.mark.parametrize(
+    ("args", "changed", "addresses"),
+    [
+        ({}, False, ["10.32.0.5/12"]),  # it has an address in the default subnet already
+        ({"cidrs": ["net:10.32.0.0/16"]}, False, ["10.32.0.5/12"]),
+        ({"cidrs": ["net:10.40.0.0/16"]}, True, ["10.32.0.5/12"]),  # the address to come is not known yet
+        ({"ifname": "eth7"}, True, []),
+    ],
+)
+def test_check_mode_predicts_allocations(agent, run_module, netns, args, changed, addresses):
+    agent.ring(("02:00:00:00:00:01", "fake", 1 << 20, True))
+    result = run(run_module, agent, check_mode=True, netns=netns, **args)
+    assert (result["changed"], result["addresses"]) == (changed, addresses)
+    assert agent.changes() == []
+
+
+@needs_root
+def test_check_mode_allocation_needs_ipam(agent, run_module, netns):
+    result = run(run_module, agent, check_mode=True, netns=netns)
+    assert result.failed and "has no IPAM" in result["msg"]
