@@ -4,12 +4,14 @@
 
 Prints one JSON object: the Python and platform the wheelhouse must match (facts do not give the C library
 version the manylinux tags depend on), the agent builds installed under the install directory (a build counts
-only once its weft-build.json is written, the last step of an install), what `current` points at, and what the
-role would otherwise ask with a task each: the configuration file, the secret files (as SHA-1 digests of their
-contents: the task that runs this hides its output), the unit file and whether the service is enabled and
-active. On a run with nothing to change, this is the only round trip the role makes before the readiness check.
+only once its weft-build.json is written, the last step of an install; each says whether it has IPAM, which
+decides the settings the role may write for it), what `current` points at, and what the role would otherwise ask
+with a task each: the configuration file, the secret files (as SHA-1 digests of their contents: the task that
+runs this hides its output), the unit file and whether the service is enabled and active. On a run with nothing
+to change, this is the only round trip the role makes before the readiness check.
 """
 
+import glob
 import hashlib
 import json
 import os
@@ -26,6 +28,16 @@ def read(path, binary=False):
             return f.read()
     except (OSError, ValueError):
         return None
+
+
+def has_ipam(build_dir):
+    """Whether the agent installed in ``build_dir`` knows the IPAM settings (its parser refuses keys it does not
+    know, so the role writes them only for a build that has them)."""
+    for path in glob.glob(os.path.join(build_dir, "lib", "python3*", "site-packages", "weft", "config.py")):
+        text = read(path)
+        if text is not None and "ipalloc_range" in text:
+            return True
+    return False
 
 
 def systemctl(verb):
@@ -62,6 +74,7 @@ if os.path.isdir(install_dir):
         else:
             continue
         build["dir"] = path
+        build["ipam"] = has_ipam(path)
         build["installed_at"] = os.stat(marker).st_mtime
         builds.append(build)
 current = os.path.join(install_dir, "current")

@@ -98,3 +98,22 @@ def test_secret_file_digests_match_the_files_the_role_writes(tmp_path):
     (tmp_path / "secret-1").write_text("s3cret-value\n")  # what configure.yml writes: the secret and a newline
     assert secret_file_digests(["s3cret-value"]) == [hashlib.sha1((tmp_path / "secret-1").read_bytes()).hexdigest()]
     assert secret_file_digests([]) == []
+
+
+def test_the_target_says_whether_it_has_ipam(tmp_path):
+    from ansible_collections.weft.mesh.plugins.filter.build import source_ipam
+
+    # The source's build: as the source says; an installed build (a rollback): as the host's probe found it.
+    plan = build_plan({"builds": [], "current": None}, "0.5.0", "0.5.0", "abc", "/opt/weft", 2, True)
+    assert plan["target"]["ipam"] is True
+    old = dict(build("0.4.1", "aaa", 10), ipam=False)
+    new = dict(build("0.5.0", "bbb", 20), ipam=True)
+    plan = build_plan({"builds": [old, new], "current": new["dir"]}, "0.4.1", "0.5.0", "bbb", "/opt/weft", 2, True)
+    assert plan["target"]["ipam"] is False
+    legacy = {"version": "0.2.0", "build": "", "dir": "/opt/weft/0.2.0", "installed_at": 5}  # probed before the flag
+    plan = build_plan({"builds": [legacy], "current": None}, "0.2.0", "0.5.0", "x", "/opt/weft")
+    assert plan["target"]["ipam"] is False
+    (tmp_path / "src" / "weft").mkdir(parents=True)
+    assert source_ipam(tmp_path) is False
+    (tmp_path / "src" / "weft" / "config.py").write_text("ipalloc_range: str = DEFAULT_RANGE\n")
+    assert source_ipam(tmp_path) is True

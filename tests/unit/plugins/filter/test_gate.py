@@ -50,3 +50,12 @@ def test_container_ports_ignore_the_bridge_and_self_entries():
         {"mac": "02:00:00:00:00:02", "ifname": "weft-tap", "state": ""},
     ]
     assert container_ports(fdb) == ["vwe1a2b 02:00:00:00:00:01"]
+
+
+def test_a_peer_that_comes_back_under_a_new_name_is_back():
+    # A host first deployed without a pinned peer name takes its pinned one at its next restart (docs/ansible.md,
+    # "Peer names"): its peers see another name with the same nickname, which is what the gate compares.
+    before = status(dict(conn("dc1-b", "fast", False), peer="02:11:11:11:11:11"))
+    renamed = dict(conn("dc1-b", "fast", False), peer="6e:c3:00:92:0d:2c")
+    stale = dict(conn("dc1-b", None, False, state="failed"), peer="02:11:11:11:11:11")  # the old name, on its way out
+    assert restart_problems(status(stale, renamed), before) == []
