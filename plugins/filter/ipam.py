@@ -308,12 +308,26 @@ def _owns(row):
         return False
 
 
+def _ring_of(value):
+    """A host's ``weft status ipam`` from what the play has: the status itself, or a weft_info result registered
+    with ``ipam: true`` (``{'weft': {'ipam': ...}}``); None when there is none (failed, skipped, an older agent)."""
+    if not isinstance(value, dict):
+        return None
+    if "weft" in value:
+        value = value["weft"].get("ipam") if isinstance(value["weft"], dict) else None
+        return value if isinstance(value, dict) else None
+    if "peers" in value or "state" in value:
+        return value
+    return None
+
+
 def reclaim_plan(statuses, names, ignore=()):
     """Which ring owners to reclaim, and from which host: the hands-off reclaim of hosts that left the inventory.
 
-    ``statuses`` maps each surviving host, in play order, to its agent's ``weft status ipam`` (None when it could
-    not be read); ``names`` are the peer names of every inventory host (a list, or {host: name}); ``ignore`` names
-    peers (by name or nickname) never to reclaim, such as hosts outside the inventory that belong to the mesh.
+    ``statuses`` maps each surviving host, in play order, to its agent's ``weft status ipam``, or to the result of
+    weft_info with ``ipam: true`` (None, a failed or a skipped result when it could not be read); ``names`` are
+    the peer names of every inventory host (a list, or {host: name}); ``ignore`` names peers (by name or
+    nickname) never to reclaim, such as hosts outside the inventory that belong to the mesh.
 
     An owner is reclaimed when it owns addresses, is no inventory host's name and not ignored, and every host
     whose agent has a ring and lists it sees it unreachable. One that any of them reaches is a warning, never a
@@ -334,11 +348,12 @@ def reclaim_plan(statuses, names, ignore=()):
     for item in ignore or []:
         ignored.add(_name_or_none(item) or str(item))
     answered, unread = [], []
-    for host, status in statuses.items():
-        if isinstance(status, dict) and status.get("peers"):
-            answered.append((host, status))
-        elif not isinstance(status, dict):
+    for host, value in statuses.items():
+        status = _ring_of(value)
+        if status is None:
             unread.append(host)
+        elif status.get("peers"):
+            answered.append((host, status))
     owners = {}  # name -> {'nickname', 'addresses', 'reachable': [hosts], 'unreachable': [hosts]}
     for host, status in answered:
         for row in status.get("peers") or []:

@@ -118,6 +118,16 @@ def test_a_site_that_disagrees_fails_before_any_host(tmp_path):
     )
 
 
+def test_hosts_that_disagree_on_the_address_range_fail_before_any_host(tmp_path):
+    inventory = unreachable_mesh(dc2_a={"weft_ipalloc_range": "10.40.0.0/16"})
+    rc, output, recap, tasks = playbook(tmp_path, inventory, ["--limit", "dc1-a"])
+    assert_stopped_on_the_controller(rc, output, recap, tasks, hosts=["dc1-a"])
+    assert (
+        "hosts disagree on weft_ipalloc_range (dc1-a, dc1-b have 10.32.0.0/12; dc2-a has 10.40.0.0/16): set it "
+        "once for the whole mesh, in group_vars/all (peers refuse a ring of another range)" in output
+    )
+
+
 def test_a_bad_address_given_as_an_extra_variable_fails_before_any_host(tmp_path):
     rc, output, recap, tasks = playbook(tmp_path, unreachable_mesh(), ["-e", '{"weft_extra_peers": ["10.0.0.9:x"]}'])
     assert_stopped_on_the_controller(rc, output, recap, tasks)

@@ -104,7 +104,7 @@ def test_a_seed_host_back_with_nothing_is_an_observer_and_stays_one():
     # have been reclaimed meanwhile, so it must take the mesh's ring rather than compute that part again.
     running = config(ipalloc_init=group_seed())
     vars_ = hostvars(**{h.replace("-", "_"): {"_weft_old_config": running} for h in HOSTS if h != "dc2-a"})
-    found = ipalloc_init(HOSTS + ["aws-new"], dict(vars_, **{"aws-new": {"_weft_old_config": NO_CONFIG}}))
+    found = ipalloc_init([*HOSTS, "aws-new"], dict(vars_, **{"aws-new": {"_weft_old_config": NO_CONFIG}}))
     assert found["init"] == group_seed() and found["source"] == "running"
     assert found["hosts"] == {"dc2-a": "observer"}  # aws-new is not in the seed: it gets the seed, as documented
     # Next run: dc2-a runs as an observer; the mesh's value is still the seed, and dc2-a keeps observer.
@@ -343,3 +343,13 @@ def test_a_host_s_own_row_is_never_a_candidate():
 def test_not_a_dict_of_statuses():
     with pytest.raises(AnsibleFilterError, match="reclaim_plan expects"):
         reclaim_plan([view("dc1-a")], ME)
+
+
+def test_registered_weft_info_results_are_read_too():
+    statuses = {
+        "dc1-a": {"changed": False, "failed": False, "weft": {"ready": True, "ipam": view("dc1-a")}},
+        "dc1-b": {"failed": True, "msg": "the agent at /run/weft/weft.sock has no IPAM"},
+        "dc2-a": {"skipped": True, "changed": False},
+    }
+    plan = reclaim_plan(statuses, ME)
+    assert (plan["host"], plan["peers"], plan["unread"]) == ("dc1-a", [GONE], ["dc1-b", "dc2-a"])
