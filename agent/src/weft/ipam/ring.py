@@ -152,7 +152,8 @@ class Ring:
         return result, result.merge(other)
 
     def grant(self, lo: int, hi: int, to: int, by: int, free: Callable[[int, int], int]) -> dict[int, Entry]:
-        """``by`` gives ``[lo, hi)``, inside one of its ranges, to ``to``; returns the tokens made or changed.
+        """``by`` gives ``[lo, hi)``, inside one of its ranges, to ``to``; returns the tokens made or changed, and the
+        token where the part given ends.
 
         ``free(lo, hi)`` counts the free addresses of a range after the grant (its owner knows its allocations).
         """
@@ -163,6 +164,10 @@ class Ring:
         changed: dict[int, Entry] = {}
         if hi < end:  # the part above what is given stays ours, under a token of its own
             changed[hi] = self._bump(hi, by, free=free(hi, end))
+        elif end < self.end:
+            # Unchanged, but sent along: the grantee may not have that token yet (a grant we made a moment ago), and
+            # without it would take the addresses above it for its own as well.
+            changed[end] = self.entries[end]
         if lo > token:
             changed[token] = self._bump(token, by, free=free(token, lo))
         changed[lo] = self._bump(lo, to, free=free(lo, hi))
