@@ -136,8 +136,8 @@ def play_order() -> list[str]:
 
 
 def previous_release(work: Path) -> tuple[str, Path]:
-    """(version, source dir) of the release before the current one: the tree before the commit that set the
-    current version in agent/pyproject.toml."""
+    """(version, source dir) of the release before the current one, as released: the tree of the commit that set
+    that version in agent/pyproject.toml (work done for the current version before its own bump stays out)."""
     pattern = r'^version *= *"([^"]+)"'
     current = re.search(pattern, (REPO / "agent" / "pyproject.toml").read_text(), re.M).group(1)
     commits = subprocess.run(
@@ -146,23 +146,25 @@ def previous_release(work: Path) -> tuple[str, Path]:
         text=True,
         check=True,
     ).stdout.split()
-    for commit in commits:
+
+    def version_at(rev: str) -> str | None:
         text = subprocess.run(
-            ["git", "-C", str(REPO), "show", f"{commit}^:agent/pyproject.toml"],
-            capture_output=True,
-            text=True,
-            check=False,
+            ["git", "-C", str(REPO), "show", f"{rev}:agent/pyproject.toml"], capture_output=True, text=True, check=False
         ).stdout
         found = re.search(pattern, text, re.M)
-        if found and found.group(1) != current:
-            dest = work / "previous"
-            dest.mkdir()
-            archive = subprocess.run(
-                ["git", "-C", str(REPO), "archive", f"{commit}^", "agent"], capture_output=True, check=True
-            ).stdout
-            with tarfile.open(fileobj=__import__("io").BytesIO(archive)) as tar:
-                tar.extractall(dest, filter="data")
-            return found.group(1), dest / "agent"
+        return found.group(1) if found else None
+
+    # Newest first: the first commit whose version differs from the current one set the previous version.
+    for commit in commits:
+        version = version_at(commit)
+        if version is None or version == current or version_at(f"{commit}^") == version:
+            continue
+        dest = work / "previous"
+        dest.mkdir()
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "agent"], capture_output=True, check=True)
+        with tarfile.open(fileobj=__import__("io").BytesIO(archive.stdout)) as tar:
+            tar.extractall(dest, filter="data")
+        return version, dest / "agent"
     raise Failed("no earlier agent version in git history (agent/pyproject.toml): cannot test an upgrade")
 
 

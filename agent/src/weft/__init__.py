@@ -1,3 +1,3 @@
 """Weft: an encrypted overlay mesh for hybrid clouds."""
 
-__version__ = "0.4.1"
+__version__ = "0.5.0"
