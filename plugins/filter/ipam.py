@@ -129,7 +129,7 @@ def _outside(results):
             continue
         if r.get("content"):
             found[r["item"]] = {"content": r["content"]}
-        elif r.get("failed") and re.search(r"(?i)not found|no such file", str(r.get("msg", ""))):
+        elif re.search(r"(?i)not found|no such file", str(r.get("msg", ""))):  # failed, or failed_when: false
             found[r["item"]] = {"msg": str(r.get("msg"))}
     return found
 
