@@ -232,13 +232,15 @@ class Ipam:
         changed = self.consensus.merge(update.votes)
         if not changed:
             return None
+        # Our own answer (a promise, an accept, or the ring once decided) is broadcast by us, to every neighbour:
+        # what we return is relayed past the connection it came from, and that is the proposer waiting for it.
         mine = self.consensus.step()
         if mine is not None:
-            changed[self.me] = mine
-            self._schedule_propose()
-        if self._decide():
-            assert self.alloc.ring is not None
-            return RingUpdate.of(self.alloc.ring, self.me)
+            self._vote(mine)
+        elif self._decide():
+            self.channel.broadcast(RingUpdate.of(self.alloc.ring, self.me))  # type: ignore[arg-type]
+        if self.alloc.ring is not None:
+            return None
         return self._votes(changed)
 
     # -- the first ring --------------------------------------------------------------------------------------------

@@ -49,6 +49,8 @@ class RingUpdate:
         """Pending gossip for one connection merges: tokens by the ring's rule, votes by their own."""
         if not self.end:
             self.start, self.end, self.seed, self.sender = other.start, other.end, other.seed, other.sender
+        elif other.seed and not self.seed:  # votes (no ring, no seed), then the ring they chose: its seed goes along
+            self.seed = other.seed
         for token, entry in other.entries.items():
             mine = self.entries.get(token)
             if mine is None or entry > mine:
