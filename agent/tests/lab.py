@@ -293,6 +293,31 @@ class Host:
             self.cli("attach", "--netns", netns, cidr)
         return container
 
+    def add_container_auto(self, *cidrs: str, api: bool = False) -> Container:
+        """A container namespace on this host attached with no address (or ``net:SUBNET``), so IPAM picks one:
+        the Container carries the address the agent gave it (its first, when there are several).
+
+        ``api``: call the agent's API from this process instead of running the CLI, for tests that attach
+        hundreds (the CLI's interpreter start-up is most of an attach's cost on a small machine). Not safe to
+        call from two threads for one host (container names are numbered in order); one thread per host is.
+        """
+        index = len(self.containers) + 1
+        netns = f"{self.netns}c{index}"
+        self.lab._add_netns(netns)
+        container = Container(self, f"{self.name}c{index}", netns, "", "")
+        self.containers.append(container)
+        if api:
+            from weft.api.client import Client  # the tree under test, imported only by tests that ask for it
+
+            body = {"netns": netns, "ifname": "ethwe", "cidrs": list(cidrs)}
+            addresses = Client(str(self.api_socket), timeout=45.0).request("POST", "/attach", body)["addresses"]
+        else:
+            out = self.cli("attach", "--netns", netns, *cidrs, timeout=60.0).stdout.strip()
+            addresses = out.rsplit(": ", 1)[-1].split()  # "attached ethwe (MAC): 10.32.0.1/12 ..."
+        container.cidr = addresses[0]
+        container.ip = container.cidr.split("/")[0]
+        return container
+
     # -- agent helpers -----------------------------------------------------------------------
 
     def _write_secret(self, secret: str) -> Path:
