@@ -10,6 +10,10 @@ Checks, in this order (all by default; each prints PASS or FAIL with the reason)
                (lab/weftlab.py up) and site.yml brings it back
   rotate       weft_secrets [new, old], site.yml, then [new], site.yml: the mesh stays whole throughout, the
                agents only reload; both runs at -vvv, whose output must not contain any of the secrets
+  reclaim      aws-b's agent stopped and aws-b terminated in EC2: site.yml takes its share of the address ring
+               over from exactly one host (every agent's ring then says it owns nothing), and a second site.yml
+               changes nothing; then aws-b comes back purged (reset.yml -e purge=true, site.yml), as an observer,
+               and its container gets an address again
 Exit status: the number of failed checks. Needs root and the lab up; changes the lab's mesh secret.
 """
 
@@ -169,9 +173,12 @@ def check_terminate(victim: str = "aws-b") -> None:
         client.terminate_instances(InstanceIds=ids)
         print(f"    terminated {victim} ({', '.join(ids)})")
         try:
-            rc, _out, recap = playbook("site.yml")
+            rc, out, recap = playbook("site.yml")
             assert rc == 0, f"site.yml exited {rc}"
             assert victim not in recap, f"{victim} is still in the inventory"
+            # Its agent still runs and dials the others: its address space must not be reclaimed, only named.
+            assert "takes over the ranges" not in out, "site.yml reclaimed the space of a peer that is still reachable"
+            assert f"({victim}) owns" in out and "is no inventory host, but" in out, "no warning about the live peer"
             after = agent_pids(others)
             assert after == before, f"agents restarted (MainPID before {before}, after {after})"
             for n in others:
@@ -247,11 +254,91 @@ def check_rotate() -> None:
         print(f"    {len(set(seen))} secrets seen by the runs, none in {sum(map(len, outputs))} bytes of -vvv output")
 
 
+def ring(name: str) -> dict:
+    return json.loads(ssh(name, f"{WEFT} status ipam --json"))
+
+
+def owned(name: str, peer: str) -> int:
+    """How many addresses ``peer`` (a nickname) owns in the ring as ``name``'s agent sees it."""
+    return sum(p["addresses"] for p in ring(name)["peers"] if p["nickname"] == peer)
+
+
+def eventually(check, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return check()
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+def task_hosts(out: str, task: str, status: str = "changed") -> list[str]:
+    """The hosts a task of the output reports with ``status`` (changed, ok, skipping...)."""
+    block = out.split(f"TASK [{task}]", 1)[1].split("\nTASK [", 1)[0] if f"TASK [{task}]" in out else ""
+    return re.findall(rf"^{status}: \[([^\]]+)\]", block, re.M)
+
+
+def check_reclaim(victim: str = "aws-b") -> None:
+    with Check(f"reclaim: {victim} gone for good has its address space taken over by one host, once"):
+        others = [n for n in machines() if n != victim]
+        assert all(owned(n, victim) > 0 for n in others), f"{victim} owns nothing to begin with"
+        ssh(victim, "systemctl stop weft")  # as if the instance died
+        client = ec2()
+        ids = [
+            i["InstanceId"]
+            for r in client.describe_instances(
+                Filters=[
+                    {"Name": "tag:Name", "Values": [victim]},
+                    {"Name": "instance-state-name", "Values": ["pending", "running"]},
+                ]
+            )["Reservations"]
+            for i in r["Instances"]
+        ]
+        assert ids, f"no live instance named {victim} in EC2"
+        client.terminate_instances(InstanceIds=ids)
+        print(f"    stopped the agent on {victim} and terminated it ({', '.join(ids)})")
+        try:
+            rc, out, recap = playbook("site.yml")
+            assert rc == 0, f"site.yml exited {rc}"
+            takers = task_hosts(out, "Take over the ranges of hosts that left the inventory")
+            assert len(takers) == 1, f"expected one host to reclaim {victim}, got {takers}"
+            said = re.search(
+                rf"([\w.-]+) takes over the ranges of (\S+)\({victim}\) \((\d+) addresses\)", " ".join(out.split())
+            )
+            assert said and said.group(1) == takers[0], f"site.yml did not say it reclaimed {victim}"
+            print(f"    {said.group(0)}")
+
+            def gone():
+                left = {n: owned(n, victim) for n in others}
+                assert not any(left.values()), f"{victim} still owns addresses: {left}"
+
+            eventually(gone)
+            rc, _out, recap = playbook("site.yml")
+            no_changes(rc, recap)
+            print(f"    every agent's ring: {victim} owns nothing; a second site.yml changes nothing")
+        finally:
+            print(f"    bringing {victim} back: registered again, purged (reset.yml), site.yml, its container")
+            subprocess.run(
+                [str(VENV_BIN / "python"), "lab/weftlab.py", "up"], cwd=ROOT, check=True, capture_output=True
+            )
+            playbook("playbooks/reset.yml", "--limit", victim, "-e", "purge=true")
+            rc, _out, recap = playbook("site.yml")
+            assert rc == 0 and victim in recap, f"could not bring {victim} back (site.yml rc={rc})"
+            init = ssh(victim, "grep ipalloc_init /etc/weft/weft.yaml").strip()
+            assert init == "ipalloc_init: observer", f"{victim} came back with {init!r}, not as an observer"
+            rc, _out, _recap = playbook("playbooks/checks/containers.yml")
+            assert rc == 0, f"{victim}'s container could not be attached again (rc={rc})"
+            print(f"    {victim} is back as an observer; its container has {demo_address(victim)}")
+
+
 CHECKS = {
     "idempotent": check_idempotent,
     "check-diff": check_diff,
     "terminate": check_terminate,
     "rotate": check_rotate,
+    "reclaim": check_reclaim,
 }
 
 
