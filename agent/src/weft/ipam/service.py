@@ -258,7 +258,13 @@ class Ipam:
         value = self.consensus.decided()
         if value is None or self.alloc.ring is not None:
             return False
-        self.alloc.adopt(Ring.seeded(self.universe.lo, self.universe.hi, value))
+        try:
+            ring = Ring.seeded(self.universe.lo, self.universe.hi, value)
+        except ValueError as exc:  # no peers (forged votes), or more peers than the range has addresses
+            why = f"IPAM: cannot make the ring the consensus chose ({len(value)} peers): {exc}"
+            self._refuse("consensus", self.me, why)
+            return False
+        self.alloc.adopt(ring)
         log.info("IPAM: consensus reached: the first ring is shared by %s", self._names(value))
         self._ring_made()
         return True
