@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from ansible_collections.weft.mesh.plugins.modules import weft_info, weft_peers
+from ansible_collections.weft.mesh.plugins.modules import weft_info, weft_peers, weft_rmpeer
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("weft") is None, reason="the weft agent is not installed")
 
@@ -23,8 +23,22 @@ def free_port():
         return s.getsockname()[1]
 
 
+ME = "02:00:00:00:0a:01"
+DEAD = "02:00:00:00:0a:02"  # in the seed, never started: it owns half the ring and nobody reaches it
+
+
 @pytest.fixture(scope="module")
 def real_agent():
+    yield from start_agent()
+
+
+@pytest.fixture(scope="module")
+def seeded_agent():
+    """An agent whose first ring is seeded with itself and a peer that never comes."""
+    yield from start_agent("--name", ME, "--ipalloc-init", "seed=%s,%s" % (ME, DEAD), "--ipalloc-range", "10.44.0.0/16")
+
+
+def start_agent(*extra):
     directory = tempfile.mkdtemp(prefix="weft-ut-")
     sock = os.path.join(directory, "weft.sock")
     cmd = [
@@ -46,6 +60,7 @@ def real_agent():
         "ut",
         "--peer",
         "127.0.0.1:1",
+        *extra,
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("WEFT_")}
     proc = subprocess.Popen(cmd, env=dict(env, WEFT_CONFIG=os.devnull), stderr=subprocess.PIPE, text=True)
@@ -79,3 +94,24 @@ def test_info_and_peers_round_trip(real_agent, run_module):
 
     gone = run_module(weft_peers.main, {"api_socket": real_agent, "peers": ["127.0.0.1:3"], "state": "absent"})
     assert gone["changed"] is True and gone["targets"] == []
+
+
+def test_rmpeer_and_the_ring_round_trip(seeded_agent, run_module):
+    info = run_module(weft_info.main, {"api_socket": seeded_agent, "ipam": True})
+    ring = info["weft"]["ipam"]
+    assert ring["range"] == "10.44.0.0/16" and ring["state"] == "ready", ring
+    owners = {p["name"]: p for p in ring["peers"]}
+    assert owners[DEAD]["reachable"] is False and owners[DEAD]["addresses"] > 0 and owners[ME]["ourself"]
+
+    args = {"api_socket": seeded_agent, "peers": [DEAD]}
+    checked = run_module(weft_rmpeer.main, args, check_mode=True, diff=True)
+    assert checked["changed"] is True and checked["reclaimed"] == {DEAD: owners[DEAD]["addresses"]}
+    done = run_module(weft_rmpeer.main, args)
+    assert done["changed"] is True and done["reclaimed"] == {DEAD: owners[DEAD]["addresses"]}
+    again = run_module(weft_rmpeer.main, args)
+    assert again["changed"] is False and again["reclaimed"] == {}
+    after = run_module(weft_info.main, {"api_socket": seeded_agent, "ipam": True})["weft"]["ipam"]
+    assert sum(p["addresses"] for p in after["peers"] if p["name"] == DEAD) == 0
+
+    itself = run_module(weft_rmpeer.main, {"api_socket": seeded_agent, "peers": [ME]})
+    assert itself.failed and "is this agent itself" in itself["msg"]
