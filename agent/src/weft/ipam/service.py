@@ -59,6 +59,7 @@ class Pending:
     asked: int | None = None
     asked_at: float = 0.0
     request_id: int = 0
+    retry_at: float = 0.0  # denied by peers that, by our ring, still have space: ask them again from then on
 
 
 class Ipam:
@@ -362,6 +363,8 @@ class Ipam:
                     continue
                 p.denied.add(p.asked)  # no answer: ask someone else
                 p.asked = None
+            if now < p.retry_at:
+                continue
             reason, final = self._ask(p, now)
             if reason is not None and p.lenient and not final:
                 self.pending.remove(p)
@@ -387,9 +390,14 @@ class Ipam:
             return f"no address yet: {self.state()}", False
         where = _ip(p.claim) if p.claim is not None else f"in {p.subnet}"
         free: dict[int, int] = {}
+        surely: dict[int, int] = {}  # free addresses that must lie inside the subnet, by the free counts
+        extra = [r for r in p.subnet.reserved() if r not in self.universe.reserved()]
         for lo, hi, _token, entry in ring.ranges():
             if entry.owner != self.me and hi > p.subnet.lo and lo < p.subnet.hi and (entry.free or p.claim is not None):
                 free[entry.owner] = free.get(entry.owner, 0) + max(entry.free, 1 if p.claim is not None else 0)
+                outside = hi - lo - (min(hi, p.subnet.hi) - max(lo, p.subnet.lo))
+                inside = entry.free - outside - sum(1 for r in extra if lo <= r < hi)
+                surely[entry.owner] = surely.get(entry.owner, 0) + max(inside, 0)
         reachable = {o: n for o, n in free.items() if self.reachable(o) and o not in p.denied}
         if reachable:
             owners = sorted(reachable)
@@ -408,6 +416,13 @@ class Ipam:
             if owner in away:
                 return f"{where} belongs to {self._label(owner)}, which is unreachable (rmpeer it if it is gone)", False
             return f"{where} is in use on {self._label(owner)}", True
+        again = sorted(o for o, n in surely.items() if n and self.reachable(o))
+        if again:
+            # They said no, yet by our ring they have free addresses in the subnet: the space moved while we asked (a
+            # burst of allocations on several peers). Ask them again shortly rather than call the subnet full.
+            p.denied.difference_update(again)
+            p.retry_at = now + TICK
+            return f"no free address {where}: {', '.join(self._label(o) for o in again)} had none to spare", False
         if away:
             return (
                 f"no free address {where}: the {len(away)} peer(s) with free space are unreachable "
