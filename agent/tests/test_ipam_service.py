@@ -14,6 +14,7 @@ from weft.ipam.bootstrap import parse_init, parse_range
 from weft.ipam.consensus import Vote
 from weft.ipam.ring import Entry
 from weft.ipam.service import SPACE_TIMEOUT, Ipam, IpamError
+from weft.ipam.space import Subnet
 from weft.ipam.wire import DENY, GRANT, MAX_TOKENS, REQUEST, RingUpdate, SpaceMessage
 from weft.mesh.codec import pack
 from weft.mesh.gossip import BROADCAST, GOSSIP, UNICAST
@@ -96,9 +97,9 @@ class Outcome:
         return self.calls[0][1]
 
 
-def allocate(net: SimNetwork, ipam: Ipam, key: str, seconds: float = 10.0) -> Outcome:
+def allocate(net: SimNetwork, ipam: Ipam, key: str, seconds: float = 10.0, subnet: Subnet | None = None) -> Outcome:
     outcome = Outcome()
-    ipam.allocate(key, None, key, outcome)
+    ipam.allocate(key, subnet, key, outcome)
     assert run(net, lambda: outcome.done, seconds), f"allocation {key} still waiting after {seconds} s"
     return outcome
 
@@ -146,9 +147,10 @@ def test_a_26_over_three_peers_gives_62_addresses_wherever_asked_then_says_why_n
     assert all(e.free == 0 for e in ipams[0].alloc.ring.entries.values())  # type: ignore[union-attr]
 
 
-def test_62_allocations_asked_all_at_once_all_succeed() -> None:
-    net, ipams = mesh(3)
-    rng = random.Random(11)
+@pytest.mark.parametrize("seed", [11, 13, 23, 26, 35])  # 13...35: a peer said no while the space was moving
+def test_62_allocations_asked_all_at_once_on_several_peers_all_succeed(seed: int) -> None:
+    net, ipams = mesh(3 + seed % 3, seed=seed)
+    rng = random.Random(seed)
     outcomes = []
     for i in range(62):
         outcome = Outcome()
@@ -162,6 +164,24 @@ def test_62_allocations_asked_all_at_once_all_succeed() -> None:
     assert all(len(o.calls) == 1 for o in outcomes)  # done is called once
     assert rings_agree(ipams)
     assert allocate(net, ipams[1], "one-too-many").calls == [(None, FULL)]
+
+
+def test_a_full_subnet_is_reported_at_once_though_the_range_has_room() -> None:
+    net, ipams = mesh(3, universe="10.32.0.0/24")
+    small = parse_range("10.32.0.16/28")
+    outcomes = []
+    for i in range(15):
+        outcome = Outcome()
+        ipams[i % 3].allocate(f"c{i}", small, f"c{i}", outcome)
+        outcomes.append(outcome)
+    assert run(net, lambda: all(o.done for o in outcomes), 10.0)
+    assert sorted(host(o.cidr) for o in outcomes if o.cidr) == list(range(small.lo + 1, small.hi - 1))
+    [failed] = [o for o in outcomes if not o.cidr]
+    assert failed.reason == "no free address in 10.32.0.16/28: all 14 are in use"
+    start = net.scheduler.now()
+    assert allocate(net, ipams[2], "one-more", subnet=small).calls == [(None, failed.reason)]
+    assert net.scheduler.now() - start < 1.0
+    assert not small.contains(host(allocate(net, ipams[2], "one-more").cidr))  # the rest of the range is not full
 
 
 def test_space_moves_to_the_peer_that_allocates() -> None:
