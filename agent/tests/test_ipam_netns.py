@@ -320,11 +320,15 @@ def test_a_killed_agent_keeps_its_containers_addresses_and_frees_the_gone(lab: L
     mine = [h1.add_container_auto(api=True) for _ in range(4)]
     theirs = h2.add_container_auto()
     gone = mine[1]
+    exposed = h1.cli("expose").stdout.strip().split(": ", 1)[1]  # the host's own address, allocated too
     cross_host_ping(mine[0], theirs)
     wait_until(lambda: rings_agree(hosts), timeout=5)
     ring_before = ring_tokens(h1)
     allocations_before = ipam(h1)["allocations"]
-    assert [a["address"] for a in allocations_before] == [c.cidr for c in mine]
+    assert [(a["address"], a["holder"]) for a in allocations_before] == [
+        *((c.cidr, c.netns) for c in mine),
+        (exposed, "host"),
+    ]
 
     h1.kill_agent(signal.SIGKILL)
     subprocess.run(["ip", "netns", "del", gone.netns], check=True)  # the container goes while the agent is down
@@ -336,7 +340,7 @@ def test_a_killed_agent_keeps_its_containers_addresses_and_frees_the_gone(lab: L
     kept = [c for c in mine if c is not gone]
     status = ipam(h1)
     assert status["state"] == "ready"
-    assert [a["address"] for a in status["allocations"]] == [c.cidr for c in kept]
+    assert [a["address"] for a in status["allocations"]] == [*(c.cidr for c in kept), exposed]
     assert [a for a in allocations_before if a["address"] != gone.cidr] == status["allocations"]
     for c in kept:
         assert interface_addresses(c) == [c.cidr]
@@ -354,6 +358,7 @@ def test_a_killed_agent_keeps_its_containers_addresses_and_frees_the_gone(lab: L
     assert new.cidr == gone.cidr
     cross_host_ping(kept[0], theirs)
     cross_host_ping(theirs, new)
+    cross_host_ping(theirs, Container(h1, "h1", h1.netns, exposed.split("/")[0], exposed))  # the host, exposed
     figures("restart", api_ready_after_kill9=f"{restarted:.2f}s")
 
 
@@ -399,55 +404,84 @@ def test_a_small_range_gives_every_address_once_then_refuses_quickly(lab: Lab) -
 # -- 5. reclaim -----------------------------------------------------------------------------------------------
 
 
+def name_int(h: Host) -> int:
+    return int(h.agent_name.replace(":", ""), 16)
+
+
+def owners_between(tokens: list[tuple[int, int, int, int]], lo: int, hi: int) -> set[int]:
+    return {o for t, _v, o, _f in tokens if lo <= t < hi}
+
+
+def unreachable(h: Host) -> float:
+    return metric_value(h.metrics(), "weft_ipam_unreachable_ratio")
+
+
 def test_rmpeer_reclaims_a_dead_peers_ranges_once_even_when_two_peers_race(lab: Lab) -> None:
-    h1, h2, h3, h4 = hosts = lab(4)
+    hosts = lab(5)
+    h1, h2, h3, h4, h5 = hosts
     start_mesh(hosts, env=FAST)
-    for h in (h1, h3, h3, h3, h4):
+    for h in (h1, h3, h3, h3, h4, h5):
         h.add_container_auto(api=True)
-    share = RANGE.num_addresses // 4
-    h3_range = ipaddress.ip_network(f"{RANGE.network_address + 2 * share}/14")  # seeded in name order
+    start, size = int(RANGE.network_address), RANGE.num_addresses
+    cuts = [start + size * i // 5 for i in range(6)]  # the seeded ring: one fifth each, in name order
+    share = cuts[3] - cuts[2]
 
     refused(h1.cli("rmpeer", "h2", check=False), "is reachable", "h2")
 
     h3.kill_agent(signal.SIGKILL)
-    live = [h1, h2, h4]
+    live = [h1, h2, h4, h5]
     for h in live:
-        wait_until(lambda h=h: ipam(h)["unreachable_ratio"] == 0.25, timeout=20, message=f"{h.name}: h3 reachable?")
+        wait_until(lambda h=h: abs(unreachable(h) - share / size) < 1e-6, timeout=20, message=f"{h.name}: h3 up?")
     out = h1.cli("rmpeer", "h3").stdout
     assert out.strip() == f"{h3.agent_name}: {share} address(es) reclaimed"
     for h in live:
         wait_until(lambda h=h: ipam(h)["unreachable_ratio"] == 0, timeout=5, message=f"{h.name}: still unreachable")
+        assert unreachable(h) == 0
     wait_until(lambda: rings_agree(live), timeout=5, message="the reclaim did not reach every peer")
+    assert owners_between(ring_tokens(h2), cuts[2], cuts[3]) == {name_int(h1)}
     for h in live:
         rows = {r["nickname"]: r for r in ipam(h)["peers"]}
-        assert set(rows) == {"h1", "h2", "h4"}, h.name
-        assert rows["h1"]["addresses"] == 2 * share and rows["h1"]["ranges"] == 2
+        assert set(rows) == {"h1", "h2", "h4", "h5"}, h.name
+        assert rows["h1"]["addresses"] == cuts[1] - cuts[0] + share and rows["h1"]["ranges"] == 2
         assert all(r["reachable"] for r in rows.values())
         assert "Unreachable" not in h.cli("status", "ipam").stdout
     # h3's old space serves others now: h2 claims its first address (h1, its owner now, grants it).
-    first = str(h3_range.network_address + 1)
+    first = str(ipaddress.ip_address(cuts[2]))
     claimed = h2.add_container(f"{first}/12")
     assert interface_addresses(claimed) == [f"{first}/12"]
     assert any(a["address"] == f"{first}/12" for a in ipam(h2)["allocations"])
 
     # h4 dies; h1 and h2 reclaim it at the same moment.
     h4.kill_agent(signal.SIGKILL)
-    live = [h1, h2]
+    live = [h1, h2, h5]
     for h in live:
-        wait_until(lambda h=h: ipam(h)["unreachable_ratio"] == 0.25, timeout=20, message=f"{h.name}: h4 reachable?")
-    procs = [cli_popen(h, "rmpeer", "h4") for h in live]
-    outputs = [p.communicate(timeout=60) for p in procs]
+        wait_until(lambda h=h: ipam(h)["unreachable_ratio"] > 0, timeout=20, message=f"{h.name}: h4 reachable?")
+    procs = [cli_popen(h, "rmpeer", "h4") for h in (h1, h2)]
+    outputs = [p.communicate(timeout=60)[0].strip() for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     wait_until(lambda: rings_agree(live), timeout=5, message="the racing reclaims did not settle")
-    tokens = ring_tokens(h1)
-    h4_tokens = [t for t in tokens if RANGE.network_address + 3 * share <= ipaddress.ip_address(t[0])]
-    owners = {o for _t, _v, o, _f in h4_tokens}
-    assert len(owners) == 1 and owners < {int(h.agent_name.replace(":", ""), 16) for h in live}, owners
+    owners = owners_between(ring_tokens(h1), cuts[3], cuts[4])
+    assert len(owners) == 1 and owners < {name_int(h1), name_int(h2)}, owners
+
+    # h5 dies; h1 and h2 reclaim it while they cannot hear each other: both surely take it, the higher name keeps it.
+    h5.kill_agent(signal.SIGKILL)
+    live = [h1, h2]
+    for h in live:
+        wait_until(lambda h=h: ipam(h)["unreachable_ratio"] > 0, timeout=20, message=f"{h.name}: h5 reachable?")
+    lab.block(h1, h2)
+    procs = [cli_popen(h, "rmpeer", "h5") for h in live]
+    raced = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert raced == [f"{h5.agent_name}: {cuts[5] - cuts[4]} address(es) reclaimed"] * 2
+    assert owners_between(ring_tokens(h1), cuts[4], cuts[5]) == {name_int(h1)}
+    assert owners_between(ring_tokens(h2), cuts[4], cuts[5]) == {name_int(h2)}
+    lab.unblock(h1, h2)  # within the read timeout: the connection carries on
+    wait_until(lambda: rings_agree(live), timeout=10, message="the two reclaims did not settle")
+    assert owners_between(ring_tokens(h1), cuts[4], cuts[5]) == {name_int(h2)}
     for h in live:
         assert ipam(h)["unreachable_ratio"] == 0
         assert {r["nickname"] for r in ipam(h)["peers"]} == {"h1", "h2"}
-    both = all("address(es) reclaimed" in out for out, _ in outputs)
-    figures("reclaim race", outputs=[o.strip() for o, _ in outputs], both_reclaimed=both)
+        assert metric_value(h.metrics(), "weft_ipam_refused_updates_total") == 0
+    figures("reclaim race", concurrent=outputs, partitioned=raced)
 
 
 # -- 6. bootstrap ---------------------------------------------------------------------------------------------
