@@ -223,8 +223,9 @@ class Ipam:
     def _receive_without_ring(self, update: RingUpdate) -> RingUpdate | None:
         if update.entries and update.complete:
             ring = update.ring()
-            self.alloc.adopt(ring)
+            recounted = self.alloc.adopt(ring)
             log.info("IPAM: joined the ring of %s (seeded by %s)", self._label(update.sender), self._names(ring.seed))
+            self._broadcast(recounted)  # our own free counts: by us, as the delta returned skips the sender
             self._ring_made()
             assert self.alloc.ring is not None
             return RingUpdate.of(self.alloc.ring, self.me)
