@@ -565,7 +565,11 @@ def test_consensus_waits_for_a_majority_then_allocates(lab: Lab) -> None:
     for h in (h1, h2):
         wait_until(lambda h=h: ipam(h)["state"] == "ready", timeout=10)
         assert ipam(h)["seed"] == sorted([h1.agent_name, h2.agent_name])
-    wait_until(lambda: rings_agree([h1, h2]), timeout=5, message=lambda: f"h2 never learnt of h1's allocation: {ring_tokens(h1)} {ring_tokens(h2)}")
+    wait_until(
+        lambda: rings_agree([h1, h2]),
+        timeout=5,
+        message=lambda: f"h2 never learnt of h1's allocation: {ring_tokens(h1)} {ring_tokens(h2)}",
+    )
     figures("consensus", attach_done_after_second_start=f"{took:.2f}s")
 
 

@@ -604,7 +604,10 @@ class DataPlane:
         if action in ("attach", "detach"):
             self._guard_ports()  # now, not after the watcher's settle time: the new port drops all until then
         log.debug(
-            "%s: devices %.1f ms, port guard %.1f ms", action, 1e3 * (done - started), 1e3 * (time.perf_counter() - done)
+            "%s: devices %.1f ms, port guard %.1f ms",
+            action,
+            1e3 * (done - started),
+            1e3 * (time.perf_counter() - done),
         )
         if result["changed"]:
             log.info("%s %s: %s", action, body.get("netns") or body.get("pid") or "host", ", ".join(cidrs) or "all")
