@@ -56,22 +56,30 @@ def desired_state(
     return state
 
 
-def apply(nd: NetDev, *, bridge: str, vxlan: str, tap: str, want: FdbState, delete: bool) -> int:
-    """Make the kernel match ``want``; returns the number of entries changed.
+def apply(
+    nd: NetDev, *, bridge: str, vxlan: str, tap: str, want: FdbState, delete: bool
+) -> tuple[int, dict[str, set[str]]]:
+    """Make the kernel match ``want``; returns the number of entries changed, and the VXLAN entries as they are
+    now (read once, then kept up to date with each change, so callers need not read them again).
 
     Only entries on our own ports (VXLAN and TAP) are ever removed: an operator's static entries on
     other ports are not ours to touch.
     """
     changes = 0
     have_vx = nd.vxlan_fdb(vxlan)
+    now_vx = {mac: set(dsts) for mac, dsts in have_vx.items()}
     for mac, dsts in want.vxlan.items():
         current = have_vx.get(mac, set())
         for dst in sorted(dsts - current):
             nd.vxlan_fdb_add(vxlan, mac, dst)
+            if mac != ZERO_MAC:
+                now_vx[mac] = set()  # a unicast MAC's entry is replaced
+            now_vx.setdefault(mac, set()).add(dst)
             changes += 1
         if delete and mac == ZERO_MAC:
             for dst in sorted(current - dsts):
                 nd.vxlan_fdb_del(vxlan, mac, dst)
+                now_vx[mac].discard(dst)
                 changes += 1
     if delete:
         for mac, dsts in have_vx.items():
@@ -79,6 +87,7 @@ def apply(nd: NetDev, *, bridge: str, vxlan: str, tap: str, want: FdbState, dele
                 for dst in sorted(dsts):
                     nd.vxlan_fdb_del(vxlan, mac, dst)
                     changes += 1
+                now_vx.pop(mac, None)
     have_br = nd.bridge_fdb(bridge)
     for mac, port in want.bridge.items():
         if have_br.get(mac) != port:
@@ -89,26 +98,38 @@ def apply(nd: NetDev, *, bridge: str, vxlan: str, tap: str, want: FdbState, dele
             if mac not in want.bridge and port in (vxlan, tap):
                 nd.bridge_fdb_del(bridge, mac, port)
                 changes += 1
-    return changes
+    return changes, {mac: dsts for mac, dsts in now_vx.items() if dsts}
 
 
-def purge(nd: NetDev, *, bridge: str, vxlan: str, allowed: Callable[[str], bool]) -> int:
+def purge(
+    nd: NetDev,
+    *,
+    bridge: str,
+    vxlan: str,
+    allowed: Callable[[str], bool],
+    entries: dict[str, set[str]] | None = None,
+) -> int:
     """Remove every VXLAN entry towards an underlay address that may not carry plaintext, at once.
 
     Unlike :func:`apply` this ignores warm-up: with a secret set, a peer outside the trusted subnets
     must not get a single frame in clear, whatever the last run left behind. A MAC left with no VXLAN
     destination also loses its bridge entry on the VXLAN port, so its frames are not flooded instead.
-    Returns the number of entries removed.
+    Returns the number of entries removed. ``entries``: the VXLAN entries as :func:`apply` left them (else read
+    here); they are updated in place.
     """
     changes = 0
     remaining: set[str] = set()
-    for mac, dsts in nd.vxlan_fdb(vxlan).items():
+    have = nd.vxlan_fdb(vxlan) if entries is None else entries
+    for mac, dsts in list(have.items()):
         for dst in sorted(dsts):
             if allowed(dst):
                 remaining.add(mac)
             else:
                 nd.vxlan_fdb_del(vxlan, mac, dst)
+                dsts.discard(dst)
                 changes += 1
+        if not dsts:
+            del have[mac]
     if changes:
         for mac, port in nd.bridge_fdb(bridge).items():
             if port == vxlan and mac not in remaining:
@@ -117,6 +138,8 @@ def purge(nd: NetDev, *, bridge: str, vxlan: str, allowed: Callable[[str], bool]
     return changes
 
 
-def destinations(nd: NetDev, vxlan: str) -> set[str]:
-    """Every underlay address the VXLAN device sends to (what the fast-path guard must admit)."""
-    return {dst for dsts in nd.vxlan_fdb(vxlan).values() for dst in dsts}
+def destinations(nd: NetDev, vxlan: str, entries: dict[str, set[str]] | None = None) -> set[str]:
+    """Every underlay address the VXLAN device sends to (what the fast-path guard must admit); from ``entries``
+    when the caller has just read them."""
+    have = nd.vxlan_fdb(vxlan) if entries is None else entries
+    return {dst for dsts in have.values() for dst in dsts}

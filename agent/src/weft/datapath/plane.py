@@ -534,13 +534,16 @@ class DataPlane:
             return
         (want, delete), self._want = self._want, None
         self._sync_guard(want, before_fdb=True)
+        entries: dict[str, set[str]] | None = None  # the VXLAN entries, read once per programming
         try:
-            fdb.apply(self.nd, bridge=self.bridge, vxlan=self.vxlan, tap=self.tap, want=want, delete=delete)
-        except Exception as exc:  # netlink refused one entry: say so, keep the rest working
+            _changes, entries = fdb.apply(
+                self.nd, bridge=self.bridge, vxlan=self.vxlan, tap=self.tap, want=want, delete=delete
+            )
+        except Exception as exc:  # netlink refused one entry: say so, keep the rest working (and read them again)
             log.warning("could not program the kernel forwarding table: %s", exc)
-        self._sync_guard(want, before_fdb=False)
+        self._sync_guard(want, before_fdb=False, entries=entries)
 
-    def _sync_guard(self, want: fdb.FdbState, *, before_fdb: bool) -> None:
+    def _sync_guard(self, want: fdb.FdbState, *, before_fdb: bool, entries: dict[str, set[str]] | None = None) -> None:
         """Keep the guard's sets equal to where the kernel sends fast traffic (and whose probes may cross).
 
         Before the FDB changes: drop what is no longer permitted and admit new fast peers, so no frame
@@ -555,8 +558,11 @@ class DataPlane:
                 self.guard.sync({ip for ip in self.guard.fast if self._fast_permitted(ip)} | wanted, probe)
             else:
                 if self.encrypting:
-                    fdb.purge(self.nd, bridge=self.bridge, vxlan=self.vxlan, allowed=self._fast_permitted)
-                self.guard.sync({ip for ip in fdb.destinations(self.nd, self.vxlan) if self._fast_permitted(ip)}, probe)
+                    fdb.purge(
+                        self.nd, bridge=self.bridge, vxlan=self.vxlan, allowed=self._fast_permitted, entries=entries
+                    )
+                sends_to = fdb.destinations(self.nd, self.vxlan, entries)
+                self.guard.sync({ip for ip in sends_to if self._fast_permitted(ip)}, probe)
         except Exception as exc:  # nft or netlink refused: say so; the next change tries again
             log.warning("could not update the fast-path guard: %s", exc)
 
