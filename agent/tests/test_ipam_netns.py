@@ -678,3 +678,42 @@ def test_ten_thousand_hostile_ipam_messages_are_counted_and_change_nothing(lab: 
         slowest_status_answer=f"{slowest[0]:.2f}s",
     )
     assert slowest[0] < 3.0, f"the API took {slowest[0]:.1f}s to answer during the fuzz"
+
+
+def test_containers_found_attached_at_start_keep_their_addresses_reserved(lab: Lab) -> None:
+    """An agent that starts without their record (a release without IPAM attached them, or the state dir was lost)
+    reserves the addresses of the containers it finds on its bridge, its own and one another peer owns alike, so
+    no other container is given them."""
+    h1, h2 = lab(2)
+    start_mesh([h1, h2], env=FAST)
+    mine = lab_address_owned_by(h1, h1)
+    theirs = lab_address_owned_by(h1, h2)
+    c = h1.add_container(f"{mine}/12")
+    h1.cli("attach", "--netns", c.netns, f"{theirs}/12")
+    held = {a["address"] for a in ipam(h1)["allocations"]}
+    assert {f"{mine}/12", f"{theirs}/12"} <= held, held
+
+    h1.kill_agent()
+    for db in h1.state_dir.glob("weft.db*"):
+        db.unlink()  # no record of the container: what an agent upgraded from a release without IPAM sees
+    h1.start_agent(*QUIET, "--ipalloc-init", seed_of([h1, h2]), peers=[h2], env=FAST)
+    h1.wait_ready(timeout=30)
+    wait_until(
+        lambda: {f"{mine}/12", f"{theirs}/12"} <= {a["address"] for a in ipam(h1)["allocations"]},
+        timeout=20,
+        message=lambda: f"h1 did not reserve its container's addresses again: {ipam(h1)['allocations']}",
+    )
+    assert all(a["holder"] == c.netns for a in ipam(h1)["allocations"])
+    assert set(interface_addresses(c)) == {f"{mine}/12", f"{theirs}/12"}
+    lab._add_netns(f"{h2.netns}x")
+    for address in (mine, theirs):
+        res = h2.cli("attach", "--netns", f"{h2.netns}x", f"{address}/12", check=False)
+        refused(res, address, "in use")
+
+
+def lab_address_owned_by(h: Host, owner: Host) -> str:
+    """An address well inside ``owner``'s first range, as ``h`` sees the ring."""
+    for token, _version, who, _free in ring_tokens(h):
+        if who == int(owner.agent_name.replace(":", ""), 16):
+            return str(ipaddress.ip_address(token + 100))
+    raise AssertionError(f"{owner.name} owns nothing in {h.name}'s ring")

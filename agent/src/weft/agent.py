@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from weft import __version__
 from weft.config import AgentConfig, ConfigError, read_secrets
+from weft.ipam.holders import claim_found
 from weft.ipam.persist import IpamStore
 from weft.ipam.service import Ipam
 from weft.limits import install_accept_error_handler, raise_file_limit
@@ -145,6 +146,13 @@ class Agent:
                 await self.transport.stop()
                 raise ConfigError(f"cannot set up the data plane: {exc}") from None
             self.ipam.sweep(self.dataplane.ipam_holders_alive())
+            known = {a.host_ifname for a in self.ipam.alloc.space.allocations.values() if a.host_ifname}
+            try:
+                found = await asyncio.to_thread(self.dataplane.attached_containers, known)
+            except Exception as exc:  # the scan is a safety net: say so and go on
+                log.warning("IPAM: could not look for containers attached before this run: %s", exc)
+                found = []
+            claim_found(self.ipam, found)
         # Peers before the API: a restart's traffic waits for the targets' dials and their data paths, not for the
         # import of the API's web framework (a fifth of a second of CPU), which comes after, in a thread.
         self.router.start()

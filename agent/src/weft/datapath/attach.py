@@ -230,6 +230,36 @@ def attach(
         raise
 
 
+def find_attached(nd: NetDev, *, bridge: str, skip: set[str]) -> list[tuple[str, str, list[str]]]:
+    """(namespace name, host-side veth, CIDRs) of every container in a named namespace that weft attached to
+    ``bridge``, but for those whose host-side veth is in ``skip``. Enters a namespace only while some port of the
+    bridge is unaccounted for, so a restart that knows its containers reads nothing."""
+    bridge_link = nd.link(bridge)
+    if bridge_link is None:
+        return []
+    ports = {link.name for link in nd.links() if link.master == bridge_link.index and link.name.startswith(HOST_PREFIX)}
+    ports -= skip
+    found: list[tuple[str, str, list[str]]] = []
+    try:
+        names = sorted(os.listdir(NETNS_RUN_DIR))
+    except OSError:
+        return []
+    for name in names:
+        if not ports:
+            break
+        path = f"{NETNS_RUN_DIR}/{name}"
+        try:
+            with _container(path) as cnd:
+                for link in cnd.links():
+                    host = host_ifname(path, link.name) if link.kind == "veth" else None
+                    if host in ports:
+                        ports.discard(host)
+                        found.append((name, host, cnd.addresses(link.name)))
+        except (AttachError, NetDevError, OSError):
+            continue  # a namespace that went away meanwhile, or is not ours to enter
+    return found
+
+
 def detach(
     nd: NetDev,
     *,

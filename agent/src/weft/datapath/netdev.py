@@ -244,6 +244,10 @@ class NetDev:
     def _links(self) -> list[Link]:
         return [_to_link(m) for m in _call("cannot list links", self.ipr.link, "dump")]
 
+    def links(self) -> list[Link]:
+        """Every link of the namespace."""
+        return self._links()
+
     def set_link(self, name: str, *, mtu: int | None = None, master: str | None = None, up: bool = False) -> bool:
         """Converge mtu/master/up, touching only what differs (re-enslaving would flush the port's FDB)."""
         link = self.link(name)

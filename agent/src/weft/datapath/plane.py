@@ -627,6 +627,13 @@ class DataPlane:
         nd = self.nd
         return alive_check(lambda ifname: nd.link(ifname) is not None, lambda: nd.addresses(self.bridge))
 
+    def attached_containers(self, known: set[str]) -> list[tuple[str, str, list[str]]]:
+        """(netns, host veth, CIDRs) of containers attached to our bridge whose veth is not in ``known``."""
+        from weft.datapath.attach import find_attached
+
+        assert self.nd is not None
+        return find_attached(self.nd, bridge=self.bridge, skip=known)
+
     def describe_mac(self, mac: str) -> str:
         """Who holds a MAC, for an error message: this host, or the peer that announces it."""
         owner = self.macs.owner.get(bytes.fromhex(mac.replace(":", "")))

@@ -140,6 +140,38 @@ def alive_check(link_exists: Callable[[str], bool], host_addresses: Callable[[],
     return alive
 
 
+FOUND_CLAIM_WAIT = 120.0  # a container found attached at start waits this long for its address's owner to be met
+
+
+def claim_found(ipam: Ipam, found: list[tuple[str, str, list[str]]]) -> None:
+    """Reserve the addresses of containers found attached at start that the store does not know (attached by a
+    release without IPAM, or before the state dir was lost), so nobody else is given them. An address owned by
+    another peer is asked of it once it is reachable."""
+    import logging
+
+    log = logging.getLogger(__name__)
+    for netns, host_ifname, cidrs in found:
+        key = f"netns:{netns}"
+        held = set(ipam.holdings(key))
+        for cidr in cidrs:
+            iface = ipaddress.ip_interface(cidr)
+            if cidr in held or not isinstance(iface, ipaddress.IPv4Interface):
+                continue
+            if not ipam.universe.contains(int(iface.ip)):
+                continue
+
+            def done(got: str | None, reason: str | None, cidr: str = cidr, key: str = key, host: str = host_ifname):
+                if got is not None:
+                    ipam.attached(key, host)
+                    log.info("IPAM: reserved %s, found on container %s at start", got, key)
+                else:
+                    log.warning("IPAM: could not reserve %s, found on container %s at start: %s", cidr, key, reason)
+
+            ipam.claim(
+                key, int(iface.ip), iface.network.prefixlen, netns, done, lenient=False, patience=FOUND_CLAIM_WAIT
+            )
+
+
 OverlayCall = Callable[[str, dict[str, Any], list[str], bool], Awaitable[dict]]
 
 

@@ -55,6 +55,7 @@ class Pending:
     started: float
     claim: int | None = None  # a given address, rather than any in the subnet
     lenient: bool = False  # a claim that gives up (unreserved) rather than wait for a ring or an unreachable owner
+    patience: float | None = None  # how long it may wait for space, if not the default
     denied: set[int] = field(default_factory=set)
     asked: int | None = None
     asked_at: float = 0.0
@@ -300,11 +301,23 @@ class Ipam:
             return
         self._start(Pending(key, subnet, label, done, self.router.scheduler.now()))
 
-    def claim(self, key: str, address: int, prefixlen: int, label: str, done: Done, *, lenient: bool = True) -> None:
+    def claim(
+        self,
+        key: str,
+        address: int,
+        prefixlen: int,
+        label: str,
+        done: Done,
+        *,
+        lenient: bool = True,
+        patience: float | None = None,
+    ) -> None:
         """A given address of the range for the holder: ours if free, else asked of its owner. ``lenient``: when
-        there is no ring yet or the owner is unreachable, answer (None, None) at once instead of waiting."""
+        there is no ring yet or the owner is unreachable, answer (None, None) at once instead of waiting;
+        ``patience``: else how long to wait for the ring and the owner."""
         subnet = Subnet(address, address + 1, prefixlen)
-        self._start(Pending(key, subnet, label, done, self.router.scheduler.now(), claim=address, lenient=lenient))
+        now = self.router.scheduler.now()
+        self._start(Pending(key, subnet, label, done, now, claim=address, lenient=lenient, patience=patience))
 
     def free(self, key: str, addresses: list[int] | None = None) -> list[str]:
         held = {a: self.alloc.space.allocations[a] for a in self.alloc.held(key)}
@@ -372,7 +385,7 @@ class Ipam:
                 log.info("IPAM: %s: using it unreserved (%s)", p.label, reason)
                 p.done(None, None)
                 continue
-            limit = RING_TIMEOUT if self.alloc.ring is None else SPACE_TIMEOUT
+            limit = p.patience or (RING_TIMEOUT if self.alloc.ring is None else SPACE_TIMEOUT)
             if reason is not None and (final or now - p.started >= limit):
                 self.pending.remove(p)
                 p.done(None, reason)
