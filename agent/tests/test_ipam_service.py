@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 import pytest
 
-from weft.ipam.bootstrap import parse_init, parse_range
+from weft import sim
+from weft.ipam.bootstrap import parse_range
 from weft.ipam.consensus import Vote
 from weft.ipam.ring import Entry
 from weft.ipam.service import SPACE_TIMEOUT, Ipam, IpamError
@@ -57,20 +58,8 @@ def mesh(n: int, universe: str = RANGE, init: str | None = None, seed: int = 1) 
 def start_ipam(
     net: SimNetwork, peer: SimPeer, universe: str = RANGE, init: str | None = None, peers: int | None = None
 ) -> Ipam:
-    """IPAM on one peer, as weft.sim.add_ipam starts it on all."""
-    space = parse_range(universe)
-    how = parse_init(init)
-    ipam = Ipam(
-        peer.router,
-        peer.router.metrics,
-        universe=space,
-        default_subnet=space,
-        init=how,
-        quorum=how.quorum((peers or len(net.peers)) - 1),
-        rng=random.Random(net.rng.random()),
-    )
-    ipam.start()
-    return ipam
+    """IPAM on one peer, as weft.sim.add_ipam starts it on all (``init`` None: consensus among the targets)."""
+    return sim.start_ipam(net, peer, universe, init or "consensus", peers)
 
 
 class Outcome:

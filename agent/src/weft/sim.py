@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from weft.mesh.clock import VirtualScheduler
 from weft.mesh.connection_maker import ConnectionMaker
 from weft.mesh.gossip import GossipSender
-from weft.mesh.peer import PeerInfo
+from weft.mesh.peer import PeerInfo, format_name
 from weft.mesh.router import Router
 from weft.metrics import Metrics
 
@@ -196,25 +196,31 @@ def chain_of_strangers(n: int, seed: int = 1, discovery: bool = False, **kwargs)
     return net
 
 
-def add_ipam(net: SimNetwork, universe: str = "10.32.0.0/12", init: str | None = None) -> list[Ipam]:
-    """The real IPAM on every peer of ``net`` (no store): seeded by all of them unless ``init`` says otherwise."""
+def start_ipam(
+    net: SimNetwork, peer: SimPeer, universe: str = "10.32.0.0/12", init: str | None = None, peers: int | None = None
+) -> Ipam:
+    """The real IPAM on one peer (no store). ``init`` defaults to a seed of every peer of ``net``; ``peers`` (for a
+    consensus quorum) to the peers of ``net``."""
     from weft.ipam.bootstrap import parse_init, parse_range
     from weft.ipam.service import Ipam
     from weft.mesh.peer import format_name
 
     space = parse_range(universe)
     how = parse_init(init or "seed=" + ",".join(format_name(p.info.name) for p in net.peers))
-    ipams = []
-    for peer in net.peers:
-        ipam = Ipam(
-            peer.router,
-            peer.router.metrics,
-            universe=space,
-            default_subnet=space,
-            init=how,
-            quorum=how.quorum(len(net.peers) - 1),
-            rng=random.Random(net.rng.random()),
-        )
-        ipam.start()
-        ipams.append(ipam)
-    return ipams
+    ipam = Ipam(
+        peer.router,
+        peer.router.metrics,
+        universe=space,
+        default_subnet=space,
+        init=how,
+        quorum=how.quorum((peers or len(net.peers)) - 1),
+        rng=random.Random(net.rng.random()),
+    )
+    ipam.start()
+    return ipam
+
+
+def add_ipam(net: SimNetwork, universe: str = "10.32.0.0/12", init: str | None = None) -> list[Ipam]:
+    """The real IPAM on every peer of ``net``: seeded by all of them unless ``init`` says otherwise."""
+    init = init or "seed=" + ",".join(format_name(p.info.name) for p in net.peers)
+    return [start_ipam(net, peer, universe, init) for peer in net.peers]
