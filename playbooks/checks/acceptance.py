@@ -14,6 +14,11 @@ Checks, in this order (all by default; each prints PASS or FAIL with the reason)
                over from exactly one host (every agent's ring then says it owns nothing), and a second site.yml
                changes nothing; then aws-b comes back purged (reset.yml -e purge=true, site.yml), as an observer,
                and its container gets an address again
+  decommission decommission.yml -e hosts=dc2-a (still running): its share of the ring goes to exactly one remaining
+               host, no agent sees anything unreachable, a second run changes nothing; then site.yml brings dc2-a
+               back purged, as an observer, its container gets an address again and every container reaches
+               every other one
+  allocated    every demo container's address is one its own agent allocated from the ring (`make demo`)
 Exit status: the number of failed checks. Needs root and the lab up; changes the lab's mesh secret.
 """
 
@@ -52,12 +57,15 @@ def env() -> dict[str, str]:
         AWS_DEFAULT_REGION=ec2["region"],
         ANSIBLE_VAULT_PASSWORD_FILE=str(ROOT / "inventories" / "lab-vault-password.sh"),
         ANSIBLE_NOCOLOR="1",
+        ANSIBLE_FORCE_COLOR="0",  # molecule forces colours, which would hide the recap from the parsing here
+        ANSIBLE_STDOUT_CALLBACK="default",
     )
 
 
 def playbook(name: str, *args: str) -> tuple[int, str, dict[str, dict[str, int]]]:
     """Run ansible-playbook on the lab inventory; returns rc, the whole output (also kept in LOG_DIR), recap."""
     cmd = ["ansible-playbook", "-i", "inventories/lab", *args, name]
+    start = time.monotonic()
     res = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, check=False)
     out = res.stdout + res.stderr
     LOG_DIR.mkdir(parents=True, exist_ok=True)
@@ -68,7 +76,7 @@ def playbook(name: str, *args: str) -> tuple[int, str, dict[str, dict[str, int]]
         m = re.match(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", line)
         if m:
             recap[m[1]] = {"ok": int(m[2]), "changed": int(m[3]), "unreachable": int(m[4]), "failed": int(m[5])}
-    print(f"    ran {' '.join(cmd[3:])}: rc={res.returncode} (log: {log})")
+    print(f"    ran {' '.join(cmd[3:])}: rc={res.returncode} in {time.monotonic() - start:.0f} s (log: {log})")
     return res.returncode, out, recap
 
 
@@ -264,6 +272,27 @@ def owned(name: str, peer: str) -> int:
     return sum(p["addresses"] for p in ring(name)["peers"] if p["nickname"] == peer)
 
 
+def owners(name: str) -> dict[str, int]:
+    """{nickname: addresses} of every ring owner, as ``name``'s agent sees it."""
+    return {p["nickname"]: p["addresses"] for p in ring(name)["peers"]}
+
+
+def ring_whole(names: list[str], before: dict[str, int], gone: str = "", taker: str = "") -> None:
+    """Every agent of ``names`` sees the ring ``before`` (with ``gone``'s share moved to ``taker``, and only to it)
+    and nothing unreachable: unreachable_ratio 0, no owner row with reachable false."""
+    want = {n: a for n, a in before.items() if a and n != gone}
+    if gone:
+        want[taker] = want.get(taker, 0) + before.get(gone, 0)
+    for n in names:
+        status = ring(n)
+        seen = {p["nickname"]: p["addresses"] for p in status["peers"] if p["addresses"]}
+        assert seen == want, f"{n}: ring owners {seen}, expected {want} ({gone}'s share to {taker} only)"
+        away = [p["nickname"] or p["name"] for p in status["peers"] if not p["reachable"]]
+        assert not away and status["unreachable_ratio"] == 0, (
+            f"{n}: unreachable owners {away}, unreachable_ratio {status['unreachable_ratio']}"
+        )
+
+
 def eventually(check, timeout: float = 20.0):
     deadline = time.monotonic() + timeout
     while True:
@@ -285,6 +314,8 @@ def check_reclaim(victim: str = "aws-b") -> None:
     with Check(f"reclaim: {victim} gone for good has its address space taken over by one host, once"):
         others = [n for n in machines() if n != victim]
         assert all(owned(n, victim) > 0 for n in others), f"{victim} owns nothing to begin with"
+        before = owners(others[0])
+        start = time.monotonic()
         ssh(victim, "systemctl stop weft")  # as if the instance died
         client = ec2()
         ids = [
@@ -311,14 +342,15 @@ def check_reclaim(victim: str = "aws-b") -> None:
             assert said and said.group(1) == takers[0], f"site.yml did not say it reclaimed {victim}"
             print(f"    {said.group(0)}")
 
-            def gone():
-                left = {n: owned(n, victim) for n in others}
-                assert not any(left.values()), f"{victim} still owns addresses: {left}"
-
-            eventually(gone)
+            eventually(lambda: ring_whole(others, before, victim, takers[0]))
+            took = time.monotonic() - start
             rc, _out, recap = playbook("site.yml")
             no_changes(rc, recap)
-            print(f"    every agent's ring: {victim} owns nothing; a second site.yml changes nothing")
+            print(
+                f"    {takers[0]} reclaimed {victim}'s {before[victim]} addresses {took:.1f} s after its agent stopped;"
+                f" every agent's ring: {victim} owns nothing, {takers[0]} {before[victim] + before.get(takers[0], 0)},"
+                " nothing unreachable; a second site.yml changes nothing"
+            )
         finally:
             print(f"    bringing {victim} back: registered again, purged (reset.yml), site.yml, its container")
             subprocess.run(
@@ -334,12 +366,67 @@ def check_reclaim(victim: str = "aws-b") -> None:
             print(f"    {victim} is back as an observer; its container has {demo_address(victim)}")
 
 
+def check_decommission(victim: str = "dc2-a") -> None:
+    with Check(f"decommission: {victim}, still running, leaves; its address space goes to one host, once"):
+        others = [n for n in machines() if n != victim]
+        before = owners(others[0])
+        assert before.get(victim, 0) > 0, f"{victim} owns nothing to begin with: {before}"
+        start = time.monotonic()
+        try:
+            rc, out, _recap = playbook("playbooks/decommission.yml", "-e", f"hosts={victim}")
+            assert rc == 0, f"decommission.yml exited {rc}"
+            takers = task_hosts(out, "Take over the leaving hosts' ranges")
+            assert len(takers) == 1, f"expected one host to reclaim {victim}, got {takers}"
+            eventually(lambda: ring_whole(others, before, victim, takers[0]))
+            took = time.monotonic() - start
+            state = ssh(victim, "systemctl is-active weft; test -e /etc/weft/weft.yaml && echo configured; true")
+            assert state.split() in (["inactive"], ["unknown"]), f"{victim}: agent or configuration left: {state!r}"
+            rc, _out, recap = playbook("playbooks/decommission.yml", "-e", f"hosts={victim}")
+            no_changes(rc, recap)
+            print(
+                f"    {takers[0]} reclaimed {victim}'s {before[victim]} addresses; every remaining agent's ring"
+                f" is whole, nothing unreachable, {took:.1f} s after decommission.yml started;"
+                " a second run changes nothing"
+            )
+        finally:
+            print(f"    bringing {victim} back: site.yml, its container, the ping matrix")
+            rc, _out, recap = playbook("site.yml")
+            assert rc == 0 and victim in recap, f"could not bring {victim} back (site.yml rc={rc})"
+        init = ssh(victim, "grep ipalloc_init /etc/weft/weft.yaml").strip()
+        assert init == "ipalloc_init: observer", f"{victim} came back with {init!r}, not as an observer"
+        rc, _out, _recap = playbook("playbooks/checks/containers.yml")
+        assert rc == 0, f"{victim}'s container could not be attached again (rc={rc})"
+        check_allocated_on(machines())
+        rc, _out, _recap = playbook("playbooks/checks/ping_matrix.yml")
+        assert rc == 0, f"not every container reaches every other one after {victim} came back (rc={rc})"
+        eventually(lambda: ring_whole(machines(), owners(others[0])))
+        print(f"    {victim} is back as an observer, its container has {demo_address(victim)}; all containers ping")
+
+
+def check_allocated_on(names: list[str]) -> dict[str, str]:
+    """Every demo container's address is an allocation of its own agent's ring; {host: address}."""
+    found = {}
+    for n in names:
+        address = demo_address(n)
+        held = {a["address"].split("/")[0]: a for a in ring(n)["allocations"]}
+        assert address in held, f"{n}: the container's {address} is not one its agent allocated ({sorted(held)})"
+        found[n] = address
+    return found
+
+
+def check_allocated() -> None:
+    with Check("allocated: every demo container has an address its own agent allocated"):
+        print(f"    {check_allocated_on(machines())}")
+
+
 CHECKS = {
     "idempotent": check_idempotent,
     "check-diff": check_diff,
     "terminate": check_terminate,
     "rotate": check_rotate,
     "reclaim": check_reclaim,
+    "decommission": check_decommission,
+    "allocated": check_allocated,
 }
 
 
