@@ -146,3 +146,21 @@ def test_a_peer_that_restarts_cleanly_is_readmitted_with_its_new_uid() -> None:
 
 def test_a_peer_that_crashes_and_restarts_replaces_its_old_connections() -> None:
     _restart_and_check(crash=True)
+
+
+def test_a_random_partition_of_a_chain_lets_virtual_time_move_on() -> None:
+    """Peers cut off are forgotten after the grace and the clock moves on: the garbage collection timer, set for the
+    moment a peer's grace ends, used to fire a float's hair before it and set itself again, forever, at one instant."""
+    net = chain_of_strangers(60, seed=9)
+    assert run(net, net.converged, 5.0)
+    rng = random.Random(9)
+    groups: list[list[int]] = [[], []]
+    for i in range(60):
+        groups[rng.randrange(2)].append(i)
+    net.partition(groups)
+    start = net.scheduler.now()
+    settle(net, 5.0)
+    assert net.scheduler.now() >= start + 5.0
+    for peer in net.peers:
+        # Each peer's view holds at most the peers it still reaches; the rest were forgotten.
+        assert set(peer.router.topology.peers) == {peer.info.name, *peer.router.routes.reachable()}

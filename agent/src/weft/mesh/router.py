@@ -182,7 +182,9 @@ class Router:
         now = self.scheduler.now()
         unreachable = self.topology.unreachable()
         self._unreachable_since = {n: self._unreachable_since.get(n, now) for n in unreachable}
-        expired = {n for n, since in self._unreachable_since.items() if now - since >= self.gc_grace}
+        # The slack absorbs float rounding: the timer below, set for since + grace, can fire a hair before it, and
+        # would then set itself again for a delay too small to move the clock (an endless loop on a virtual one).
+        expired = {n for n, since in self._unreachable_since.items() if now - since >= self.gc_grace - 1e-6}
         for entry in self.topology.forget(expired):
             del self._unreachable_since[entry.name]
             log.info("forgetting unreachable peer %s(%s)", format_name(entry.name), entry.nickname)
