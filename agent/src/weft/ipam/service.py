@@ -218,7 +218,8 @@ class Ipam:
             return None
         # Our free counts where ranges changed: a token of ours, or one whose range a new token cut short.
         changed.update(self.alloc.recount({t for token in changed for t in (token, ring.token_at(token - 1))}))
-        self._retry()
+        if self.pending and any(e.owner == self.me for e in changed.values()):
+            self._retry()  # space came to us; other news reaches waiting allocations at the next tick
         return RingUpdate.of(ring, self.me, changed)
 
     def _receive_without_ring(self, update: RingUpdate) -> RingUpdate | None:
