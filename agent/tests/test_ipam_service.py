@@ -556,3 +556,28 @@ def test_a_consensus_of_more_peers_than_the_range_has_addresses_makes_no_ring_an
     settle(net, 5.0)
     assert all(i.alloc.ring is None for i in ipams)
     assert "a range of 4 addresses cannot be shared among 5 peers" in ipams[0].refusals[-1]
+
+
+def test_an_update_that_would_grow_the_ring_past_what_peers_decode_is_refused() -> None:
+    """A peer sends as many new tokens as one message may carry, inside another peer's range (no allocation of
+    ours is touched): merged, our ring could no longer be sent whole to anyone. It is refused and counted, the ring
+    keeps its size, and its full state still decodes."""
+    net, ipams = mesh(3, "10.32.0.0/12")
+    target, sender = ipams[0], ipams[1]
+    ring = target.alloc.ring
+    assert ring is not None
+    lo, hi = ring.owned_by(ipams[2].me)[0]
+    before = dict(ring.entries)
+    flood = RingUpdate(
+        ring.start,
+        ring.end,
+        ring.seed,
+        {lo + 1 + i: Entry(1, sender.me, 0) for i in range(MAX_TOKENS - len(ring.entries) + 1)},
+        sender=sender.me,
+    )
+    assert hi - lo > len(flood.entries)
+    conn = net.peers[0].router.connections[sender.me]
+    net.peers[0].router.handle_message(conn, {"t": GOSSIP, "ch": "ipam", "d": flood.encode()})
+    assert refused(target, "size") == 1
+    assert target.alloc.ring is not None and target.alloc.ring.entries == before
+    assert RingUpdate.decode(RingUpdate.of(target.alloc.ring, target.me).encode()).entries == before

@@ -124,9 +124,6 @@ class Ring:
     def owners(self) -> set[int]:
         return {e.owner for e in self.entries.values()}
 
-    def same_space(self, other: Ring) -> bool:
-        return (self.start, self.end) == (other.start, other.end)
-
     # -- changing ----------------------------------------------------------------------------------------------------
 
     def put(self, token: int, entry: Entry) -> None:

@@ -21,7 +21,7 @@ from weft.ipam.consensus import Consensus
 from weft.ipam.persist import IpamStore, Saved
 from weft.ipam.ring import Entry, Ring
 from weft.ipam.space import Allocation, Subnet
-from weft.ipam.wire import DENY, GRANT, REQUEST, RingUpdate, SpaceMessage
+from weft.ipam.wire import DENY, GRANT, MAX_TOKENS, REQUEST, RingUpdate, SpaceMessage
 from weft.mesh.clock import Handle
 from weft.mesh.peer import format_name, parse_name
 from weft.mesh.router import Router
@@ -199,6 +199,16 @@ class Ipam:
                 update.sender,
                 f"IPAM: refusing the ring of {who}: it was seeded by {self._names(update.seed)}, ours by "
                 f"{self._names(ring.seed)}; peers of one mesh need one ring (see docs/ipam.md, 'Seeds')",
+            )
+            return None
+        new_tokens = sum(1 for t in update.entries if t not in ring.entries)
+        if len(ring.entries) + new_tokens > MAX_TOKENS:
+            # Merged, our whole ring would be more than any peer decodes: every full state we sent would be dropped.
+            self._refuse(
+                "size",
+                update.sender,
+                f"IPAM: refusing a ring update from {who}: its {new_tokens} new token(s) would take the ring past "
+                f"{MAX_TOKENS} tokens, more than a peer accepts in one message",
             )
             return None
         theirs = update.ring()
@@ -467,6 +477,8 @@ class Ipam:
             given: tuple[int, int] | None = (address, address + 1)
         else:
             given = self.alloc.space.donation(self.alloc.our_ranges(), span)
+        if given is not None and len(ring.entries) + 2 > MAX_TOKENS:
+            given = None  # a grant adds up to two tokens: the ring must stay small enough to send whole
         if given is None:
             self.metrics.ipam_space_requests.labels("denied").inc()
             self._reply(source, SpaceMessage(DENY, message.request_id, reason=f"no free address in {span}"))
