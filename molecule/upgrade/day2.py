@@ -168,6 +168,12 @@ def previous_release(work: Path) -> tuple[str, Path]:
     raise Failed("no earlier agent version in git history (agent/pyproject.toml): cannot test an upgrade")
 
 
+def containers(label: str) -> None:
+    """A container on every machine at its fixed address (weft_demo_static): the previous release has no IPAM, and
+    the pings aim at CONTAINERS."""
+    playbook("-i", str(INVENTORY), "playbooks/checks/containers.yml", "-e", "weft_demo_static=true", label=label)
+
+
 # -- pings --------------------------------------------------------------------------------------------------
 
 
@@ -253,15 +259,7 @@ def main() -> int:
             f"weft_agent_source={prev_source}",
             label=f"site.yml with weft {prev_version}",
         )
-        # Fixed addresses (weft_demo_static): the previous release has no IPAM, and the pings aim at CONTAINERS.
-        playbook(
-            "-i",
-            str(INVENTORY),
-            "playbooks/checks/containers.yml",
-            "-e",
-            "weft_demo_static=true",
-            label="a container on every machine",
-        )
+        containers("a container on every machine")
         if set(versions(hosts).values()) != {prev_version}:
             raise Failed(f"expected every host on {prev_version}: {versions(hosts)}")
 
@@ -429,14 +427,7 @@ def main() -> int:
         secret_vars = ["-e", f"@{store}", "-e", json.dumps({"weft_secrets": ["{{ weft_secret_store.day2 }}"]})]
         playbook("-i", str(INVENTORY), "playbooks/reset.yml", "--limit", "dc2-a", label="reset.yml --limit dc2-a")
         playbook("-i", str(INVENTORY), "site.yml", *secret_vars, label="site.yml after the reset")
-        playbook(
-            "-i",
-            str(INVENTORY),
-            "playbooks/checks/containers.yml",
-            "-e",
-            "weft_demo_static=true",
-            label="containers again",
-        )
+        containers("containers again")
         playbook("-i", str(INVENTORY), "playbooks/checks/ping_matrix.yml", label="ping matrix after the reset")
 
         # 8. Decommission dc1-b: no restart elsewhere, the check passes.
