@@ -581,3 +581,19 @@ def test_an_update_that_would_grow_the_ring_past_what_peers_decode_is_refused() 
     assert refused(target, "size") == 1
     assert target.alloc.ring is not None and target.alloc.ring.entries == before
     assert RingUpdate.decode(RingUpdate.of(target.alloc.ring, target.me).encode()).entries == before
+
+
+def test_votes_naming_more_peers_than_any_mesh_has_are_a_decode_error() -> None:
+    """Thousands of votes each naming thousands of peers (megabytes, a second of decoding each) are refused as
+    malformed before they are built into votes."""
+    net = chain_of_strangers(2, discovery=True)
+    ipams = add_ipam(net, RANGE, "consensus=5")
+    assert run(net, lambda: net.converged() and full_mesh(net), 10.0)
+    target = ipams[0]
+    conn = net.peers[0].router.connections[ipams[1].me]
+    names = list(range(1, 4097))
+    votes = [[n, [1, n], [0, 0], names] for n in range(1, 18)]  # 17 x 4,096 names: past 65,536
+    payload = pack({"r": [target.universe.lo, target.universe.hi], "f": ipams[1].me, "v": votes})
+    net.peers[0].router.handle_message(conn, {"t": GOSSIP, "ch": "ipam", "d": payload})
+    assert counter(target, "weft_decode_errors_total", kind="ipam") == 1
+    assert set(target.consensus.votes) <= {i.me for i in ipams}  # type: ignore[union-attr]

@@ -18,6 +18,7 @@ KIND = "ipam"
 MAX_TOKENS = 1 << 17  # far above any real ring (a token per donation), far below what would hurt to hold
 MAX_SEED = 4096
 MAX_VOTES = 4096
+MAX_VOTE_NAMES = 65536  # in all the votes of one message: each names at most every voter, and voters are few
 MAX_REASON = 300
 
 
@@ -110,8 +111,12 @@ class RingUpdate:
             if free > size:
                 raise DecodeError(KIND, "free count larger than the range")
             update.entries[token] = Entry(version, owner, free)
+        names = 0
         for item in _list(raw, "v", 0, MAX_VOTES):
             vote = Vote.from_wire(item, KIND)
+            names += len(vote.value)
+            if names > MAX_VOTE_NAMES:
+                raise DecodeError(KIND, f"votes name more than {MAX_VOTE_NAMES} peers in all")
             update.votes[vote.node] = vote
         return update
 
