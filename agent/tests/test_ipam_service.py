@@ -17,7 +17,7 @@ from weft.ipam.ring import Entry
 from weft.ipam.service import SPACE_TIMEOUT, Ipam, IpamError
 from weft.ipam.space import Subnet
 from weft.ipam.wire import DENY, GRANT, MAX_TOKENS, REQUEST, RingUpdate, SpaceMessage
-from weft.mesh.codec import pack
+from weft.mesh.codec import DecodeError, pack
 from weft.mesh.gossip import BROADCAST, GOSSIP, UNICAST
 from weft.mesh.peer import format_name
 from weft.sim import SimNetwork, SimPeer, add_ipam, chain_of_strangers
@@ -368,6 +368,32 @@ def test_a_peer_with_another_seed_is_refused_and_counted() -> None:
     assert rings_agree(ipams[:2])
     assert f"it was seeded by {c}, ours by {a},{b}" in ipams[0].refusals[-1]
     assert ipams[2].alloc.ring.owners() == {net.peers[2].info.name}  # type: ignore[union-attr]
+
+
+def test_a_change_carries_the_seeds_digest_not_its_list_and_a_change_from_another_seed_is_refused() -> None:
+    """On a ring seeded by 1,000 peers, an allocation's delta stays a few dozen bytes (the list would be 7 KB);
+    a delta made on a ring of another seed is still told apart, and refused."""
+    net, ipams = mesh(3)
+    ring = ipams[1].alloc.ring
+    assert ring is not None
+    token, entry = next(iter(ring.entries.items()))
+    big_seed = tuple(range(1, 1001))
+    delta = RingUpdate(ring.start, ring.end, big_seed, {token: entry}, sender=ipams[1].me).encode()
+    assert len(delta) < 80
+    whole = RingUpdate(ring.start, ring.end, big_seed, {token: entry}, complete=True, sender=ipams[1].me).encode()
+    assert RingUpdate.decode(whole).seed == big_seed
+    with pytest.raises(DecodeError, match="seed digest goes only in a delta"):
+        RingUpdate.decode(pack({"r": [ring.start, ring.end], "sd": b"12345678", "c": True, "f": ipams[1].me}))
+
+    target = ipams[0]
+    before = dict(target.alloc.ring.entries)  # type: ignore[union-attr]
+    other = RingUpdate(ring.start, ring.end, big_seed, {token: Entry(entry.version + 5, ipams[1].me, 0)})
+    other.sender = ipams[1].me
+    conn = net.peers[0].router.connections[ipams[1].me]
+    net.peers[0].router.handle_message(conn, {"t": BROADCAST, "ch": "ipam", "src": ipams[1].me, "d": other.encode()})
+    assert refused(target, "seed") == 1
+    assert "seeded by another list (a change sent without it)" in target.refusals[-1]
+    assert target.alloc.ring.entries == before  # type: ignore[union-attr]
 
 
 # -- hostile input ---------------------------------------------------------------------------------------------------

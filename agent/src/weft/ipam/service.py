@@ -21,7 +21,7 @@ from weft.ipam.consensus import Consensus
 from weft.ipam.persist import IpamStore, Saved
 from weft.ipam.ring import Entry, Ring
 from weft.ipam.space import Allocation, Subnet
-from weft.ipam.wire import DENY, GRANT, MAX_TOKENS, REQUEST, RingUpdate, SpaceMessage
+from weft.ipam.wire import DENY, GRANT, MAX_TOKENS, REQUEST, RingUpdate, SpaceMessage, seed_digest
 from weft.mesh.clock import Handle
 from weft.mesh.peer import format_name, parse_name
 from weft.mesh.router import Router
@@ -193,11 +193,12 @@ class Ipam:
             return self._receive_without_ring(update)
         if not update.entries:
             return None
-        if update.seed != ring.seed:
+        if update.digest != seed_digest(ring.seed):
+            theirs_text = self._names(update.seed) if update.seed else "another list (a change sent without it)"
             self._refuse(
                 "seed",
                 update.sender,
-                f"IPAM: refusing the ring of {who}: it was seeded by {self._names(update.seed)}, ours by "
+                f"IPAM: refusing the ring of {who}: it was seeded by {theirs_text}, ours by "
                 f"{self._names(ring.seed)}; peers of one mesh need one ring (see docs/ipam.md, 'Seeds')",
             )
             return None
