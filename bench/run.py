@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Weft benchmarks: prints tables of figures and writes them as JSON to bench/results/ (mesh.json, datapath.json,
-restart.json).
+restart.json, ipam.json).
 
     make bench                                    # everything (as root for the real-agent and data-path parts)
     make bench BENCH_ARGS="--sim-sizes 100,300 --agents 0 --no-datapath"
@@ -15,6 +15,11 @@ It prints the targets next to the figures.
 The restart part (bench/restart.py) measures the restart gap on the encrypted path: how long UDP traffic between
 containers stops while one agent is restarted as systemd does it (SIGTERM, exit, start), and where the time goes;
 with --restart-baseline REV[,REV...] the same runs first against the agent of each git revision.
+
+The IPAM part (bench/ipam_sim.py on the simulator, bench/ipam_agents.py on real agents as root) measures how long
+an allocation takes (in the agent's code, through the API, `weft attach` end to end, and when space must come from
+another peer first), the ring gossip one allocation costs next to sending the whole ring, and how soon a fresh
+seeded mesh allocates.
 
 Figures, not tests: nothing here fails on a number. The exit status is non-zero only when a mesh did
 not converge at all (or an agent died), or a data-path scenario could not be measured, because then the
@@ -35,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import datapath
+import ipam_sim
 import mesh
 import restart
 
@@ -361,6 +367,118 @@ def print_restart(report: dict) -> None:
                 print("\n".join(f"      {line[:160]}" for line in tail.splitlines()[-8:]))
 
 
+def _ms_row(label: str, figures: dict | None, target: str) -> list[str]:
+    ms = (figures or {}).get("ms") or {}
+    return [
+        label,
+        _fmt(ms.get("samples")),
+        _fmt(ms.get("median"), " ms"),
+        _fmt(ms.get("p99"), " ms"),
+        target,
+    ]
+
+
+def print_ipam(report: dict) -> None:
+    print("\nIPAM: allocation latency")
+    rows = []
+    for r in report.get("local_latency", []):
+        where = "with its state database" if r["state_database"] else "code alone"
+        rows.append(
+            _ms_row(
+                f"local space, Ipam.allocate ({where}, ring of {r['ring_tokens']:,} tokens)",
+                r,
+                "<= 1 ms",
+            )
+        )
+    sr = report.get("space_request")
+    if sr:
+        rows.append(
+            _ms_row(
+                f"space from another peer: CPU of the {sr['peers']}-peer simulated mesh",
+                {"ms": sr["cpu_ms"]},
+                "<= 50 ms",
+            )
+        )
+        rows.append(
+            _ms_row(
+                f"  the same, virtual time over {sr['link_latency_ms']:g} ms links",
+                {"ms": sr["virtual_ms"]},
+                "",
+            )
+        )
+    agents = report.get("agents") or {}
+    for key, value in agents.items():
+        if isinstance(value, dict) and "ms" in value:
+            rows.append(
+                _ms_row(
+                    f"real agents: {value.get('label', key)}",
+                    value,
+                    value.get("target", ""),
+                )
+            )
+    print(_table(["allocation", "samples", "median", "p99", "target"], rows))
+    if "skipped" in agents or "error" in agents:
+        print(f"  real agents: {agents.get('skipped') or agents.get('error')}")
+
+    print(
+        "\nIPAM: ring gossip for one allocation (bytes every peer sends on average, until the mesh is quiet)"
+    )
+    rows = []
+    for g in report.get("gossip", []):
+        seeded = "all" if g["seed_peers"] == g["peers"] else f"{g['seed_peers']}"
+        rows.append(
+            [
+                f"{g['peers']:,} peers, seeded by {seeded}"
+                + (", each with space" if g["grown"] else ""),
+                _fmt(g["ring_tokens"]),
+                _fmt(g["messages"]),
+                _fmt(g["ipam_bytes_per_peer"], " B"),
+                _fmt(g["whole_ring_baseline_bytes_per_peer"], " B"),
+                _fmt(g["baseline_ratio"], "x"),
+                "yes" if g["rings_agree"] else "NO",
+            ]
+        )
+    print(
+        _table(
+            [
+                "mesh",
+                "tokens",
+                "messages",
+                "ipam/peer",
+                "whole-ring baseline/peer",
+                "baseline/weft",
+                "rings agree",
+            ],
+            rows,
+        )
+    )
+    print(
+        "  whole-ring baseline: every peer sending the whole ring once for the change (what a ring without deltas\n"
+        "  would cost). Anti-entropy (the whole ring to a few neighbours a round) is outside these windows."
+    )
+
+    print("\nIPAM: from a fresh mesh's start to its first allocation")
+    rows = []
+    for f in report.get("first_allocation", []):
+        rows.append(
+            [
+                f"simulator, {f['peers']} peers, {f['init']} (virtual time)",
+                _fmt(f["virtual_s"], " s"),
+                f["address"] or f["reason"],
+            ]
+        )
+    first = agents.get("first_allocation") if isinstance(agents, dict) else None
+    if isinstance(first, dict):
+        rows.append(
+            [
+                f"real agents: {first.get('label', 'fresh seeded mesh')}",
+                _fmt(first.get("s"), " s"),
+                str(first.get("address") or first.get("detail") or ""),
+            ]
+        )
+    print(_table(["mesh", "first allocation", "address"], rows))
+
+
 def _sigterm_as_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"received signal {signum}")
 
@@ -452,6 +570,26 @@ def main() -> int:
         default=RESULTS / "restart.json",
         help="restart-gap JSON",
     )
+    parser.add_argument(
+        "--ipam",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the IPAM benchmark (simulator; real agents too as root)",
+    )
+    parser.add_argument(
+        "--ipam-sizes",
+        default="100,1000",
+        help="simulated meshes for the IPAM gossip figures, comma-separated",
+    )
+    parser.add_argument(
+        "--ipam-agents",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the IPAM figures of real agents in namespaces (needs root)",
+    )
+    parser.add_argument(
+        "--ipam-output", type=Path, default=RESULTS / "ipam.json", help="IPAM JSON"
+    )
     args = parser.parse_args()
     dp_scenarios = [s.strip() for s in args.datapath_scenarios.split(",") if s.strip()]
     unknown = [s for s in dp_scenarios if s not in datapath.SCENARIOS]
@@ -525,6 +663,22 @@ def main() -> int:
         print_restart(rs)
         _write(args.restart_output, {**{k: report[k] for k in ("when", "machine")}, **rs})
         failed |= any("failed" in r for r in rs.get("variants", {}).values())
+
+    if args.ipam:
+        print("\nIPAM ...", flush=True)
+        ipam_sizes = [int(s) for s in args.ipam_sizes.split(",") if s.strip()]
+        ir = ipam_sim.run(ipam_sizes, log=lambda line: print(line, flush=True))
+        if not args.ipam_agents:
+            ir["agents"] = {"skipped": "--no-ipam-agents"}
+        elif os.geteuid() != 0:
+            ir["agents"] = {"skipped": "needs root (network namespaces)"}
+        else:
+            import ipam_agents  # only as root: it builds namespaces
+
+            ir["agents"] = ipam_agents.run(log=lambda line: print(line, flush=True))
+        print_ipam(ir)
+        _write(args.ipam_output, {**{k: report[k] for k in ("when", "machine")}, **ir})
+        failed |= any(not g["rings_agree"] for g in ir["gossip"]) or "error" in ir["agents"]
     return 1 if failed else 0
 
 
