@@ -154,15 +154,18 @@ class Agent:
                 found = []
             claim_found(self.ipam, found)
         # Peers before the API: a restart's traffic waits for the targets' dials and their data paths, not for the
-        # import of the API's web framework (a fifth of a second of CPU), which comes after, in a thread.
+        # import of the API's web framework (a fifth of a second of CPU), which runs in a thread once they are out.
         self.router.start()
         targets = list(self.maker.targets.values())
         self.maker.check()
+        # The dials are out: import the API's framework while they travel (threads share the CPU in turns of a few
+        # milliseconds, so a handshake that comes back waits little), rather than after them.
+        api_class = asyncio.ensure_future(asyncio.to_thread(_api_server))
         loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
         loop.add_signal_handler(signal.SIGINT, self._stopping.set)
         await self._until_forwarding(targets, FORWARDING_WAIT * c.path_interval)
         try:
-            api: ApiServer = (await asyncio.to_thread(_api_server))(self)
+            api: ApiServer = (await api_class)(self)
             await api.start()
         except BaseException:
             self.maker.stop()
