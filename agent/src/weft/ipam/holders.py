@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +21,8 @@ from weft.addresses import AddressError, overlay_cidr
 from weft.ipam.bootstrap import BootstrapError, parse_range
 from weft.ipam.service import Ipam
 from weft.ipam.space import Allocation, Subnet
+
+log = logging.getLogger(__name__)
 
 HOST_KEY = "host"
 SUBNET_PREFIX = "net:"
@@ -147,9 +151,6 @@ def claim_found(ipam: Ipam, found: list[tuple[str, str, list[str]]]) -> None:
     """Reserve the addresses of containers found attached at start that the store does not know (attached by a
     release without IPAM, or before the state dir was lost), so nobody else is given them. An address owned by
     another peer is asked of it once it is reachable."""
-    import logging
-
-    log = logging.getLogger(__name__)
     for netns, host_ifname, cidrs in found:
         key = f"netns:{netns}"
         held = set(ipam.holdings(key))
@@ -186,7 +187,9 @@ async def carry_out(ipam: Ipam, overlay: OverlayCall, action: str, body: dict[st
         key, label = HOST_KEY, "host"
     if action in ("attach", "expose"):
         held_before = set(ipam.holdings(key))
+        began = time.perf_counter()
         given, reserved = await reserve(ipam, key, label, wanted(cidrs, ipam))
+        log.debug("%s %s: IPAM %.2f ms", action, label, 1e3 * (time.perf_counter() - began))
         try:
             result = await overlay(action, body, given, not reserved)
         except BaseException:
