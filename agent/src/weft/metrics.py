@@ -110,6 +110,20 @@ class Metrics:
             "weft_ipam_space_requests", "Space requests sent, granted and denied by this peer", ["result"], registry=r
         )
 
+        # The DNS server (weft.dns.server, weft.dns.upstream; docs/dns.md, "Server").
+        self.dns_queries = Counter(
+            "weft_dns_queries",
+            "DNS messages received, by the rcode answered (dropped: not answered)",
+            ["rcode"],
+            registry=r,
+        )
+        self.dns_upstream_failures = Counter(
+            "weft_dns_upstream_failures",
+            "Forwarded DNS queries an upstream server did not answer, by reason (each server tried counts)",
+            ["reason"],
+            registry=r,
+        )
+
     def add_datapath(
         self, byte_counts: Callable[[], dict[tuple[str, str], int]], drop_counts: Callable[[], dict[str, int]]
     ) -> None:
