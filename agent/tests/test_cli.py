@@ -81,3 +81,17 @@ def test_status_without_an_agent_says_what_to_do(tmp_path: Path) -> None:
     assert "is the agent running" in res.stderr and "Traceback" not in res.stderr
     res = weft("status", env={"WEFT_API_SOCKET": str(tmp_path / "env.sock")})
     assert str(tmp_path / "env.sock") in res.stderr
+
+
+def test_the_commands_that_talk_to_the_agent_import_none_of_its_modules() -> None:
+    """`weft attach` is run once per container: its start-up must not pay for the config model (pydantic), asyncio
+    or the store, which only `weft run` and `weft reset` need."""
+    probe = (
+        "import sys, weft.cli\n"
+        "heavy = ('pydantic', 'asyncio', 'yaml', 'sqlite3', 'aiohttp', 'pyroute2', 'weft.config', 'weft.store')\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m in heavy)))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": SRC}
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == []

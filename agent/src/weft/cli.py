@@ -1,12 +1,14 @@
-"""The ``weft`` command: run the agent, and talk to a running one through its local API."""
+"""The ``weft`` command: run the agent, and talk to a running one through its local API.
+
+Only what every command needs is imported here: the commands that talk to the agent (attach above all, run by
+orchestrators once per container) start in a fraction of the time that the agent's own modules (the config model,
+asyncio, the store) take to import, so those are imported by the commands that use them.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -15,9 +17,6 @@ import click
 from weft import __version__
 from weft.api import render
 from weft.api.client import DEFAULT_SOCKET, ApiError, Client
-from weft.config import ConfigError, load_config
-from weft.safetext import EscapingFormatter
-from weft.store import StoreError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -102,6 +101,14 @@ def run(config_path: Path | None, **flags: object) -> None:
 
     Every flag can also be set in the config file (same name, underscores) or as WEFT_<NAME>.
     """
+    import asyncio
+    import logging
+    import signal
+
+    from weft.config import ConfigError, load_config
+    from weft.safetext import EscapingFormatter
+    from weft.store import StoreError
+
     early_reloads: list[int] = []  # a SIGHUP before the agent's loop runs must not kill it: keep it for later
     signal.signal(signal.SIGHUP, lambda signum, frame: early_reloads.append(signum))
     flags["api_socket"] = flags.pop("run_api_socket")
@@ -253,6 +260,8 @@ def reset(client: Client, config_path: Path | None, bridge: str | None, state_di
 
     Refuses while the agent runs (stop it first: systemctl stop weft). Traffic between containers stops.
     """
+    from weft.config import ConfigError, load_config
+
     try:
         client.status()
     except ApiError:
