@@ -7,6 +7,7 @@ it names files, and the files must be private (mode 0600).
 
 from __future__ import annotations
 
+import ipaddress
 import stat
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from weft.addresses import AddressError, Network, bind_address, peer_address, subnet
+from weft.dns.names import domain_of
 from weft.ipam.bootstrap import DEFAULT_RANGE, BootstrapError, Init, parse_init, parse_range, parse_subnets
 from weft.ipam.space import Subnet
 from weft.mesh.peer import PeerNameError, parse_name
@@ -70,6 +72,12 @@ class AgentConfig(BaseModel):
     ipalloc_range: str = DEFAULT_RANGE
     ipalloc_default_subnet: str | None = None
     ipalloc_init: str | None = None  # seed=NAME,... | consensus[=N] | observer; default: consensus among the targets
+    # DNS: names for containers, answered on every host at one address on its bridge (docs/dns.md).
+    dns: bool = True
+    dns_domain: str = "weft.local."
+    dns_address: str = "169.254.53.53"
+    dns_ttl: int = Field(30, ge=0, le=86400)
+    dns_upstream: list[str] = Field(default_factory=list)  # default: the host's /etc/resolv.conf
 
     @field_validator("ipalloc_range")
     @classmethod
@@ -97,6 +105,30 @@ class AgentConfig(BaseModel):
 
     def ipam_init(self) -> Init:
         return parse_init(self.ipalloc_init)
+
+    @field_validator("dns_domain")
+    @classmethod
+    def _dns_domain(cls, value: str) -> str:
+        return domain_of(value)  # its ValueError says what is wrong
+
+    @field_validator("dns_address")
+    @classmethod
+    def _dns_address(cls, value: str) -> str:
+        try:
+            address = ipaddress.IPv4Address(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IPv4 address (the default is 169.254.53.53)") from None
+        if not address.is_link_local:
+            raise ValueError(
+                f"{value} is not link-local (169.254.0.0/16): every host answers at this address on its own bridge,"
+                " so it must be one no network routes"
+            )
+        return str(address)
+
+    @field_validator("dns_upstream")
+    @classmethod
+    def _dns_upstream(cls, value: list[str]) -> list[str]:
+        return [peer_address(v, default_port=53) for v in value]
 
     @field_validator("bridge")
     @classmethod
@@ -181,9 +213,9 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         name = aliases.get(name, name)
         if name not in AgentConfig.model_fields:
             continue
-        if name in ("peers", "secret_files", "trusted_subnets"):
+        if name in ("peers", "secret_files", "trusted_subnets", "dns_upstream"):
             values[name] = [v for v in raw.replace(",", " ").split() if v]
-        elif name in ("discovery", "datapath") and raw.lower() in ("0", "false", "no", "off"):
+        elif name in ("discovery", "datapath", "dns") and raw.lower() in ("0", "false", "no", "off"):
             values[name] = False
         else:
             values[name] = raw
