@@ -515,7 +515,7 @@ def test_upstream_down_servfail_within_the_timeout() -> None:
                     response = await ask(server, OUTSIDE, tcp=tcp)
                     took = loop.time() - start
                     assert response.rcode() == dns.rcode.SERVFAIL
-                    assert took < timeout + 2.0, took  # generous slack for a busy machine
+                    assert took < timeout + 3.0, took  # generous slack for a busy machine
                 out = await dig(server, OUTSIDE)
                 assert dig_status(out) == "SERVFAIL"
                 assert failures(metrics, "timeout") == 3 and count(metrics, "SERVFAIL") == 3
@@ -524,7 +524,7 @@ def test_upstream_down_servfail_within_the_timeout() -> None:
             async with serving(upstream=upstream, metrics=metrics) as server:
                 start = loop.time()
                 response = await ask(server, OUTSIDE)
-                assert response.rcode() == dns.rcode.SERVFAIL and loop.time() - start < timeout + 2.0
+                assert response.rcode() == dns.rcode.SERVFAIL and loop.time() - start < timeout + 3.0
                 assert failures(metrics, "unreachable") == 1
             # Two servers, the first dead: the second answers within the same timeout.
             async with upstreams("127.0.0.4") as live:
