@@ -128,7 +128,13 @@ class AgentConfig(BaseModel):
     @field_validator("dns_upstream")
     @classmethod
     def _dns_upstream(cls, value: list[str]) -> list[str]:
-        return [peer_address(v, default_port=53) for v in value]
+        from weft.dns.upstream import parse_server  # dnspython, only when upstreams are set
+
+        out = []
+        for text in value:
+            host, port = parse_server(text)  # its ValueError names the entry
+            out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        return out
 
     @field_validator("bridge")
     @classmethod

@@ -112,8 +112,11 @@ class DnsServer:
         ttl: int = TTL,
         tcp_limit: int = TCP_LIMIT,
         tcp_idle: float = TCP_IDLE,
+        device: str | None = None,
     ) -> None:
-        """``binds``: (host, port) pairs to serve on, UDP and TCP each; port 0 picks one (the same for both)."""
+        """``binds``: (host, port) pairs to serve on, UDP and TCP each; port 0 picks one (the same for both).
+        ``device``: the sockets are bound to that interface (the bridge): answers leave by it with no route to the
+        asker, and a query that came in by another is never seen."""
         if not binds:
             raise ValueError("the DNS server needs at least one address to listen on")
         self.answers = answers
@@ -123,6 +126,7 @@ class DnsServer:
         self.ttl = ttl
         self.tcp_limit = tcp_limit
         self.tcp_idle = tcp_idle
+        self.device = device
         self.addresses: list[tuple[str, int]] = []  # where it listens, once started
         self._domain_name = dns.name.from_text(self.domain)
         self._counts = {rcode: metrics.dns_queries.labels(rcode) for rcode in RCODES}
@@ -154,7 +158,7 @@ class DnsServer:
                     udp = _UdpListener(self, host, port)
                     bound = udp.sock.getsockname()[1]
                     try:
-                        tcp = await loop.create_server(self._tcp_protocol, host, bound, reuse_address=True, backlog=128)
+                        tcp = await loop.create_server(self._tcp_protocol, sock=_tcp_socket(host, bound, self.device))
                     except OSError:
                         udp.close()
                         if port != 0 or attempt == 9:
@@ -464,6 +468,25 @@ def _truncated(response: dns.message.Message, limit: int) -> bytes:
     return best
 
 
+def _tcp_socket(host: str, port: int, device: str | None) -> socket.socket:
+    """A listening TCP socket (what loop.create_server would make), bound to ``device`` if given."""
+    family, type_, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_NUMERICHOST
+    )[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if device:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
+        sock.bind(address)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class _UdpListener:
     """One UDP socket, read straight from the event loop: up to UDP_BATCH datagrams each time it is readable (an
     asyncio datagram transport reads one), answers sent at once. An answer the socket has no room for is dropped,
@@ -480,6 +503,8 @@ class _UdpListener:
             sock.setblocking(False)
             with contextlib.suppress(OSError):  # room for a burst; capped by net.core.rmem_max
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            if server.device:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, server.device.encode())
             sock.bind(address)
         except OSError:
             sock.close()
