@@ -264,8 +264,13 @@ def test_bridge_fdb_static_entries(overlay: tuple[str, NetDev]) -> None:
     nd.bridge_fdb_set(BR, "02:bb:00:00:00:02", TAP)
     assert nd.bridge_fdb(BR) == {"02:bb:00:00:00:01": VX, "02:bb:00:00:00:02": TAP}
     assert "02:bb:00:00:00:01 dev vxweft master weft static" in sh("bridge", "-n", name, "fdb", "show", "br", BR)
+    # One MAC looked up alone: the same answer as the whole table, port addresses and unknown MACs being None.
+    assert nd.bridge_fdb_port(BR, "02:BB:00:00:00:01") == VX
+    assert nd.bridge_fdb_port(BR, "02:bb:00:00:00:09") is None
+    assert nd.bridge_fdb_port(BR, nd.link(VX).mac) is None and nd.bridge_fdb_port(BR, nd.link(BR).mac) is None
     nd.bridge_fdb_set(BR, "02:bb:00:00:00:01", TAP)  # moves
     assert nd.bridge_fdb(BR) == {"02:bb:00:00:00:01": TAP, "02:bb:00:00:00:02": TAP}
+    assert nd.bridge_fdb_port(BR, "02:bb:00:00:00:01") == TAP
     nd.bridge_fdb_del(BR, "02:bb:00:00:00:01", VX)  # not there: nothing happens
     nd.bridge_fdb_del(BR, "02:bb:00:00:00:01", TAP)
     nd.bridge_fdb_del(BR, "02:bb:00:00:00:01", TAP)

@@ -562,6 +562,27 @@ class NetDev:
                 out[mac] = ports[m["ifindex"]]
         return out
 
+    def bridge_fdb_port(self, bridge: str, mac: str) -> str | None:
+        """The port ``mac`` has an entry on that someone put on the bridge (what :meth:`bridge_fdb` lists for it),
+        or None: one lookup in the kernel (`bridge fdb get`), where the whole FDB is a dump of every port's entries."""
+        mac = _norm_mac(mac)
+        br = self._require(bridge, "bridge")
+        found = _call(
+            f"cannot look {mac} up in the FDB of bridge {bridge!r}",
+            self.ipr.fdb,
+            "get",
+            lladdr=mac,
+            master=br.index,
+            ignore=(errno.ENOENT,),
+        )
+        for m in found or ():
+            port = self.link(m["ifindex"])
+            if port is None or port.master != br.index:
+                continue  # the bridge's own address, or a port that went away meanwhile
+            if m["state"] & NUD_NOARP or (m["state"] & NUD_PERMANENT and mac not in (port.mac, br.mac)):
+                return port.name
+        return None
+
     def _port_index(self, bridge: str, port: str) -> int | None:
         bridge_index = self._require(bridge, "bridge").index
         link = self.link(port)

@@ -89,7 +89,7 @@ def carry_out(
     in_use = in_use_check(nd, bridge, probe_wait, describe_mac)
 
     def static_entry(mac: str, host_ifname: str) -> None:
-        holder = nd.bridge_fdb(bridge).get(mac)
+        holder = nd.bridge_fdb_port(bridge, mac)
         if holder is not None and holder != host_ifname and holder.startswith(ops.HOST_PREFIX):
             # A container that took another's MAC must not get it by being attached again. (A remote MAC's
             # entry on an overlay port is replaced: a container moved here; the mesh reports a conflict.)
