@@ -441,6 +441,25 @@ def test_local_macs_are_the_attached_ones_never_learned_ones(env: Env, overlay: 
     assert nd.container_port(BR, a2.host_ifname) == 0, "idempotent"
 
 
+@netns_test
+def test_a_container_port_made_in_one_request_forgets_only_what_it_learned(
+    env: Env, overlay: tuple[str, NetDev]
+) -> None:
+    name, nd = overlay
+    c1, c2 = env.ns("c1"), env.ns("c2")
+    a1 = attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1)
+    a2 = attach(nd, bridge=BR, cidrs=["10.40.0.2/24"], mtu=MTU, netns=c2)
+    nd.bridge_fdb_set(BR, a2.mac, a2.host_ifname)  # attached: static
+    nd.bridge_fdb_set(BR, "02:cc:00:00:00:09", a2.host_ifname)
+    ping("ip", "netns", "exec", c1, dst="10.40.0.2")
+    assert a1.mac in sh("bridge", "-n", name, "fdb", "show", "dev", a1.host_ifname), "learned"
+    assert nd.container_port(BR, a1.host_ifname, count=False) == 0
+    assert nd.container_port(BR, a2.host_ifname, count=False) == 0
+    assert nd.link(a1.host_ifname).port.get("IFLA_BRPORT_LEARNING") == 0
+    assert a1.mac not in sh("bridge", "-n", name, "fdb", "show", "dev", a1.host_ifname), "forgotten"
+    assert nd.attached_macs(BR, [VX, TAP])[a2.host_ifname] == {a2.mac, "02:cc:00:00:00:09"}, "static entries stay"
+
+
 class Reports:
     """What the watcher reported, oldest first; fed from the watcher's thread."""
 

@@ -650,13 +650,25 @@ class NetDev:
             out |= macs
         return out
 
-    def container_port(self, bridge: str, port: str) -> int:
+    def container_port(self, bridge: str, port: str, *, count: bool = True) -> int:
         """Make ``port`` a container port that learns nothing and forget what it learned; returns entries removed.
 
         Without learning, a frame with a forged source MAC cannot move another container's entry to this port.
+        ``count=False``: one request, learning off and the port's learned entries flushed by the kernel (static and
+        permanent ones stay), uncounted (returns 0); the bridge's whole FDB is not read.
         """
         link = self.link(port)
         if link is None:
+            return 0
+        if not count:
+            _call(
+                f"cannot set learning off on bridge port {port!r}",
+                self.ipr.brport,
+                "set",
+                index=link.index,
+                learning=0,
+                flush=True,
+            )
             return 0
         if link.port.get("IFLA_BRPORT_LEARNING", 1) != 0:
             _call(

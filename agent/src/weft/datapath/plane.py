@@ -607,8 +607,11 @@ class DataPlane:
             log.info("%s refused: %s", action, exc)
             raise
         done = time.perf_counter()
-        if action in ("attach", "detach"):
-            self._guard_ports()  # now, not after the watcher's settle time: the new port drops all until then
+        # Now, not after the watcher's settle time: a new port drops all until then.
+        if action == "attach":
+            self._guard_attached(result["host_interface"], result["mac"])
+        elif action == "detach":
+            self._guard_ports()
         log.debug(
             "%s: devices %.1f ms, port guard %.1f ms",
             action,
@@ -742,6 +745,22 @@ class DataPlane:
             if self.portguard is not None:
                 self.portguard.sync(attached)
         except Exception as exc:  # a port that went away meanwhile, nft refusing: the next event or tick retries
+            log.warning("could not update the container port guard: %s", exc)
+
+    def _guard_attached(self, port: str, mac: str) -> None:
+        """The port an attach made (or found), at once: it learns nothing and forgets what it learned, and passes
+        frames from the container's MAC. That port alone, a few requests whatever the number of containers: the
+        MAC watcher's event runs the whole pass (_guard_ports) next, in the background."""
+        if self.nd is None:
+            return
+        try:
+            self.nd.container_port(self.bridge, port, count=False)  # a pair made again keeps its name: always
+            self._guarded.add(port)
+            if self.portguard is not None:
+                allowed = dict(self.portguard.ports)
+                allowed[port] = allowed.get(port, frozenset()) | {mac}
+                self.portguard.sync(allowed)
+        except Exception as exc:  # the port went away meanwhile, nft refusing: the whole pass retries
             log.warning("could not update the container port guard: %s", exc)
 
     def _poll_portguard(self, now: float) -> None:
