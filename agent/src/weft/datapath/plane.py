@@ -719,10 +719,10 @@ class DataPlane:
 
     def _start_portguard(self) -> None:
         """Replace the last run's guard table with one for the ports attached now, before anything else runs."""
-        from weft.datapath.portguard import NftError, PortGuard
+        from weft.datapath.portguard import NftError, PortGuard, default_runner
 
         assert self.nd is not None
-        guard = PortGuard()
+        guard = PortGuard(default_runner())  # libnftables in this process (this loop's thread), else `nft`
         try:
             guard.start(self.nd.attached_macs(self.bridge, (self.vxlan, self.tap)))
         except NftError as exc:  # without it, containers could forge source MACs: do not run

@@ -10,21 +10,27 @@ The forged pairs go into a dynamic set with per-element counters. The agent read
 tick and logs a line per port at most once a minute, naming the port and the forged MAC. The table stays when the
 agent stops (containers stay guarded while it restarts) and is replaced in one transaction when it starts;
 `weft reset` removes it.
+
+The agent drives nftables through libnftables in its own process (:class:`InProcessNft`) when the library is there:
+the same commands as the `nft` program, without a process started for each (an attach waited for one).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 import re
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from weft.datapath.attach import HOST_PREFIX
 
-__all__ = ["TABLE", "NftError", "PortGuard", "remove_table", "ruleset"]
+__all__ = ["TABLE", "InProcessNft", "NftError", "PortGuard", "default_runner", "remove_table", "ruleset"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,78 @@ def run_nft(args: list[str], script: str | None = None) -> str:
         first = next((line for line in proc.stderr.splitlines() if line.strip()), f"exit code {proc.returncode}")
         raise NftError(f"nft: {first.strip()}")
     return proc.stdout
+
+
+class InProcessNft:
+    """A :data:`Runner` on libnftables, the library the `nft` program is made of: the same commands and scripts (a
+    script is one transaction, as with `nft -f`), the same errors, no process per call.
+
+    Its netlink socket belongs to the network namespace of the thread that first uses it: use it from the agent's
+    event loop (or any one thread in the namespace whose nftables it is meant to change), one call at a time.
+    """
+
+    OUTPUT_JSON = 1 << 4  # NFT_CTX_OUTPUT_JSON
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._lib = lib
+        self._ctx: int | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls) -> InProcessNft | None:
+        """The runner, or None when libnftables cannot be loaded (run `nft` then)."""
+        name = ctypes.util.find_library("nftables") or "libnftables.so.1"
+        try:
+            lib = ctypes.CDLL(name)
+            lib.nft_ctx_new.restype = ctypes.c_void_p
+            lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+            lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
+            lib.nft_ctx_buffer_output.argtypes = [ctypes.c_void_p]
+            lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
+            lib.nft_ctx_get_output_buffer.argtypes = [ctypes.c_void_p]
+            lib.nft_ctx_get_output_buffer.restype = ctypes.c_char_p
+            lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+            lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+            lib.nft_ctx_output_get_flags.argtypes = [ctypes.c_void_p]
+            lib.nft_ctx_output_get_flags.restype = ctypes.c_uint
+            lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+            lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+            lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            return None
+        return cls(lib)
+
+    def __call__(self, args: list[str], script: str | None = None) -> str:
+        as_json = "-j" in args
+        command = script if script is not None else " ".join(a for a in args if a != "-j")
+        lib = self._lib
+        with self._lock:
+            if self._ctx is None:
+                ctx = lib.nft_ctx_new(0)
+                if not ctx or lib.nft_ctx_buffer_output(ctx) or lib.nft_ctx_buffer_error(ctx):
+                    raise NftError("nft: cannot set up libnftables")
+                self._ctx = ctx
+            ctx = self._ctx
+            flags = lib.nft_ctx_output_get_flags(ctx)
+            lib.nft_ctx_output_set_flags(ctx, flags | self.OUTPUT_JSON if as_json else flags & ~self.OUTPUT_JSON)
+            rc = lib.nft_run_cmd_from_buffer(ctx, command.encode())
+            out = (lib.nft_ctx_get_output_buffer(ctx) or b"").decode(errors="replace")  # each read empties it
+            err = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace")
+        if rc != 0:
+            first = next((line for line in err.splitlines() if line.strip()), f"exit code {rc}")
+            raise NftError(f"nft: {first.strip()}")
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            if self._ctx is not None:
+                self._lib.nft_ctx_free(self._ctx)
+                self._ctx = None
+
+
+def default_runner() -> Runner:
+    """libnftables in this process if it loads, else the `nft` program."""
+    return InProcessNft.load() or run_nft
 
 
 def _pairs(allowed: Mapping[str, Collection[str]]) -> dict[str, frozenset[str]]:
