@@ -538,15 +538,18 @@ class NetDev:
         )
 
     def _ports(self, bridge_index: int) -> tuple[dict[int, str], set[str]]:
-        """The bridge's ports by ifindex, and the MACs that are the bridge's or a port's own address."""
+        """The bridge's ports by ifindex, and the MACs that are the bridge's or a port's own address.
+
+        Read from each link's name, master and address alone: decoding the rest of every link (its kind's data, its
+        port's settings) was most of the time, and it is read for every change of the containers' MACs."""
         names: dict[int, str] = {}
         own: set[str] = set()
-        for link in self._links():
-            if link.master == bridge_index:
-                names[link.index] = link.name
-                own.add(link.mac)
-            elif link.index == bridge_index:
-                own.add(link.mac)
+        for m in _call("cannot list links", self.ipr.link, "dump"):
+            index, master = m["index"], m.get_attr("IFLA_MASTER")
+            if master == bridge_index or index == bridge_index:
+                own.add((m.get_attr("IFLA_ADDRESS") or "").lower())
+                if master == bridge_index:
+                    names[index] = m.get_attr("IFLA_IFNAME")
         return names, own
 
     def bridge_fdb(self, bridge: str) -> dict[str, str]:
