@@ -2,12 +2,14 @@
 """IPAM on real agents in network namespaces (root): how long `weft attach` with no address takes, and how soon a
 fresh seeded mesh allocates.
 
-Three scenarios, each on its own lab (agent/tests/lab.py), with the data plane on as a user runs it:
+Three scenarios, the first two on one lab (agent/tests/lab.py), with the data plane on as a user runs it:
 
 - **local space**: three agents seeded with all three names; containers attached on h1 one after another, each
-  from h1's own part of the ring. Timed through the agent's API (HTTP over its unix socket, what the CLI sends),
-  then as a user runs it: the `weft attach --netns X` process, start to exit. The agent logs (at debug) the time
-  it spent in IPAM, on the devices and on the port guard for each request; those are read back from its log.
+  from h1's own part of the ring, each once the agent is idle again, in turn through the agent's API (HTTP over
+  its unix socket, what the CLI sends) and as a user runs it (the `weft attach --netns X` process, start to exit),
+  so both meet as many containers already attached. The agent logs (at debug) the time it spent in IPAM, on the
+  devices and on the port guard for each request; those are read back from its log. Then as many again through
+  the API back to back, each asked as soon as the last is answered, as an orchestrator starting containers does.
 - **space from another peer**: a fourth agent started with ``--ipalloc-init observer`` owns nothing; each attach
   there asks for an address of a /24 it owns nothing of (``net:SUBNET``, a new one each time), so every allocation
   first gets space from the peer that owns that /24.
@@ -20,8 +22,8 @@ bench's own (PYTHONPYCACHEPREFIX), so a tree run with PYTHONDONTWRITEBYTECODE me
 unchanged.
 
 Figures only, nothing asserts on time. ``run()`` returns them (JSON-ready) for bench/run.py; this file also runs
-alone: ``python bench/ipam_agents.py [--containers N] [--baseline REV]`` prints the JSON (``--baseline`` first
-measures the agent of a git revision, the same way, on the same machine).
+alone: ``python bench/ipam_agents.py [--containers N] [--baseline REV,...] [--no-tree]`` prints the JSON
+(``--baseline`` first measures the agent of each git revision, the same way, on the same machine).
 """
 
 from __future__ import annotations
@@ -53,7 +55,9 @@ from lab import Container, Host, Lab, netns_unavailable_reason, wait_until  # no
 Log = Callable[[str], None]
 
 TARGETS = {"agent_local": "<= 1 ms", "cli_local": "<= 20 ms", "space": "<= 50 ms"}
-PAUSE = 0.1  # seconds between two timed attaches: the agent quiet again (its MAC watcher settles in 50 ms)
+# Before each timed attach the agent is idle again: no CPU used for IDLE_FOR seconds (at most IDLE_MAX): what one
+# `weft attach` meets, rather than the work the last one set off (MAC watcher, FDBs, port guard, gossip).
+IDLE_FOR, IDLE_MAX = 0.1, 3.0
 # The agent logs, at debug, where an overlay request's time went (weft.ipam.holders and weft.datapath.plane).
 _IPAM_LINE = re.compile(r"\battach [^:]*: IPAM ([0-9.]+) ms")
 _DEVICES_LINE = re.compile(r"\battach: devices ([0-9.]+) ms, port guard ([0-9.]+) ms")
@@ -207,6 +211,19 @@ def _proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+def _wait_idle(pid: int) -> None:
+    """Until the process has used no CPU for IDLE_FOR seconds (its clock ticks 10 ms), at most IDLE_MAX."""
+    deadline = time.monotonic() + IDLE_MAX
+    last, since = _proc_cpu(pid), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(IDLE_FOR / 4)
+        now = _proc_cpu(pid)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= IDLE_FOR:
+            return
+
+
 def _machine_busy() -> tuple[float, float]:
     """(busy, total) jiffies of all CPUs from /proc/stat."""
     with open("/proc/stat") as f:
@@ -221,7 +238,7 @@ def _series(
     """``2n`` attaches on ``h`` one after another, each of a fresh namespace, alternately through the API and by
     the CLI (so both meet the same number of containers already attached). Returns lists of milliseconds: "api",
     "cli" (as the caller saw them), "cli_cpu" (the CLI process's CPU), "ipam", "devices", "port_guard" (what the
-    agent logged), and "agent_cpu_per_attach" (the agent's CPU from the first attach until a second after the
+    agent logged), and "agent_cpu_per_attach" (the agent's CPU from the first attach until it is idle after the
     last, per attach) and "machine_busy_pct" (all CPUs, in % of one core, over the series)."""
     assert h.agent is not None
     containers = [_namespace(h) for _ in range(2 * n)]  # made first: `ip netns add` is not part of an attach
@@ -230,14 +247,14 @@ def _series(
     busy0, total0 = _machine_busy()
     agent0 = _proc_cpu(h.agent.pid)
     for i, c in enumerate(containers):
-        time.sleep(PAUSE)
+        _wait_idle(h.agent.pid)
         if i % 2 == 0:
             out["api"].append(_attach_api(h, c, *cidrs(i)))
         else:
             took, cpu = _attach_cli(bench, h, c, *cidrs(i))
             out["cli"].append(took)
             out["cli_cpu"].append(cpu)
-    time.sleep(1.0)  # what the attaches set off in the agent (MAC watcher, FDB, port guard sync, gossip) is done
+    _wait_idle(h.agent.pid)  # what the attaches set off in the agent (MAC watcher, FDB, port guard sync) is done
     agent_cpu = 1e3 * (_proc_cpu(h.agent.pid) - agent0) / len(containers)
     busy1, total1 = _machine_busy()
     out.update(_agent_side(_log_since(h, offset)))
@@ -247,6 +264,17 @@ def _series(
     )
     pct = (busy1 - busy0) / max(1, total1 - total0) * 100 * (os.cpu_count() or 1)
     return {**out, "agent_cpu_per_attach": round(agent_cpu, 1), "machine_busy_pct": round(pct, 1)}
+
+
+def _burst(h: Host, n: int) -> tuple[list[float], float]:
+    """``n`` attaches through the API back to back, each asked as soon as the last is answered (what an
+    orchestrator starting many containers does); (each one's ms, attaches per second)."""
+    containers = [_namespace(h) for _ in range(n)]
+    assert h.agent is not None
+    _wait_idle(h.agent.pid)
+    began = time.perf_counter()
+    times = [_attach_api(h, c) for c in containers]
+    return times, round(n / (time.perf_counter() - began), 1)
 
 
 def _distinct(containers: list[Container]) -> bool:
@@ -299,6 +327,11 @@ def attach_latency(pycache: Path, containers: int = 60, *, agent_src: Path | Non
         out["local_agent_ipam"] = _figure("local space, IPAM inside the agent", local["ipam"], TARGETS["agent_local"])
         out["local_agent_devices"] = _figure("  devices (veth, addresses, static FDB entry)", local["devices"])
         out["local_agent_port_guard"] = _figure("  port guard (nftables) after the devices", local["port_guard"])
+        burst, rate = _burst(h1, containers)
+        out["local_api_burst"] = _figure(
+            "local space, POST /attach back to back", burst, per_second=rate, attached_before=2 * containers
+        )
+        log(f"    local, back to back: {containers} attached, {rate} a second")
         mine = h1.containers
 
         def subnet(i: int) -> list[str]:
@@ -420,7 +453,7 @@ def run(log: Log = print, *, containers: int = 60, first_rounds: int = 3, agent_
     reason = netns_unavailable_reason()
     if reason:
         return {"skipped": reason}
-    report: dict = {"containers": containers, "pause_s": PAUSE}
+    report: dict = {"containers": containers, "idle_before_each_s": IDLE_FOR}
     began = time.monotonic()
     # One bytecode cache for every agent and CLI run here, shared by the scenarios: the first fills it.
     pycache = Path(tempfile.mkdtemp(prefix="weft-bench-pycache-"))
@@ -455,20 +488,24 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--containers", type=int, default=60, help="containers per timed series (default 60)")
     parser.add_argument("--first-rounds", type=int, default=3, help="fresh meshes started (default 3)")
-    parser.add_argument("--baseline", help="also measure the agent of this git revision first")
+    parser.add_argument("--baseline", default="", help="REV[,REV...]: measure the agent of these git revisions first")
+    parser.add_argument("--no-tree", action="store_true", help="only the --baseline revisions, not this tree")
     parser.add_argument("--output", type=Path, help="write the JSON here too")
     args = parser.parse_args()
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
+    revs = [r.strip() for r in args.baseline.split(",") if r.strip()]
     result: dict = {}
-    if args.baseline:
-        log(f"baseline: the agent of {args.baseline}")
-        with _exported(args.baseline) as src:
-            result[args.baseline] = run(log, containers=args.containers, first_rounds=args.first_rounds, agent_src=src)
-    result["this tree"] = run(log, containers=args.containers, first_rounds=args.first_rounds)
-    text = json.dumps(result if args.baseline else result["this tree"], indent=2)
+    for rev in revs:
+        log(f"the agent of {rev}")
+        with _exported(rev) as src:
+            result[rev] = run(log, containers=args.containers, first_rounds=args.first_rounds, agent_src=src)
+    if not args.no_tree or not revs:
+        log("the agent of this tree")
+        result["this tree"] = run(log, containers=args.containers, first_rounds=args.first_rounds)
+    text = json.dumps(result if len(result) > 1 else next(iter(result.values())), indent=2)
     print(text)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
