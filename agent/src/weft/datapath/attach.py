@@ -166,8 +166,10 @@ def attach(
     ifname: str = "ethwe",
     in_use: InUseCheck | None = None,
     on_link: LinkHook | None = None,
+    routes: Sequence[str] = (),
 ) -> Attachment:
-    """Put a container on the bridge: veth pair, CIDRs, MTU and the multicast route; adds only what is missing.
+    """Put a container on the bridge: veth pair, CIDRs, MTU and the multicast route (and ``routes``, on-link: the
+    DNS address); adds only what is missing.
 
     All or nothing: every input is checked and every new address probed (``in_use``) before anything changes,
     and a failure after the pair was made deletes it again, so a refused attach leaves no veth behind.
@@ -215,7 +217,8 @@ def attach(
                 if cnd.address_add(ifname, cidr):
                     added.append(cidr)
                     changed = True
-            changed |= cnd.ensure_route(MULTICAST_ROUTE, ifname)
+            for route in (MULTICAST_ROUTE, *routes):
+                changed |= cnd.ensure_route(route, ifname)
             return Attachment(host, ifname, link.mac, cnd.addresses(ifname), changed)
     except BaseException as e:
         with contextlib.suppress(NetDevError, AttachError):

@@ -27,6 +27,7 @@ __all__ = ["ZERO_MAC", "Link", "NetDev", "NetDevError", "enter_netns", "netns_pa
 ZERO_MAC = "00:00:00:00:00:00"
 IFF_UP = 0x1
 RT_SCOPE_UNIVERSE = 0
+RT_SCOPE_LINK = 253
 RT_TABLE_MAIN = 254
 CLONE_NEWNET = 0x40000000
 NETNS_RUN_DIR = "/var/run/netns"
@@ -414,15 +415,16 @@ class NetDev:
         msgs = _call(f"cannot list addresses of {name!r}", self.ipr.addr, "dump", index=index)
         return [f"{m.get_attr('IFA_ADDRESS')}/{m['prefixlen']}" for m in msgs if m["scope"] == RT_SCOPE_UNIVERSE]
 
-    def address_add(self, name: str, cidr: str) -> bool:
-        """Idempotent; True if added."""
+    def address_add(self, name: str, cidr: str, scope: str = "universe") -> bool:
+        """Idempotent; True if added. ``scope="link"``: an address for this link alone (not listed by addresses())."""
         iface = _iface(cidr)
-        if any(_iface(a) == iface for a in self.addresses(name)):
+        held = self.addresses(name) if scope == "universe" else self._link_scope_addresses(name)
+        if any(_iface(a) == iface for a in held):
             return False
         index = self.link_index(name)
         if index is None:
             raise NetDevError(f"link {name!r} does not exist")
-        kw: dict[str, Any] = {}
+        kw: dict[str, Any] = {} if scope == "universe" else {"scope": RT_SCOPE_LINK}
         if iface.version == 4 and iface.network.prefixlen < 31:
             kw["broadcast"] = str(iface.network.broadcast_address)
         _call(
@@ -436,6 +438,13 @@ class NetDev:
             **kw,
         )
         return True
+
+    def _link_scope_addresses(self, name: str) -> list[str]:
+        index = self.link_index(name)
+        if index is None:
+            return []
+        msgs = _call(f"cannot list addresses of {name!r}", self.ipr.addr, "dump", index=index)
+        return [f"{m.get_attr('IFA_ADDRESS')}/{m['prefixlen']}" for m in msgs if m["scope"] == RT_SCOPE_LINK]
 
     def address_del(self, name: str, cidr: str) -> bool:
         """Idempotent; True if removed."""

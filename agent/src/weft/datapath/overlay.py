@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from weft.addresses import AddressError, Interface
@@ -77,6 +77,7 @@ def carry_out(
     *,
     probe_wait: float = 0.0,
     describe_mac: Callable[[str], str] = lambda mac: "unknown",
+    routes: Sequence[str] = (),
 ) -> dict:
     """Do one overlay action; returns what the CLI prints. Idempotent: ``changed`` says if it did anything.
 
@@ -102,13 +103,16 @@ def carry_out(
                 if not cidrs:
                     raise OverlayError("give at least one address, like 10.32.0.5/12")
                 who = _container(body)
-                result = ops.attach(nd, bridge=bridge, cidrs=cidrs, mtu=mtu, in_use=in_use, on_link=static_entry, **who)
+                result = ops.attach(
+                    nd, bridge=bridge, cidrs=cidrs, mtu=mtu, in_use=in_use, on_link=static_entry, routes=routes, **who
+                )
                 return {
                     "changed": result.changed,
                     "interface": result.ifname,
                     "host_interface": result.host_ifname,
                     "mac": result.mac,
                     "addresses": result.addresses,
+                    "routes": [ops.MULTICAST_ROUTE, *routes],
                 }
             if action == "detach":
                 who = _container(body)

@@ -600,6 +600,7 @@ class DataPlane:
                 cidrs,
                 probe_wait=self.config.address_probe_time if probe else 0.0,
                 describe_mac=self.describe_mac,
+                routes=[f"{self.config.dns_address}/32"] if self.config.dns else [],
             )
         except OverlayError as exc:
             reason = "address_in_use" if isinstance(exc, AddressInUse) else "invalid"
