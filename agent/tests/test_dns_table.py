@@ -363,9 +363,14 @@ def test_a_full_table_at_its_largest_fits_one_message() -> None:
 
 
 def body(**overrides: object) -> dict:
-    raw: dict = {"f": 11, "s": [WEB, "netns:a"], "o": [[11, [[0, 5, 1, 7, 0]]]]}
+    raw: dict = {"f": 11, "o": [[11, [[WEB, 5, "netns:a", 7, 0]]]]}
     raw.update(overrides)
     return raw
+
+
+def entry(*fields: object) -> dict:
+    """A body whose one entry is ``fields``."""
+    return body(o=[[11, [list(fields)]]])
 
 
 @pytest.mark.parametrize(
@@ -373,39 +378,39 @@ def body(**overrides: object) -> dict:
     [
         [],
         7,
-        {"s": [WEB, "k"], "o": []},  # no sender
+        {"o": []},  # no sender
         body(f=0),
         body(f=1 << 48),
-        body(s="web"),
         body(o={}),
-        body(s=[WEB] * (2 * MAX_ENTRIES + 1)),
-        body(o=[[11, [[0, 5, 1, 7, 0]] * (MAX_ENTRIES + 1)]]),
-        body(o=[[11, [[0, 5, 1, 7, 0]] * (MAX_ENTRIES // 2 + 1)], [22, [[0, 5, 1, 7, 0]] * (MAX_ENTRIES // 2)]]),
+        body(o=[[11, [[WEB, 5, "netns:a", 7, 0]] + [[0, a, 1, 7, 0] for a in range(6, MAX_ENTRIES + 6)]]]),
+        body(o=[[11, [[WEB, a, "k", 7, 0]]] for a in range(MAX_ENTRIES + 1)]),  # too many groups
         body(o=[[11]]),
         body(o=[[11, []]]),
-        body(o=[[0, [[0, 5, 1, 7, 0]]]]),
-        body(o=[[11, [[0, 5, 1, 7, 0]]], [11, [[0, 6, 1, 7, 0]]]]),  # an origin twice
-        body(o=[[11, [[0, 5, 1, 7, 0], [0, 5, 1, 8, 0]]]]),  # an entry twice
-        body(o=[[11, [[0, 5, 1, 7]]]]),
-        body(o=[[11, [[0, 5, 1, 7, 0, 0]]]]),
-        body(o=[[11, [[2, 5, 1, 7, 0]]]]),  # no such string
-        body(o=[[11, [[-1, 5, 1, 7, 0]]]]),
-        body(o=[[11, [[0, 1 << 32, 1, 7, 0]]]]),
-        body(o=[[11, [[0, 5, 1, 0, 0]]]]),  # version 0
-        body(o=[[11, [[0, 5, 1, 1 << 63, 0]]]]),
-        body(o=[[11, [[0, 5, 1, 7, (1 << 40) + 1]]]]),
-        body(o=[[11, [[0, 5, 1, 7, True]]]]),
-        body(o=[[11, [[0, 5, 1, "7", 0]]]]),
-        body(s=["Web.weft.local.", "k"]),  # not in normal form
-        body(s=["web.weft.local", "k"]),  # not absolute
-        body(s=["we b.weft.local.", "k"]),
-        body(s=["x" * 64 + ".weft.local.", "k"]),
-        body(s=["a." * 126 + "bc.", "k"]),  # 254 characters before the dot
-        body(s=[WEB, ""]),  # an empty key
-        body(s=[WEB, "k" * (MAX_KEY + 1)]),
-        body(s=[WEB, "netns:a\x1b[2J"]),  # a key that would drive a terminal
-        body(s=[WEB, b"netns:a"]),
-        body(s=[5, "k"]),
+        body(o=[[0, [[WEB, 5, "k", 7, 0]]]]),
+        body(o=[[11, [[WEB, 5, "k", 7, 0]]], [11, [[0, 6, 1, 7, 0]]]]),  # an origin twice
+        body(o=[[11, [[WEB, 5, "k", 7, 0], [0, 5, 1, 8, 0]]]]),  # an entry twice
+        entry(WEB, 5, "k", 7),
+        entry(WEB, 5, "k", 7, 0, 0),
+        entry(0, 5, "k", 7, 0),  # a string not sent yet
+        body(o=[[11, [[WEB, 5, "k", 7, 0], [2, 6, 1, 7, 0]]]]),
+        entry(WEB, 5, -1, 7, 0),
+        entry(WEB, 1 << 32, "k", 7, 0),
+        entry(WEB, 5, "k", 0, 0),  # version 0
+        entry(WEB, 5, "k", 1 << 63, 0),
+        entry(WEB, 5, "k", 7, (1 << 40) + 1),
+        entry(WEB, 5, "k", 7, True),
+        entry(WEB, 5, "k", "7", 0),
+        entry("Web.weft.local.", 5, "k", 7, 0),  # not in normal form
+        entry("web.weft.local", 5, "k", 7, 0),  # not absolute
+        entry("we b.weft.local.", 5, "k", 7, 0),
+        entry("x" * 64 + ".weft.local.", 5, "k", 7, 0),
+        entry("a." * 126 + "bc.", 5, "k", 7, 0),  # 254 characters before the dot
+        entry(WEB, 5, "", 7, 0),  # an empty key
+        entry(WEB, 5, "k" * (MAX_KEY + 1), 7, 0),
+        entry(WEB, 5, "netns:a\x1b[2J", 7, 0),  # a key that would drive a terminal
+        entry(WEB, 5, b"netns:a", 7, 0),
+        entry(5, 5, "k", 7, 0),
+        body(o=[[11, [[WEB, 5, "netns:a", 7, 0], [1, 6, "k", 7, 0]]]]),  # a key sent, then used as a name
     ],
 )
 def test_anything_malformed_is_a_decode_error(raw: object) -> None:
@@ -424,3 +429,16 @@ def test_a_valid_body_decodes() -> None:
     """The malformed cases above differ from this one by one field each."""
     update = DnsUpdate.decode(pack(body()), 0.0)
     assert list(update.entries.values()) == [Entry(WEB, 5, "netns:a", 11, 7)]
+    # Later appearances of a string are the number of its first: across entries and origins, as a name or a key.
+    again = body(
+        o=[[11, [[WEB, 5, "netns:a", 7, 0], [0, 6, 1, 8, 0]]], [22, [[0, 5, "db", 9, 1], ["db.x.", 7, 2, 3, 0]]]]
+    )
+    assert sorted(DnsUpdate.decode(pack(again), 0.0).entries.values(), key=str) == sorted(
+        [
+            Entry(WEB, 5, "netns:a", 11, 7),
+            Entry(WEB, 6, "netns:a", 11, 8),
+            Entry(WEB, 5, "db", 22, 9, tombstone=0.0),
+            Entry("db.x.", 7, "db", 22, 3),
+        ],
+        key=str,
+    )

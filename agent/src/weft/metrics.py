@@ -110,6 +110,17 @@ class Metrics:
             "weft_ipam_space_requests", "Space requests sent, granted and denied by this peer", ["result"], registry=r
         )
 
+        # The DNS name table (weft.dns.service; docs/dns.md, "Table").
+        self.dns_entries = Gauge(
+            "weft_dns_entries", "Live DNS entries this peer answers (their origin is in its topology)", registry=r
+        )
+        self.dns_refused = Counter(
+            "weft_dns_refused_updates",
+            "DNS entries from peers refused, one by one: an address no container has, naming this peer, table full",
+            ["reason"],
+            registry=r,
+        )
+
         # The DNS server (weft.dns.server, weft.dns.upstream; docs/dns.md, "Server").
         self.dns_queries = Counter(
             "weft_dns_queries",

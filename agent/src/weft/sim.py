@@ -19,7 +19,10 @@ from weft.mesh.router import Router
 from weft.metrics import Metrics
 
 if TYPE_CHECKING:
+    from weft.dns.service import Dns
     from weft.ipam.service import Ipam
+
+SIM_EPOCH = 1_700_000_000.0  # the wall clock (seconds) at virtual time 0, for what takes the time of day
 
 
 class SimConn:
@@ -224,3 +227,15 @@ def add_ipam(net: SimNetwork, universe: str = "10.32.0.0/12", init: str | None =
     """The real IPAM on every peer of ``net``: seeded by all of them unless ``init`` says otherwise."""
     init = init or "seed=" + ",".join(format_name(p.info.name) for p in net.peers)
     return [start_ipam(net, peer, universe, init) for peer in net.peers]
+
+
+def start_dns(net: SimNetwork, peer: SimPeer, domain: str = "weft.local.") -> Dns:
+    """The real DNS name table on one peer; its wall clock is the virtual one, from SIM_EPOCH."""
+    from weft.dns.service import Dns
+
+    return Dns(peer.router, peer.router.metrics, domain=domain, wall=lambda: SIM_EPOCH + net.scheduler.now())
+
+
+def add_dns(net: SimNetwork, domain: str = "weft.local.") -> list[Dns]:
+    """The real DNS name table on every peer of ``net``."""
+    return [start_dns(net, peer, domain) for peer in net.peers]

@@ -2,8 +2,8 @@
 
 A :class:`DnsUpdate` holds entries of the name table: all of them (of the origins its sender sees) on connect and in
 anti-entropy, only the changed ones otherwise. Entries are grouped by origin, and each name and key is sent once per
-message. A tombstone travels as its age, not as a time, so peers need no common clock. docs/protocol.md, "The DNS
-payload", describes the fields.
+message: its first appearance is the string, later ones the number of that appearance. A tombstone travels as its
+age, not as a time, so peers need no common clock. docs/protocol.md, "The DNS payload", describes the fields.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from weft.safetext import has_control
 
 KIND = "dns"
 MAX_KEY = 128  # characters of a container key; the service shortens longer keys (weft.dns.service.container_key)
-MAX_STRINGS = 2 * MAX_ENTRIES  # a name and a key per entry at most
 MAX_AGE_MS = 1 << 40  # a tombstone's age on the wire: 34 years, far past any purge
 ENTRY_FIELDS = 5
 
@@ -49,17 +48,25 @@ class DnsUpdate:
 
     def encode(self) -> bytes:
         now = self.clock() if self.clock is not None else 0.0
-        strings: dict[str, int] = {}
-        groups: dict[int, list[list[int]]] = {}
+        seen: dict[str, int] = {}
+
+        def text(value: str) -> str | int:
+            """A string the first time, then the number of its first appearance in the message."""
+            index = seen.get(value)
+            if index is None:
+                seen[value] = len(seen)
+                return value
+            return index
+
+        groups: dict[int, list[list]] = {}
         for entry in sorted(self.entries.values(), key=lambda e: (e.origin, e.name, e.key, e.address)):
-            name = strings.setdefault(entry.name, len(strings))
-            key = strings.setdefault(entry.key, len(strings))
             if entry.tombstone is None:
                 tomb = 0
             else:
                 tomb = min(max(0, round((now - entry.tombstone) * 1000)), MAX_AGE_MS - 1) + 1
-            groups.setdefault(entry.origin, []).append([name, entry.address, key, entry.version, tomb])
-        return pack({"f": self.sender, "s": list(strings), "o": [[o, g] for o, g in groups.items()]})
+            group = groups.setdefault(entry.origin, [])
+            group.append([text(entry.name), entry.address, text(entry.key), entry.version, tomb])
+        return pack({"f": self.sender, "o": [[o, g] for o, g in groups.items()]})
 
     @classmethod
     def decode(cls, payload: bytes, now: float) -> DnsUpdate:
@@ -67,8 +74,9 @@ class DnsUpdate:
         raw = unpack(payload, KIND)
         expect(raw, dict, KIND, "update")
         update = cls(sender=_name(raw.get("f"), "sender"))
-        strings = _list(raw, "s", MAX_STRINGS)
-        groups = _list(raw, "o", MAX_ENTRIES)
+        groups = expect(raw.get("o", []), list, KIND, "o")
+        if len(groups) > MAX_ENTRIES:  # each group holds an entry at least
+            raise DecodeError(KIND, f"more than {MAX_ENTRIES} origin groups")
         total = 0
         for group in groups:
             expect(group, list, KIND, "origin group")
@@ -77,20 +85,24 @@ class DnsUpdate:
             total += len(expect(group[1], list, KIND, "entries"))
             if total > MAX_ENTRIES:
                 raise DecodeError(KIND, f"more than {MAX_ENTRIES} entries")
-        checked_names: dict[int, str] = {}
-        checked_keys: dict[int, str] = {}
+        strings: list[str] = []  # in order of first appearance
+        checked: dict[tuple[int, str], str] = {}  # (string, what) -> the string, once checked as a name or a key
 
-        def text(index: object, checked: dict[int, str], check: Callable[[str], str], what: str) -> str:
-            i = expect_uint(index, 32, KIND, what)
-            if i not in checked:
-                if i >= len(strings):
-                    raise DecodeError(KIND, f"{what}: string {i} of {len(strings)}")
-                value = expect(strings[i], str, KIND, what)
+        def text(value: object, check: Callable[[str], str], what: str) -> str:
+            if isinstance(value, str):
+                index = len(strings)
+                strings.append(value)
+            else:
+                index = expect_uint(value, 32, KIND, what)
+                if index >= len(strings):
+                    raise DecodeError(KIND, f"{what}: string {index} of {len(strings)} sent so far")
+            done = checked.get((index, what))
+            if done is None:
                 try:
-                    checked[i] = check(value)
+                    done = checked[(index, what)] = check(strings[index])
                 except ValueError as exc:
                     raise DecodeError(KIND, f"{what}: {exc}") from None
-            return checked[i]
+            return done
 
         seen: set[int] = set()
         for origin_raw, items in groups:
@@ -104,9 +116,9 @@ class DnsUpdate:
                 expect(item, list, KIND, "entry")
                 if len(item) != ENTRY_FIELDS:
                     raise DecodeError(KIND, f"entry has {len(item)} fields, expected {ENTRY_FIELDS}")
-                name = text(item[0], checked_names, names.check, "name")
+                name = text(item[0], names.check, "name")
                 address = expect_uint(item[1], 32, KIND, "address")
-                key = text(item[2], checked_keys, check_key, "key")
+                key = text(item[2], check_key, "key")
                 version = expect_uint(item[3], 63, KIND, "version")
                 if version == 0:
                     raise DecodeError(KIND, "version 0 is reserved")
@@ -127,13 +139,6 @@ def check_key(key: str) -> str:
     if has_control(key):
         raise ValueError("a container key cannot hold control characters")
     return key
-
-
-def _list(raw: dict, key: str, most: int) -> list:
-    value = expect(raw.get(key, []), list, KIND, key)
-    if len(value) > most:
-        raise DecodeError(KIND, f"{key}: {len(value)} items, at most {most}")
-    return value
 
 
 def _name(value: object, what: str) -> int:
