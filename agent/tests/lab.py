@@ -626,6 +626,8 @@ class Lab:
             paths.append(env["PYTHONPATH"])
         env["PYTHONPATH"] = os.pathsep.join(paths)
         env["PYTHONUNBUFFERED"] = "1"
+        # Names outside the DNS domain go to this namespace's own loopback, never to the machine's resolvers.
+        env.setdefault("WEFT_DNS_UPSTREAM", "127.0.0.1:53")
         if extra:
             env.update(extra)
         return env
@@ -674,6 +676,8 @@ class Lab:
         for netns in reversed(self.namespaces):
             with contextlib.suppress(Exception):
                 _run("ip", "netns", "del", netns, check=False)
+            # A named container's resolv.conf, written by weft attach (the name is this lab's own).
+            shutil.rmtree(Path("/etc/netns") / netns, ignore_errors=True)
         if self.tmp_dir is not None and not self.keep_tmp:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
 

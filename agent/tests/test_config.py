@@ -98,6 +98,11 @@ def test_discovery_can_be_switched_off_from_the_environment(tmp_path: Path, raw:
         ("heartbeat_interval: -1\n", {}, {}, "heartbeat_interval"),
         ("conn_limit: lots\n", {}, {}, "conn_limit"),
         ("advertise: 'h:0'\n", {}, {}, "advertise"),
+        ("dns_address: 10.0.0.53\n", {}, {}, "dns_address"),  # routable: every host holds it on its bridge
+        ("", {"WEFT_DNS_ADDRESS": "fe80::53"}, {}, "dns_address"),
+        ("", {"WEFT_DNS_UPSTREAM": "dns.example"}, {}, "dns_upstream"),  # a name would need DNS to be found
+        ("dns_domain: 'weft..local'\n", {}, {}, "dns_domain"),
+        ("dns_ttl: -1\n", {}, {}, "dns_ttl"),
     ],
 )
 def test_a_bad_setting_is_a_config_error_naming_it(
@@ -195,3 +200,12 @@ def test_secrets_never_appear_in_config_errors(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as info:
             load_config(write(tmp_path / "weft.yaml", text), env, {})
         assert secret not in str(info.value), text or env
+
+
+def test_dns_settings_from_every_source(tmp_path: Path) -> None:
+    path = write(tmp_path / "weft.yaml", "dns_domain: Mesh.Example\ndns_ttl: 5\n")
+    config = load_config(path, {"WEFT_DNS_UPSTREAM": "10.1.1.1, 10.1.1.2:5353"}, {"dns_address": "169.254.1.1"})
+    assert (config.dns, config.dns_domain, config.dns_ttl) == (True, "mesh.example.", 5)
+    assert config.dns_upstream == ["10.1.1.1:53", "10.1.1.2:5353"]
+    assert config.dns_address == "169.254.1.1"
+    assert load_config(None, {"WEFT_DNS": "off"}, {}).dns is False

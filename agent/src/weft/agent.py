@@ -28,6 +28,7 @@ from weft.store import Store
 if TYPE_CHECKING:
     from weft.api.server import ApiServer
     from weft.datapath.plane import DataPlane
+    from weft.dns.host import HostDns
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class Agent:
         self.transport: ControlTransport
         self.dataplane: DataPlane | None = None
         self.ipam: Ipam
+        self.dns: HostDns | None = None
 
     def _peer_name(self) -> int:
         """The configured name, else the one kept in the state dir, else a new one kept from now on."""
@@ -128,6 +130,10 @@ class Agent:
             store=IpamStore(self.store),
         )
         self.ipam.start()  # before any connection: gossip that arrives finds the kept ring
+        if c.dns and c.datapath:
+            from weft.dns.host import HostDns
+
+            self.dns = HostDns(c, self.router, self.metrics, self.store)
         if c.datapath:
             from weft.datapath.plane import DataPlane
 
@@ -153,6 +159,17 @@ class Agent:
                 log.warning("IPAM: could not look for containers attached before this run: %s", exc)
                 found = []
             claim_found(self.ipam, found)
+            if self.dns is not None:
+                assert self.dataplane.nd is not None
+                self.dns.restore(self.dataplane.nd)
+                try:
+                    await self.dns.serve(
+                        self.dataplane.nd, bridge=c.bridge, overlay_ports=(self.dataplane.vxlan, self.dataplane.tap)
+                    )
+                except ConfigError:
+                    self.dataplane.stop()
+                    await self.transport.stop()
+                    raise
         # Peers before the API: a restart's traffic waits for the targets' dials and their data paths, not for the
         # import of the API's web framework (a fifth of a second of CPU), which runs in a thread once they are out.
         self.router.start()
@@ -170,6 +187,8 @@ class Agent:
         except BaseException:
             self.maker.stop()
             self.router.stop()
+            if self.dns is not None:
+                await self.dns.stop()
             if self.dataplane is not None:
                 self.dataplane.stop()
             await self.transport.stop()
@@ -192,6 +211,8 @@ class Agent:
         log.info("shutting down")
         self.maker.stop()
         self.ipam.stop()
+        if self.dns is not None:
+            await self.dns.stop()
         self.router.stop()
         if self.dataplane is not None:
             self.dataplane.stop()
@@ -323,4 +344,5 @@ class Agent:
             "targets": self.maker.status(),
             "mac_conflicts": self.dataplane.mac_conflicts() if self.dataplane is not None else [],
             "ipam": self.ipam.status(),
+            "dns": self.dns.status() if self.dns is not None else {"enabled": False},
         }

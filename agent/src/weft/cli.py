@@ -95,6 +95,21 @@ def main(ctx: click.Context, api_socket: str) -> None:
     "consensus[=N] (a majority of N peers agree; default N: this peer and its --peer targets) or observer "
     "(owns no space until it asks). Only shapes a first ring: a kept ring stands.",
 )
+@click.option(
+    "--dns/--no-dns",
+    default=None,
+    help="Answer containers' DNS queries at --dns-address on the bridge (names in --dns-domain from the mesh's "
+    "table, the rest from upstream servers). Default on.",
+)
+@click.option("--dns-domain", help="Domain of container names. Default weft.local.")
+@click.option("--dns-address", help="Link-local address each host answers DNS at, on its bridge (169.254.53.53).")
+@click.option("--dns-ttl", type=int, help="TTL of the answers for container names, in seconds. Default 30.")
+@click.option(
+    "--dns-upstream",
+    "dns_upstream",
+    multiple=True,
+    help="Server for names outside the domain, IP[:PORT]. Repeatable. Default: those of /etc/resolv.conf.",
+)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Default info.")
 def run(config_path: Path | None, **flags: object) -> None:
     """Run the agent in the foreground until SIGTERM; SIGHUP re-reads peers and secrets.
@@ -187,16 +202,20 @@ def _overlay(client: Client, action: str, body: dict) -> None:
     if not result["changed"]:
         click.echo(f"{action}: nothing to do")
     elif action == "attach":
-        click.echo(f"attached {result['interface']} ({result['mac']}): {' '.join(result['addresses'])}")
+        named = f" as {result['name']}" if result.get("name") else ""
+        click.echo(f"attached {result['interface']} ({result['mac']}): {' '.join(result['addresses'])}{named}")
     else:
         click.echo(f"{action}: {' '.join(result['addresses']) or 'done'}")
 
 
 @main.command()
 @_container_options
+@click.option("--name", help="A DNS name for the container (web means web.weft.local), answered on every host.")
 @click.argument("cidrs", nargs=-1)
 @click.pass_obj
-def attach(client: Client, netns: str | None, pid: int | None, ifname: str, cidrs: tuple[str, ...]) -> None:
+def attach(
+    client: Client, netns: str | None, pid: int | None, ifname: str, name: str | None, cidrs: tuple[str, ...]
+) -> None:
     """Put a container on the overlay; with no CIDR it gets a free address of the default subnet.
 
     CIDRS: net:SUBNET for a free address of that subnet of the allocation range (net:10.40.0.0/16), or an
@@ -205,8 +224,14 @@ def attach(client: Client, netns: str | None, pid: int | None, ifname: str, cidr
 
     Makes a veth pair: one end on the weft bridge, the other (ethwe) in the container with the
     addresses, the overlay MTU and a route for multicast (224.0.0.0/4). Running it again changes nothing.
+
+    With --name, every container in the mesh resolves the name to this container's addresses while it is
+    attached; a named network namespace's resolver is pointed at the agent (/etc/netns/NAME/resolv.conf).
     """
-    _overlay(client, "attach", {"netns": netns, "pid": pid, "ifname": ifname, "cidrs": list(cidrs)})
+    body = {"netns": netns, "pid": pid, "ifname": ifname, "cidrs": list(cidrs)}
+    if name is not None:
+        body["name"] = name
+    _overlay(client, "attach", body)
 
 
 @main.command()
@@ -250,6 +275,43 @@ def rmpeer(client: Client, peers: tuple[str, ...], force: bool) -> None:
         click.echo(f"{name}: {count} address(es) reclaimed" if count else f"{name}: owned nothing (already reclaimed)")
 
 
+@main.command("dns-add")
+@click.argument("name")
+@click.argument("addresses", nargs=-1, required=True)
+@click.pass_obj
+def dns_add(client: Client, name: str, addresses: tuple[str, ...]) -> None:
+    """Give NAME (web means web.weft.local) these IPv4 ADDRESSES in the mesh's DNS, for what is no container
+    (a host's exposed address, a service). Kept across agent restarts; dns-remove takes it back."""
+    result = _call(lambda: client.request("POST", "/dns/add", {"name": name, "addresses": list(addresses)}))
+    click.echo(f"{result['name']} {' '.join(result['addresses'])}")
+
+
+@main.command("dns-remove")
+@click.argument("name")
+@click.argument("addresses", nargs=-1)
+@click.pass_obj
+def dns_remove(client: Client, name: str, addresses: tuple[str, ...]) -> None:
+    """Take ADDRESSES (all of them if none given) from NAME, as this host registered it (dns-add or attach --name)."""
+    result = _call(lambda: client.request("POST", "/dns/remove", {"name": name, "addresses": list(addresses)}))
+    if result["changed"]:
+        click.echo(f"{result['name']}: removed {' '.join(result['removed'])}")
+    else:
+        click.echo(f"{result['name']}: nothing to remove (this host gave it no such address)")
+
+
+@main.command("dns-lookup")
+@click.argument("name")
+@click.pass_obj
+def dns_lookup(client: Client, name: str) -> None:
+    """The addresses the mesh's DNS gives NAME now (as every container asking this host is told)."""
+    from urllib.parse import quote
+
+    result = _call(lambda: client.request("GET", f"/dns/lookup?name={quote(name)}"))
+    if not result["addresses"]:
+        raise click.ClickException(f"{result['name']}: no such name in the mesh")
+    click.echo("\n".join(result["addresses"]))
+
+
 @main.command()
 @click.option("--config", "config_path", type=click.Path(path_type=Path), envvar="WEFT_CONFIG", help="Config file.")
 @click.option("--bridge", help="The bridge to remove (default: from the config, else weft).")
@@ -286,11 +348,14 @@ def reset(client: Client, config_path: Path | None, bridge: str | None, state_di
         nd.close()
     if remove_guard(config.vxlan_port):
         removed.append(f"nftables table inet {table_name(config.vxlan_port)}")
+    from weft.datapath import dnsaddr
     from weft.datapath.portguard import NftError, remove_table
 
     try:
         if remove_table():
             removed.append("nftables table bridge weft_portguard")
+        if dnsaddr.remove():
+            removed.append(f"nftables table bridge {dnsaddr.TABLE}")
     except NftError as exc:
         raise click.ClickException(f"cannot remove the container port guard: {exc}") from None
     click.echo(f"removed: {' '.join(removed)}" if removed else "nothing to remove")

@@ -155,4 +155,27 @@ def ipam(s: dict) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = {"peers": peers, "connections": connections, "targets": targets, "ipam": ipam}
+@_escaped
+def dns(s: dict) -> str:
+    """The names the mesh answers, then where they come from."""
+    d = s["dns"]
+    if not d.get("enabled", True):
+        return _field("Status", "off (dns: false)")
+    e = d["entries"]
+    lines = [
+        _field("Domain", d["domain"]),
+        _field("Address", f"{d['address']} on the bridge" + ("" if d["serving"] else " (not serving)")),
+        _field("Upstreams", ", ".join(d.get("upstreams", [])) or "none"),
+        _field("Entries", f"{e['answered']} answered, {e['hidden']} of peers out of reach, {e['tombstones']} removed"),
+    ]
+    for message in d["refused"]:
+        lines.append(_field("Refused", message))
+    if d["names"]:
+        lines.append("")
+        lines.append(f"{'NAME':<40} {'ADDRESS':<16} FROM")
+        for n in d["names"]:
+            lines.append(f"{n['name']:<40} {n['address']:<16} {n['origin']}")
+    return "\n".join(lines)
+
+
+SECTIONS = {"peers": peers, "connections": connections, "targets": targets, "ipam": ipam, "dns": dns}

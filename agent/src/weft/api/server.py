@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("peers", "connections", "targets", "ipam")
+SECTIONS = ("peers", "connections", "targets", "ipam", "dns")
 MAX_BODY = 64 * 1024  # the largest request body the control API reads; its requests are a few hundred bytes
 
 
@@ -57,6 +58,9 @@ class ApiServer:
                 web.post("/expose", self.expose),
                 web.post("/hide", self.hide),
                 web.post("/rmpeer", self.rmpeer),
+                web.post("/dns/add", self.dns_add),
+                web.post("/dns/remove", self.dns_remove),
+                web.get("/dns/lookup", self.dns_lookup),
             ]
         )
         path = config.api_socket
@@ -198,14 +202,94 @@ class ApiServer:
         cidrs = body.get("cidrs", [])
         if not isinstance(cidrs, list) or not all(isinstance(c, str) for c in cidrs):
             return _error(400, "'cidrs' must be a list of CIDR strings like 10.32.0.1/12")
+        name = body.get("name")
+        if action == "attach" and name is not None:
+            if self.agent.dns is None:
+                return _error(409, "DNS is off on this agent (dns: false): attach without --name, or turn it on")
+            if not isinstance(name, str):
+                return _error(400, "'name' must be a string, like web")
+            try:
+                self.agent.dns.names.fqdn(name)
+            except ValueError as exc:
+                return _error(400, str(exc))
         try:
-            return web.json_response(await with_ipam(self.agent.ipam, plane.overlay, action, body, cidrs))
+            result = await with_ipam(self.agent.ipam, plane.overlay, action, body, cidrs)
+            if self.agent.dns is not None and action in ("attach", "detach") and result.get("key"):
+                result = self._names(action, body, cidrs, result)
+            return web.json_response(result)
         except OverlayError as exc:
             return _error(400, str(exc))
         except HolderError as exc:
             self.agent.metrics.overlay_refused.labels(action, "ipam").inc()
             log.info("%s refused: %s", action, exc)
             return _error(409, str(exc))
+
+    def _names(self, action: str, body: dict, cidrs: list[str], result: dict) -> dict:
+        """The container's name gets (or loses) its addresses; its resolver points at this host's DNS address."""
+        dns = self.agent.dns
+        assert dns is not None
+        key, netns = result["key"], body.get("netns")
+        if action == "attach":
+            try:
+                given = result.get("addresses", [])
+                fqdn = dns.names.attached(key, body.get("name"), given, result.get("host_interface"))
+            except ValueError as exc:
+                log.warning("attach %s: no name registered: %s", key, exc)
+                fqdn = None
+            if isinstance(netns, str):
+                dns.names.point_resolver(netns)
+            return {**result, "name": fqdn, "dns": dns.names.settings()}
+        only = None
+        if cidrs:
+            only = [int(ipaddress.ip_interface(c).ip) for c in cidrs if "/" in c and not c.startswith("net:")]
+        removed = dns.names.detached(key, only)
+        if isinstance(netns, str) and only is None:
+            dns.names.unpoint_resolver(netns)
+        return {**result, "names_removed": removed}
+
+    async def dns_add(self, request: web.Request) -> web.Response:
+        """A name for addresses that are no container's (weft dns-add), kept across restarts."""
+        dns, body = self.agent.dns, await _object(request)
+        if isinstance(body, web.Response):
+            return body
+        if dns is None:
+            return _error(409, "DNS is off on this agent (dns: false)")
+        name, addresses = body.get("name"), body.get("addresses")
+        if not isinstance(name, str) or not _strings(addresses):
+            return _error(400, "give 'name' (a string) and 'addresses' (a list of IPv4 addresses)")
+        try:
+            fqdn, held = dns.names.add(name, addresses)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        return web.json_response({"name": fqdn, "addresses": held})
+
+    async def dns_remove(self, request: web.Request) -> web.Response:
+        dns, body = self.agent.dns, await _object(request)
+        if isinstance(body, web.Response):
+            return body
+        if dns is None:
+            return _error(409, "DNS is off on this agent (dns: false)")
+        name, addresses = body.get("name"), body.get("addresses", [])
+        if not isinstance(name, str) or not _strings(addresses):
+            return _error(400, "give 'name' (a string) and optionally 'addresses' (a list of IPv4 addresses)")
+        try:
+            fqdn, removed = dns.names.remove(name, addresses)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        return web.json_response({"name": fqdn, "removed": removed, "changed": bool(removed)})
+
+    async def dns_lookup(self, request: web.Request) -> web.Response:
+        """What the table answers for a name now (what every container asking this host is told)."""
+        dns = self.agent.dns
+        if dns is None:
+            return _error(409, "DNS is off on this agent (dns: false)")
+        name = request.query.get("name", "")
+        try:
+            fqdn = dns.names.fqdn(name)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        found = [str(ipaddress.IPv4Address(a)) for a in dns.table.lookup(fqdn)]
+        return web.json_response({"name": fqdn, "addresses": found})
 
     async def rmpeer(self, request: web.Request) -> web.Response:
         """Take dead peers' address ranges over (weft rmpeer)."""
@@ -274,6 +358,10 @@ async def _json(request: web.Request) -> dict | web.Response:
     if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
         return _error(400, "'addresses' must be a list of HOST[:PORT] strings")
     return body
+
+
+def _strings(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def _error(status: int, message: str) -> web.Response:

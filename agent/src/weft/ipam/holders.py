@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -39,9 +40,25 @@ class Wanted:
     unmanaged: list[str] = field(default_factory=list)  # outside the range: used as given
 
 
+KEY_CHARS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@=+-]{0,199}$")
+
+
+def given_key(body: dict[str, Any]) -> str | None:
+    """A key the caller chose (the CNI plugin: its container ID), checked; None if it gave none."""
+    key = body.get("key")
+    if key is None:
+        return None
+    if not isinstance(key, str) or not KEY_CHARS.match(key) or key == HOST_KEY:
+        raise HolderError("'key' must be 1-200 characters of letters, digits and _ . : / @ = + -")
+    return key
+
+
 def holder(body: dict[str, Any]) -> tuple[str, str]:
     """(key, label) of the container a request names; the caller has checked it names exactly one."""
     netns, pid = body.get("netns"), body.get("pid")
+    key = given_key(body)
+    if key is not None:
+        return key, str(netns) if netns is not None else key
     if netns is not None:
         return f"netns:{netns}", str(netns)
     try:
@@ -180,11 +197,22 @@ async def carry_out(ipam: Ipam, overlay: OverlayCall, action: str, body: dict[st
     """An overlay request with IPAM in the loop: addresses reserved before an attach or expose (released if it
     fails), freed after a detach or hide. ``overlay(action, body, cidrs, probe)`` does the data-plane part."""
     if action in ("attach", "detach"):
-        key, label = holder(body) if (body.get("netns") is not None) != (body.get("pid") is not None) else ("", "")
+        one = (body.get("netns") is not None) != (body.get("pid") is not None)
+        key, label = holder(body) if one else ("", "")
+        if not key and action == "detach" and body.get("netns") is None and body.get("pid") is None:
+            key = given_key(body) or ""  # the container is gone (CNI DEL without a namespace): free by key
+            if key:
+                freed = ipam.free(key)
+                return {"changed": bool(freed), "addresses": freed, "key": key}
         if not key:
             return await overlay(action, body, cidrs, True)  # the data plane words the error
     else:
         key, label = HOST_KEY, "host"
+    if action == "attach" and body.get("exclusive") is True and ipam.holdings(key):
+        raise HolderError(
+            f"the container already has an interface attached by weft ({', '.join(ipam.holdings(key))}): "
+            "detach it first (a CNI ADD twice without a DEL)"
+        )
     if action in ("attach", "expose"):
         held_before = set(ipam.holdings(key))
         began = time.perf_counter()
@@ -196,7 +224,7 @@ async def carry_out(ipam: Ipam, overlay: OverlayCall, action: str, body: dict[st
             release(ipam, key, held_before)
             raise
         ipam.attached(key, result.get("host_interface") if action == "attach" else HOST_KEY)
-        return result
+        return {**result, "key": key}
     if action == "hide" and not cidrs:
         cidrs = ipam.holdings(key)
         if not cidrs:
@@ -208,4 +236,4 @@ async def carry_out(ipam: Ipam, overlay: OverlayCall, action: str, body: dict[st
     freed = ipam.free(key, addresses)
     if freed and not result["changed"]:
         result = {**result, "changed": True, "addresses": result.get("addresses") or freed}
-    return result
+    return {**result, "key": key}
