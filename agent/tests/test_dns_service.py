@@ -562,6 +562,32 @@ def test_hostile_dns_input_is_counted_and_dropped_and_answers_stay() -> None:
     assert run(net, lambda: all(t.lookup("after") and t.lookup("after2") for t in tables), 1.0)
 
 
+def test_a_full_table_refuses_more_entries_and_every_peer_still_decodes_it_whole() -> None:
+    net, tables = mesh(2)
+    target, peer = tables[0], tables[1]
+    for i in range(MAX_ENTRIES - 1):
+        target.table.merge(Entry(f"c{i}.weft.local.", ip("10.64.0.0") + i, f"netns:c{i}", peer.me, 1))
+    target.register("netns:last", "last", ["10.32.0.1"])  # the last place
+    assert len(target.entries()) == MAX_ENTRIES
+    with pytest.raises(ValueError, match="the name table holds 32768 entries"):
+        target.register("netns:more", "more", ["10.32.0.2"])
+    conn = net.peers[0].router.connections[peer.me]
+    more = [
+        Entry("new.weft.local.", ip("10.32.0.3"), "netns:new", peer.me, 1),  # from a peer: refused, size
+        Entry("forged.weft.local.", ip("10.32.0.4"), "netns:f", target.me, 1),  # ours: refused, not answered
+    ]
+    net.peers[0].router.handle_message(
+        conn, {"t": GOSSIP, "ch": "dns", "d": DnsUpdate.of(more, peer.me, net.scheduler.now).encode()}
+    )
+    assert refused(target, "size") == 1 and refused(target, "ours") == 1
+    assert len(target.entries()) == MAX_ENTRIES
+    assert target.lookup("new") == [] and target.lookup("forged") == []
+    assert "the most one message carries" in target.refusals[-1]
+    full = target.gossip()
+    assert full is not None
+    assert len(DnsUpdate.decode(full.encode(), 0.0).entries) == MAX_ENTRIES
+
+
 # -- cost ------------------------------------------------------------------------------------------------------------
 
 

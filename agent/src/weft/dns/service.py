@@ -5,11 +5,12 @@ whose origin is in its topology now. A change goes out at once as a delta of the
 table goes to a peer on connect and in anti-entropy. Tombstones are dropped 30 minutes after the removal, and the
 entries of an origin out of the topology for 30 minutes with them (``PURGE_INTERVAL`` later at most).
 
-Nothing is persisted. A restarted agent registers its attached containers again, before its first connection so
-that its old entries, which peers send it on connect, meet the new ones: what it no longer registers it answers
-with a tombstone (weft.dns.table, ``Table.answer``). Versions are the wall clock in milliseconds, or one above the
-version they replace if that is higher, so a new run's entries beat the old run's without any state kept; if the
-clock went back, the same answer corrects it (docs/dns.md, "Table").
+The table persists nothing. A restarted agent registers its attached containers again (weft.dns.registrations keeps
+what it registered), before its first connection so that its old entries, which peers send it on connect, meet the
+new ones: what it no longer registers it answers with a tombstone (weft.dns.table, ``Table.answer``). Versions are
+the wall clock in milliseconds, or one above the version they replace if that is higher, so a new run's entries
+beat the old run's without any state kept; if the clock went back, the same answer corrects it (docs/dns.md,
+"Table").
 
 Input from peers is guarded: malformed gossip is a DecodeError (counted by the router in
 ``weft_decode_errors_total{kind="dns"}``); well-formed entries that are refused are counted one by one in
@@ -118,6 +119,8 @@ class Dns:
         outside the domain or invalid, an address no container can have, or a full table."""
         key = container_key(key)
         fqdn = names.normalise(name, self.domain)
+        if isinstance(addresses, (str, int)):
+            addresses = [addresses]
         if not names.in_domain(fqdn, self.domain):
             raise ValueError(f"{fqdn} is not in the domain {self.domain}: only names in it can be registered")
         wanted = sorted({parse_address(a) for a in addresses})
@@ -195,7 +198,10 @@ class Dns:
         for entry in update.entries.values():
             if entry.origin == self.me:
                 if self.table.contradicts(entry):
-                    answer = self.table.answer(entry, self._wall_ms(), now)
+                    answer = None
+                    if self.table.get(entry.identity) is not None or len(self.table) < MAX_ENTRIES:
+                        # (a flood of forged identities fills the table with our tombstones up to the limit only)
+                        answer = self.table.answer(entry, self._wall_ms(), now)
                     if answer is not None:
                         answers.append(answer)
                     self._refuse_ours(update.sender, entry, answer)
@@ -259,7 +265,9 @@ class Dns:
 
     def _refuse_ours(self, sender: int, entry: Entry, answer: Entry | None) -> None:
         said = "live" if entry.live else "removed"
-        if answer is None:
+        if answer is None and len(self.table) >= MAX_ENTRIES:
+            outcome = f"not answered: the table holds {len(self.table)} entries, the most one message carries"
+        elif answer is None:
             outcome = "its version cannot be outdone (forged at the maximum); it stands"
         elif answer.live:
             outcome = f"answered with ours at version {answer.version}"
