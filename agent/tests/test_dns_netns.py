@@ -133,9 +133,11 @@ def test_a_killed_hosts_names_go_when_it_leaves_the_topology_and_come_back_on_re
     h1, h2, h3 = lab(3)
     start([h1, h2, h3], env=FAST)
     c3 = named(h3, "db")
+    gone = named(h3, "cache")
     asker = named(h1, "client")
     wait_until(lambda: dig(asker, "db") == [c3.ip], timeout=5, message="db not resolved")
     h3.kill_agent(signal.SIGKILL)
+    h3.exec("ip", "netns", "del", gone.netns)  # a container that goes while its agent is down
     wait_until(
         lambda: rcode(asker, "db.weft.local") == "NXDOMAIN",
         timeout=30,
@@ -145,6 +147,7 @@ def test_a_killed_hosts_names_go_when_it_leaves_the_topology_and_come_back_on_re
     h3.start_agent(*QUIET, "--ipalloc-init", seed_of([h1, h2, h3]), peers=[h1, h2], env=FAST, resume=True)
     h3.wait_ready(timeout=30)
     wait_until(lambda: dig(asker, "db") == [c3.ip], timeout=20, message="db did not come back after the restart")
+    assert rcode(asker, "cache.weft.local") == "NXDOMAIN"  # its container went while the agent was down
 
 
 def test_a_host_that_joins_later_learns_the_whole_table(lab: Lab) -> None:

@@ -36,10 +36,11 @@ class HostDns:
         self.table = Dns(router, metrics, domain=config.dns_domain)
         self.names = Registrations(self.table, DnsStore(store), address=config.dns_address)
         self.server: DnsServer | None = None
+        self.names.register_kept()  # before any connection: see Registrations.register_kept
 
     def restore(self, nd: NetDev) -> None:
-        """Names of the containers still attached, registered again (a restart, or --resume)."""
-        self.names.restore(lambda ifname: nd.link(ifname) is not None)
+        """Keep the names of the containers still attached (a restart, or --resume), drop the others."""
+        self.names.forget_gone(lambda ifname: nd.link(ifname) is not None)
 
     async def serve(self, nd: NetDev, *, bridge: str, overlay_ports: tuple[str, ...]) -> None:
         """Guard the address off the overlay, put it on the bridge, and answer there."""

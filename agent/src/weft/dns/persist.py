@@ -1,8 +1,9 @@
 """The names this host registered, in the agent's SQLite store, so a restarted agent registers them again.
 
 Only our own registrations are kept (who asked for which name, with which addresses, on which veth): the table's
-other entries come back by gossip from their origins, and a tombstone is never needed after a restart, because the
-new entries outrank the old ones (their versions come from the wall clock, see weft.dns.table).
+other entries come back by gossip from their origins. Names of containers detached while the agent was down are
+not kept anywhere: peers that still hold them learn they are gone when they send them back to us (we answer an
+entry of ours we do not hold with a tombstone, see weft.dns.table), and once they are unregistered at start.
 """
 
 from __future__ import annotations

@@ -45,25 +45,36 @@ class Registrations:
 
     # -- at start --------------------------------------------------------------------------------------------------
 
-    def restore(self, attached: Callable[[str], bool]) -> int:
-        """Register again what the store holds whose container is still attached (``attached(host_ifname)``);
-        forget the rest. Returns how many were registered."""
+    def register_kept(self) -> int:
+        """Register what the store holds, before any peer is met: a peer that still has our names from the last run
+        then finds them current (not stale ones to take back). Returns how many."""
         if self.store is None:
             return 0
         count = 0
         for reg in self.store.load():
-            if reg.host_ifname is not None and not attached(reg.host_ifname):
-                self.store.delete(reg.key, reg.name)
-                continue
             try:
                 self.dns.register(reg.key, reg.name, reg.addresses)
                 count += 1
             except ValueError as exc:  # e.g. the domain changed since: that name cannot be had any more
                 log.warning("DNS: not registering %s again: %s", reg.name, exc)
                 self.store.delete(reg.key, reg.name)
-        if count:
-            log.info("DNS: registered %d name(s) of this host's containers again", count)
         return count
+
+    def forget_gone(self, attached: Callable[[str], bool]) -> int:
+        """Once the data plane can tell: remove the names of containers whose veth is gone (detached or deleted
+        while the agent was down). Returns how many names are kept."""
+        if self.store is None:
+            return 0
+        kept = 0
+        for reg in self.store.load():
+            if reg.host_ifname is not None and not attached(reg.host_ifname):
+                self.dns.unregister(reg.key, reg.name)
+                self.store.delete(reg.key, reg.name)
+            else:
+                kept += 1
+        if kept:
+            log.info("DNS: registered %d name(s) of this host's containers again", kept)
+        return kept
 
     # -- containers ------------------------------------------------------------------------------------------------
 
