@@ -409,16 +409,19 @@ class NetDev:
 
     def addresses(self, name: str) -> list[str]:
         """Global-scope addresses of a link as CIDRs (link-local IPv6 is the kernel's, not ours)."""
+        return self._addresses(name, RT_SCOPE_UNIVERSE)
+
+    def _addresses(self, name: str, scope: int) -> list[str]:
         index = self.link_index(name)
         if index is None:
             return []
         msgs = _call(f"cannot list addresses of {name!r}", self.ipr.addr, "dump", index=index)
-        return [f"{m.get_attr('IFA_ADDRESS')}/{m['prefixlen']}" for m in msgs if m["scope"] == RT_SCOPE_UNIVERSE]
+        return [f"{m.get_attr('IFA_ADDRESS')}/{m['prefixlen']}" for m in msgs if m["scope"] == scope]
 
     def address_add(self, name: str, cidr: str, scope: str = "universe") -> bool:
         """Idempotent; True if added. ``scope="link"``: an address for this link alone (not listed by addresses())."""
         iface = _iface(cidr)
-        held = self.addresses(name) if scope == "universe" else self._link_scope_addresses(name)
+        held = self._addresses(name, RT_SCOPE_UNIVERSE if scope == "universe" else RT_SCOPE_LINK)
         if any(_iface(a) == iface for a in held):
             return False
         index = self.link_index(name)
@@ -438,13 +441,6 @@ class NetDev:
             **kw,
         )
         return True
-
-    def _link_scope_addresses(self, name: str) -> list[str]:
-        index = self.link_index(name)
-        if index is None:
-            return []
-        msgs = _call(f"cannot list addresses of {name!r}", self.ipr.addr, "dump", index=index)
-        return [f"{m.get_attr('IFA_ADDRESS')}/{m['prefixlen']}" for m in msgs if m["scope"] == RT_SCOPE_LINK]
 
     def address_del(self, name: str, cidr: str) -> bool:
         """Idempotent; True if removed."""
