@@ -12,19 +12,16 @@ Real agents (``weft attach`` end to end, through the API and the data path) are 
 
 from __future__ import annotations
 
-import random
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from weft.ipam.bootstrap import parse_init, parse_range
 from weft.ipam.persist import IpamStore
-from weft.ipam.service import Ipam
 from weft.ipam.wire import RingUpdate
 from weft.mesh.peer import format_name
-from weft.sim import SimNetwork, add_ipam, chain_of_strangers
+from weft.sim import SimNetwork, add_ipam, chain_of_strangers, start_ipam
 from weft.store import Store
 
 BIG_RANGE = "10.0.0.0/8"  # room for thousands of local allocations even on a ring of 1,000 peers
@@ -48,25 +45,6 @@ def _full_mesh(net: SimNetwork) -> bool:
 
 def _seed(names: list[int]) -> str:
     return "seed=" + ",".join(format_name(n) for n in names)
-
-
-def _ipam_on(net: SimNetwork, index: int, universe: str, init: str, store: IpamStore | None = None) -> Ipam:
-    """IPAM on one peer, as weft.sim.add_ipam starts it, optionally over a state database."""
-    space = parse_range(universe)
-    how = parse_init(init)
-    peer = net.peers[index]
-    ipam = Ipam(
-        peer.router,
-        peer.router.metrics,
-        universe=space,
-        default_subnet=space,
-        init=how,
-        quorum=how.quorum(len(net.peers) - 1),
-        store=store,
-        rng=random.Random(index),
-    )
-    ipam.start()
-    return ipam
 
 
 def _percentiles(values: list[float]) -> dict:
@@ -119,8 +97,8 @@ def local_latency(samples: int = 2000, ring_sizes: tuple[int, ...] = (5, 1000), 
             tmp = tempfile.TemporaryDirectory(prefix="weft-bench-ipam-") if with_store else None
             store = Store(Path(tmp.name)) if tmp is not None else None
             ipams = [
-                _ipam_on(net, i, BIG_RANGE, _seed(names), IpamStore(store) if store and i == 0 else None)
-                for i in range(5)
+                start_ipam(net, peer, BIG_RANGE, _seed(names), store=IpamStore(store) if store and i == 0 else None)
+                for i, peer in enumerate(net.peers)
             ]
             _run(net, lambda net=net: _full_mesh(net), 10.0)
             _settle(net, 1.0)

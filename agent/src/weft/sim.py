@@ -20,6 +20,7 @@ from weft.metrics import Metrics
 
 if TYPE_CHECKING:
     from weft.dns.service import Dns
+    from weft.ipam.persist import IpamStore
     from weft.ipam.service import Ipam
 
 SIM_EPOCH = 1_700_000_000.0  # the wall clock (seconds) at virtual time 0, for what takes the time of day
@@ -200,10 +201,15 @@ def chain_of_strangers(n: int, seed: int = 1, discovery: bool = False, **kwargs)
 
 
 def start_ipam(
-    net: SimNetwork, peer: SimPeer, universe: str = "10.32.0.0/12", init: str | None = None, peers: int | None = None
+    net: SimNetwork,
+    peer: SimPeer,
+    universe: str = "10.32.0.0/12",
+    init: str | None = None,
+    peers: int | None = None,
+    store: IpamStore | None = None,
 ) -> Ipam:
-    """The real IPAM on one peer (no store). ``init`` defaults to a seed of every peer of ``net``; ``peers`` (for a
-    consensus quorum) to the peers of ``net``."""
+    """The real IPAM on one peer (``store``: a state database, none by default). ``init`` defaults to a seed of every
+    peer of ``net``; ``peers`` (for a consensus quorum) to the peers of ``net``."""
     from weft.ipam.bootstrap import parse_init, parse_range
     from weft.ipam.service import Ipam
     from weft.mesh.peer import format_name
@@ -217,6 +223,7 @@ def start_ipam(
         default_subnet=space,
         init=how,
         quorum=how.quorum((peers or len(net.peers)) - 1),
+        store=store,
         rng=random.Random(net.rng.random()),
     )
     ipam.start()
