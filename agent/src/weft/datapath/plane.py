@@ -253,7 +253,8 @@ class DataPlane:
     # -- inputs ------------------------------------------------------------------------------------
 
     def _on_local_macs(self, macs: frozenset[str], now: float) -> None:
-        self._guard_ports()
+        if not self._guard_has(macs):
+            self._guard_ports()
         delta = self.macs.set_local(bytes.fromhex(m.replace(":", "")) for m in macs)
         if delta is not None:
             log.debug("local MACs now %s", ", ".join(sorted(macs)) or "none")
@@ -747,6 +748,22 @@ class DataPlane:
                 self.portguard.sync(attached)
         except Exception as exc:  # a port that went away meanwhile, nft refusing: the next event or tick retries
             log.warning("could not update the container port guard: %s", exc)
+
+    def _guard_has(self, macs: frozenset[str]) -> bool:
+        """Whether the port guard already passes exactly the local MACs the watcher reports, the bridge's aside (an
+        attach guards its port before it answers): then the whole pass, which reads every port's links and FDB
+        entries, would change nothing. A MAC that moves to another port leaves the set as it was, and the watcher
+        silent: the periodic pass catches that, whether or not this one runs."""
+        if self.portguard is None or self.nd is None:
+            return False
+        try:
+            bridge = self.nd.link(self.bridge)
+        except Exception:
+            return False
+        allowed: set[str] = set()
+        for port_macs in self.portguard.ports.values():
+            allowed |= port_macs
+        return bridge is not None and set(macs) - {bridge.mac} == allowed
 
     def _guard_attached(self, port: str, mac: str) -> None:
         """The port an attach made (or found), at once: it learns nothing and forgets what it learned, and passes
