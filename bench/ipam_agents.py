@@ -239,28 +239,32 @@ def _series(
     the CLI (so both meet the same number of containers already attached). Returns lists of milliseconds: "api",
     "cli" (as the caller saw them), "cli_cpu" (the CLI process's CPU), "ipam", "devices", "port_guard" (what the
     agent logged), and "agent_cpu_per_attach" (the agent's CPU from the first attach until it is idle after the
-    last, per attach) and "machine_busy_pct" (all CPUs, in % of one core, over the series)."""
+    last, per attach), "machine_busy_pct" (all CPUs, in % of one core, over the series) and "failures" (the
+    attaches refused, API and CLI alike: why, in order; they are left out of the times)."""
     assert h.agent is not None
     containers = [_namespace(h) for _ in range(2 * n)]  # made first: `ip netns add` is not part of an attach
     offset = _log_size(h)
-    out: dict[str, list[float]] = {"api": [], "cli": [], "cli_cpu": []}
+    out: dict[str, list] = {"api": [], "cli": [], "cli_cpu": [], "failures": []}
     busy0, total0 = _machine_busy()
     agent0 = _proc_cpu(h.agent.pid)
     for i, c in enumerate(containers):
         _wait_idle(h.agent.pid)
-        if i % 2 == 0:
-            out["api"].append(_attach_api(h, c, *cidrs(i)))
-        else:
-            took, cpu = _attach_cli(bench, h, c, *cidrs(i))
-            out["cli"].append(took)
-            out["cli_cpu"].append(cpu)
+        try:
+            if i % 2 == 0:
+                out["api"].append(_attach_api(h, c, *cidrs(i)))
+            else:
+                took, cpu = _attach_cli(bench, h, c, *cidrs(i))
+                out["cli"].append(took)
+                out["cli_cpu"].append(cpu)
+        except (ApiError, RuntimeError) as exc:
+            out["failures"].append(f"{'API' if i % 2 == 0 else 'CLI'} {' '.join(cidrs(i))}: {exc}"[:300])
     _wait_idle(h.agent.pid)  # what the attaches set off in the agent (MAC watcher, FDB, port guard sync) is done
     agent_cpu = 1e3 * (_proc_cpu(h.agent.pid) - agent0) / len(containers)
     busy1, total1 = _machine_busy()
     out.update(_agent_side(_log_since(h, offset)))
     log(
-        f"    {what}: {2 * n} attached, median API {statistics.median(out['api']):.1f} ms, "
-        f"CLI {statistics.median(out['cli']):.1f} ms"
+        f"    {what}: {2 * n - len(out['failures'])} attached ({len(out['failures'])} refused), "
+        f"median API {statistics.median(out['api'] or [0]):.1f} ms, CLI {statistics.median(out['cli'] or [0]):.1f} ms"
     )
     pct = (busy1 - busy0) / max(1, total1 - total0) * 100 * (os.cpu_count() or 1)
     return {**out, "agent_cpu_per_attach": round(agent_cpu, 1), "machine_busy_pct": round(pct, 1)}
@@ -273,21 +277,33 @@ def _burst(h: Host, n: int) -> tuple[list[float], float]:
     assert h.agent is not None
     _wait_idle(h.agent.pid)
     began = time.perf_counter()
-    times = [_attach_api(h, c) for c in containers]
-    return times, round(n / (time.perf_counter() - began), 1)
+    times = []
+    for c in containers:
+        with contextlib.suppress(ApiError):  # left out; the count of those timed says how many
+            times.append(_attach_api(h, c))
+    return times, round(len(times) / (time.perf_counter() - began), 1)
 
 
 def _distinct(containers: list[Container]) -> bool:
-    addresses = [c.ip for c in containers]
-    return len(set(addresses)) == len(addresses) and all(addresses)
+    """Whether the containers given an address were given distinct ones."""
+    addresses = [c.ip for c in containers if c.ip and c.ip != "0.0.0.0"]
+    return len(set(addresses)) == len(addresses)
 
 
 # -- scenarios ---------------------------------------------------------------------------------------------------
 
 
-def attach_latency(pycache: Path, containers: int = 60, *, agent_src: Path | None = None, log: Log = print) -> dict:
-    """Local space and space from another peer, on one mesh: h1..h3 seeded, h4 an observer."""
-    out: dict = {}
+def attach_latency(
+    pycache: Path,
+    containers: int = 60,
+    *,
+    agent_src: Path | None = None,
+    log: Log = print,
+    out: dict | None = None,
+) -> dict:
+    """Local space and space from another peer, on one mesh: h1..h3 seeded, h4 an observer. Figures go into
+    ``out`` (returned) as they are made, so an exception keeps those made so far."""
+    out = {} if out is None else out
     extra = (agent_src,) if agent_src else ()
     with Lab(extra_pythonpath=extra) as lab:
         bench = Bench(lab, pycache)
@@ -316,13 +332,14 @@ def attach_latency(pycache: Path, containers: int = 60, *, agent_src: Path | Non
             "hosts": 3,
             "agent_cpu_ms_per_attach": local["agent_cpu_per_attach"],
             "machine_busy_pct": local["machine_busy_pct"],
+            "refused": local["failures"],
         }
         out["local_api"] = _figure("local space, POST /attach (HTTP on the API socket)", local["api"], **common)
         out["local_cli"] = _figure(
             "local space, `weft attach` end to end (the CLI process)",
             local["cli"],
             TARGETS["cli_local"],
-            cpu_ms=_percentiles(local["cli_cpu"]),
+            cpu_ms=_percentiles(local["cli_cpu"]) if local["cli_cpu"] else None,
         )
         out["local_agent_ipam"] = _figure("local space, IPAM inside the agent", local["ipam"], TARGETS["agent_local"])
         out["local_agent_devices"] = _figure("  devices (veth, addresses, static FDB entry)", local["devices"])
@@ -345,10 +362,13 @@ def attach_latency(pycache: Path, containers: int = 60, *, agent_src: Path | Non
             "donors": 3,
             "agent_cpu_ms_per_attach": space["agent_cpu_per_attach"],
             "machine_busy_pct": space["machine_busy_pct"],
+            "refused": space["failures"],
         }
         out["space_api"] = _figure("space from another peer, POST /attach", space["api"], TARGETS["space"], **common)
         out["space_cli"] = _figure(
-            "space from another peer, `weft attach` end to end", space["cli"], cpu_ms=_percentiles(space["cli_cpu"])
+            "space from another peer, `weft attach` end to end",
+            space["cli"],
+            cpu_ms=_percentiles(space["cli_cpu"]) if space["cli_cpu"] else None,
         )
         out["space_agent_ipam"] = _figure("space from another peer, IPAM inside the agent", space["ipam"])
         out["distinct_addresses"] = _distinct(mine + observer.containers)
@@ -457,15 +477,22 @@ def run(log: Log = print, *, containers: int = 60, first_rounds: int = 3, agent_
     began = time.monotonic()
     # One bytecode cache for every agent and CLI run here, shared by the scenarios: the first fills it.
     pycache = Path(tempfile.mkdtemp(prefix="weft-bench-pycache-"))
+    errors: list[str] = []
     try:
-        log("IPAM, real agents: attach latency ...")
-        report.update(attach_latency(pycache, containers, agent_src=agent_src, log=log))
-        log("IPAM, real agents: a fresh seeded mesh's first allocation ...")
-        report["first_allocation"] = first_allocation(pycache, rounds=first_rounds, agent_src=agent_src, log=log)
-    except Exception as exc:  # figures so far are kept; the error says what stopped the rest
-        report["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        try:
+            log("IPAM, real agents: attach latency ...")
+            attach_latency(pycache, containers, agent_src=agent_src, log=log, out=report)
+        except Exception as exc:  # the figures made so far are kept; the error says what stopped the rest
+            errors.append(f"attach latency: {type(exc).__name__}: {exc}"[:2000])
+        try:
+            log("IPAM, real agents: a fresh seeded mesh's first allocation ...")
+            report["first_allocation"] = first_allocation(pycache, rounds=first_rounds, agent_src=agent_src, log=log)
+        except Exception as exc:
+            errors.append(f"first allocation: {type(exc).__name__}: {exc}"[:2000])
     finally:
         shutil.rmtree(pycache, ignore_errors=True)
+    if errors:
+        report["error"] = "; ".join(errors)
     report["wall_s"] = round(time.monotonic() - began, 1)
     return report
 
