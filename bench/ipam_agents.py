@@ -499,7 +499,13 @@ def run(log: Log = print, *, containers: int = 60, first_rounds: int = 3, agent_
 
 @contextlib.contextmanager
 def _exported(rev: str) -> Iterator[Path]:
-    import restart  # only for --baseline: it exports a revision's agent with git archive
+    """The agent's source of git revision ``rev``, or ``rev`` itself when it is a directory holding one (``src``
+    with the ``weft`` package, or a tree with ``agent/src``)."""
+    given = Path(rev)
+    if given.is_dir():
+        yield next((p for p in (given / "agent" / "src", given / "src", given) if (p / "weft").is_dir()), given)
+        return
+    import restart  # it exports a revision's agent with git archive
 
     with restart.exported_agent(rev) as src:
         yield src
@@ -515,7 +521,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--containers", type=int, default=60, help="containers per timed series (default 60)")
     parser.add_argument("--first-rounds", type=int, default=3, help="fresh meshes started (default 3)")
-    parser.add_argument("--baseline", default="", help="REV[,REV...]: measure the agent of these git revisions first")
+    parser.add_argument(
+        "--baseline",
+        default="",
+        help="REV[,REV...]: measure the agent of these git revisions (or source directories) first",
+    )
     parser.add_argument("--no-tree", action="store_true", help="only the --baseline revisions, not this tree")
     parser.add_argument("--output", type=Path, help="write the JSON here too")
     args = parser.parse_args()
