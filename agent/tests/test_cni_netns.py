@@ -505,7 +505,6 @@ class Podman:
                 subprocess.run(["umount", "-l", target], check=False)
 
 
-@pytest.mark.slow
 def test_podman_containers_on_two_hosts_reach_each_other_by_name(lab: Lab) -> None:
     for tool in ("podman", "runc", "conmon"):
         if shutil.which(tool) is None and not Path(f"/usr/libexec/podman/{tool}").exists():
