@@ -408,6 +408,8 @@ def test_a_hundred_add_del_cycles_leave_nothing_behind(lab: Lab) -> None:
         addresses.add(result["ips"][0]["address"])
         cni_.delete(path, f"cycle{i}", name="web")
     assert state(h) == ([], [], [])
+    assert json.loads(h.cli("status", "ipam", "--json").stdout)["allocations"] == []
+    assert json.loads(h.cli("status", "dns", "--json").stdout)["registered"] == []
     assert "eth0" not in links_in(path) and not (Path("/etc/netns") / netns).exists()
     assert len(addresses) == 1  # each DEL freed the address the next ADD was given
     print(f"\n100 cycles: ADD {latency(cni_.timings['ADD'])}; DEL {latency(cni_.timings['DEL'])}")
