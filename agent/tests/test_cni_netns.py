@@ -463,7 +463,12 @@ class Podman:
         self.tmp = tmp
         (tmp / "net.d").mkdir()
         conf = tmp / "containers.conf"
-        conf.write_text(f'[network]\nnetwork_backend = "cni"\ncni_plugin_dirs = ["{plugin_dir}", "/usr/lib/cni"]\n')
+        # Its state, locks and events in our directory too (the defaults are /run/libpod and /dev/shm/libpod_lock,
+        # shared with every other podman of the machine).
+        conf.write_text(
+            f'[engine]\ntmp_dir = "{tmp}/libpod"\nlock_type = "file"\nevents_logger = "none"\n'
+            f'[network]\nnetwork_backend = "cni"\ncni_plugin_dirs = ["{plugin_dir}", "/usr/lib/cni"]\n'
+        )
         self.env = {**os.environ, "CONTAINERS_CONF": str(conf)}
         self.names: list[str] = []
 
@@ -516,6 +521,8 @@ def test_podman_containers_on_two_hosts_reach_each_other_by_name(lab: Lab) -> No
     networks = {h1: f"weft-{lab.token}-h1", h2: f"weft-{lab.token}-h2"}
     tmp = Path(tempfile.mkdtemp(prefix=f"weft-podman-{lab.token}-", dir="/tmp"))
     podman = Podman(tmp, str(Path(plugin_binary(lab)).parent))
+    cni_cache = Path("/var/lib/cni")  # libcni keeps the results of ADDs there (podman 4.3 cannot move it)
+    cache_was_there = cni_cache.exists()
     netns_paths: list[str] = []
     try:
         for h, network in networks.items():
@@ -548,6 +555,10 @@ def test_podman_containers_on_two_hosts_reach_each_other_by_name(lab: Lab) -> No
             if path.startswith("/run/netns/") and os.path.exists(path):
                 subprocess.run(["ip", "netns", "del", Path(path).name], check=False)
         for network in networks.values():  # libcni's cache of the results of our networks' ADDs
-            for cached in Path("/var/lib/cni/results").glob(f"{network}-*"):
+            for cached in (cni_cache / "results").glob(f"{network}-*"):
                 cached.unlink(missing_ok=True)
+        if not cache_was_there:
+            for empty in (cni_cache / "results", cni_cache):
+                with contextlib.suppress(OSError):
+                    empty.rmdir()
         shutil.rmtree(tmp, ignore_errors=True)
