@@ -236,14 +236,14 @@ class ApiServer:
             except ValueError as exc:
                 log.warning("attach %s: no name registered: %s", key, exc)
                 fqdn = None
-            if isinstance(netns, str):
+            if isinstance(netns, str) and body.get("key") is None:  # a runtime (CNI) writes its own from "dns"
                 dns.names.point_resolver(netns)
             return {**result, "name": fqdn, "dns": dns.names.settings()}
         only = None
         if cidrs:
             only = [int(ipaddress.ip_interface(c).ip) for c in cidrs if "/" in c and not c.startswith("net:")]
         removed = dns.names.detached(key, only)
-        if isinstance(netns, str) and only is None:
+        if isinstance(netns, str) and only is None and body.get("key") is None:
             dns.names.unpoint_resolver(netns)
         return {**result, "names_removed": removed}
 
