@@ -21,7 +21,7 @@ an allocation takes (in the agent's code, through the API, `weft attach` end to 
 another peer first), the ring gossip one allocation costs next to sending the whole ring, and how soon a fresh
 seeded mesh allocates.
 
-The DNS part (bench/dns.py) measures the agent's DNS server against dnsmasq serving the same names (dnsperf in a
+The DNS part (bench/names.py) measures the agent's DNS server against dnsmasq serving the same names (dnsperf in a
 container: queries per second at saturation, p50/p99 at a fixed rate), the CNI plugin's ADD and DEL, and the gossip
 one DNS registration costs at 100 simulated peers; bench/results/dns.json. A part that could not be measured at all
 makes the exit status non-zero.
@@ -34,7 +34,6 @@ figures mean nothing.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -42,13 +41,13 @@ import signal
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import datapath
 import ipam_sim
 import mesh
+import names
 import restart
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -493,15 +492,6 @@ def print_ipam(report: dict) -> None:
         )
 
 
-def _bench_dns() -> ModuleType:
-    """bench/dns.py, loaded by its path under another name: as ``dns`` it would stand for dnspython."""
-    spec = importlib.util.spec_from_file_location("weft_bench_dns", Path(__file__).resolve().parent / "dns.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _x(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
@@ -845,7 +835,7 @@ def main() -> int:
 
     if args.dns_bench:
         print("\nDNS and CNI ...", flush=True)
-        dr = _bench_dns().run(log=lambda line: print(line, flush=True))
+        dr = names.run(log=lambda line: print(line, flush=True))
         print_dns(dr)
         _write(args.dns_output, {**{k: report[k] for k in ("when", "machine")}, **dr})
         failed |= any("error" in dr.get(k, {}) for k in ("server", "cni", "gossip"))

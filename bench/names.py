@@ -31,10 +31,7 @@ Three parts; the first two on a real agent in a network namespace (agent/tests/l
 
 Figures only, nothing asserts. ``run()`` returns them (JSON-ready) for bench/run.py; a part that could not be
 measured at all holds ``error`` (``skipped`` when it needs root and the bench has none). Alone:
-``python bench/dns.py`` prints the JSON.
-
-The module's name shadows dnspython's ``dns`` for a process that has bench/ on its path (bench/run.py): nothing
-here, nor anything run.py imports, may import dnspython in that process.
+``python bench/names.py`` prints the JSON.
 """
 
 from __future__ import annotations
