@@ -64,25 +64,38 @@ def source_ipam(source):
         return False
 
 
+def source_dns(source):
+    """Whether the agent source knows the DNS settings (``dns_domain``...): written only for a build that does, like
+    the IPAM ones."""
+    try:
+        with open(os.path.join(str(source), "src", "weft", "config.py"), encoding="utf-8") as f:
+            return "dns_domain" in f.read()
+    except OSError:
+        return False
+
+
 def _newest_first(builds):
     return sorted(builds, key=lambda b: (b.get("installed_at") or 0, b["dir"]), reverse=True)
 
 
-def build_plan(probe, version, source_version, digest, install_dir, keep=2, source_has_ipam=False):
+def build_plan(
+    probe, version, source_version, digest, install_dir, keep=2, source_has_ipam=False, source_has_dns=False
+):
     """Which build a host should run, whether it must be installed, and which old builds go.
 
     ``probe`` is what probe_host.py printed on the host. The source's own version is installed (or found) as
     ``<install_dir>/<version>-<digest>``; any other version must be on the host already: that is a rollback,
     and it needs no build. Kept: the target, the build ``current`` points at (the way back until the restart
     has passed its gate) and the newest others, ``keep`` in all. The target says whether it has IPAM (``ipam``):
-    the source's build when ``source_has_ipam``, an installed one as the probe found it. Returns ``error`` instead
-    when the version cannot be had.
+    the source's build when ``source_has_ipam``, an installed one as the probe found it; and DNS (``dns``) the same
+    way. Returns ``error`` instead when the version cannot be had.
     """
     builds = list(probe.get("builds") or [])
     current = probe.get("current")
     if str(version) == str(source_version):
         target = {"version": str(version), "build": digest, "dir": "%s/%s-%s" % (install_dir, version, digest)}
         target["ipam"] = bool(source_has_ipam)
+        target["dns"] = bool(source_has_dns)
         installed = any(b["dir"] == target["dir"] for b in builds)
     else:
         found = [b for b in builds if str(b.get("version")) == str(version)]
@@ -112,6 +125,7 @@ def build_plan(probe, version, source_version, digest, install_dir, keep=2, sour
             "build": target.get("build") or "",
             "dir": target["dir"],
             "ipam": bool(target.get("ipam")),
+            "dns": bool(target.get("dns")),
         },
         "install": not installed,
         "current": current,
@@ -136,6 +150,7 @@ class FilterModule(object):
         return {
             "source_digest": source_digest,
             "source_ipam": source_ipam,
+            "source_dns": source_dns,
             "build_plan": build_plan,
             "secret_file_digests": secret_file_digests,
         }

@@ -7,7 +7,8 @@ version the manylinux tags depend on), the agent builds installed under the inst
 only once its weft-build.json is written, the last step of an install; each says whether it has IPAM, which
 decides the settings the role may write for it), what `current` points at, and what the role would otherwise ask
 with a task each: the configuration file, the secret files (as SHA-1 digests of their contents: the task that
-runs this hides its output), the unit file and whether the service is enabled and active. On a run with nothing
+runs this hides its output), the unit file and whether the service is enabled and active, and the other files the
+role writes (the CNI plugin and network: their text, None when absent or not text). On a run with nothing
 to change, this is the only round trip the role makes before the readiness check.
 """
 
@@ -20,6 +21,7 @@ import subprocess
 import sys
 
 install_dir, config_dir, unit_path = sys.argv[1:4]
+extra_files = sys.argv[4:]  # files the role writes outside its own directories (the CNI plugin and network)
 
 
 def read(path, binary=False):
@@ -36,6 +38,15 @@ def has_ipam(build_dir):
     for path in glob.glob(os.path.join(build_dir, "lib", "python3*", "site-packages", "weft", "config.py")):
         text = read(path)
         if text is not None and "ipalloc_range" in text:
+            return True
+    return False
+
+
+def has_dns(build_dir):
+    """Whether the agent installed in ``build_dir`` knows the DNS settings (written only for a build that has them)."""
+    for path in glob.glob(os.path.join(build_dir, "lib", "python3*", "site-packages", "weft", "config.py")):
+        text = read(path)
+        if text is not None and "dns_domain" in text:
             return True
     return False
 
@@ -75,6 +86,7 @@ if os.path.isdir(install_dir):
             continue
         build["dir"] = path
         build["ipam"] = has_ipam(path)
+        build["dns"] = has_dns(path)
         build["installed_at"] = os.stat(marker).st_mtime
         builds.append(build)
 current = os.path.join(install_dir, "current")
@@ -93,6 +105,7 @@ print(
             "unit": read(unit_path),
             "enabled": systemctl("is-enabled"),
             "active": systemctl("is-active"),
+            "files": {path: read(path) for path in extra_files},
         }
     )
 )

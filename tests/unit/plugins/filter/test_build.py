@@ -117,3 +117,24 @@ def test_the_target_says_whether_it_has_ipam(tmp_path):
     assert source_ipam(tmp_path) is False
     (tmp_path / "src" / "weft" / "config.py").write_text("ipalloc_range: str = DEFAULT_RANGE\n")
     assert source_ipam(tmp_path) is True
+
+
+def test_the_target_says_whether_it_serves_dns(tmp_path):
+    from ansible_collections.weft.mesh.plugins.filter.build import source_dns
+
+    plan = build_plan({"builds": [], "current": None}, "0.5.0", "0.5.0", "abc", "/opt/weft", 2, True, True)
+    assert plan["target"]["dns"] is True
+    assert (
+        build_plan({"builds": [], "current": None}, "0.5.0", "0.5.0", "abc", "/opt/weft", 2, True)["target"]["dns"]
+        is False
+    )
+    old = dict(build("0.4.1", "aaa", 10), ipam=False, dns=False)
+    new = dict(build("0.5.0", "bbb", 20), ipam=True, dns=True)
+    plan = build_plan(
+        {"builds": [old, new], "current": new["dir"]}, "0.4.1", "0.5.0", "bbb", "/opt/weft", 2, True, True
+    )
+    assert plan["target"]["dns"] is False  # a rollback: as the probe found the installed build
+    (tmp_path / "src" / "weft").mkdir(parents=True)
+    assert source_dns(tmp_path) is False
+    (tmp_path / "src" / "weft" / "config.py").write_text('dns_domain: str = "weft.local."\n')
+    assert source_dns(tmp_path) is True
