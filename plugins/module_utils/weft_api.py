@@ -132,6 +132,33 @@ class WeftApi:
                 ) from None
             raise
 
+    def dns_status(self):
+        """The name table as this agent sees it (``weft status dns --json``); fails when the agent serves no DNS."""
+        try:
+            answer = self.request("GET", "/status/dns")
+        except WeftApiError as exc:
+            if exc.status == 404:
+                raise WeftApiError(
+                    "the agent at %s has no DNS (GET /status/dns: not found): it runs a version before names; upgrade "
+                    "it" % self.api_socket,
+                    404,
+                ) from None
+            raise
+        if answer.get("enabled") is False:
+            raise WeftApiError("DNS is off on the agent at %s (dns: false; the role's weft_dns)" % self.api_socket, 409)
+        return answer
+
+    def dns_add(self, name, addresses):
+        """``name`` also has ``addresses`` (kept across restarts): {"name": fqdn, "addresses": all it has here}."""
+        return self.request("POST", "/dns/add", {"name": name, "addresses": list(addresses)})
+
+    def dns_remove(self, name, addresses=None):
+        """``name`` no longer has ``addresses`` on this host (all of them when None): {"name", "removed", "changed"}."""
+        body = {"name": name}
+        if addresses is not None:
+            body["addresses"] = list(addresses)
+        return self.request("POST", "/dns/remove", body)
+
     def rmpeer(self, peers, force=False):
         """Take the ranges of dead peers over: {"reclaimed": {name: addresses}}."""
         return self.request("POST", "/rmpeer", {"peers": list(peers), "force": bool(force)})

@@ -1,6 +1,7 @@
 """A stand-in for the Weft agent's control API: HTTP over a unix socket, with the agent's semantics for
 /status, /connect, /forget, /attach and /detach (see agent/src/weft/api/server.py), and, once a test gives it a
-ring (``ring``), /status/ipam, /rmpeer and attach with allocation; and a log of every request so tests can check
+ring (``ring``), /status/ipam, /rmpeer and attach with allocation; with ``serve_dns``, /status/dns, /dns/add and
+/dns/remove; and a log of every request so tests can check
 what a module sent, and that check mode sent nothing that changes state.
 """
 
@@ -27,6 +28,7 @@ class FakeAgent:
         self.datapath = True
         self.ipam = None  # None: an agent without IPAM (404); else ring(...) fills it
         self.allocated = {}  # (netns or pid, ifname, subnet) -> cidr
+        self.dns = None  # None: an agent without DNS (404); {"enabled": False}: DNS off; else serve_dns() fills it
 
     def ring(self, *owners, range_="10.32.0.0/12", default_subnet=None, state="ready"):
         """Give the agent a ring: owners are (name, nickname, addresses, reachable), the first is ourself."""
@@ -56,6 +58,10 @@ class FakeAgent:
             "pending": 0,
             "refused": [],
         }
+
+    def serve_dns(self, domain="weft.local.", registered=()):
+        """DNS on: ``registered`` are this host's (name, address, key) entries."""
+        self.dns = {"domain": domain, "registered": [dict(name=n, address=a, key=k) for n, a, k in registered]}
 
     # -- the API --------------------------------------------------------------------------------------
 
@@ -166,6 +172,32 @@ class FakeAgent:
         self.ipam["peers"] = [p for p in peers if p["ourself"] or p["addresses"]]
         return 200, {"reclaimed": reclaimed}
 
+    def _dns_name(self, name):
+        name = name.lower()
+        return name if name.endswith(".") else (name + "." + self.dns["domain"] if "." not in name else name + ".")
+
+    def dns_add(self, body):
+        if self.dns.get("enabled") is False:
+            return 409, {"error": "DNS is off on this agent (dns: false)"}
+        name = self._dns_name(body["name"])
+        key = "name:" + name
+        have = [r for r in self.dns["registered"] if r["key"] == key]
+        for address in body["addresses"]:
+            if not any(r["address"] == address for r in have):
+                self.dns["registered"].append({"name": name, "address": address, "key": key})
+        held = sorted(r["address"] for r in self.dns["registered"] if r["key"] == key)
+        return 200, {"name": name, "addresses": held}
+
+    def dns_remove(self, body):
+        if self.dns.get("enabled") is False:
+            return 409, {"error": "DNS is off on this agent (dns: false)"}
+        name = self._dns_name(body["name"])
+        only = body.get("addresses") or None
+        gone = [r for r in self.dns["registered"] if r["name"] == name and (only is None or r["address"] in only)]
+        self.dns["registered"] = [r for r in self.dns["registered"] if r not in gone]
+        removed = sorted({r["address"] for r in gone})
+        return 200, {"name": name, "removed": removed, "changed": bool(removed)}
+
     def changes(self):
         """Requests that change the agent's state."""
         return [r for r in self.requests if r[0] == "POST"]
@@ -196,6 +228,8 @@ class FakeAgent:
                     self._answer(200, agent.status())
                 elif self.path == "/status/ipam" and agent.ipam is not None:
                     self._answer(200, agent.ipam)
+                elif self.path == "/status/dns" and agent.dns is not None:
+                    self._answer(200, agent.dns)
                 else:
                     self._answer(404, {"error": "no such path"})
 
@@ -208,6 +242,8 @@ class FakeAgent:
                     "/attach": agent.attach,
                     "/detach": agent.detach,
                     "/rmpeer": agent.rmpeer if agent.ipam is not None else None,
+                    "/dns/add": agent.dns_add if agent.dns is not None else None,
+                    "/dns/remove": agent.dns_remove if agent.dns is not None else None,
                 }.get(self.path)
                 if action is None:
                     self._answer(404, {"error": "no such path"})

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from ansible_collections.weft.mesh.plugins.modules import weft_info, weft_peers, weft_rmpeer
+from ansible_collections.weft.mesh.plugins.modules import weft_dns, weft_info, weft_peers, weft_rmpeer
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("weft") is None, reason="the weft agent is not installed")
 
@@ -115,3 +115,11 @@ def test_rmpeer_and_the_ring_round_trip(seeded_agent, run_module):
 
     itself = run_module(weft_rmpeer.main, {"api_socket": seeded_agent, "peers": [ME]})
     assert itself.failed and "is this agent itself" in itself["msg"]
+
+
+def test_dns_without_the_data_plane_says_it_is_off(real_agent, run_module):
+    # DNS needs the data plane (the address on the bridge), which this agent runs without: the lab runs the real one.
+    for check_mode in (True, False):
+        args = {"api_socket": real_agent, "name": "db", "addresses": ["10.32.9.9"]}
+        result = run_module(weft_dns.main, args, check_mode=check_mode)
+        assert result.failed and "DNS is off on the agent" in result["msg"], result
