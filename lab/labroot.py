@@ -36,6 +36,32 @@ PACKAGES = [
     "tcpdump",
     "less",
 ]
+# Installed by apt in the new root after debootstrap (debootstrap's own resolver lists some of their dependencies
+# twice and then fails to extract them): podman with its CNI backend for the demo's containers, and crun, the one
+# runtime that runs containers without cgroups (CONTAINERS_CONF below).
+APT_PACKAGES = ["podman", "crun", "containernetworking-plugins"]
+# podman inside an nspawn machine (lab/README.md, "Containers"): nspawn mounts the cgroup v1 controllers read-only,
+# so containers get no cgroups (which only crun can do); nspawn's seccomp filter refuses keyctl, so no session
+# keyring; /proc/sys is read-only, so no default sysctls (podman sets net.ipv4.ping_group_range); and the machine's
+# root is an overlayfs, on which overlay layers cannot be made, so podman keeps its storage on the tmpfs /run (the
+# demo's containers are gone at the machine's stop anyway).
+CONTAINERS_CONF = """# weft lab: podman inside a systemd-nspawn machine (lab/README.md, "Containers")
+[containers]
+cgroups = "disabled"
+keyring = false
+default_sysctls = []
+
+[engine]
+runtime = "crun"
+cgroup_manager = "cgroupfs"
+network_backend = "cni"
+"""
+STORAGE_CONF = """# weft lab: the machine's root is an overlayfs, which cannot carry overlay layers; /run is a tmpfs
+[storage]
+driver = "overlay"
+runroot = "/run/containers/storage"
+graphroot = "/run/containers/graph"
+"""
 # Units that only cost boot time or wake up to reach a network that is not there.
 MASKED_UNITS = [
     "apt-daily.timer",
@@ -46,6 +72,12 @@ MASKED_UNITS = [
     "man-db.timer",
     "dpkg-db-backup.timer",
     "systemd-networkd-wait-online.service",
+    # podman's API service and its helpers: nothing here uses them
+    "podman.service",
+    "podman.socket",
+    "podman-restart.service",
+    "podman-auto-update.service",
+    "podman-auto-update.timer",
 ]
 SSHD_CONFIG = """# weft lab: root logs in with the lab key only.
 PermitRootLogin prohibit-password
@@ -62,8 +94,10 @@ def recipe() -> dict:
         "suite": SUITE,
         "variant": "minbase",
         "packages": PACKAGES,
+        "apt_packages": APT_PACKAGES,
         "masked": MASKED_UNITS,
         "sshd": SSHD_CONFIG,
+        "containers": [CONTAINERS_CONF, STORAGE_CONF],
     }
 
 
@@ -136,7 +170,7 @@ def ensure_base() -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    log(f"building the Debian {SUITE} root with debootstrap from {mirror} (about a minute, done once)")
+    log(f"building the Debian {SUITE} root with debootstrap from {mirror} (a few minutes, done once)")
     started = time.monotonic()
     cmd = ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", "--components=main"]
     if keyring and Path(keyring).exists():
@@ -146,6 +180,7 @@ def ensure_base() -> Path:
         rc = subprocess.run([*cmd, SUITE, str(tmp), mirror], stdout=out, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         raise SystemExit(f"weftlab: debootstrap failed ({rc}); see {logfile}")
+    apt_install(tmp, APT_PACKAGES, logfile)
     customize_base(tmp)
     if root.exists():
         shutil.rmtree(root)
@@ -156,6 +191,22 @@ def ensure_base() -> Path:
     return root
 
 
+def apt_install(root: Path, packages: list[str], logfile: Path) -> None:
+    """apt-get install (no recommends) in the new root, from the mirror debootstrap wrote into its sources."""
+    if not packages:
+        return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"}
+    with open(logfile, "a") as out:
+        for cmd in (
+            ["chroot", str(root), "apt-get", "update", "-q"],
+            ["chroot", str(root), "apt-get", "install", "-y", "-q", "--no-install-recommends", *packages],
+        ):
+            rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+            if rc != 0:
+                raise SystemExit(f"weftlab: {' '.join(cmd[2:])} in the new root failed ({rc}); see {logfile}")
+    run(["chroot", str(root), "apt-get", "clean"])
+
+
 def customize_base(root: Path) -> None:
     """Make the root machine-neutral: no machine-id, host keys or DNS of its own; sshd config; quiet units."""
     (root / "etc/machine-id").write_text("")
@@ -164,6 +215,8 @@ def customize_base(root: Path) -> None:
     (root / "etc/resolv.conf").unlink(missing_ok=True)
     (root / "etc/resolv.conf").write_text("# weft lab: no DNS; machines are in /etc/hosts\n")
     write_file(root / "etc/ssh/sshd_config.d/weftlab.conf", SSHD_CONFIG)
+    write_file(root / "etc/containers/containers.conf", CONTAINERS_CONF)
+    write_file(root / "etc/containers/storage.conf", STORAGE_CONF)
     for unit in MASKED_UNITS:
         target = root / "etc/systemd/system" / unit
         target.unlink(missing_ok=True)
