@@ -372,6 +372,10 @@ def attach_latency(
         )
         out["space_agent_ipam"] = _figure("space from another peer, IPAM inside the agent", space["ipam"])
         out["distinct_addresses"] = _distinct(mine + observer.containers)
+        # Ring updates an agent refused whole because they give away an address it allocated: the rings differ.
+        out["ring_refusals"] = {h.name: h.agent_log().count("IPAM: refusing a ring update") for h in hosts}
+        if any(out["ring_refusals"].values()):
+            log(f"    ring updates refused: {out['ring_refusals']}")
     return out
 
 
