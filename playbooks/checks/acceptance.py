@@ -19,6 +19,10 @@ Checks, in this order (all by default; each prints PASS or FAIL with the reason)
                back purged, as an observer, its container gets an address again and every container reaches
                every other one
   allocated    every demo container's address is one its own agent allocated from the ring (`make demo`)
+  names        the podman containers named after their hosts (checks/named_containers.yml, through the CNI plugin)
+               all resolve and ping each other by name (checks/name_matrix.yml), and a second run changes nothing; a
+               name given with weft.mesh.weft_dns on one host resolves from every container, a second run changes
+               nothing, and once removed it resolves from none
 Exit status: the number of failed checks. Needs root and the lab up; changes the lab's mesh secret.
 """
 
@@ -419,6 +423,46 @@ def check_allocated() -> None:
         print(f"    {check_allocated_on(machines())}")
 
 
+def weft_dns(host: str, args: str) -> dict:
+    """weft.mesh.weft_dns on a lab host (ad hoc): its result, "changed" included."""
+    cmd = ["ansible", "-i", "inventories/lab", host, "-o", "-m", "weft.mesh.weft_dns", "-a", args]
+    res = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, check=False)
+    line = next((li for li in res.stdout.splitlines() if li.startswith(f"{host} | ")), "")
+    if " => " not in line or res.returncode != 0:
+        raise RuntimeError(f"weft_dns {args} on {host}: rc={res.returncode}: {(res.stdout + res.stderr)[-400:]}")
+    return json.loads(line.split(" => ", 1)[1])
+
+
+def resolves(container: str, name: str) -> list[str]:
+    """The IPv4 addresses the container named after its host gets for ``name`` (its resolver: its host's agent)."""
+    out = ssh(container, f"podman exec {container} getent ahostsv4 {name} || true")
+    return sorted({line.split()[0] for line in out.splitlines() if line.strip()})
+
+
+def check_names() -> None:
+    with Check("names: the podman containers reach each other by name; a weft_dns name is seen everywhere"):
+        rc, _out, _recap = playbook("playbooks/checks/named_containers.yml")
+        assert rc == 0, f"the named containers could not be started (rc={rc})"
+        rc, _out, recap = playbook("playbooks/checks/name_matrix.yml", "playbooks/checks/named_containers.yml")
+        assert rc == 0, f"not every container resolves and reaches every other one by name (rc={rc})"
+        no_changes(rc, recap)
+        names = machines()
+        owner, name, address = names[0], "acceptance-db.weft.local", "10.32.255.250"
+        first = weft_dns(owner, f"name={name} addresses={address}")
+        assert first["changed"] and first["addresses"] == [address], f"weft_dns on {owner}: {first}"
+        assert not weft_dns(owner, f"name={name} addresses={address}")["changed"], "a second weft_dns changed things"
+
+        def everywhere(want: list[str]) -> None:
+            seen = {n: resolves(n, name) for n in names}
+            assert all(v == want for v in seen.values()), f"{name} from each container: {seen}, not {want}"
+
+        eventually(lambda: everywhere([address]))
+        gone = weft_dns(owner, f"name={name} state=absent")
+        assert gone["changed"] and gone["removed"] == [address], f"weft_dns state=absent on {owner}: {gone}"
+        eventually(lambda: everywhere([]))
+        print(f"    {name} ({address}, from {owner}) resolved from {', '.join(names)}, then from none")
+
+
 CHECKS = {
     "idempotent": check_idempotent,
     "check-diff": check_diff,
@@ -427,6 +471,7 @@ CHECKS = {
     "reclaim": check_reclaim,
     "decommission": check_decommission,
     "allocated": check_allocated,
+    "names": check_names,
 }
 
 

@@ -1,7 +1,8 @@
 """Shared by the scenarios' testinfra checks (molecule verify): which hosts, and how to ask their agents.
 
 molecule.yml sets WEFT_INVENTORY (inventories/lab), WEFT_MESH_GROUP (the scenario's mesh: `dc` or
-`weft_mesh`) and WEFT_CONTAINERS (1 when the scenario attached demo containers).
+`weft_mesh`), WEFT_CONTAINERS (1 when the scenario attached demo containers) and WEFT_NAMES (1 when it started
+the podman containers named after their hosts).
 """
 
 from __future__ import annotations
