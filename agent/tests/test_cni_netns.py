@@ -276,7 +276,8 @@ def test_add_check_del_on_a_named_namespace(lab: Lab) -> None:
     address = ip["address"].split("/")[0]
     assert [(r["name"], r["address"]) for r in registered(h)] == [("web1.weft.local.", address)]
     assert dig(path, "web1.weft.local") == [address]
-    assert (Path("/etc/netns") / netns / "resolv.conf").exists()
+    assert result["dns"] == {"nameservers": ["169.254.53.53"], "domain": "weft.local", "search": ["weft.local"]}
+    assert not (Path("/etc/netns") / netns).exists()  # the runtime writes the container's resolv.conf from "dns"
 
     # CHECK: nothing on stdout while all is well; an error once an address is gone
     assert cni_.check(path, result) == (0, None)
@@ -419,10 +420,16 @@ def test_a_name_resolves_from_a_container_on_another_host(lab: Lab) -> None:
     h1, h2 = pair(lab)
     web1, web2 = namespace(lab, h1, "a"), namespace(lab, h2, "b")
     a1 = Plugin(lab, h1).add(web1, "w1", name="web1")["ips"][0]["address"].split("/")[0]
-    a2 = Plugin(lab, h2).add(web2, "w2", name="web2")["ips"][0]["address"].split("/")[0]
+    added = Plugin(lab, h2).add(web2, "w2", name="web2")
+    a2 = added["ips"][0]["address"].split("/")[0]
+    # As a runtime does: the container's resolv.conf from the result's dns (ip netns exec shows this one)
+    resolv = Path("/etc/netns") / Path(web2).name / "resolv.conf"
+    resolv.parent.mkdir(parents=True, exist_ok=True)
+    dns = added["dns"]
+    resolv.write_text(f"nameserver {dns['nameservers'][0]}\nsearch {' '.join(dns['search'])}\n")
     wait_until(lambda: dig(web2, "web1.weft.local") == [a1], timeout=15, message="web1 not found from h2")
     wait_until(lambda: dig(web1, "web2.weft.local") == [a2], timeout=15, message="web2 not found from h1")
-    # by the short name, through the resolv.conf the agent wrote for the namespace (ip netns exec shows it)
+    # by the short name, through that resolv.conf
     ping = subprocess.run(
         ["ip", "netns", "exec", Path(web2).name, "ping", "-c1", "-W2", "web1"], capture_output=True, text=True
     )

@@ -84,7 +84,11 @@ def test_containers_on_three_hosts_resolve_and_ping_each_other_by_name(lab: Lab)
             )
             assert dig(asker, f"app{i}.weft.local") == [other.ip]
             assert dig(asker, f"APP{i}.Weft.Local") == [other.ip]  # names are case-insensitive
-            asker.exec("ping", "-c", "1", "-W", "3", f"app{i}")
+            wait_until(  # the first packets may wait for the data path between two hosts that just met
+                lambda a=asker, i=i: a.exec("ping", "-c", "1", "-W", "2", f"app{i}", check=False).returncode == 0,
+                timeout=15,
+                message=f"{asker.name} cannot ping app{i} by name",
+            )
     # Reverse lookups of overlay addresses, from any host.
     c1, c3 = containers[0], containers[2]
     assert c1.exec("dig", "+short", "-x", c3.ip).stdout.split() == ["app3.weft.local."]

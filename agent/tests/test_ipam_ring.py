@@ -167,6 +167,22 @@ def test_grant_of_the_top_of_a_range_tells_the_grantee_where_it_ends() -> None:
     assert stale.owner_of(10) != 3
 
 
+def test_a_grant_next_to_an_earlier_one_the_grantee_never_heard_of_says_where_that_one_ends() -> None:
+    """A donor answers a request twice (the first answer timed out, the requester asked again): the first grant's
+    answer is lost, the second's range ends where the first's begins. The grantee, told only of the second, must not
+    take the donor's addresses above the first for its own."""
+    a, b, c, d = 1, 2, 3, 4
+    donor = Ring.seeded(0, 1 << 16, (a, b, c))
+    grantee = donor.copy()  # the seeded ring, as the observer d joined it
+    lo, hi = donor.owned_by(b)[0]
+    donor.grant(lo + 128, lo + 255, d, b, lambda x, y: y - x)  # its answer never reaches d
+    second = donor.grant(lo + 65, lo + 128, d, b, lambda x, y: y - x)
+    grantee.merge(donor.subset(second))
+    for address in (lo + 70, lo + 200, lo + 255, lo + 300, hi - 1):
+        assert grantee.owner_of(address) in (donor.owner_of(address), None), address
+    assert grantee.owner_of(lo + 300) == b
+
+
 def test_take_over_gives_every_range_of_the_dead_peer_to_the_reclaimer() -> None:
     ring = Ring.seeded(0, 64, [1, 2, 3])
     ring.grant(30, 42, to=1, by=2, free=lambda lo, hi: hi - lo)  # 2 keeps [21, 30) ...

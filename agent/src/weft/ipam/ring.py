@@ -161,10 +161,17 @@ class Ring:
         changed: dict[int, Entry] = {}
         if hi < end:  # the part above what is given stays ours, under a token of its own
             changed[hi] = self._bump(hi, by, free=free(hi, end))
-        elif end < self.end:
-            # Unchanged, but sent along: the grantee may not have that token yet (a grant we made a moment ago), and
-            # without it would take the addresses above it for its own as well.
-            changed[end] = self.entries[end]
+        else:
+            # Unchanged, but sent along: the grantee may not have that token yet (a grant we made a moment ago, whose
+            # answer it never got), and without it would take the addresses above it for its own as well. If that
+            # range is already the grantee's, the same goes for the token that ends it, and so on, up to the first
+            # range that is not the grantee's.
+            after = end
+            while after < self.end:
+                changed[after] = self.entries[after]
+                if self.entries[after].owner != to:
+                    break
+                after = self.token_end(after)
         if lo > token:
             changed[token] = self._bump(token, by, free=free(token, lo))
         changed[lo] = self._bump(lo, to, free=free(lo, hi))
