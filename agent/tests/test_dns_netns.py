@@ -296,3 +296,22 @@ def test_dns_can_be_turned_off(lab: Lab) -> None:
     assert res.returncode != 0 and "DNS is off on this agent" in res.stderr
     assert "off (dns: false)" in h1.cli("status", "dns").stdout
     assert DNS_ADDRESS not in h1.exec("ip", "addr", "show", "weft").stdout
+
+
+def test_names_that_are_no_containers_are_added_and_removed_from_the_cli(lab: Lab) -> None:
+    h1, h2 = lab(2)
+    start([h1, h2])
+    asker = named(h2, "asker")
+    assert h1.cli("dns-add", "db", "10.32.9.9", "10.32.9.10").stdout.split() == [
+        "db.weft.local.",
+        "10.32.9.9",
+        "10.32.9.10",
+    ]
+    wait_until(lambda: sorted(dig(asker, "db")) == ["10.32.9.10", "10.32.9.9"], timeout=5, message="db not resolved")
+    bad = h1.cli("dns-add", "x", "127.0.0.1", check=False)
+    assert bad.returncode == 1 and "127.0.0.1 is a loopback address" in bad.stderr
+    assert "removed 10.32.9.9" in h1.cli("dns-remove", "db", "10.32.9.9").stdout
+    wait_until(lambda: dig(asker, "db") == ["10.32.9.10"], timeout=5, message="10.32.9.9 still answered")
+    h1.cli("dns-remove", "db")
+    assert "nothing to remove" in h1.cli("dns-remove", "db").stdout
+    assert h1.cli("dns-lookup", "db", check=False).returncode == 1

@@ -8,6 +8,7 @@ import ipaddress
 import json
 import logging
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -23,6 +24,7 @@ from weft.limits import Episode
 
 if TYPE_CHECKING:
     from weft.agent import Agent
+    from weft.dns.registrations import Registrations
 
 log = logging.getLogger(__name__)
 
@@ -249,21 +251,24 @@ class ApiServer:
 
     async def dns_add(self, request: web.Request) -> web.Response:
         """A name for addresses that are no container's (weft dns-add), kept across restarts."""
-        dns, body = self.agent.dns, await _object(request)
-        if isinstance(body, web.Response):
-            return body
-        if dns is None:
-            return _error(409, "DNS is off on this agent (dns: false)")
-        name, addresses = body.get("name"), body.get("addresses")
-        if not isinstance(name, str) or not _strings(addresses):
-            return _error(400, "give 'name' (a string) and 'addresses' (a list of IPv4 addresses)")
-        try:
-            fqdn, held = dns.names.add(name, addresses)
-        except ValueError as exc:
-            return _error(400, str(exc))
-        return web.json_response({"name": fqdn, "addresses": held})
+
+        def add(names: Registrations, name: str, addresses: list[str]) -> dict:
+            fqdn, held = names.add(name, addresses)
+            return {"name": fqdn, "addresses": held}
+
+        return await self._names_request(request, add)
 
     async def dns_remove(self, request: web.Request) -> web.Response:
+        def remove(names: Registrations, name: str, addresses: list[str]) -> dict:
+            fqdn, removed = names.remove(name, addresses)
+            return {"name": fqdn, "removed": removed, "changed": bool(removed)}
+
+        return await self._names_request(request, remove)
+
+    async def _names_request(
+        self, request: web.Request, act: Callable[[Registrations, str, list[str]], dict]
+    ) -> web.Response:
+        """A body of 'name' and 'addresses', checked, then ``act`` on this host's registrations."""
         dns, body = self.agent.dns, await _object(request)
         if isinstance(body, web.Response):
             return body
@@ -271,12 +276,11 @@ class ApiServer:
             return _error(409, "DNS is off on this agent (dns: false)")
         name, addresses = body.get("name"), body.get("addresses", [])
         if not isinstance(name, str) or not _strings(addresses):
-            return _error(400, "give 'name' (a string) and optionally 'addresses' (a list of IPv4 addresses)")
+            return _error(400, "give 'name' (a string) and 'addresses' (a list of IPv4 addresses)")
         try:
-            fqdn, removed = dns.names.remove(name, addresses)
+            return web.json_response(act(dns.names, name, addresses))
         except ValueError as exc:
             return _error(400, str(exc))
-        return web.json_response({"name": fqdn, "removed": removed, "changed": bool(removed)})
 
     async def dns_lookup(self, request: web.Request) -> web.Response:
         """What the table answers for a name now (what every container asking this host is told)."""
