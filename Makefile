@@ -28,10 +28,10 @@ lint: venv ## ruff check and ruff format --check on agent/
 	$(VPY) -m ruff check agent
 	$(VPY) -m ruff format --check agent
 
-unit: venv ## Fast tests that need no root and no namespaces (the agent's unit tests), a few seconds
-	$(VPY) -m pytest agent/tests -q -m "not netns and not slow" $(PYTEST_ARGS)
+unit: venv ## The agent's unit tests (agent/tests/unit): no root, no namespaces, under a minute
+	$(VPY) -m pytest agent/tests/unit -q -m "not netns and not slow" $(PYTEST_ARGS)
 
-test: venv lint ansible-venv ## Lint, the agent's tests, the collection's unit tests, molecule on the lab (root)
+test: venv lint ansible-venv ## Lint, all the agent's tests (unit, netns, slow), the collection's unit tests, molecule (root)
 	@if [ "$$(id -u)" != 0 ]; then \
 		echo "make test: run as root (the tests build network namespaces): sudo make test" >&2; exit 1; fi
 	@echo "$(VPY) -m pytest agent/tests -q $(PYTEST_ARGS)"

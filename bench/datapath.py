@@ -28,7 +28,7 @@ from pathlib import Path
 import mesh
 
 # The netns lab harness lives with the agent's tests.
-sys.path.insert(0, str(mesh.REPO / "agent" / "tests"))
+sys.path.insert(0, str(mesh.REPO / "agent" / "tests" / "harness"))
 
 from lab import Host, Lab, metric_value, netns_unavailable_reason
 

@@ -2,7 +2,7 @@
 """IPAM on real agents in network namespaces (root): how long `weft attach` with no address takes, and how soon a
 fresh seeded mesh allocates.
 
-Three scenarios, the first two on one lab (agent/tests/lab.py), with the data plane on as a user runs it:
+Three scenarios, the first two on one lab (agent/tests/harness/lab.py), with the data plane on as a user runs it:
 
 - **local space**: three agents seeded with all three names; containers attached on h1 one after another, each
   from h1's own part of the ring, each once the agent is idle again, in turn through the agent's API (HTTP over
@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "agent" / "tests"))  # the netns lab harness lives with the agent's tests
+sys.path.insert(0, str(REPO / "agent" / "tests" / "harness"))  # the netns lab harness of the agent's tests
 
 from weft.api.client import ApiError, Client  # noqa: E402
 

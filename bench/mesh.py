@@ -19,9 +19,7 @@ from weft.mesh.router import Router
 from weft.sim import SimNetwork, chain_of_strangers
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(
-    0, str(REPO / "agent" / "tests")
-)  # the netns lab harness lives with the agent's tests
+sys.path.insert(0, str(REPO / "agent" / "tests" / "harness"))  # the netns lab harness of the agent's tests
 
 from lab import Host, Lab, metric_value, netns_unavailable_reason
 from weft.api.client import ApiError, Client

@@ -2,7 +2,7 @@
 """DNS and CNI figures: the agent's DNS server against dnsmasq, the CNI plugin's ADD and DEL, and the gossip one DNS
 registration costs.
 
-Three parts; the first two on a real agent in a network namespace (agent/tests/lab.py, one host, root):
+Three parts; the first two on a real agent in a network namespace (agent/tests/harness/lab.py, one host, root):
 
 - **DNS server vs dnsmasq**: the agent (``--dns-upstream 127.0.0.1:1``, so nothing leaves) with NAMES names
   registered through its API (``POST /dns/add``), and dnsmasq serving the same names from a hosts file
@@ -25,7 +25,7 @@ Three parts; the first two on a real agent in a network namespace (agent/tests/l
   process, start to exit, each once the agent is idle again. Next to it, the plugin's VERSION (no agent asked): the
   floor a Python process sets; and the agent's part, ``POST /attach`` and ``/detach`` with the plugin's body, sent
   from this process.
-- **DNS gossip per registration** on the simulator (weft.sim), as agent/tests/test_dns_service.py measures it: 100
+- **DNS gossip per registration** on the simulator (weft.sim), as agent/tests/unit/test_dns_service.py measures it: 100
   peers in a tree of strangers holding 1,000 entries, bytes of ``dns`` gossip per registration and per removal
   until every peer has it, next to the whole-table baseline (the table sent to every peer once).
 
@@ -51,7 +51,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "agent" / "tests"))  # the netns lab harness lives with the agent's tests
+sys.path.insert(0, str(REPO / "agent" / "tests" / "harness"))  # the netns lab harness of the agent's tests
 
 from lab import Container, Host, Lab, netns_unavailable_reason, wait_until  # noqa: E402
 
@@ -468,7 +468,7 @@ def cni_latency(lab: Lab, h: Host, log: Log, *, cycles: int = CYCLES) -> dict:
 
 
 def gossip_per_registration(peers: int = 100, entries: int = 1000, rounds: int = 20) -> dict:
-    """As agent/tests/test_dns_service.py's test_gossip_bytes_per_registration_at_100_peers: a tree of strangers,
+    """As agent/tests/unit/test_dns_service.py's test_gossip_bytes_per_registration_at_100_peers: a tree of strangers,
     the table of ``entries`` put in place directly, no anti-entropy in the window; then ``rounds`` registrations
     (each until every peer answers it), and as many removals."""
     from weft.sim import SimNetwork, add_dns, chain_of_strangers

@@ -35,11 +35,11 @@ from pathlib import Path
 import datapath
 import mesh
 
-sys.path.insert(0, str(mesh.REPO / "agent" / "tests"))
+sys.path.insert(0, str(mesh.REPO / "agent" / "tests" / "harness"))
 
 from lab import Host, Lab, LabProcess
 
-FLOW = str(mesh.REPO / "agent" / "tests" / "udpflow.py")
+FLOW = str(mesh.REPO / "agent" / "tests" / "harness" / "udpflow.py")
 ECHO_PORT = 7001
 SECRET_PREFIX = "bench-restart-"
 TARGET_GAP_S = 1.0  # the goal: at most this long without traffic per restarted host

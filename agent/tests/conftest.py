@@ -1,4 +1,9 @@
-"""Shared fixtures: the ``lab`` fixture runs real agents in throwaway network namespaces."""
+"""Shared fixtures for the agent's tests, in three directories:
+
+- ``unit/``: no root and no namespaces (``make unit``);
+- ``netns/``: real agents, links and namespaces (root); every test there is marked ``netns``;
+- ``harness/``: the helpers both import (the ``lab`` fixture's Lab, workloads run in namespaces), on sys.path.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # make `import lab` work from any rootdir
+sys.path.insert(0, str(Path(__file__).resolve().parent / "harness"))  # `import lab` from any rootdir and test dir
 
 from lab import Lab, netns_unavailable_reason
+
+NETNS_DIR = Path(__file__).resolve().parent / "netns"
 
 _LABS_KEY = pytest.StashKey[list[Lab]]()
 _LOG_TAIL_LINES = 200
@@ -38,9 +45,9 @@ def _sigterm_as_interrupt(signum: int, frame: object) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test that uses the lab needs root and namespaces: tag it ``netns`` for -m selection."""
+    """Every test in netns/ or that uses the lab needs root and namespaces: tag it ``netns`` for -m selection."""
     for item in items:
-        if "lab" in getattr(item, "fixturenames", ()):
+        if item.path.is_relative_to(NETNS_DIR) or "lab" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.netns)
 
 

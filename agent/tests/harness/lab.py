@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 __all__ = [
     "AGENT_PORT",
+    "HARNESS",
     "METRICS_PORT",
     "Capture",
     "Host",
@@ -43,7 +44,9 @@ __all__ = [
 AGENT_PORT = 6783
 METRICS_PORT = 6782
 NFT_TABLE = "weft_lab"
-AGENT_SRC = Path(__file__).resolve().parents[1] / "src"
+# The shared test helpers (this directory: scripts run in namespaces live here too) and the tree under test.
+HARNESS = Path(__file__).resolve().parent
+AGENT_SRC = HARNESS.parents[1] / "src"
 
 T = TypeVar("T")
 

@@ -19,11 +19,10 @@ import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import pytest
-from lab import Container, Host, Lab, metric_value, wait_until
+from lab import HARNESS, Container, Host, Lab, metric_value, wait_until
 
 from weft.api.client import Client
 
@@ -640,7 +639,7 @@ def test_ten_thousand_hostile_ipam_messages_are_counted_and_change_nothing(lab: 
 
     poller = threading.Thread(target=poll)
     poller.start()
-    script = str(Path(__file__).with_name("fuzz_ipam.py"))
+    script = str(HARNESS / "fuzz_ipam.py")
     try:
         out = box.exec(
             sys.executable, script, h1.ip, "6783", str(secret_file), str(ctx_file), "10000", "6", "11", timeout=280

@@ -2,8 +2,8 @@
 upstream servers, and the DNS address kept off the overlay. Containers ask with the real ``dig`` through the
 resolv.conf that ``weft attach --name`` points at their agent, and ping by name.
 
-The table's merge rules, tombstone purge and stale entries are tested in virtual time (test_dns_service.py), the
-server's protocol and hostile packets with a table of its own (test_dns_server.py); here, the agent put together.
+The table's merge rules, tombstone purge and stale entries are tested in virtual time (unit/test_dns_service.py), the
+server's protocol and hostile packets with a table of its own (unit/test_dns_server.py); here, the agent put together.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from weft import __version__
 
 pytestmark = pytest.mark.netns
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 PREVIOUS_RELEASE = "7810e1c^"  # the parent of "Agent 0.3.0"
 PREVIOUS_VERSION = "0.2.0"
 SECRET = "mixed-versions-secret"

@@ -6,14 +6,13 @@ import itertools
 import json
 import signal
 import sys
-from pathlib import Path
 
 import pytest
-from lab import Container, Host, Lab, metric_value, wait_until
+from lab import HARNESS, Container, Host, Lab, metric_value, wait_until
 
 pytestmark = pytest.mark.netns
 
-TRAFFIC = str(Path(__file__).with_name("traffic.py"))
+TRAFFIC = str(HARNESS / "traffic.py")
 SECRET = "datapath-test-secret"
 MB = 1024 * 1024
 

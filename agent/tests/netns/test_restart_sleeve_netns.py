@@ -6,15 +6,14 @@ import json
 import signal
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from lab import Container, Host, Lab, LabProcess, wait_until
+from lab import HARNESS, Container, Host, Lab, LabProcess, wait_until
 from test_datapath_netns import SECRET, datapaths, start_mesh
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
-FLOW = str(Path(__file__).with_name("udpflow.py"))
+FLOW = str(HARNESS / "udpflow.py")
 RATE = 200  # datagrams a second, each echoed back
 PORT = 7001
 

@@ -1,7 +1,7 @@
 """The sleeve end to end: hosts in namespaces (bridge + persistent TAP + one container each) joined by an underlay
-of veth pairs, each host running tests/sleeve_driver.py. Also a manual benchmark:
+of veth pairs, each host running tests/harness/sleeve_driver.py. Also a manual benchmark:
 
-    python tests/test_sleeve_netns.py bench [--plain] [--hosts 3] [--seconds 10] [--ulseg]
+    python tests/netns/test_sleeve_netns.py bench [--plain] [--hosts 3] [--seconds 10] [--ulseg]
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Any
 import pytest
 
 HERE = Path(__file__).resolve().parent
-DRIVER = HERE / "sleeve_driver.py"
-SRC = HERE.parent / "src"
+DRIVER = HERE.parent / "harness" / "sleeve_driver.py"
+SRC = HERE.parents[1] / "src"
 PORT = 6783
 MTU = 1376
 pytestmark = pytest.mark.netns

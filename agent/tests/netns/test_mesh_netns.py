@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from lab import Host, Lab, metric_value, wait_until
+from lab import HARNESS, Host, Lab, metric_value, wait_until
 
 # Short timers so failures are noticed quickly; everything else runs on defaults.
 FAST = {"WEFT_HEARTBEAT_INTERVAL": "0.5", "WEFT_READ_TIMEOUT": "2"}
@@ -255,7 +255,7 @@ def test_garbage_at_the_control_port_is_counted_and_survived(lab: Lab) -> None:
     uid2 = h2.status()["uid"]
     secret = write_secret(h3, "secret", "fuzz-secret")
 
-    script = str(Path(__file__).with_name("fuzz_control.py"))
+    script = str(HARNESS / "fuzz_control.py")
     out = h3.exec(sys.executable, script, h1.ip, "6783", str(secret), "150", "9850", "7", timeout=240)
     summary = json.loads(out.stdout)
     assert sum(summary["raw"].values()) + summary["frames"] == 10_000

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cnispec import check_result
 from lab import Host, Lab, LabProcess, wait_until
-from test_cni import check_result
 
 from weft import cni
 from weft.api.client import Client
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.netns
 RANGE = ipaddress.ip_network("10.32.0.0/12")
 DNS_ADDRESS = "169.254.53.53"
 QUIET = ("--log-level", "info")
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 # -- the plugin as a runtime runs it -----------------------------------------------------------------------------------
@@ -46,7 +46,7 @@ def plugin_binary(lab: Lab) -> str:
     assert lab.tmp_dir is not None
     wrapper = lab.tmp_dir / "weft-cni"
     if not wrapper.exists():
-        src = Path(__file__).resolve().parents[1] / "src"
+        src = Path(__file__).resolve().parents[2] / "src"
         wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={src} exec {sys.executable} -m weft.cni\n")
         wrapper.chmod(0o755)
     return str(wrapper)

@@ -18,7 +18,7 @@ from weft.mesh.codec import pack, unpack
 from weft.mesh.connection import HEARTBEAT
 from weft.mesh.crypto import Opener, Sealer, derive_session_keys, secret_id
 
-PROTOCOL_MD = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
+PROTOCOL_MD = Path(__file__).resolve().parents[3] / "docs" / "protocol.md"
 DIALLER, ACCEPTOR = 0x020000000001, 0x020000000002
 
 

@@ -1,6 +1,6 @@
 """weft-cni without root: its input checks and error codes, VERSION, the result it builds, what it asks the agent
 (a fake agent on a unix socket), DEL with no agent, and that it imports nothing heavy. The plugin with real agents
-in network namespaces is test_cni_netns.py."""
+in network namespaces is netns/test_cni_netns.py."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cnispec import check_result
 
 from weft import cni
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 CONF = {"cniVersion": "1.0.0", "name": "weft", "type": "weft-cni"}
 
 
@@ -196,25 +197,6 @@ ANSWER = {
     "name": "web1.weft.local.",
     "dns": {"nameservers": ["169.254.53.53"], "domain": "weft.local", "search": ["weft.local"]},
 }
-
-
-def check_result(result: dict[str, Any], version: str = "1.0.0") -> None:
-    """The spec's required fields and types of an ADD result (SPEC.md, "Success")."""
-    assert result["cniVersion"] == version
-    assert isinstance(result["interfaces"], list) and result["interfaces"]
-    for iface in result["interfaces"]:
-        assert isinstance(iface["name"], str) and iface["name"]
-        assert isinstance(iface.get("mac", ""), str) and isinstance(iface.get("sandbox", ""), str)
-    for ip in result["ips"]:
-        assert isinstance(ip["address"], str) and "/" in ip["address"]
-        assert isinstance(ip["interface"], int) and 0 <= ip["interface"] < len(result["interfaces"])
-        assert ("version" in ip) == (version != "1.0.0")
-    for route in result.get("routes", []):
-        assert isinstance(route["dst"], str) and "/" in route["dst"]
-    if "dns" in result:
-        dns = result["dns"]
-        assert all(isinstance(n, str) for n in dns.get("nameservers", []))
-        assert isinstance(dns.get("domain", ""), str) and all(isinstance(s, str) for s in dns.get("search", []))
 
 
 def test_the_result_is_the_spec_result() -> None:
