@@ -137,7 +137,9 @@ class Agent:
         if c.datapath:
             from weft.datapath.plane import DataPlane
 
-            self.dataplane = DataPlane(c, self.router, self.metrics, encrypting=bool(self.secrets))
+            self.dataplane = DataPlane(
+                c, self.router, self.metrics, encrypting=bool(self.secrets), secrets=lambda: self.secrets
+            )
             self.metrics.add_datapath(self.dataplane.byte_counts, self.dataplane.drop_counts)
             self.transport.refusal_listeners.append(self.dataplane.address_refused)
 
@@ -343,6 +345,7 @@ class Agent:
             "connections": connections,
             "targets": self.maker.status(),
             "mac_conflicts": self.dataplane.mac_conflicts() if self.dataplane is not None else [],
+            "end_to_end": self.dataplane.end_to_end_status() if self.dataplane is not None else [],
             "ipam": self.ipam.status(),
             "dns": self.dns.status() if self.dns is not None else {"enabled": False},
         }

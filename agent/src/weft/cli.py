@@ -162,7 +162,7 @@ def run(config_path: Path | None, **flags: object) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def status(client: Client, section: str | None, as_json: bool) -> None:
-    """Show the agent's status, or one section of it: peers, connections, targets or ipam."""
+    """Show the agent's status, or one section of it: peers, connections, targets, ipam, dns or end_to_end."""
     data = _call(client.status)
     if as_json:
         click.echo(json.dumps(data[section] if section else data, indent=2))

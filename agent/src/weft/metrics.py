@@ -79,6 +79,16 @@ class Metrics:
         self.mac_conflicts = Gauge(
             "weft_mac_conflicts", "MAC addresses that more than one peer claims as its own", registry=r
         )
+        self.e2e_agreements = Counter(
+            "weft_e2e_agreements",
+            "End-to-end key agreements with peers reached through relays: inits sent, answered, completed, passed on"
+            " (as a relay), and those refused, by reason",
+            ["event"],
+            registry=r,
+        )
+        self.e2e_peers = Gauge(
+            "weft_e2e_peers", "Peers reached through relays whose frames this host seals end to end", registry=r
+        )
         self.connection_path = Gauge(
             "weft_connection_path",
             "1 for the data path traffic to the peer takes, 0 for the others",

@@ -62,6 +62,10 @@ def summary(s: dict) -> str:
     if paths:
         counts = ", ".join(f"{paths.count(p)} {p}" for p in ("fast", "sleeve", "relay", "down") if p in paths)
         lines.append(_field("DataPath", counts))
+    sealed = [e for e in s.get("end_to_end", []) if e["sealing"] == "end-to-end"]  # absent from an older agent's
+    if sealed:
+        plural = "s" if len(sealed) != 1 else ""
+        lines.append(_field("EndToEnd", f"{len(sealed)} relayed peer{plural} sealed end to end"))
     for conflict in s.get("mac_conflicts", []):  # absent from an older agent's status
         claimants = ", ".join(conflict["peers"])
         lines.append(_field("MACConflict", f"{conflict['mac']} claimed by {claimants}; owner {conflict['owner']}"))
@@ -93,6 +97,8 @@ def connections(s: dict) -> str:
         if dp:
             path = f"{dp['path']:<6} {'encrypted' if dp['encrypted'] else 'plain':<9} mtu={dp['mtu']}"
             why = f"via {dp['via']}" if dp.get("via") else ""
+            if dp.get("sealing"):
+                why += f", sealed {dp['sealing']}"
             if dp["reason"] and dp["path"] != "fast":
                 why = f"{why}; {dp['reason']}" if why else dp["reason"]
             lines.append(f"{arrow} {address:<21} {c['state']:<11} {path} {who} {why}".rstrip())
@@ -178,4 +184,25 @@ def dns(s: dict) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = {"peers": peers, "connections": connections, "targets": targets, "ipam": ipam, "dns": dns}
+@_escaped
+def end_to_end(s: dict) -> str:
+    """The peers reached through relays and how their frames are sealed: end to end, or hop by hop."""
+    rows = s.get("end_to_end", [])
+    if not rows:
+        return "no peer is reached through a relay over hops that pass end-to-end datagrams"
+    lines = [f"{'PEER':<30} {'VIA':<18} {'SEALING':<11} {'KEYS':<10} STATE"]
+    for e in rows:
+        who = f"{e['peer']}({e['nickname']})" if e.get("nickname") else e["peer"]
+        keys = f"{e['keys_age']:.0f}s old" if e["keys"] else "none"
+        lines.append(f"{who:<30} {e['via']:<18} {e['sealing']:<11} {keys:<10} {e['state']}")
+    return "\n".join(lines)
+
+
+SECTIONS = {
+    "peers": peers,
+    "connections": connections,
+    "targets": targets,
+    "ipam": ipam,
+    "dns": dns,
+    "end_to_end": end_to_end,
+}

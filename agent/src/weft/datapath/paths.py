@@ -73,6 +73,7 @@ class PathState:
     path: str | None = None
     reason: str = ""
     announced_size: int = 0  # the datagram size the sleeve was last given
+    e2e: bool = False  # the neighbour reads end-to-end datagrams and passes them on (handshake capability)
 
     @property
     def encrypted(self) -> bool:

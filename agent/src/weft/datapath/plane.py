@@ -18,11 +18,12 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from weft.datapath import fdb
+from weft.datapath.endtoend import AGREEMENT_TYPES, EndToEnd
 from weft.datapath.macs import MacTable
 from weft.datapath.paths import FAST, PATHS, RELAY, PathState, ladder, trusted
 from weft.datapath.probe import ETHERTYPE, build_probe, parse_probe
 from weft.mesh.codec import DecodeError, expect, pack, unpack
-from weft.mesh.peer import format_name
+from weft.mesh.peer import format_name, parse_name
 
 if TYPE_CHECKING:
     from weft.config import AgentConfig
@@ -43,6 +44,7 @@ DEAD_AFTER = 3  # heartbeat intervals without news before a path counts as down
 WARMUP_AFTER = 4  # intervals after start before we remove kernel state we did not write this run
 PMTU_EVERY = 5  # intervals between path-MTU probe rounds, after one each for the first three
 SLEEVE_OVERHEAD = 80  # Ethernet, virtio header, sleeve header and AEAD tag, per datagram (upper bound)
+E2E_OVERHEAD = SLEEVE_OVERHEAD + 10  # the end-to-end form: 6 more header bytes, 4 more nonce bytes
 GUARD_RESYNC = 10  # intervals between re-reads of the attach state for the port guard (events may be missed)
 
 
@@ -52,7 +54,15 @@ def device_names(bridge: str, vxlan_port: int) -> tuple[str, str]:
 
 
 class DataPlane:
-    def __init__(self, config: AgentConfig, router: Router, metrics: Metrics, *, encrypting: bool = False) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        router: Router,
+        metrics: Metrics,
+        *,
+        encrypting: bool = False,
+        secrets: Callable[[], list[bytes]] = list,
+    ) -> None:
         self.config = config
         self.router = router
         self.metrics = metrics
@@ -88,6 +98,16 @@ class DataPlane:
         self._adopted_fast: set[str] = set()  # peer IPs the kernel already sent to fast when we started
         self._hello: set[int] = set()  # new connections: a heartbeat goes out as soon as the sleeve has their keys
         self.encrypting = encrypting  # a mesh secret is set: plaintext only inside the trusted subnets
+        self._next_hop: dict[int, int] = {}  # the sleeve's next hop per peer, as of the last recomputation
+        self.e2e = EndToEnd(
+            self.ourself,
+            router.ourself.uid,
+            secrets,
+            metrics,
+            _EndToEndIo(self),
+            interval=self.interval,
+            dead=self.dead,
+        )
         self.guard: FastGuard | None = None
         self._channel = router.new_channel(MACS, self.macs)
         router.topology_listeners.append(self._changed)
@@ -120,6 +140,7 @@ class DataPlane:
             on_control=self._from_thread(self._on_control),
             on_probe=lambda frame: None,  # probes never reach the TAP: see _open_probe_socket
             stats=self.stats,
+            on_pair_control=self._from_thread(self.e2e.on_pair_message),
         )
         self.sleeve.start()
         self._watcher = MacWatcher(
@@ -272,7 +293,9 @@ class DataPlane:
             self._changed()
         try:
             msg = expect(unpack(payload, "datapath"), dict, "datapath", "message")
-            if msg.get("t") == "pm":
+            if msg.get("t") in AGREEMENT_TYPES:
+                self.e2e.on_hop_message(peer, msg, now)
+            elif msg.get("t") == "pm":
                 st.max_rx_size = max(st.max_rx_size, size)
             elif msg.get("t") == "hb":
                 st.on_heartbeat(
@@ -314,6 +337,8 @@ class DataPlane:
         self._poll_portguard(now)
         sleeve = self.sleeve
         assert sleeve is not None
+        if self.encrypting:
+            self.e2e.tick(now)
         changed = False
         for st in self.paths.values():
             self._heartbeat(st, now)
@@ -413,6 +438,7 @@ class DataPlane:
                 # The kernel sent to it fast when we started: both runs trusted each other then. Held until
                 # its first heartbeat, like a restart of the peer (PathState.resumed).
                 held_trust=ip in self._adopted_fast,
+                e2e="e2e" in getattr(conn, "caps", ()),
             )
             if st is not None and st.ip == ip:
                 # New keys, same paths: keep the evidence so traffic does not stop until the next heartbeat.
@@ -420,6 +446,7 @@ class DataPlane:
                     now, keys=fresh.keys, epoch=fresh.epoch, remote_uid=conn.remote.uid, hold=self.dead + self.interval
                 )
                 fresh.we_trust, fresh.route_mtu = trusted(ip, self.trusted), route_mtu
+                fresh.e2e = "e2e" in getattr(conn, "caps", ())
             self.paths[name] = fresh
             self.paths[name].choose(now, self.dead, self.config.mtu, self.config.vxlan_port, self.udp_port)
             self._hello.add(name)
@@ -481,8 +508,17 @@ class DataPlane:
                 if via is not None:
                     next_hop[dest] = relayed[dest] = via
         self.relayed = relayed
+        self._next_hop = next_hop
+        if self.encrypting:
+            self.e2e.update(relayed, now)
+        else:
+            self.e2e.update({}, now)
+        pairs = self.e2e.pairs()
         sleeve_peers = frozenset(n for n in next_hop if n not in fast_ips)
-        links = {n: Link(n, st.udp_addr, st.keys, st.datagram_size(), st.epoch) for n, st in self.paths.items()}
+        links = {
+            n: Link(n, st.udp_addr, st.keys, st.datagram_size(), st.epoch, st.e2e and st.keys is not None)
+            for n, st in self.paths.items()
+        }
         children: dict[int, tuple[int, ...]] = {}
         for origin in [self.ourself, *reachable]:
             tree = routes.broadcast(origin)
@@ -494,6 +530,10 @@ class DataPlane:
         frame_mtu = {n: st.frame_mtu(self.config.mtu, SLEEVE_OVERHEAD) for n, st in self.paths.items()}
         for dest, hop in relayed.items():
             frame_mtu[dest] = frame_mtu.get(hop, self.config.mtu)
+        for pair in pairs:
+            if pair.send and pair.peer in relayed and relayed[pair.peer] in self.paths:
+                size = min(pair.datagram_size, self.paths[relayed[pair.peer]].datagram_size())
+                frame_mtu[pair.peer] = min(frame_mtu[pair.peer], size - E2E_OVERHEAD)
         self.sleeve.update(
             Forwarding(
                 links=links,
@@ -503,8 +543,10 @@ class DataPlane:
                 mac_owner=dict(self.macs.owner),
                 local_macs=self.macs.local,
                 frame_mtu=frame_mtu,
+                pairs=pairs,
             )
         )
+        self.e2e.after_update(now)
         for name in self._hello:  # the sleeve has their keys now: heartbeats need not wait for the next round
             if name in self.paths:
                 self._heartbeat(self.paths[name], now, report_size=False)
@@ -678,6 +720,17 @@ class DataPlane:
                 }
             else:
                 rows[name]["via"] = format_name(hop)
+            if rows[name]["encrypted"]:
+                # Sealed once by us and opened only by the peer, or opened and sealed again by every relay.
+                rows[name]["sealing"] = "end-to-end" if self.e2e.sealing(name) else "hop-by-hop"
+        return rows
+
+    def end_to_end_status(self) -> list[dict[str, Any]]:
+        """The peers reached through relays with which this host agrees (or agreed) end-to-end keys."""
+        rows = self.e2e.status(time.monotonic())
+        for row in rows:
+            entry = self.router.topology.peers.get(parse_name(row["peer"]))
+            row["nickname"] = entry.nickname if entry is not None else None
         return rows
 
     def _update_path_metrics(self) -> None:
@@ -791,3 +844,33 @@ class DataPlane:
 
 def _uint(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+class _EndToEndIo:
+    """What the end-to-end keys need of the controller and the sleeve (endtoend.Io)."""
+
+    def __init__(self, plane: DataPlane) -> None:
+        self._plane = plane
+
+    def send_hop(self, peer: int, payload: bytes) -> bool:
+        sleeve = self._plane.sleeve
+        return sleeve is not None and sleeve.send_control(peer, payload)
+
+    def send_pair(self, peer: int, kid: int, payload: bytes) -> bool:
+        sleeve = self._plane.sleeve
+        return sleeve is not None and sleeve.send_pair_control(peer, kid, payload)
+
+    def route(self, dst: int) -> tuple[int, int] | None:
+        plane = self._plane
+        hop = plane._next_hop.get(dst)
+        st = plane.paths.get(hop) if hop is not None else None
+        if st is None or not st.e2e or st.keys is None:
+            return None
+        return hop, st.datagram_size()
+
+    def peer_uid(self, peer: int) -> int | None:
+        entry = self._plane.router.topology.peers.get(peer)
+        return entry.uid if entry is not None else None
+
+    def changed(self) -> None:
+        self._plane._changed()

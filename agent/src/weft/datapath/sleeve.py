@@ -5,6 +5,10 @@ frames from the TAP, seals each once with the link's ChaCha20-Poly1305 key and s
 UDP_SEGMENT; it receives GRO-coalesced datagrams, reassembles, opens, checks the replay window, and writes the frame
 to the TAP, relays it (re-sealed for the next hop) or passes a CONTROL message up. The wire format is in wire.py.
 The controller swaps whole forwarding tables with ``update`` (a reference assignment), so the loop takes no locks.
+
+Frames for a peer reached through relays, with which this host agreed end-to-end keys (a ``Pair``), are sealed once
+with the pair's keys in the end-to-end form; a relay passes such datagrams on by their header, without opening or
+reassembling them (``_transit``), and only from a neighbour's endpoint towards a known peer.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 import os
 import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -31,6 +36,11 @@ from weft.datapath.wire import (
     CONTROL,
     CONTROL_LEN,
     COUNTER,
+    E2E_HEADER,
+    E2E_HLEN,
+    E2E_MAGIC,
+    E2E_NLEN,
+    E2E_NONCE,
     FRAME,
     HEADER,
     HLEN,
@@ -54,6 +64,7 @@ _MSGID_MASK = 0xFFFFFFFF
 _SLEEVE_TX, _SLEEVE_RX = ("sleeve", "tx"), ("sleeve", "rx")
 _RELAY_TX, _RELAY_RX = ("relay", "tx"), ("relay", "rx")
 _CONTROL_TX, _CONTROL_RX = ("control", "tx"), ("control", "rx")
+_TRANSIT_TX, _TRANSIT_RX = ("transit", "tx"), ("transit", "rx")
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,19 @@ class Link:
     keys: SessionKeys | None  # None: this mesh runs without a secret (no sealing)
     datagram_size: int  # largest UDP payload on this link (path MTU - 28)
     epoch: int  # changes when the keys change (a new control connection)
+    e2e: bool = False  # the neighbour reads end-to-end datagrams and passes them on (its handshake said so)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """End-to-end keys agreed with a peer that is not a neighbour (endtoend.py). A peer may have several at once
+    (the current keys, and the ones before or after a rekey): all open, at most one seals."""
+
+    peer: int
+    kid: int  # 32-bit key id, the first 4 bytes of every nonce under these keys
+    keys: SessionKeys
+    send: bool  # seal this host's unicast frames for the peer with these keys
+    datagram_size: int  # largest UDP payload on every hop to the peer, as the agreement found it
 
 
 @dataclass(frozen=True)
@@ -74,16 +98,18 @@ class Forwarding:
     mac_owner: Mapping[bytes, int] = field(default_factory=dict)
     local_macs: frozenset[bytes] = frozenset()
     frame_mtu: Mapping[int, int] = field(default_factory=dict)
+    pairs: tuple[Pair, ...] = ()
 
 
 def _byte_counters() -> dict[tuple[str, str], int]:
-    return {(p, d): 0 for p in ("sleeve", "relay", "control") for d in ("tx", "rx")}
+    return {(p, d): 0 for p in ("sleeve", "relay", "transit", "control") for d in ("tx", "rx")}
 
 
 @dataclass
 class SleeveStats:
     """Plain counters for the controller to export. ``bytes`` is UDP payload by (path, direction): path "sleeve"
-    for this host's frames, "relay" for frames passed on, "control" for control messages. ``dropped`` counts
+    for this host's frames, "relay" for frames passed on after opening them (sealed hop by hop), "transit" for
+    end-to-end datagrams passed on unopened, "control" for control messages. ``dropped`` counts
     packets by reason. Written by the data thread only, except the control-send entries (under a lock)."""
 
     bytes: dict[tuple[str, str], int] = field(default_factory=_byte_counters)
@@ -116,14 +142,88 @@ class _LinkState:
         self.step = wire.segments_per_send(self.dsize) * self.dsize
 
 
-class _Tables:
-    __slots__ = ("by_hop", "fwd", "own_children", "states")
+class _PairState:
+    """A Pair plus its AEADs, send counter and replay window, kept while (peer, kid, keys) stay the same."""
 
-    def __init__(self, ourself: int, fwd: Forwarding, old: Mapping[int, _LinkState]) -> None:
+    __slots__ = ("counter", "dsize", "keys", "kid", "opener", "pair", "peer", "route", "sealer", "window")
+
+    def __init__(self, pair: Pair, me: bytes, prev: _PairState | None) -> None:
+        self.pair = pair
+        self.peer = pair.peer
+        self.kid = pair.kid
+        self.keys = pair.keys
+        self.route = me + peer_bytes(pair.peer)  # the header's origin|dst for what we send
+        if prev is not None and prev.keys == pair.keys:
+            self.sealer, self.opener = prev.sealer, prev.opener
+            self.counter, self.window = prev.counter, prev.window
+        else:
+            self.sealer = ChaCha20Poly1305(pair.keys.send)
+            self.opener = ChaCha20Poly1305(pair.keys.receive)
+            self.counter = itertools.count()
+            self.window = wire.ReplayWindow()
+        self.dsize = max(MIN_DATAGRAM, min(pair.datagram_size, wire.MAX_UDP))
+
+
+class _Tables:
+    __slots__ = (
+        "by_addr",
+        "by_hop",
+        "fwd",
+        "known",
+        "own_children",
+        "pair_routes",
+        "pair_rx",
+        "pair_tx",
+        "states",
+        "transit",
+    )
+
+    def __init__(
+        self,
+        ourself: int,
+        fwd: Forwarding,
+        old: Mapping[int, _LinkState],
+        old_pairs: Mapping[tuple[bytes, int], _PairState] | None = None,
+    ) -> None:
         self.fwd = fwd
         self.states = {peer: _LinkState(link, old.get(peer)) for peer, link in fwd.links.items()}
         self.by_hop = {peer_bytes(peer): st for peer, st in self.states.items()}
         self.own_children = tuple(self.states[c] for c in fwd.bcast_children.get(ourself, ()) if c in self.states)
+        me = peer_bytes(ourself)
+        old_pairs = old_pairs or {}
+        self.pair_rx: dict[tuple[bytes, int], _PairState] = {}
+        self.pair_tx: dict[int, _PairState] = {}
+        for pair in fwd.pairs:
+            key = (peer_bytes(pair.peer), pair.kid)
+            st = self.pair_rx[key] = _PairState(pair, me, old_pairs.get(key))
+            if pair.send:
+                self.pair_tx[pair.peer] = st
+        self.pair_routes = frozenset(peer_bytes(p.peer) + me for p in fwd.pairs)  # origin|dst of what we open
+        # Transit: end-to-end datagrams are taken only from a capable neighbour's endpoint (where its authenticated
+        # heartbeats come from), for a peer the mesh knows, towards a capable next hop.
+        self.by_addr = {st.addr: st for st in self.states.values() if st.link.e2e and st.keys is not None}
+        self.transit = {
+            peer_bytes(dst): self.states[hop]
+            for dst, hop in fwd.next_hop.items()
+            if hop in self.states and self.states[hop].link.e2e and self.states[hop].keys is not None
+        }
+        self.known = frozenset(peer_bytes(p) for p in fwd.next_hop)
+
+    def transit_hop(self, addr: tuple[str, int], route: bytes, me: bytes) -> _LinkState | str:
+        """Where an end-to-end datagram with header ``route`` (origin|dst) from ``addr`` goes next, or why it is
+        dropped (the reason counted)."""
+        sender = self.by_addr.get(addr)
+        if sender is None:
+            return "transit_unknown_sender"
+        origin, dst = route[:6], route[6:]
+        nxt = self.transit.get(dst)
+        if nxt is None:
+            return "transit_no_route"
+        if origin not in self.known or origin in (me, dst):
+            return "transit_unknown_origin"
+        if nxt is sender:
+            return "transit_loop"
+        return nxt
 
 
 class Sleeve:
@@ -138,6 +238,7 @@ class Sleeve:
         on_control: Callable[[int, tuple[str, int], bytes, int], None],
         on_probe: Callable[[bytes], None],
         stats: SleeveStats | None = None,
+        on_pair_control: Callable[[int, int, bytes], None] | None = None,
     ) -> None:
         self.ourself = ourself
         self.tap_name = tap
@@ -146,6 +247,7 @@ class Sleeve:
         self._me = peer_bytes(ourself)
         self._on_control = on_control
         self._on_probe = on_probe
+        self._on_pair_control = on_pair_control  # (peer, kid, payload): a CONTROL message sealed end to end
         self._tables = _Tables(ourself, Forwarding(), {})
         self._rt = self._tables  # the tables of the batch being handled (data thread)
         self._update_lock = threading.Lock()
@@ -170,6 +272,14 @@ class Sleeve:
         self._out = bytearray(wire.MAX_MESSAGE + wire.MAX_SEGMENTS * HLEN)
         self._out_view = memoryview(self._out)
         self._reasm = wire.Reassembler(self.stats.dropped, lambda: self._tables.by_hop)
+        self._e2e_reasm = wire.Reassembler(
+            self.stats.dropped, lambda: self._tables.pair_routes, header=E2E_HEADER, magic=E2E_MAGIC
+        )
+        # A relay whose next link takes smaller datagrams than the origin cut (its path MTU fell after the pair's
+        # agreement) cuts the sealed message again: reassembled, never opened.
+        self._recut_reasm = wire.Reassembler(self.stats.dropped, lambda: _ANY, header=E2E_HEADER, magic=E2E_MAGIC)
+        self._recut_to: _LinkState | None = None
+        self._cmsgs: dict[int, list[tuple[int, int, bytes]]] = {}
 
     # -- control thread API ---------------------------------------------------------------------------------
 
@@ -214,7 +324,7 @@ class Sleeve:
     def update(self, fwd: Forwarding) -> None:
         """Swap in new tables; link crypto state carries over while a link's epoch and keys stay the same."""
         with self._update_lock:
-            self._tables = _Tables(self.ourself, fwd, self._tables.states)
+            self._tables = _Tables(self.ourself, fwd, self._tables.states, self._tables.pair_rx)
 
     def send_control(self, peer: int, payload: bytes, *, pad_to: int = 0) -> bool:
         """Seal ``payload`` for the neighbour ``peer`` as one DF datagram of at least ``pad_to`` bytes."""
@@ -233,6 +343,32 @@ class Sleeve:
             body = ChaCha20Poly1305(st.keys.send).encrypt(NONCE.pack(counter), body, None)
         msg = COUNTER.pack(counter) + body
         datagram = HEADER.pack(MAGIC, self._me, next(self._msgid) & _MSGID_MASK, 0, 1, len(msg)) + msg
+        try:
+            sock.sendto(datagram, socket.MSG_DONTWAIT, st.addr)
+        except OSError:
+            with self._control_lock:
+                dropped = self.stats.dropped
+                dropped["control_send_error"] = dropped.get("control_send_error", 0) + 1
+            return False
+        with self._control_lock:
+            self.stats.bytes[_CONTROL_TX] += len(datagram)
+        return True
+
+    def send_pair_control(self, peer: int, kid: int, payload: bytes) -> bool:
+        """Seal ``payload`` with the pair keys ``kid`` agreed with ``peer`` and send it end to end, as one datagram."""
+        t = self._tables
+        pst = t.pair_rx.get((peer_bytes(peer), kid))
+        st = t.states.get(t.fwd.next_hop.get(peer, -1))
+        sock = self._sock
+        if pst is None or st is None or not st.link.e2e or st.peer == peer or sock is None:
+            return False
+        body = INNER.pack(CONTROL, self._me, peer_bytes(peer)) + CONTROL_LEN.pack(len(payload)) + payload
+        if E2E_HLEN + E2E_NLEN + len(body) + TAG > min(st.dsize, pst.dsize):
+            return False
+        nonce = E2E_NONCE.pack(pst.kid, next(pst.counter))
+        msg = nonce + ChaCha20Poly1305(pst.keys.send).encrypt(nonce, body, None)
+        msgid = next(self._msgid) & _MSGID_MASK
+        datagram = E2E_HEADER.pack(E2E_MAGIC, pst.route, msgid, 0, 1, len(msg)) + msg
         try:
             sock.sendto(datagram, socket.MSG_DONTWAIT, st.addr)
         except OSError:
@@ -315,14 +451,113 @@ class Sleeve:
             except OSError:
                 self._drop("recv_error")
                 continue
-            if flags & socket.MSG_TRUNC:
+            if flags & socket.MSG_TRUNC or n == 0:
                 self._drop("malformed")
                 continue
             self._cur_addr = addr
             try:
-                feed(view, n, gro_size(anc) if anc else 0, deliver)
+                gso = gro_size(anc) if anc else 0
+                if gso <= 0 or gso >= n:
+                    gso = 0
+                    magics = view[0:1].tobytes()
+                else:
+                    magics = view[0:n:gso].tobytes()  # the first byte of every datagram in the buffer
+                if magics.count(MAGIC) == len(magics):
+                    feed(view, n, gso, deliver)
+                elif magics.count(E2E_MAGIC) == len(magics):
+                    self._from_e2e(view, n, gso)
+                else:
+                    self._mixed(view, n, gso, magics)
             except Exception:
                 self._error("udp")
+
+    def _mixed(self, view: memoryview, n: int, gso: int, magics: bytes) -> None:
+        """A GRO buffer holding both forms (one neighbour's own messages and those it passes on): each run of one
+        form is handled as such."""
+        i, k = 0, len(magics)
+        while i < k:
+            j = i + 1
+            while j < k and magics[j] == magics[i]:
+                j += 1
+            start, end = i * gso, min(j * gso, n)
+            run, size = view[start:end], gso if j - i > 1 else 0
+            if magics[i] == MAGIC:
+                self._reasm.feed(run, end - start, size, self._on_message)
+            elif magics[i] == E2E_MAGIC:
+                self._from_e2e(run, end - start, size)
+            else:
+                self._drop("malformed")
+            i = j
+
+    def _from_e2e(self, view: memoryview, n: int, gso: int) -> None:
+        """End-to-end datagrams (``gso`` bytes each, 0: one): opened if they are for us, else passed on unopened."""
+        if n < E2E_HLEN:
+            self._drop("malformed")
+            return
+        route = view[1:13].tobytes()
+        if gso:
+            last = (n - 1) // gso * gso
+            if gso < E2E_HLEN or n - last < E2E_HLEN:
+                self._drop("malformed")
+                return
+            if not _one_route(view, n, gso, last, route):
+                for off in range(0, n, gso):  # several destinations in one buffer: one datagram at a time
+                    end = min(off + gso, n)
+                    self._from_e2e(view[off:end], end - off, 0)
+                return
+        if route[6:] == self._me:
+            self._e2e_reasm.feed(view, n, gso, self._on_pair_message)
+        else:
+            self._transit(view, n, gso, route)
+
+    def _transit(self, view: memoryview, n: int, gso: int, route: bytes) -> None:
+        """Pass end-to-end datagrams on to the next hop as they came: one GRO buffer, one UDP_SEGMENT send."""
+        nxt = self._rt.transit_hop(self._cur_addr, route, self._me)
+        if isinstance(nxt, str):
+            self._drop(nxt)
+            return
+        size = gso or n
+        if size > nxt.dsize:
+            self._recut_to = nxt
+            self._recut_reasm.feed(view, n, gso, self._recut)
+            return
+        assert self._sock is not None
+        try:
+            if not gso:
+                self._sock.sendto(view[:n], nxt.addr)
+            else:
+                step = wire.segments_per_send(gso) * gso
+                cmsg = self._cmsg(gso)
+                for start in range(0, n, step):
+                    self._sock.sendmsg([view[start : min(start + step, n)]], cmsg, 0, nxt.addr)
+        except OSError:
+            self._drop("send_error")
+            return
+        b = self.stats.bytes
+        b[_TRANSIT_RX] += n
+        b[_TRANSIT_TX] += n
+
+    def _recut(self, route: bytes, msg: memoryview, datagram_size: int) -> None:
+        """A whole sealed message whose datagrams were too big for the next link: cut it again, smaller."""
+        nxt = self._recut_to
+        if nxt is None:
+            return
+        where = f"recut {route[:6].hex()}->{route[6:].hex()}"
+        if where not in self._logged:
+            self._logged.add(where)
+            log.info(
+                "sleeve: end-to-end datagrams for %s are larger than the next link takes (%d bytes): cutting again",
+                route[6:].hex(":"),
+                nxt.dsize,
+            )
+        self.stats.bytes[_TRANSIT_RX] += len(msg)
+        self._send_segments(msg, route, nxt.addr, nxt.dsize, _TRANSIT_TX, E2E_HEADER, E2E_MAGIC)
+
+    def _cmsg(self, size: int) -> list[tuple[int, int, bytes]]:
+        cmsg = self._cmsgs.get(size)
+        if cmsg is None:
+            cmsg = self._cmsgs[size] = segment_cmsg(size)
+        return cmsg
 
     def _from_tap(self, n: int) -> None:
         """One vnet header + frame of length ``n`` read from the TAP into the buffer after the inner-header room."""
@@ -369,7 +604,21 @@ class Sleeve:
             self._drop("no_route")
             return
         INNER.pack_into(buf, CLEN, FRAME, self._me, peer_bytes(owner))
+        pst = t.pair_tx.get(owner)
+        if pst is not None and st.link.e2e and st.peer != owner:
+            self._send_pair(pst, st, plain)
+            return
         self._send_plain(st, plain, _SLEEVE_TX)
+
+    def _send_pair(self, pst: _PairState, st: _LinkState, plain: memoryview) -> None:
+        """Seal ``plain`` with the pair's keys and send it end to end through the neighbour ``st``."""
+        nonce = E2E_NONCE.pack(pst.kid, next(pst.counter))
+        view = self._seal_view
+        m = len(plain)
+        view[:E2E_NLEN] = nonce
+        pst.sealer.encrypt_into(nonce, plain, None, view[E2E_NLEN : E2E_NLEN + m + TAG])
+        size = st.dsize if st.dsize < pst.dsize else pst.dsize
+        self._send_segments(view[: E2E_NLEN + m + TAG], pst.route, st.addr, size, _SLEEVE_TX, E2E_HEADER, E2E_MAGIC)
 
     def _send_plain(self, st: _LinkState, plain: memoryview, path: tuple[str, str]) -> None:
         """Seal ``plain`` (inner header + payload) for the link ``st`` and send it."""
@@ -399,6 +648,35 @@ class Sleeve:
                 sendmsg, step, cmsg, addr = self._sock.sendmsg, st.step, st.cmsg, st.addr
                 for start in range(0, total, step):
                     sendmsg([out[start : min(start + step, total)]], cmsg, 0, addr)
+        except OSError:
+            self._drop("send_error")
+            return
+        self.stats.bytes[path] += total
+
+    def _send_segments(
+        self,
+        msg: memoryview,
+        hop: bytes,
+        addr: tuple[str, int],
+        dsize: int,
+        path: tuple[str, str],
+        header: struct.Struct,
+        magic: int,
+    ) -> None:
+        """Cut ``msg`` into datagrams of ``dsize`` with ``header`` and send them to ``addr``."""
+        assert self._sock is not None
+        total = segment_into(self._out, msg, hop, next(self._msgid) & _MSGID_MASK, dsize, header, magic)
+        if total < 0:
+            self._drop("too_big")
+            return
+        out = self._out_view
+        try:
+            if total <= dsize:
+                self._sock.sendto(out[:total], addr)
+            else:
+                step, cmsg = wire.segments_per_send(dsize) * dsize, self._cmsg(dsize)
+                for start in range(0, total, step):
+                    self._sock.sendmsg([out[start : min(start + step, total)]], cmsg, 0, addr)
         except OSError:
             self._drop("send_error")
             return
@@ -472,6 +750,49 @@ class Sleeve:
         else:
             self._drop("malformed")
 
+    def _on_pair_message(self, route: bytes, msg: memoryview, datagram_size: int) -> None:
+        """A reassembled end-to-end message for us (``route`` = origin|us): open it with the pair's keys."""
+        m = len(msg)
+        if m < E2E_NLEN + ILEN + TAG:
+            self._drop("malformed")
+            return
+        kid, counter = E2E_NONCE.unpack_from(msg)
+        pst = self._rt.pair_rx.get((route[:6], kid))
+        if pst is None:
+            self._drop("unknown_pair")
+            return
+        window = pst.window
+        if not window.check(counter):
+            self._drop("replay")
+            return
+        plain = self._open_view[: m - E2E_NLEN - TAG]
+        try:
+            pst.opener.decrypt_into(msg[:E2E_NLEN], msg[E2E_NLEN:], None, plain)
+        except InvalidTag:
+            self._drop("auth")
+            return
+        window.update(counter)
+        kind, origin_b, dst_b = INNER.unpack_from(plain)
+        if origin_b != route[:6] or dst_b != self._me:
+            self._drop("malformed")
+            return
+        if kind == FRAME:
+            self.stats.bytes[_SLEEVE_RX] += m
+            self._to_tap(plain)
+        elif kind == CONTROL:
+            length = CONTROL_LEN.unpack_from(plain, ILEN)[0] if len(plain) >= ILEN + 2 else -1
+            if length < 0 or ILEN + 2 + length > len(plain):
+                self._drop("malformed")
+                return
+            self.stats.bytes[_CONTROL_RX] += m
+            if self._on_pair_control is not None:
+                try:
+                    self._on_pair_control(pst.peer, pst.kid, bytes(plain[ILEN + 2 : ILEN + 2 + length]))
+                except Exception:
+                    self._error("on_pair_control")
+        else:
+            self._drop("malformed")
+
     def _to_tap(self, plain: memoryview) -> None:
         if len(plain) < ILEN + VNET_LEN + ETH_LEN:
             self._drop("malformed")
@@ -480,3 +801,25 @@ class Sleeve:
             os.write(self._tap_fd, plain[ILEN:])
         except OSError:
             self._drop("tap_write")
+
+
+class _Anything:
+    """A container holding everything: a relay re-cutting a message takes chunks from whichever origin passed."""
+
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
+_ANY = _Anything()
+
+
+def _one_route(view: memoryview, n: int, gso: int, last: int, route: bytes) -> bool:
+    """Whether every datagram in the buffer carries ``route`` (origin|dst). Two header reads when the first and the
+    last are chunks of one message (then so is everything between them); else every header is looked at."""
+    if view[last + 1 : last + 13] != route:
+        return False
+    _, _, id0, idx0, _, _ = E2E_HEADER.unpack_from(view, 0)
+    _, _, id1, idx1, _, _ = E2E_HEADER.unpack_from(view, last)
+    if id0 == id1 and idx1 - idx0 == last // gso:
+        return True
+    return all(view[off + 1 : off + 13] == route for off in range(gso, last, gso))

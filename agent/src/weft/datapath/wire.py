@@ -16,6 +16,16 @@ A *message* is what one hop seals; a *datagram* carries one chunk of it::
   flooded along ``origin``'s broadcast tree, ``dst`` = 0) or CONTROL (payload = length(2) | bytes | padding).
 * Meshes without a secret use the same framing without the AEAD (no tag); the counter is then not checked.
 
+Two peers with no direct link that agreed end-to-end keys (endtoend.py) use a second datagram form, which relays
+pass on by its header alone, without opening or reassembling the message::
+
+    datagram = magic(1) | origin(6) | dst(6) | msgid(4) | idx(1) | cnt(1) | csize(2) | chunk    (E2E_HEADER = 21)
+    message  = kid(4) | counter(8) | AEAD_seal(kind(1) | origin(6) | dst(6) | payload)
+
+* ``magic`` is 0x45 ("E"). ``origin|dst`` stands where ``hop`` stands in the first form, so one reassembler reads
+  both: chunks of one message are told apart by (origin, dst, msgid).
+* ``kid`` names the pair's keys (a rekey changes it); ``kid|counter`` is the 12-byte nonce.
+
 A message is sealed once (up to ~64 KiB: a whole GSO frame) and then cut into chunks so that every datagram is at
 most the link's ``datagram_size``; the sender hands them to the kernel with UDP_SEGMENT and the receiver gets them
 back coalesced with UDP_GRO, so the Python cost is per message, not per datagram.
@@ -40,9 +50,15 @@ CONTROL_LEN = struct.Struct(">H")
 
 FRAME, BROADCAST, CONTROL = 1, 2, 3
 
+E2E_MAGIC = 0x45
+E2E_HEADER = struct.Struct(">B12sIBBH")  # magic, origin|dst, msgid, idx, cnt, csize
+E2E_HLEN = E2E_HEADER.size
+E2E_NONCE = struct.Struct(">IQ")  # kid, counter: the whole 12-byte nonce travels in front of the ciphertext
+E2E_NLEN = E2E_NONCE.size
+
 MAX_SEGMENTS = 255
 MAX_PAYLOAD = 10 + 14 + 4 + 65535  # vnet header + Ethernet (+ VLAN tag) + the largest IP packet
-MAX_MESSAGE = CLEN + ILEN + MAX_PAYLOAD + TAG
+MAX_MESSAGE = E2E_NLEN + ILEN + MAX_PAYLOAD + TAG  # the larger of the two forms' messages
 MAX_UDP = 65507  # largest UDP payload over IPv4: also the limit of one UDP_SEGMENT send
 GSO_MAX_SEGS = 44  # 44 x 1472 B is what fits in one send (65,507 B); fewer, larger sends gain nothing
 MAX_PARTIAL = 32  # messages being reassembled at once, all senders together
@@ -62,19 +78,29 @@ def segments_per_send(datagram_size: int) -> int:
     return max(1, min(GSO_MAX_SEGS, MAX_UDP // datagram_size))
 
 
-def segment_into(out: bytearray, msg: memoryview, hop: bytes, msgid: int, datagram_size: int) -> int:
+def segment_into(
+    out: bytearray,
+    msg: memoryview,
+    hop: bytes,
+    msgid: int,
+    datagram_size: int,
+    header: struct.Struct = HEADER,
+    magic: int = MAGIC,
+) -> int:
     """Lay ``msg`` out in ``out`` as consecutive datagrams (header + chunk) of ``datagram_size``; return the total
-    length, or -1 if it would need more than MAX_SEGMENTS datagrams. One copy, no allocation per chunk."""
-    csize = datagram_size - HLEN
+    length, or -1 if it would need more than MAX_SEGMENTS datagrams. One copy, no allocation per chunk. ``hop`` is
+    the header's address field: the sender (HEADER) or origin|dst (E2E_HEADER)."""
+    hlen = header.size
+    csize = datagram_size - hlen
     length = len(msg)
     cnt = -(-length // csize)
     if cnt > MAX_SEGMENTS or csize <= 0:
         return -1
-    pack = HEADER.pack_into
+    pack = header.pack_into
     off = src = 0
     for i in range(cnt):
-        pack(out, off, MAGIC, hop, msgid, i, cnt, csize)
-        off += HLEN
+        pack(out, off, magic, hop, msgid, i, cnt, csize)
+        off += hlen
         end = src + csize
         if end > length:
             end = length
@@ -138,9 +164,18 @@ class Reassembler:
     ``deliver(hop, message, datagram_size)`` gets a view that is valid only during the call.
     """
 
-    def __init__(self, dropped: dict[str, int], known: Callable[[], Container[bytes]]) -> None:
+    def __init__(
+        self,
+        dropped: dict[str, int],
+        known: Callable[[], Container[bytes]],
+        header: struct.Struct = HEADER,
+        magic: int = MAGIC,
+    ) -> None:
         self.dropped = dropped
-        self._known = known  # hop names worth a reassembly buffer (the current links)
+        self._known = known  # address fields worth a reassembly buffer (the current links, or pairs)
+        self._header = header
+        self._hlen = header.size
+        self._magic = magic
         self._partial: dict[tuple[bytes, int], _Partial] = {}
         self._pool: list[bytearray] = []
         self._whole = bytearray(MAX_MESSAGE)
@@ -156,12 +191,13 @@ class Reassembler:
             return
         k = -(-n // gso)
         last = (k - 1) * gso
-        if n - last < HLEN or gso < HLEN:
+        hlen, magic = self._hlen, self._magic
+        if n - last < hlen or gso < hlen:
             self._drop("malformed")
             return
-        m0, hop0, id0, idx0, cnt0, _ = HEADER.unpack_from(view, 0)
-        m1, hop1, id1, idx1, cnt1, _ = HEADER.unpack_from(view, last)
-        if m0 == MAGIC and m1 == MAGIC and id0 == id1 and idx1 - idx0 == k - 1 and hop0 == hop1 and cnt0 == cnt1:
+        m0, hop0, id0, idx0, cnt0, _ = self._header.unpack_from(view, 0)
+        m1, hop1, id1, idx1, cnt1, _ = self._header.unpack_from(view, last)
+        if m0 == magic and m1 == magic and id0 == id1 and idx1 - idx0 == k - 1 and hop0 == hop1 and cnt0 == cnt1:
             self._run(view, 0, n, gso, k, deliver)
             return
         for off in range(0, n, gso):
@@ -170,16 +206,17 @@ class Reassembler:
 
     def _run(self, view: memoryview, start: int, end: int, step: int, k: int, deliver: Deliver) -> None:
         """``k`` consecutive datagrams of one message in ``view[start:end]``, each ``step`` bytes but the last."""
-        if end - start < HLEN:
+        hlen = self._hlen
+        if end - start < hlen:
             self._drop("malformed")
             return
-        magic, hop, msgid, idx, cnt, csize = HEADER.unpack_from(view, start)
-        last_len = end - start - (k - 1) * step - HLEN  # chunk length of the run's last datagram
+        magic, hop, msgid, idx, cnt, csize = self._header.unpack_from(view, start)
+        last_len = end - start - (k - 1) * step - hlen  # chunk length of the run's last datagram
         if (
-            magic != MAGIC
+            magic != self._magic
             or idx + k > cnt
             or csize <= 0
-            or (k > 1 and step - HLEN != csize)
+            or (k > 1 and step - hlen != csize)
             or last_len > csize
             or last_len <= 0
             or (idx + k < cnt and last_len != csize)
@@ -188,12 +225,12 @@ class Reassembler:
             self._drop("malformed")
             return
         if cnt == 1:
-            deliver(hop, view[start + HLEN : end], end - start)
+            deliver(hop, view[start + hlen : end], end - start)
             return
         if idx == 0 and k == cnt:
             length = (cnt - 1) * csize + last_len
             out = self._whole
-            _gather(out, 0, view, start, k, step, csize, end)
+            _gather(out, 0, view, start, k, step, csize, end, hlen)
             deliver(hop, self._whole_view[:length], step)
             return
         key = (hop, msgid)
@@ -210,14 +247,14 @@ class Reassembler:
         if part.mask & bits:
             self._drop("duplicate")
             return
-        _gather(part.buf, idx * csize, view, start, k, step, csize, end)
+        _gather(part.buf, idx * csize, view, start, k, step, csize, end, hlen)
         part.mask |= bits
         if idx + k == cnt:
             part.length = (cnt - 1) * csize + last_len
         if part.mask == part.full:
             del self._partial[key]
             try:
-                deliver(hop, memoryview(part.buf)[: part.length], step if k > 1 else csize + HLEN)
+                deliver(hop, memoryview(part.buf)[: part.length], step if k > 1 else csize + hlen)
             finally:
                 self._pool.append(part.buf)
 
@@ -238,9 +275,11 @@ class Reassembler:
         return len(self._partial)
 
 
-def _gather(out: bytearray, dst: int, view: memoryview, start: int, k: int, step: int, csize: int, end: int) -> None:
-    """Copy the chunks of ``k`` datagrams (headers skipped) to ``out[dst:]``."""
-    src = start + HLEN
+def _gather(
+    out: bytearray, dst: int, view: memoryview, start: int, k: int, step: int, csize: int, end: int, hlen: int
+) -> None:
+    """Copy the chunks of ``k`` datagrams (headers of ``hlen`` bytes skipped) to ``out[dst:]``."""
+    src = start + hlen
     for _ in range(k - 1):
         out[dst : dst + csize] = view[src : src + csize]
         dst += csize

@@ -47,6 +47,7 @@ class ControlConnection:
         self.conn_uid = session.conn_uid
         self.encrypted = session.encrypted
         self.data_keys = session.data_keys  # the data path's keys for this link (None without a secret)
+        self.caps = session.intro.caps  # what the peer reads beyond the protocol version (handshake.CAPABILITIES)
         peername = writer.get_extra_info("peername")
         self.remote_ip: str | None = peername[0] if peername else None  # the underlay address we see
         self.secret = secret  # the mesh secret this session was keyed with (rotation closes stale ones)

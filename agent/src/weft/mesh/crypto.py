@@ -73,6 +73,34 @@ def derive_session_keys(
     return LinkKeys(SessionKeys(keys[1], keys[0]), SessionKeys(keys[3], keys[2]))
 
 
+PAIR_TAG_LEN = 16
+
+
+def pair_tag(secret: bytes, label: bytes, transcript: bytes) -> bytes:
+    """Authenticates a relayed key agreement message with a mesh secret (HMAC-SHA256, as the secret ids are)."""
+    return hmac.new(secret, label + transcript, hashlib.sha256).digest()[:PAIR_TAG_LEN]
+
+
+def derive_pair_keys(
+    shared: bytes,
+    secret: bytes,
+    initiator_public: bytes,
+    responder_public: bytes,
+    names: bytes,
+    initiator: bool,
+) -> tuple[SessionKeys, int]:
+    """Data keys for two peers with no direct link (one per direction) and the 32-bit id that names them: HKDF as
+    in :func:`derive_session_keys`, over a fresh X25519 exchange and the mesh secret, with its own label."""
+    material = HKDF(
+        algorithm=hashes.SHA256(),
+        length=68,
+        salt=b"weft/1",
+        info=b"weft end-to-end keys" + initiator_public + responder_public + names,
+    ).derive(shared + secret)
+    forward, backward, kid = material[0:32], material[32:64], int.from_bytes(material[64:68], "big")
+    return (SessionKeys(forward, backward) if initiator else SessionKeys(backward, forward)), kid
+
+
 class _Direction:
     """One direction of a stream: ChaCha20-Poly1305 with a 64-bit message counter as nonce."""
 

@@ -2,7 +2,7 @@
 
     both send:  b"weft" | min_version | max_version          (6 bytes)
     both send:  frame(hello)     hello = {enc, pub, ids}     (clear: only public values)
-    both send:  frame(intro)     intro = {name, nick, uid, conn_id, port, advertise}  (sealed if enc)
+    both send:  frame(intro)     intro = {name, nick, uid, conn_id, port, advertise, caps}  (sealed if enc)
 
 A frame is a 4-byte big-endian length and a body. Everything a remote sends is checked before use;
 every failure is a HandshakeError whose ``reason`` labels a metric.
@@ -36,6 +36,11 @@ PROTOCOL_MAX = 1
 MAX_HELLO = 4096
 MAX_SECRETS = 16
 FRAME_HEADER = struct.Struct(">I")
+# What this release reads beyond protocol 1, named in the introduction (an older peer ignores the key, and sends
+# none): "e2e" = end-to-end data-path datagrams (opened when for us, passed on unopened otherwise) and the relayed
+# key agreement that sets them up.
+CAPABILITIES = ("e2e",)
+MAX_CAPS = 32
 
 
 class HandshakeError(Exception):
@@ -51,6 +56,7 @@ class Intro:
     conn_id: int
     port: int
     advertise: str | None
+    caps: frozenset[str] = frozenset()  # what the peer says it reads beyond its protocol version
 
 
 @dataclass
@@ -138,6 +144,7 @@ async def handshake(
         "conn_id": conn_id,
         "port": port,
         "advertise": advertise,
+        "caps": list(CAPABILITIES),
     }
     body = pack(intro)
     writer.write(frame(sealer.seal(body) if sealer else body))
@@ -198,9 +205,14 @@ def _parse_intro(raw: bytes) -> Intro:
             _printable(advertise, "advertise address")
         if name == 0:
             raise DecodeError("intro", "peer name 0 is reserved")
+        caps = intro.get("caps", [])
+        if not isinstance(caps, list):
+            raise DecodeError("intro", "bad capability list")
+        # Names this release does not know are ignored (a later one may add some); only known ones are kept.
+        known = frozenset(c for c in caps[:MAX_CAPS] if isinstance(c, str) and c in CAPABILITIES)
     except DecodeError as exc:
         raise HandshakeError("malformed_intro", str(exc)) from None
-    return Intro(PeerInfo(name, nick, uid), conn_id, port, advertise)
+    return Intro(PeerInfo(name, nick, uid), conn_id, port, advertise, known)
 
 
 def _printable(text: str, what: str) -> str:
