@@ -162,10 +162,8 @@ class EndToEnd:
         """The sleeve has the tables with the new keys: greet the peers that got some, rather than wait a round."""
         for peer in self._hello:
             ps = self._peers.get(peer)
-            if ps is not None:
-                for session in (ps.current, ps.pending):
-                    if session is not None and session.heard_at is None:
-                        self._heartbeat(ps, session, now)
+            if ps is not None and ps.current is not None and ps.current.heard_at is None:
+                self._heartbeat(ps, ps.current, now)
         self._hello.clear()
 
     def tick(self, now: float) -> None:
@@ -190,9 +188,8 @@ class EndToEnd:
                     ps.want = True  # the peer lost its keys, or the route stopped carrying them
                 elif cur.keys.initiator and now - cur.created > REKEY_AFTER:
                     ps.want = True
-            for session in (ps.current, ps.pending):
-                if session is not None:
-                    self._heartbeat(ps, session, now)
+            if ps.current is not None:  # a responder's pending keys wait for the initiator to speak first
+                self._heartbeat(ps, ps.current, now)
             self._refresh(ps, now)
             self._drive(ps, now)
         self._metrics.e2e_peers.set(sum(1 for ps in self._peers.values() if ps.sending))
@@ -344,7 +341,8 @@ class EndToEnd:
         ps.pending = Session(keys, now, confirmed=False, back_size=init.ds)
         if self._io.send_hop(route[0], pack(resp.encode())):
             self._count("answered")
-        self._hello.add(init.src)
+        # The sleeve opens with the new keys from now; it seals with them once the initiator's first heartbeat
+        # (sent when the response arrives) opens under them. Our own would race the response and could arrive first.
         self._io.changed()
 
     def _on_response(self, resp: Response, now: float) -> None:
