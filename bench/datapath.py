@@ -450,12 +450,13 @@ def _knows(host: Host, n: int) -> bool:
 
 def _path_bytes(host: Host) -> dict[str, float]:
     """``host``'s overlay bytes sent per data path: shows which path the measured traffic really took (a relay
-    host counts what it forwards under "relay")."""
+    host counts what it forwards under "relay" when it opens it, "transit" when it passes it on sealed end to
+    end)."""
     with contextlib.suppress(*_STATUS_ERRORS):
         text = host.metrics()
         return {
             p: metric_value(text, "weft_datapath_bytes", path=p, direction="tx")
-            for p in ("fast", "sleeve", "relay")
+            for p in ("fast", "sleeve", "relay", "transit")
         }
     return {}
 
