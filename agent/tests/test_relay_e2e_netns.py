@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 from lab import Host, Lab, metric_value, wait_until
 from test_datapath_netns import all_ping, datapaths, start_mesh, transfer, wait_paths
+from test_mixed_versions_netns import PREVIOUS_VERSION, previous_release  # noqa: F401 (a fixture)
+
+from weft import __version__
 
 pytestmark = pytest.mark.netns
 
@@ -192,3 +195,41 @@ def test_end_to_end_keys_follow_restarts_and_go_when_the_peers_meet(lab: Lab) ->
         f"h1: {h1.status()['end_to_end']}; h3: {h3.status()['end_to_end']}"
     ))  # fmt: skip
     transfer(c, a, 4 * MB, port=5002)
+
+
+@pytest.mark.parametrize("old", ["h2", "h3"])
+def test_next_to_an_older_agent_the_pair_stays_sealed_hop_by_hop(
+    lab: Lab,
+    previous_release: Path,  # noqa: F811 (the fixture imported above)
+    old: str,
+) -> None:
+    """A rolling upgrade: with the relay (h2) or the far end (h3) on the previous release, h1 and h3 keep today's
+    hop-by-hop sealing, traffic crosses, and neither version finds anything to refuse."""
+    hosts = lab(3)
+    lab.block(hosts[0], hosts[2])
+    for h in hosts:
+        if h.name == old:
+            h.agent_src = previous_release
+    for h in hosts:
+        args = ["--log-level", "info"] if h.name == old else []
+        h.start_agent(*args, peers=[o for o in hosts if o is not h], secrets=["mixed-relay-secret"])
+    for h in hosts:
+        assert h.wait_ready()["version"] == (PREVIOUS_VERSION if h.name == old else __version__)
+    wait_until(lambda: all(len(h.status()["peers"]) == 3 for h in hosts), timeout=20, message="hosts did not meet")
+    h1, h2, h3 = hosts
+    a, c = h1.add_container("10.32.1.1/16"), h3.add_container("10.32.3.1/16")
+    wait_paths(h1, {"h2": "sleeve", "h3": "relay"})
+    wait_until(lambda: a.ping(c), timeout=20, message="no ping across the relay")
+    transfer(a, c, 8 * MB, marker=MARKER)
+    transfer(c, a, 2 * MB, port=5002)
+    assert datapaths(h1)["h3"]["sealing"] == "hop-by-hop"
+    assert metric_value(h2.metrics(), "weft_datapath_bytes_total", path="relay", direction="tx") > 10 * MB
+    assert metric_value(h2.metrics(), "weft_datapath_bytes_total", path="transit", direction="tx") == 0
+    rows = e2e_rows(h1)
+    if old == "h2":  # the first hop cannot pass the end-to-end form on: no agreement is even tried
+        assert rows == {}
+    else:  # h2 can, h3 cannot: h2 passes no init on towards it, and h1 tries again less and less often
+        assert not rows["h3"]["keys"]
+        assert metric_value(h2.metrics(), "weft_e2e_agreements_total", event="unroutable") >= 1
+    for h in hosts:
+        assert metric_value(h.metrics(), "weft_decode_errors_total") == 0, h.name
