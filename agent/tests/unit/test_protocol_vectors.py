@@ -93,3 +93,37 @@ def test_a_sleeve_datagram_matches_the_document(v: dict[str, bytes]) -> None:
     assert (kind, origin, dst) == (wire.CONTROL, wire.peer_bytes(DIALLER), wire.peer_bytes(ACCEPTOR))
     (length,) = wire.CONTROL_LEN.unpack_from(plain, wire.ILEN)
     assert unpack(plain[wire.ILEN + 2 : wire.ILEN + 2 + length], "datapath") == {"t": "pm"}
+
+
+def test_an_end_to_end_agreement_and_datagram_match_the_document(v: dict[str, bytes]) -> None:
+    """The relayed key agreement's tags and keys, and an end-to-end datagram taken apart and opened."""
+    from weft.datapath.agreement import Init, Response
+    from weft.mesh.crypto import derive_pair_keys, pair_tag
+
+    initiator, responder = 0x020000000001, 0x020000000003
+    init_key, init_pub = public(v["dialler_private"])
+    resp_key, resp_pub = public(v["acceptor_private"])
+    init = Init(initiator, responder, 0x0102030405060708, 1, init_pub, [], 0)
+    resp = Response(responder, initiator, 0x1112131415161718, 1, resp_pub, 0, b"", 0)
+    assert pair_tag(v["mesh_secret"], b"weft e2e init", init.transcript()) == v["pair_init_tag"]
+    resp_transcript = resp.transcript(init.transcript())
+    assert pair_tag(v["mesh_secret"], b"weft e2e response", resp_transcript) == v["pair_response_tag"]
+    names = wire.peer_bytes(initiator) + wire.peer_bytes(responder)
+    assert init_key.exchange(resp_key.public_key()) == v["shared"]
+    ours, kid = derive_pair_keys(v["shared"], v["mesh_secret"], init_pub, resp_pub, names, initiator=True)
+    theirs, kid2 = derive_pair_keys(v["shared"], v["mesh_secret"], init_pub, resp_pub, names, initiator=False)
+    assert kid == kid2 == int.from_bytes(v["pair_kid"], "big")
+    assert ours.send == theirs.receive == v["pair_initiator_to_responder"]
+    assert ours.receive == theirs.send == v["pair_responder_to_initiator"]
+
+    got: list[tuple[bytes, bytes]] = []
+    reassembler = wire.Reassembler({}, lambda: {names}, header=wire.E2E_HEADER, magic=wire.E2E_MAGIC)
+    datagram = v["e2e_datagram"]
+    reassembler.feed(memoryview(datagram), len(datagram), 0, lambda hop, msg, _size: got.append((hop, bytes(msg))))
+    assert got and got[0][0] == names
+    message = got[0][1]
+    assert wire.E2E_NONCE.unpack_from(message) == (kid, 7)
+    plain = ChaCha20Poly1305(ours.send).decrypt(message[: wire.E2E_NLEN], message[wire.E2E_NLEN :], None)
+    assert plain == v["e2e_plain"]
+    (length,) = wire.CONTROL_LEN.unpack_from(plain, wire.ILEN)
+    assert unpack(plain[wire.ILEN + 2 : wire.ILEN + 2 + length], "datapath") == {"t": "eh", "rx": True, "ds": 1400}
