@@ -7,7 +7,10 @@ CONFIG: {"ourself": 1, "tap": "sleeve0", "listen": ["0.0.0.0", 6783], "stats_fil
                     "datagram_size": 1472, "epoch": 1}],
          "next_hop": {"2": 2}, "sleeve_peers": [2], "bcast_children": {"1": [2], "2": []},
          "mac_owner": {"02:32:00:00:00:02": 2}, "local_macs": ["02:32:00:00:00:01"], "frame_mtu": {"2": 1376},
-         "control_pad": 1200}
+         "control_pad": 1200,
+         "pairs": [{"peer": 3, "kid": 7, "keys": {"send": HEX, "receive": HEX}, "send": true, "datagram_size": 1472}]}
+Links may say "e2e": true (the neighbour passes end-to-end datagrams on); "pairs" are end-to-end keys with peers
+that are not neighbours.
 Signals: SIGUSR1 writes the stats file (JSON with a rising "seq"), SIGUSR2 sends a CONTROL message to every link
 (padded to control_pad), SIGTERM/SIGINT stop. The stats file is also written once when the sleeve is up.
 """
@@ -23,7 +26,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from weft.datapath.sleeve import Forwarding, Link, Sleeve, SleeveStats
+from weft.datapath.sleeve import Forwarding, Link, Pair, Sleeve, SleeveStats
 from weft.mesh.crypto import SessionKeys
 
 
@@ -41,6 +44,7 @@ def forwarding(cfg: dict[str, Any]) -> Forwarding:
             keys=SessionKeys(bytes.fromhex(keys["send"]), bytes.fromhex(keys["receive"])) if keys else None,
             datagram_size=item.get("datagram_size", 1472),
             epoch=item.get("epoch", 1),
+            e2e=item.get("e2e", False),
         )
     return Forwarding(
         links=links,
@@ -50,6 +54,16 @@ def forwarding(cfg: dict[str, Any]) -> Forwarding:
         mac_owner={mac(k): v for k, v in cfg.get("mac_owner", {}).items()},
         local_macs=frozenset(mac(m) for m in cfg.get("local_macs", ())),
         frame_mtu={int(k): v for k, v in cfg.get("frame_mtu", {}).items()},
+        pairs=tuple(
+            Pair(
+                p["peer"],
+                p["kid"],
+                SessionKeys(bytes.fromhex(p["keys"]["send"]), bytes.fromhex(p["keys"]["receive"])),
+                p.get("send", True),
+                p.get("datagram_size", 1472),
+            )
+            for p in cfg.get("pairs", ())
+        ),
     )
 
 

@@ -232,8 +232,9 @@ class Net:
             run("ip", "-n", x.netns, "link", "set", f"ul{y.index}", "up")
             x.addrs[y.index] = addr
 
-    def start(self, host: Host, *, keys: bool, datagram_size: int = 1472, **extra: Any) -> None:
-        """Run the driver on ``host`` with links to its underlay neighbours and routes along the chain/mesh."""
+    def start(self, host: Host, *, keys: bool, datagram_size: int = 1472, e2e: bool = False, **extra: Any) -> None:
+        """Run the driver on ``host`` with links to its underlay neighbours and routes along the chain/mesh; with
+        ``e2e``, end-to-end keys with every host that is not a neighbour."""
         hosts = {h.index: h for h in self.hosts}
         me = host.index
         neighbours = sorted(host.addrs)
@@ -253,8 +254,14 @@ class Net:
                     "keys": {"send": link_key(me, n), "receive": link_key(n, me)} if keys else None,
                     "datagram_size": datagram_size,
                     "epoch": 1,
+                    "e2e": e2e,
                 }
                 for n in neighbours
+            ],
+            "pairs": [
+                {"peer": o, "kid": 7, "keys": {"send": link_key(me, o), "receive": link_key(o, me)}, "send": True}
+                for o in hosts
+                if e2e and keys and o != me and o not in host.addrs
             ],
             "next_hop": next_hop,
             "sleeve_peers": sorted(next_hop),
@@ -416,6 +423,18 @@ def test_garbage_truncated_replayed_and_unknown_datagrams_are_counted(net: Net) 
     transfer(net, h1, h2, 5_000_000)
 
 
+def test_chain_with_end_to_end_keys_passes_unicast_on_unopened(net: Net) -> None:
+    """The middle host holds no keys for the pair: it passes their datagrams on by header (and their broadcasts,
+    which every host delivers, hop by hop)."""
+    h1, h2, h3 = chain(net, e2e=True)
+    ping(h1, h3)
+    transfer(net, h1, h3, 20_000_000)
+    transfer(net, h3, h1, 5_000_000, port=5002)
+    s2 = h2.stats()
+    assert s2["bytes"]["transit/tx"] > 25_000_000 and s2["bytes"]["relay/tx"] < 1_000_000
+    assert not {"auth", "replay", "error", "unknown_pair"} & (set(s2["dropped"]) | set(h3.stats()["dropped"]))
+
+
 def test_chain_relays_unicast_and_broadcast(net: Net) -> None:
     h1, h2, h3 = chain(net)
     ping(h1, h3)
@@ -472,6 +491,7 @@ def bench(argv: list[str]) -> None:
     ap.add_argument("--datagram-size", type=int, default=1472)
     ap.add_argument("--iperf-args", default="")
     ap.add_argument("--ulseg", action="store_true", help="segment UDP in software on the underlay, GRO on receive")
+    ap.add_argument("--e2e", action="store_true", help="end-to-end keys between hosts that are not neighbours")
     args = ap.parse_args(argv)
     n = Net()
     try:
@@ -485,19 +505,31 @@ def bench(argv: list[str]) -> None:
                 for dev in h.addrs:
                     h.in_host(sys.executable, "-c", ETHTOOL, f"ul{dev}", "rx-gro=on", *off)
         for h in hosts:
-            n.start(h, keys=not args.plain, datagram_size=args.datagram_size)
+            n.start(h, keys=not args.plain, datagram_size=args.datagram_size, e2e=args.e2e)
         src, dst = hosts[0], hosts[-1]
         ping(src, dst, 3)  # ARP, warm caches
         print("idle", src.in_container("ping", "-c", "100", "-i", "0.01", "-q", dst.ip).strip().splitlines()[-1])
         n.popen(dst.container, "iperf3", "-s", "-1", log="iperf-server.log")
         time.sleep(0.5)
         extra = args.iperf_args.split()
+        before = {h.index: (_cpu_seconds(h), h.stats()["bytes"]) for h in hosts}
         print(src.in_container("iperf3", "-c", dst.ip, "-t", str(args.seconds), *extra, timeout=args.seconds + 30))
         for h in hosts:
             s = h.stats()
+            cpu = _cpu_seconds(h) - before[h.index][0]
+            relayed = sum(s["bytes"][f"{p}/tx"] - before[h.index][1][f"{p}/tx"] for p in ("relay", "transit"))
+            per_mb = f", {1e3 * cpu / (relayed / 1e6):.3f} ms CPU per MB relayed" if relayed > 1e6 else ""
+            print(f"h{h.index}: {cpu:.2f} s CPU, {relayed / 1e6:.1f} MB relayed{per_mb}")
             print(f"h{h.index}", json.dumps({"bytes": s["bytes"], "dropped": s["dropped"]}))
     finally:
         n.close()
+
+
+def _cpu_seconds(host: Host) -> float:
+    """User + system CPU time of the host's driver process (``ip netns exec`` execs it: the PID is its own)."""
+    assert host.driver is not None
+    fields = Path(f"/proc/{host.driver.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 if __name__ == "__main__":
