@@ -127,6 +127,7 @@ def test_same_secret_gives_both_ends_matching_session_keys() -> None:
     assert dialer.intro.port == 7000 and dialer.intro.advertise is None
     assert dialer.conn_uid == acceptor.conn_uid
     assert dialer.version == acceptor.version == PROTOCOL_MAX
+    assert dialer.intro.caps == acceptor.intro.caps == {"e2e"}  # each end reads end-to-end datagrams
 
 
 def test_each_connection_gets_fresh_keys() -> None:
@@ -309,3 +310,15 @@ def test_a_message_sealed_under_another_secret_fails_to_open() -> None:
 def test_the_same_plaintext_seals_differently_each_time() -> None:
     sealer, _ = _keys()
     assert sealer.seal(b"heartbeat") != sealer.seal(b"heartbeat")
+
+
+def test_capabilities_a_later_release_names_are_ignored_and_a_bad_list_is_refused() -> None:
+    from weft.mesh.codec import pack
+    from weft.mesh.handshake import _parse_intro
+
+    intro = {"name": 5, "nick": "n", "uid": 1, "conn_id": 2, "port": 6783, "advertise": None}
+    assert _parse_intro(pack(intro)).caps == frozenset()  # an older peer sends none
+    assert _parse_intro(pack({**intro, "caps": ["e2e", "teleport", 7]})).caps == {"e2e"}
+    with pytest.raises(HandshakeError) as info:
+        _parse_intro(pack({**intro, "caps": "e2e"}))
+    assert info.value.reason == "malformed_intro"
