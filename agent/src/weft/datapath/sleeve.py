@@ -815,7 +815,10 @@ _ANY = _Anything()
 
 def _one_route(view: memoryview, n: int, gso: int, last: int, route: bytes) -> bool:
     """Whether every datagram in the buffer carries ``route`` (origin|dst). Two header reads when the first and the
-    last are chunks of one message (then so is everything between them); else every header is looked at."""
+    last are chunks of one message (then, from an honest sender, so is everything between them: GRO joins one
+    flow's datagrams in order); else every header is looked at. A buffer crafted to break that rule still comes
+    from a neighbour's endpoint, and each of its datagrams still goes only to a neighbour, which drops what it
+    cannot open."""
     if view[last + 1 : last + 13] != route:
         return False
     _, _, id0, idx0, _, _ = E2E_HEADER.unpack_from(view, 0)
