@@ -531,3 +531,27 @@ def test_frames_for_a_peer_without_pair_keys_are_sealed_hop_by_hop(line) -> None
     assert c.tap_frames().endswith(b"p" * 500)
     stats = b.sleeve.stats.bytes
     assert stats[("transit", "tx")] == 0 and stats[("relay", "tx")] > 500, "B opened and sealed it again"
+
+
+def test_keys_from_an_init_never_confirmed_expire_and_this_side_agrees_itself() -> None:
+    """An init recorded earlier and played back to a responder that forgot its record (it restarted): the keys it
+    makes are never used, go after two dead intervals, and the responder then starts an agreement of its own."""
+    mesh = Mesh()
+    for _ in range(3):
+        mesh.step()
+    init = next(m for frm, to, m in mesh.wire if frm == B and to == C and m["t"] == "ki")
+    mesh.e2e[C] = mesh.make(C)  # C restarted: no keys, no record of A's inits (its uid stays, for the test)
+    mesh.e2e[A]._peers.clear()  # and A is quiet: only the replay speaks to C
+    mesh.capable[A] = False  # A's side does nothing further
+    mesh.e2e[C].update({A: B}, mesh.now)
+    mesh.e2e[C]._peers[A].offer = None
+    mesh.e2e[C]._peers[A].want = False  # as if C had just answered: nothing of its own in flight
+    mesh.e2e[C].on_hop_message(B, init, mesh.now)
+    assert [p.send for p in mesh.e2e[C].pairs()] == [False], "C must not seal with keys from an unconfirmed init"
+    sent_before = sum(1 for frm, _, m in mesh.wire if frm == C and m["t"] == "ki")
+    mesh.now += 7.0
+    mesh.e2e[C].tick(mesh.now)
+    assert mesh.e2e[C].pairs() == ()
+    mesh.now += 1.0
+    mesh.e2e[C].tick(mesh.now)
+    assert sum(1 for frm, _, m in mesh.wire if frm == C and m["t"] == "ki") > sent_before

@@ -155,7 +155,8 @@ class EndToEnd:
                 self._forget_keys(ps, "the peer restarted")
                 ps.uid, ps.via, ps.hop_size, ps.want = uid, via, route[1], True
             elif (ps.via, ps.hop_size) != route:
-                ps.via, ps.hop_size, ps.want = via, route[1], True  # the route changed: what fits it may too
+                # The route changed, and what fits it may too: agree over the new one now, not after a backoff.
+                ps.via, ps.hop_size, ps.want, ps.offer, ps.tries = via, route[1], True, None, 0
             self._drive(ps, now)
 
     def after_update(self, now: float) -> None:
@@ -180,6 +181,7 @@ class EndToEnd:
                 self._io.changed()
             if ps.pending is not None and now - ps.pending.created > PENDING_FOR * self._dead:
                 ps.pending = None  # never confirmed: the init was a replay, or the initiator moved on
+                ps.want = ps.want or ps.current is None  # then agree from this side
                 self._io.changed()
             cur = ps.current
             if cur is not None and not ps.want:
