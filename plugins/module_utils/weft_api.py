@@ -16,11 +16,15 @@ import errno
 import http.client
 import ipaddress
 import json
+import re
 import socket
 
 DEFAULT_SOCKET = "/run/weft/weft.sock"
 DEFAULT_PORT = 6783
 DEFAULT_TIMEOUT = 10.0
+_MAX_HOST_NAME = 253  # RFC 1035: at most 253 characters of text
+_MAX_LABEL = 63
+_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
 
 
 def api_argument_spec():
@@ -165,50 +169,102 @@ class WeftApi:
 
 
 def normalize_address(text, default_port=DEFAULT_PORT):
-    """HOST[:PORT] or [V6]:PORT to the agent's canonical "host:port", so targets compare equal.
+    """HOST[:PORT], [V6]:PORT or a bare IPv6 address to the agent's canonical "host:port", so targets compare equal.
 
-    Mirrors weft.mesh.connection_maker.normalize_address: the agent reports its targets in this form.
-    Raises ValueError with a message naming the address.
+    The twin of weft.mesh.address.peer_address, which the agent reports its targets with: the same hosts accepted
+    (IPv4 and IPv6 literals, RFC 1123 names, lower case), the same refused with the same one-line ValueError. Both
+    run the cases in agent/tests/unit/data/peer_addresses.json.
     """
-    text = text.strip()
-    if not text:
-        raise ValueError("empty peer address")
-    if text.startswith("["):
-        end = text.find("]")
+    host, port = split_address(text, default_port)
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+def split_address(text, default_port=DEFAULT_PORT, what="peer address"):
+    """(host, port) of a peer address, the host canonical; ValueError naming the address and what is wrong."""
+    whole = text.strip()
+    if not whole:
+        raise ValueError("empty %s" % what)
+    _refuse_zone(whole, whole, what)
+    if whole.startswith("["):
+        end = whole.find("]")
         if end < 0:
-            raise ValueError("peer address %r: missing ']'" % text)
-        after = end + 1
-        host, rest = text[1:end], text[after:]
-        _ipv6(host, text)
-        port = default_port
-        if rest:
-            if not rest.startswith(":"):
-                raise ValueError("peer address %r: expected ':PORT' after ']'" % text)
-            port = _port(rest[1:], text)
-        return "[%s]:%d" % (host, port)
-    colons = text.count(":")
-    if colons > 1:  # a bare IPv6 address, no port
-        _ipv6(text, text)
-        return "[%s]:%d" % (text, default_port)
-    host, port = text, default_port
-    if colons == 1:
-        host, port_text = text.split(":")
-        port = _port(port_text, text)
-    if not host or any(c.isspace() for c in host):
-        raise ValueError("peer address %r: missing host" % text)
-    return "%s:%d" % (host, port)
+            raise ValueError("%s %s: missing ']'" % (what, _short(whole)))
+        host, rest = whole[1:end], whole[end + 1 :]
+        if not host or ":" not in host:
+            raise ValueError("%s %s: [%s] is not an IPv6 address" % (what, _short(whole), host))
+        if rest and not rest.startswith(":"):
+            raise ValueError("%s %s: expected ':PORT' after ']'" % (what, _short(whole)))
+        port_text = rest[1:] if rest else None
+    elif whole.count(":") > 1:
+        host, port_text = whole, None  # a bare IPv6 address, no port
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError("%s %s is not HOST[:PORT] (write IPv6 as [ADDR]:PORT)" % (what, _short(whole))) from None
+    elif ":" in whole:
+        host, port_text = whole.split(":")
+        if not host:
+            raise ValueError("%s %s: missing host" % (what, _short(whole)))
+    else:
+        host, port_text = whole, None
+    port = default_port if port_text is None else _port(port_text, whole, what)
+    if any(c.isspace() for c in host):
+        raise ValueError("%s %s: the host contains spaces" % (what, _short(whole)))
+    return _host_name(host, what if host == whole else "%s %s: host" % (what, _short(whole))), port
 
 
-def _ipv6(host, whole):
-    try:
-        ipaddress.IPv6Address(host)
-    except ValueError:
-        raise ValueError("peer address %r is not HOST[:PORT] (write IPv6 as [ADDR]:PORT)" % whole) from None
+def _host_name(text, what):
+    """An IPv4 literal, an IPv6 literal or an RFC 1123 name, canonical and lower case (as the agent's host_name)."""
+    host = text.strip()
+    if not host:
+        raise ValueError("%s: empty host" % what)
+    _refuse_zone(host, host, what)
+    if ":" in host:
+        try:
+            return str(ipaddress.IPv6Address(host))
+        except ValueError:
+            raise ValueError("%s %s is not an IPv6 address" % (what, _short(host))) from None
+    labels = (host[:-1] if host.endswith(".") else host).split(".")
+    if all(label.isdecimal() for label in labels):
+        # Leading zeros are refused whatever this Python's ipaddress does (older ones took 010 as ten).
+        try:
+            if not host.isascii() or any(len(label) > 1 and label.startswith("0") for label in labels):
+                raise ValueError(host)
+            return str(ipaddress.IPv4Address(host))
+        except ValueError:
+            raise ValueError(
+                "%s %s is not an IPv4 address (four numbers 0-255, no leading zeros)" % (what, _short(host))
+            ) from None
+    if not host.isascii():
+        raise ValueError("%s %s is not ASCII: write an international name in its xn-- form" % (what, _short(host)))
+    name = host.lower()
+    name = name[:-1] if name.endswith(".") else name
+    if len(name) > _MAX_HOST_NAME:
+        raise ValueError("%s %s is %d characters long, the limit is 253" % (what, _short(host), len(name)))
+    for label in name.split("."):
+        if len(label) > _MAX_LABEL:
+            raise ValueError("%s %s has a part of %d characters, the limit is 63" % (what, _short(host), len(label)))
+        if not _LABEL.fullmatch(label):
+            raise ValueError(
+                "%s %s is not a host name (letters, digits and '-' between dots, not starting or ending with '-')"
+                % (what, _short(host))
+            )
+    return name
 
 
-def _port(text, whole):
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise ValueError("peer address %r: port must be a number from 1 to 65535" % whole)
+def _refuse_zone(host, whole, what):
+    if "%" in host:
+        raise ValueError("%s %s: a scoped IPv6 address (with '%%') is not taken" % (what, _short(whole)))
+
+
+def _short(text, limit=80):
+    """The input, quoted, and cut so that a 300-character mistake still gives a one-line error."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
+def _port(text, whole, what):
+    if not text.isascii() or not text.isdecimal() or not 1 <= int(text) < 65536:
+        raise ValueError("%s %s: port must be a number from 1 to 65535" % (what, _short(whole)))
     return int(text)
 
 

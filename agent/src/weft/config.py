@@ -16,10 +16,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from weft.addresses import AddressError, Network, bind_address, peer_address, subnet
 from weft.dns.names import domain_of
 from weft.ipam.bootstrap import DEFAULT_RANGE, BootstrapError, Init, parse_init, parse_range, parse_subnets
 from weft.ipam.space import Subnet
+from weft.mesh.address import AddressError, Network, bind_address, join_host_port, peer_address, subnet
 from weft.mesh.peer import PeerNameError, parse_name
 from weft.safetext import refuse_control
 
@@ -130,11 +130,7 @@ class AgentConfig(BaseModel):
     def _dns_upstream(cls, value: list[str]) -> list[str]:
         from weft.dns.upstream import parse_server  # dnspython, only when upstreams are set
 
-        out = []
-        for text in value:
-            host, port = parse_server(text)  # its ValueError names the entry
-            out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-        return out
+        return [join_host_port(*parse_server(text)) for text in value]  # its ValueError names the entry
 
     @field_validator("bridge")
     @classmethod

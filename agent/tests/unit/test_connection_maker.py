@@ -8,7 +8,7 @@ from itertools import pairwise
 
 import pytest
 
-from weft.addresses import AddressError
+from weft.mesh.address import AddressError
 from weft.mesh.clock import VirtualScheduler
 from weft.mesh.connection_maker import ConnectionMaker, Target
 from weft.mesh.gossip import GOSSIP, GossipSender

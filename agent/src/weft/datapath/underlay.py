@@ -13,8 +13,8 @@ from socket import AF_INET, AF_INET6
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from weft.addresses import Network
 from weft.datapath.netdev import NetDev, NetDevError
+from weft.mesh.address import Network
 
 __all__ = ["host_networks"]
 

@@ -24,6 +24,7 @@ import dns.exception
 import dns.inet
 import dns.message
 
+from weft.mesh.address import ip_host_port, join_host_port
 from weft.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -39,34 +40,9 @@ Server = tuple[str, int]
 
 
 def parse_server(text: str, default_port: int = DNS_PORT) -> Server:
-    """``host[:port]`` (IPv6 as ``[addr]:port`` or bare) as ``(host, port)``; ValueError saying what is wrong."""
-    raw = text.strip()
-    host, port = raw, default_port
-    if raw.startswith("["):
-        end = raw.find("]")
-        if end < 0:
-            raise ValueError(f"DNS upstream {text!r}: missing ']' after the IPv6 address")
-        host, rest = raw[1:end], raw[end + 1 :]
-        if rest:
-            if not rest.startswith(":"):
-                raise ValueError(f"DNS upstream {text!r} is not HOST[:PORT]")
-            port = _port(text, rest[1:])
-    elif raw.count(":") == 1:
-        host, _, port_text = raw.partition(":")
-        port = _port(text, port_text)
-    try:
-        if "%" in host:
-            raise ValueError(host)
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"DNS upstream {text!r}: {host!r} is not an IP address (scoped IPv6 is not taken)") from None
-    return str(address), port
-
-
-def _port(text: str, port_text: str) -> int:
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"DNS upstream {text!r}: the port must be a number from 1 to 65535")
-    return int(port_text)
+    """``host[:port]`` (IPv6 as ``[addr]:port`` or bare) as ``(host, port)``; the host must be an IP address (a name
+    would need DNS to be found). An AddressError (a ValueError) says what is wrong."""
+    return ip_host_port(text, default_port, "DNS upstream")
 
 
 def read_resolv_conf(text: str, port: int = DNS_PORT) -> list[Server]:
@@ -242,5 +218,6 @@ async def _tcp(query: dns.message.Message, host: str, port: int, timeout: float)
 
 def _show(server: Server) -> str:
     host, port = server
-    text = f"[{host}]" if ":" in host else host
-    return text if port == DNS_PORT else f"{text}:{port}"
+    if port != DNS_PORT:
+        return join_host_port(host, port)
+    return f"[{host}]" if ":" in host else host

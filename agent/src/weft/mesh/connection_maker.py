@@ -15,7 +15,7 @@ import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from weft.addresses import AddressError, peer_address
+from weft.mesh.address import AddressError, peer_address
 from weft.mesh.clock import Handle, Scheduler
 from weft.mesh.router import Router
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from weft.limits import Episode
+from weft.mesh.address import host_of, join_host_port, split_host_port
 from weft.mesh.connection import ControlConnection
 from weft.mesh.connection_maker import ConnectionMaker
 from weft.mesh.handshake import HandshakeError, handshake
@@ -138,10 +139,10 @@ class ControlTransport:
         self._spawn(self._dial(address))
 
     async def _dial(self, address: str) -> None:
-        host, _, port = address.rpartition(":")
+        host, port = split_host_port(address)
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host.strip("[]"), int(port), local_addr=self._local_addr()),
+                asyncio.open_connection(host, port, local_addr=self._local_addr()),
                 self.settings.dial_timeout,
             )
         except TimeoutError:
@@ -186,7 +187,7 @@ class ControlTransport:
         if task is not None:  # so stop() can end it like the connections we dialled
             self._tasks.add(task)
         try:
-            await self._serve(reader, writer, outbound=False, address=_join(peer[0], peer[1]))
+            await self._serve(reader, writer, outbound=False, address=join_host_port(peer[0], peer[1]))
         except asyncio.CancelledError:
             # stop() ends inbound connections by cancelling them; asyncio's stream server would log a
             # cancelled handler as an error, so end quietly instead.
@@ -201,7 +202,7 @@ class ControlTransport:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, outbound: bool, address: str
     ) -> None:
         key = id(writer)
-        source = "" if outbound else address.rpartition(":")[0].strip("[]")
+        source = "" if outbound else host_of(address)
         self.pending[key] = PendingConnection(address, outbound, time.monotonic(), source)
         secrets = list(self._secrets())
         try:
@@ -237,7 +238,7 @@ class ControlTransport:
         elif intro.advertise:
             remote_address = intro.advertise
         else:
-            remote_address = _join(address.rpartition(":")[0].strip("[]"), intro.port)
+            remote_address = join_host_port(host_of(address), intro.port)
         secret = secrets[session.secret_index] if session.secret_index is not None else None
         conn = ControlConnection(
             self, reader, writer, session, outbound=outbound, remote_address=remote_address, secret=secret
@@ -271,7 +272,7 @@ class ControlTransport:
         log.log(level, "handshake with %s failed (%s): %s", address, reason, detail)
         writer.close()
         if reason in ("secret_mismatch", "encryption_mismatch"):
-            host = address.rpartition(":")[0].strip("[]")
+            host = host_of(address)
             for listener in self.refusal_listeners:
                 listener(host)
         if outbound:
@@ -339,10 +340,6 @@ class ControlTransport:
                 }
             )
         return rows
-
-
-def _join(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _secret_label(secret: bytes | None, secrets: list[bytes]) -> str | None:

@@ -1,46 +1,41 @@
+import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
 from ansible_collections.weft.mesh.plugins.module_utils.weft_api import (
+    DEFAULT_PORT,
     WeftApi,
     WeftApiError,
     direct_targets,
     normalize_address,
 )
 
+ROOT = Path(__file__).resolve().parents[4]
 
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("10.0.0.1", "10.0.0.1:6783"),
-        (" 10.0.0.1:7000 ", "10.0.0.1:7000"),
-        ("host.example", "host.example:6783"),
-        ("2001:db8::1", "[2001:db8::1]:6783"),
-        ("[2001:db8::1]", "[2001:db8::1]:6783"),
-        ("[2001:db8::1]:7000", "[2001:db8::1]:7000"),
-    ],
-)
-def test_normalize_address(text, expected):
-    assert normalize_address(text) == expected
+# The agent's table of peer addresses: this twin and weft.mesh.address.peer_address must agree on every case.
+CASES = json.loads((ROOT / "agent" / "tests" / "unit" / "data" / "peer_addresses.json").read_text())
 
 
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("", "empty peer address"),
-        ("a:0", "port must be a number"),
-        (":6783", "missing host"),
-        ("[nope]:1", "is not HOST[:PORT]"),
-        ("[::1", "missing ']'"),
-        ("[::1]x", "expected ':PORT'"),
-        ("a::b::c", "is not HOST[:PORT]"),
-    ],
-)
-def test_normalize_address_errors(text, message):
-    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+@pytest.mark.parametrize("case", CASES["accepted"], ids=lambda c: repr(c["input"])[:40])
+def test_normalize_address_gives_the_agents_canonical_form(case):
+    port = case.get("default_port", DEFAULT_PORT)
+    assert normalize_address(case["input"], port) == case["canonical"]
+    assert normalize_address(case["canonical"], port) == case["canonical"]
+
+
+@pytest.mark.parametrize("case", CASES["refused"], ids=lambda c: repr(c["input"])[:40])
+def test_normalize_address_refuses_what_the_agent_refuses(case):
+    text = case["input"]
+    with pytest.raises(ValueError) as info:
         normalize_address(text)
+    message = str(info.value)
+    assert case["mentions"] in message
+    assert "\n" not in message and len(message) < 300
+    if text.strip() and len(text) <= 80:
+        assert repr(text.strip()) in message
 
 
 def test_direct_targets_leave_out_discovered():
