@@ -37,6 +37,10 @@ class SimConn:
         self.outbound = outbound
         self.conn_uid = conn_uid
         self.encrypted = False
+        self.remote_ip: str | None = None  # no socket, no data path
+        self.data_keys = None
+        self.secret = None
+        self.info = "simulated"
         self.other: SimConn | None = None
         self.closed = False
         self._flush_scheduled = False

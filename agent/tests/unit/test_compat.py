@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from weft.datapath.paths import PathState
 from weft.mesh.clock import AsyncioScheduler
 from weft.mesh.codec import pack, unpack
+from weft.mesh.connection import ConnectionSettings
 from weft.mesh.crypto import EphemeralKey, Opener, Sealer, derive_session_keys, secret_id
 from weft.mesh.handshake import MAGIC, PROTOCOL_MAX, frame, read_frame
 from weft.mesh.peer import PeerInfo
 from weft.mesh.router import Router
-from weft.mesh.transport import ConnectionSettings, ControlTransport
+from weft.mesh.transport import ControlTransport
 from weft.metrics import Metrics
 
 SECRET = b"compatibility test secret"

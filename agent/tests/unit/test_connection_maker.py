@@ -32,6 +32,10 @@ class FakeConn:
         self.outbound = outbound
         self.conn_uid = remote.uid
         self.encrypted = False
+        self.remote_ip: str | None = None
+        self.data_keys = None
+        self.secret = None
+        self.info = "fake"
         self.sender = GossipSender(lambda: None)
         self.closed: str | None = None
 
@@ -471,7 +475,8 @@ def test_a_dial_that_raises_anything_is_a_failed_attempt(monkeypatch: pytest.Mon
     dial task, and the target said "connecting" for ever."""
     import asyncio
 
-    from weft.mesh.transport import ConnectionSettings, ControlTransport
+    from weft.mesh.connection import ConnectionSettings
+    from weft.mesh.transport import ControlTransport
 
     async def explode(*args: object, **kwargs: object) -> None:
         raise UnicodeError("label too long")

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from weft.datapath.netdev import NetDev
     from weft.datapath.portguard import PortGuard
     from weft.datapath.sleeve import Sleeve, SleeveStats
-    from weft.mesh.router import Router
+    from weft.mesh.router import Conn, Router
     from weft.mesh.topology import PeerEntry
     from weft.metrics import Metrics
 
@@ -185,7 +185,7 @@ class DataPlane:
         """May frames to and from ``ip`` cross unencrypted? Always without a secret, else only if trusted."""
         return not self.encrypting or trusted(ip, self.trusted)
 
-    def _matching_connections(self) -> dict[int, Any]:
+    def _matching_connections(self) -> dict[int, Conn]:
         """The connections whose encryption matches ours: one that does not is being closed (a reload)."""
         return {n: c for n, c in self.router.connections.items() if c.encrypted == self.encrypting}
 
@@ -414,7 +414,7 @@ class DataPlane:
             self._changed()
         for name, conn in conns.items():
             st = self.paths.get(name)
-            ip = getattr(conn, "remote_ip", None)
+            ip = conn.remote_ip
             if ip is None or (st is not None and st.epoch == conn.conn_uid):
                 continue
             assert self.nd is not None
@@ -429,7 +429,7 @@ class DataPlane:
                 peer=name,
                 ip=ip,
                 udp_addr=st.udp_addr if st is not None else (ip, self.udp_port),
-                keys=getattr(conn, "data_keys", None),
+                keys=conn.data_keys,
                 epoch=conn.conn_uid,
                 we_trust=trusted(ip, self.trusted),
                 route_mtu=route_mtu,

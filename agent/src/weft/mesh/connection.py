@@ -10,34 +10,52 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from weft.mesh.codec import MAX_MESSAGE, DecodeError, expect, pack, unpack
 from weft.mesh.crypto import SealError
 from weft.mesh.gossip import GossipSender
 from weft.mesh.handshake import Session, frame, read_frame
-
-if TYPE_CHECKING:
-    from weft.mesh.transport import ControlTransport
+from weft.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT = {"t": "hb"}
 
 
+@dataclass
+class ConnectionSettings:
+    heartbeat_interval: float = 5.0
+    read_timeout: float = 20.0
+    handshake_timeout: float = 5.0
+    dial_timeout: float = 3.0
+    accept_rate: float = 20.0  # inbound connections per second, sustained
+    accept_burst: int = 20
+
+
 class ControlConnection:
+    """Hands each message it reads to ``on_message`` and tells ``on_sent`` what it wrote (the router's
+    ``handle_message`` and ``count_sent``); it knows nothing of the transport that made it."""
+
     def __init__(
         self,
-        transport: ControlTransport,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         session: Session,
         *,
+        settings: ConnectionSettings,
+        metrics: Metrics,
+        on_message: Callable[[ControlConnection, dict], None],
+        on_sent: Callable[[list[dict]], None],
         outbound: bool,
         remote_address: str,
         secret: bytes | None,
     ) -> None:
-        self._transport = transport
+        self._settings = settings
+        self._metrics = metrics
+        self._on_message = on_message
+        self._on_sent = on_sent
         self._reader = reader
         self._writer = writer
         self._session = session
@@ -87,8 +105,8 @@ class ControlConnection:
         return self.close_reason or "closed"
 
     async def _read_loop(self) -> None:
-        settings = self._transport.settings
-        metrics = self._transport.metrics
+        settings = self._settings
+        metrics = self._metrics
         opener = self._session.opener
         while True:
             try:
@@ -125,10 +143,10 @@ class ControlConnection:
                 continue
             if msg.get("t") == "hb":
                 continue
-            self._transport.router.handle_message(self, msg)
+            self._on_message(self, msg)
 
     async def _write_loop(self) -> None:
-        settings = self._transport.settings
+        settings = self._settings
         sealer = self._session.sealer
         while True:
             with contextlib.suppress(TimeoutError):
@@ -136,7 +154,7 @@ class ControlConnection:
                     await self._wake.wait()
             self._wake.clear()
             messages = self.sender.take()
-            self._transport.router.count_sent(messages)
+            self._on_sent(messages)
             if not messages:
                 messages = [HEARTBEAT]
             for msg in messages:

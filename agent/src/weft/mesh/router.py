@@ -10,7 +10,7 @@ import logging
 import math
 import random
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from weft.mesh.clock import Handle, Scheduler
 from weft.mesh.codec import DecodeError, expect_uint, field
@@ -20,6 +20,9 @@ from weft.mesh.routes import Routes
 from weft.mesh.topology import ConnectionSummary, PeerEntry, Topology, TopologyUpdate
 from weft.metrics import Metrics
 
+if TYPE_CHECKING:
+    from weft.mesh.crypto import SessionKeys
+
 log = logging.getLogger(__name__)
 
 TOPOLOGY = "topology"
@@ -27,7 +30,7 @@ MAX_CHANNEL_NAME = 64
 
 
 class Conn(Protocol):
-    """What the router needs of an established control connection."""
+    """An established control connection, as the router, the transport's status and the data plane read it."""
 
     remote: PeerInfo
     remote_address: str  # where the remote peer can be dialled, reported in topology
@@ -35,6 +38,14 @@ class Conn(Protocol):
     conn_uid: int  # both ends compute the same number; the lower one wins a duplicate
     encrypted: bool
     sender: GossipSender
+    remote_ip: str | None  # the underlay address the socket sees (None where there is no socket: the simulator)
+    data_keys: SessionKeys | None  # the data path's keys for this link (None without a secret)
+    secret: bytes | None  # the mesh secret the session was keyed with (None without one)
+
+    @property
+    def info(self) -> str:
+        """Protocol version and cipher, for status."""
+        ...
 
     def close(self, reason: str) -> None: ...
 

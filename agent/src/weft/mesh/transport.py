@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from weft.limits import Episode
 from weft.mesh.address import host_of, join_host_port, split_host_port
-from weft.mesh.connection import ControlConnection
+from weft.mesh.connection import ConnectionSettings, ControlConnection
 from weft.mesh.connection_maker import ConnectionMaker
 from weft.mesh.handshake import HandshakeError, handshake
 from weft.mesh.peer import format_name
@@ -29,16 +29,6 @@ SOURCES_TRACKED = 4096  # per-source buckets kept, least recently seen dropped f
 
 # Handshake failures that mean the remote sent something malformed (also counted as decode errors).
 _MALFORMED = {"bad_magic", "short_handshake", "malformed_hello", "malformed_intro"}
-
-
-@dataclass
-class ConnectionSettings:
-    heartbeat_interval: float = 5.0
-    read_timeout: float = 20.0
-    handshake_timeout: float = 5.0
-    dial_timeout: float = 3.0
-    accept_rate: float = 20.0  # inbound connections per second, sustained
-    accept_burst: int = 20
 
 
 class _TokenBucket:
@@ -241,7 +231,16 @@ class ControlTransport:
             remote_address = join_host_port(host_of(address), intro.port)
         secret = secrets[session.secret_index] if session.secret_index is not None else None
         conn = ControlConnection(
-            self, reader, writer, session, outbound=outbound, remote_address=remote_address, secret=secret
+            reader,
+            writer,
+            session,
+            settings=self.settings,
+            metrics=self.metrics,
+            on_message=self.router.handle_message,
+            on_sent=self.router.count_sent,
+            outbound=outbound,
+            remote_address=remote_address,
+            secret=secret,
         )
         # The secrets may have changed (a reload) while this handshake ran with the old ones.
         refused = self.stale_reason(conn) or self.router.add_connection(conn)
@@ -335,8 +334,8 @@ class ControlTransport:
                     "outbound": conn.outbound,
                     "state": "established",
                     "encrypted": conn.encrypted,
-                    "info": getattr(conn, "info", ""),
-                    "secret": _secret_label(getattr(conn, "secret", None), secrets),
+                    "info": conn.info,
+                    "secret": _secret_label(conn.secret, secrets),
                 }
             )
         return rows
