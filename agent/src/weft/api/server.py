@@ -16,7 +16,7 @@ from aiohttp import web
 from weft.addresses import AddressError
 from weft.api.public import PublicServer
 from weft.config import ConfigError
-from weft.datapath.overlay import OverlayError
+from weft.datapath.attach import OverlayError
 from weft.ipam.holders import HolderError
 from weft.ipam.holders import carry_out as with_ipam
 from weft.ipam.service import IpamError

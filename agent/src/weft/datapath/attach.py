@@ -1,36 +1,52 @@
-"""Containers and the host on the overlay: a veth pair per container, addresses on the bridge for the host.
+"""Containers and the host on the overlay: a veth pair per container, addresses on the bridge for the host, and the
+API requests that ask for them (attach/detach, expose/hide).
 
 Every call is idempotent and reports whether it changed anything, so `weft attach` can be re-run (and Ansible can
 show a diff). The container is named by a netns name or by a PID; the host-side veth name is derived from the
 container's network namespace (its inode) and the interface name, so attaching by name or by any PID inside the
 same namespace finds the same pair.
+
+The agent does the work, not the CLI, because it knows the bridge and the MTU, and because it must learn a new
+container's MAC at once: the container's MAC gets a static entry on its bridge port, so the mesh hears of it before
+the container sends anything, and it never ages out while attached.
+
+pyroute2 (weft.datapath.netdev) is imported only where the kernel is touched: the API imports this module for its
+errors, and an agent without a data plane never loads it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from weft.addresses import AddressError, Interface, overlay_cidrs, parse_cidr
 from weft.addresses import ifname as check_ifname
-from weft.datapath.netdev import Link, NetDev, NetDevError
-from weft.datapath.underlay import host_networks
+
+if TYPE_CHECKING:
+    from weft.datapath.netdev import Link, NetDev
 
 __all__ = [
     "MULTICAST_ROUTE",
+    "AddressInUse",
     "AttachError",
     "Attachment",
     "InUseCheck",
     "LinkHook",
+    "OverlayError",
     "attach",
+    "carry_out",
     "detach",
     "expose",
     "hide",
     "host_ifname",
+    "in_use_check",
     "reset",
 ]
 
@@ -134,6 +150,8 @@ def _require_bridge(nd: NetDev, bridge: str) -> Link:
 
 @contextmanager
 def _container(path: str) -> Iterator[NetDev]:
+    from weft.datapath.netdev import NetDev, NetDevError
+
     try:
         cnd = NetDev(path)
     except NetDevError as e:
@@ -174,6 +192,8 @@ def attach(
     All or nothing: every input is checked and every new address probed (``in_use``) before anything changes,
     and a failure after the pair was made deletes it again, so a refused attach leaves no veth behind.
     """
+    from weft.datapath.netdev import NetDevError
+
     wanted = _overlay_cidrs(cidrs)
     ifname = _ifname(ifname)
     _require_bridge(nd, bridge)
@@ -237,6 +257,8 @@ def find_attached(nd: NetDev, *, bridge: str, skip: set[str]) -> list[tuple[str,
     """(namespace name, host-side veth, CIDRs) of every container in a named namespace that weft attached to
     ``bridge``, but for those whose host-side veth is in ``skip``. Enters a namespace only while some port of the
     bridge is unaccounted for, so a restart that knows its containers reads nothing."""
+    from weft.datapath.netdev import NetDevError
+
     bridge_link = nd.link(bridge)
     if bridge_link is None:
         return []
@@ -276,6 +298,8 @@ def detach(
 
     A container (or namespace) that no longer exists counts as not attached: its veth died with it.
     """
+    from weft.datapath.netdev import NetDevError
+
     drop = _parse_cidrs(cidrs)
     ifname = _ifname(ifname)
     _check_identity(netns, pid)
@@ -313,6 +337,8 @@ def expose(nd: NetDev, *, bridge: str, cidrs: list[str], in_use: InUseCheck | No
     route on an interface that is not weft's), which would take that traffic onto the overlay, and an address in
     use elsewhere (``in_use``).
     """
+    from weft.datapath.netdev import NetDevError
+
     wanted = _overlay_cidrs(cidrs)
     _require_bridge(nd, bridge)
     try:
@@ -328,6 +354,8 @@ def expose(nd: NetDev, *, bridge: str, cidrs: list[str], in_use: InUseCheck | No
 
 
 def _refuse_underlay_overlap(nd: NetDev, bridge: str, ifaces: list[Interface]) -> None:
+    from weft.datapath.underlay import host_networks
+
     weft_devices = {bridge, *nd.bridge_ports(bridge)}
     for iface in ifaces:
         for device, net in host_networks(nd, weft_devices):
@@ -340,6 +368,8 @@ def _refuse_underlay_overlap(nd: NetDev, bridge: str, ifaces: list[Interface]) -
 
 def hide(nd: NetDev, *, bridge: str, cidrs: list[str]) -> list[str]:
     """Take addresses off the bridge device; returns those removed (none if the bridge is gone)."""
+    from weft.datapath.netdev import NetDevError
+
     drop = _parse_cidrs(cidrs)
     if nd.link(bridge) is None:
         return []
@@ -351,6 +381,8 @@ def hide(nd: NetDev, *, bridge: str, cidrs: list[str]) -> list[str]:
 
 def reset(nd: NetDev, *, bridge: str, vxlan: str, tap: str) -> list[str]:
     """Delete the containers' veths on the bridge, the vxlan, the tap and the bridge; returns what was deleted."""
+    from weft.datapath.netdev import NetDevError
+
     deleted: list[str] = []
     try:
         for port in nd.bridge_ports(bridge):
@@ -363,3 +395,117 @@ def reset(nd: NetDev, *, bridge: str, vxlan: str, tap: str) -> list[str]:
     except NetDevError as e:
         raise AttachError(str(e)) from None
     return deleted
+
+
+# -- API requests -----------------------------------------------------------------------------------------------------
+
+ACTIONS = ("attach", "detach", "expose", "hide")
+_ONE_AT_A_TIME = threading.Lock()  # requests run in worker threads; two attaches must not probe past each other
+
+
+class OverlayError(Exception):
+    """A request that cannot be carried out; the message says what to do."""
+
+
+class AddressInUse(OverlayError):
+    """An address that another interface on the overlay already answers for."""
+
+
+def _requested_container(body: dict[str, Any]) -> dict[str, Any]:
+    """The JSON body's container fields, type-checked; attach() judges the names themselves."""
+    netns, pid = body.get("netns"), body.get("pid")
+    if (netns is None) == (pid is None):
+        raise OverlayError("name the container by exactly one of --netns NAME or --pid PID")
+    if netns is not None and not isinstance(netns, str):
+        raise OverlayError(f"invalid network namespace name {netns!r}")
+    if pid is not None and (not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0):
+        raise OverlayError(f"invalid PID {pid!r}")
+    return {"netns": netns, "pid": pid, "ifname": check_ifname(body.get("ifname") or "ethwe")}
+
+
+def in_use_check(
+    nd: NetDev, bridge: str, wait: float, describe: Callable[[str], str]
+) -> Callable[[list[Interface]], None]:
+    """Refuse an address this host holds on its bridge, or that anyone on the overlay answers an ARP probe for
+    within ``wait`` seconds (IPv4; for IPv6 the kernel's duplicate address detection does this; 0: no probe)."""
+    from weft.datapath.addrprobe import arp_probe
+
+    def check(ifaces: list[Interface]) -> None:
+        for held in nd.addresses(bridge):
+            ip = ipaddress.ip_interface(held).ip
+            if any(i.ip == ip for i in ifaces):
+                raise AddressInUse(
+                    f"address {ip} is already in use by this host (on its bridge {bridge}, given by weft expose)"
+                )
+        found = arp_probe(bridge, [i.ip for i in ifaces if isinstance(i.ip, ipaddress.IPv4Address)], wait=wait)
+        if found:
+            ip, mac = min(found.items())
+            raise AddressInUse(
+                f"address {ip} is already in use by MAC {mac} ({describe(mac)}): pick another address, "
+                "or detach it there first"
+            )
+
+    return check
+
+
+def carry_out(
+    nd: NetDev,
+    bridge: str,
+    mtu: int,
+    action: str,
+    body: dict[str, Any],
+    cidrs: list[str],
+    *,
+    probe_wait: float = 0.0,
+    describe_mac: Callable[[str], str] = lambda mac: "unknown",
+    routes: Sequence[str] = (),
+) -> dict:
+    """Do one overlay action; returns what the CLI prints. Idempotent: ``changed`` says if it did anything.
+
+    All or nothing: a refused request changes nothing. Blocks for up to ``probe_wait`` seconds while new IPv4
+    addresses are probed for: call it from a worker thread.
+    """
+    from weft.datapath.netdev import NetDevError
+
+    in_use = in_use_check(nd, bridge, probe_wait, describe_mac)
+
+    def static_entry(mac: str, host_ifname: str) -> None:
+        holder = nd.bridge_fdb_port(bridge, mac)
+        if holder is not None and holder != host_ifname and holder.startswith(HOST_PREFIX):
+            # A container that took another's MAC must not get it by being attached again. (A remote MAC's
+            # entry on an overlay port is replaced: a container moved here; the mesh reports a conflict.)
+            raise OverlayError(f"MAC {mac} is already attached on port {holder}: give this container its own MAC")
+        nd.bridge_fdb_set(bridge, mac, host_ifname)
+
+    try:
+        with _ONE_AT_A_TIME:
+            if action == "attach":
+                if not cidrs:
+                    raise OverlayError("give at least one address, like 10.32.0.5/12")
+                who = _requested_container(body)
+                result = attach(
+                    nd, bridge=bridge, cidrs=cidrs, mtu=mtu, in_use=in_use, on_link=static_entry, routes=routes, **who
+                )
+                return {
+                    "changed": result.changed,
+                    "interface": result.ifname,
+                    "host_interface": result.host_ifname,
+                    "mac": result.mac,
+                    "addresses": result.addresses,
+                    "routes": [MULTICAST_ROUTE, *routes],
+                }
+            if action == "detach":
+                who = _requested_container(body)
+                detached = detach(nd, bridge=bridge, cidrs=cidrs, **who)
+                if detached is None:
+                    return {"changed": False, "addresses": []}
+                return {"changed": detached.changed, "addresses": detached.addresses}
+            if not cidrs:
+                raise OverlayError("give at least one address, like 10.32.0.1/12")
+            if action == "expose":
+                done = expose(nd, bridge=bridge, cidrs=cidrs, in_use=in_use)
+            else:
+                done = hide(nd, bridge=bridge, cidrs=cidrs)
+            return {"changed": bool(done), "addresses": done}
+    except (AttachError, NetDevError, AddressError) as exc:
+        raise OverlayError(str(exc)) from None

@@ -622,13 +622,13 @@ class DataPlane:
     # -- requests from the API ----------------------------------------------------------------------
 
     async def overlay(self, action: str, body: dict[str, Any], cidrs: list[str], probe: bool = True) -> dict:
-        """attach/detach/expose/hide (see weft.datapath.overlay); the MAC watcher picks up the result.
+        """attach/detach/expose/hide (see weft.datapath.attach); the MAC watcher picks up the result.
 
         In a worker thread: a new address is probed for on the overlay first (unless ``probe`` is False: IPAM
         reserved every address in the ring, which no one else hands out), and the answers cross the mesh, which
         this event loop goes on running meanwhile.
         """
-        from weft.datapath.overlay import AddressInUse, OverlayError, carry_out
+        from weft.datapath.attach import AddressInUse, OverlayError, carry_out
 
         assert self.nd is not None
         started = time.perf_counter()
