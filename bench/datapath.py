@@ -1,10 +1,9 @@
 """Data-path benchmarks: TCP throughput and ping RTT from a container on h1 to a container on another host, over
 plain routed veth (the baseline: this machine's limit) and over weft's fast, encrypted and relayed paths.
 
-The method is the reference's (/work/shared/reference/datapath.md): iperf3 TCP with 1 and 4 streams and
-``ping -c 100 -i 0.01``, medians of several runs. Nothing here asserts on a number: each function returns figures
-(plain dicts, JSON-ready) for run.py to print, and a scenario that cannot be measured is returned as
-``{"failed": reason}`` so the others still run.
+The method: iperf3 TCP with 1 and 4 streams and ``ping -c 100 -i 0.01``, medians of several runs. Nothing here
+asserts on a number: each function returns figures (plain dicts, JSON-ready) for run.py to print, and a scenario that
+cannot be measured is returned as ``{"failed": reason}`` so the others still run.
 """
 
 from __future__ import annotations

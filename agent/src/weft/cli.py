@@ -367,10 +367,9 @@ def reset(client: Client, config_path: Path | None, bridge: str | None, state_di
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True, default=True, help="JSON output (the only format).")
 @click.pass_obj
-def report(client: Client, as_json: bool) -> None:
-    """Everything the agent knows, as JSON: for support requests and scripts."""
+def report(client: Client) -> None:
+    """Everything the agent knows, as JSON (what `weft status --json` prints): for support requests and scripts."""
     click.echo(json.dumps(_call(lambda: client.request("GET", "/report")), indent=2))
 
 

@@ -399,7 +399,6 @@ def reset(nd: NetDev, *, bridge: str, vxlan: str, tap: str) -> list[str]:
 
 # -- API requests -----------------------------------------------------------------------------------------------------
 
-ACTIONS = ("attach", "detach", "expose", "hide")
 _ONE_AT_A_TIME = threading.Lock()  # requests run in worker threads; two attaches must not probe past each other
 
 

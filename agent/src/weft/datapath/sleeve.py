@@ -1,6 +1,6 @@
 """The encrypted userspace path ("sleeve"): frames between the bridge's TAP port and peers over UDP.
 
-One data thread runs a plain epoll loop (asyncio is slower on this path; reference/datapath.md). It reads whole GSO
+One data thread runs a plain epoll loop (asyncio's carried about half as much on this path). It reads whole GSO
 frames from the TAP, seals each once with the link's ChaCha20-Poly1305 key and sends it as path-MTU datagrams with
 UDP_SEGMENT; it receives GRO-coalesced datagrams, reassembles, opens, checks the replay window, and writes the frame
 to the TAP, relays it (re-sealed for the next hop) or passes a CONTROL message up. The wire format is in wire.py.

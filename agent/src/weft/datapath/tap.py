@@ -2,7 +2,7 @@
 
 With IFF_VNET_HDR and TUNSETOFFLOAD(CSUM|TSO4|TSO6|TSO_ECN) a read returns a 10-byte virtio_net_hdr and a TCP
 super-frame of up to 64 KiB instead of MTU-sized frames, and writing the same header plus frame on the far side
-injects the super-frame intact: the per-frame Python cost falls ~45x (reference/datapath.md, "vnet_hdr + TSO").
+injects the super-frame intact: the per-frame Python cost is paid once per 64 KiB rather than once per MTU.
 """
 
 from __future__ import annotations

@@ -69,10 +69,6 @@ def peer_bytes(peer: int) -> bytes:
     return peer.to_bytes(6, "big")
 
 
-def chunk_size(datagram_size: int) -> int:
-    return datagram_size - HLEN
-
-
 def segments_per_send(datagram_size: int) -> int:
     """How many full datagrams one UDP_SEGMENT send may carry: <= 44 and <= 65,507 bytes together."""
     return max(1, min(GSO_MAX_SEGS, MAX_UDP // datagram_size))
