@@ -24,9 +24,12 @@ $(STAMP): agent/pyproject.toml
 	$(VPY) -m pip install -e './agent[test]'
 	touch $@
 
-lint: venv ## ruff check and ruff format --check on agent/
-	$(VPY) -m ruff check agent
-	$(VPY) -m ruff format --check agent
+# Each directory has its own settings: agent/pyproject.toml, bench/ruff.toml, lab/ruff.toml.
+LINTED := agent bench lab
+
+lint: venv ## ruff check and ruff format --check on agent/, bench/ and lab/
+	$(VPY) -m ruff check $(LINTED)
+	$(VPY) -m ruff format --check $(LINTED)
 
 unit: venv ## The agent's unit tests (agent/tests/unit): no root, no namespaces, under a minute
 	$(VPY) -m pytest agent/tests/unit -q -m "not netns and not slow" $(PYTEST_ARGS)

@@ -82,24 +82,16 @@ class Endpoints:
 # -- processes in namespaces ----------------------------------------------------------------------
 
 
-def _ns_run(
-    netns: str, *cmd: str, timeout: float = 30.0, check: bool = True
-) -> subprocess.CompletedProcess[str]:
+def _ns_run(netns: str, *cmd: str, timeout: float = 30.0, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run a short command in a namespace; a failure becomes a BenchError naming the command and its output."""
     args = ["ip", "netns", "exec", netns, *cmd]
     try:
-        proc = subprocess.run(
-            args, capture_output=True, text=True, timeout=timeout, check=False
-        )
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired as exc:
-        raise BenchError(
-            f"`{' '.join(cmd)}` in {netns} took over {timeout:g}s"
-        ) from exc
+        raise BenchError(f"`{' '.join(cmd)}` in {netns} took over {timeout:g}s") from exc
     if check and proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
-        raise BenchError(
-            f"`{' '.join(cmd)}` in {netns} exited {proc.returncode}: {detail[0]}"
-        )
+        raise BenchError(f"`{' '.join(cmd)}` in {netns} exited {proc.returncode}: {detail[0]}")
     return proc
 
 
@@ -130,9 +122,7 @@ def _iperf_server(netns: str, log_dir: Path, port: int = IPERF_PORT) -> Iterator
         deadline = time.monotonic() + 10
         while "Server listening" not in log_path.read_text(errors="replace"):
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(
-                    f"iperf3 -s did not start: {log_path.read_text(errors='replace').strip()[-300:]}"
-                )
+                raise BenchError(f"iperf3 -s did not start: {log_path.read_text(errors='replace').strip()[-300:]}")
             time.sleep(0.05)
         yield
     finally:
@@ -171,9 +161,7 @@ def _ping(ep: Endpoints, count: int = 100, interval: float = 0.01) -> dict:
     proc = _ns_run(ep.src_netns, *cmd, timeout=count * (interval + 1) + 10, check=False)
     rtt, loss = _RTT.search(proc.stdout), _LOSS.search(proc.stdout)
     if rtt is None:
-        raise BenchError(
-            f"ping got no replies: {(proc.stdout + proc.stderr).strip().splitlines()[-2:]}"
-        )
+        raise BenchError(f"ping got no replies: {(proc.stdout + proc.stderr).strip().splitlines()[-2:]}")
     return {
         "min_ms": float(rtt[1]),
         "avg_ms": float(rtt[2]),
@@ -203,9 +191,7 @@ def _tree_cpu_seconds(pid: int) -> float | None:
 def _machine_busy() -> tuple[float, float]:
     """(busy, total) jiffies of all CPUs from /proc/stat: how loaded the whole machine was during a run."""
     with open("/proc/stat") as f:
-        values = [
-            int(v) for v in f.readline().split()[1:9]
-        ]  # guest time is already in user
+        values = [int(v) for v in f.readline().split()[1:9]]  # guest time is already in user
     idle = values[3] + values[4]  # idle + iowait
     return sum(values) - idle, sum(values)
 
@@ -239,9 +225,7 @@ def _timed_iperf(ep: Endpoints, streams: int, seconds: float) -> dict:
         if after is not None and cpu0[name] is not None:
             result["agent_cpu_pct"][name] = round((after - cpu0[name]) / wall * 100, 1)
     if total1 > total0:
-        result["machine_cpu_pct"] = round(
-            (busy1 - busy0) / (total1 - total0) * 100 * (os.cpu_count() or 1), 1
-        )
+        result["machine_cpu_pct"] = round((busy1 - busy0) / (total1 - total0) * 100 * (os.cpu_count() or 1), 1)
     return result
 
 
@@ -259,9 +243,7 @@ def _summary(runs: list[dict], key: str) -> dict:
     }
 
 
-def measure(
-    ep: Endpoints, *, seconds: float, runs: int, log: Callable[[str], None]
-) -> dict:
+def measure(ep: Endpoints, *, seconds: float, runs: int, log: Callable[[str], None]) -> dict:
     """``runs`` rounds of iperf3 with 1 and 4 streams and one ping each; medians plus every run."""
     raw: dict[str, list[dict]] = {"tcp_1": [], "tcp_4": [], "ping": []}
     with _iperf_server(ep.dst_netns, ep.log_dir):
@@ -271,9 +253,7 @@ def measure(
                 raw[f"tcp_{streams}"].append(r)
                 log(f"    run {i + 1}/{runs}: {streams} stream(s) {r['gbps']:.2f} Gb/s")
             raw["ping"].append(_ping(ep))
-            log(
-                f"    run {i + 1}/{runs}: ping min/avg {raw['ping'][-1]['min_ms']}/{raw['ping'][-1]['avg_ms']} ms"
-            )
+            log(f"    run {i + 1}/{runs}: ping min/avg {raw['ping'][-1]['min_ms']}/{raw['ping'][-1]['avg_ms']} ms")
     result: dict = {
         "gbps_1": _median([r["gbps"] for r in raw["tcp_1"]]),
         "gbps_4": _median([r["gbps"] for r in raw["tcp_4"]]),
@@ -292,11 +272,7 @@ def measure(
             name: _median([c[name] for c in per_run if name in c]) for name in ep.agents
         }
         result[f"machine_cpu_pct_{streams}"] = _median(
-            [
-                r["machine_cpu_pct"]
-                for r in raw[f"tcp_{streams}"]
-                if "machine_cpu_pct" in r
-            ]
+            [r["machine_cpu_pct"] for r in raw[f"tcp_{streams}"] if "machine_cpu_pct" in r]
         )
     return result
 
@@ -316,9 +292,7 @@ def _routed_pair() -> Iterator[tuple[str, str]]:
             ctr = f"{host.netns}c1"
             lab._add_netns(ctr)  # the lab deletes it (and the veth in it) on exit
             # `name` everywhere: iproute2 6.1 parses a bare first word after `add` as `address`.
-            _ip(
-                f"-n {host.netns} link add name ctr type veth peer name eth0 netns {ctr}"
-            )
+            _ip(f"-n {host.netns} link add name ctr type veth peer name eth0 netns {ctr}")
             _ip(f"-n {host.netns} addr add 10.32.{n}.1/24 dev ctr")
             _ip(f"-n {host.netns} link set ctr up")
             _ip(f"-n {ctr} addr add 10.32.{n}.2/24 dev eth0")
@@ -333,9 +307,7 @@ def _routed_pair() -> Iterator[tuple[str, str]]:
 
 def _ip(args: str) -> None:
     """One ``ip`` command (words split on spaces); a failure becomes a BenchError with iproute2's message."""
-    proc = subprocess.run(
-        ["ip", *args.split()], capture_output=True, text=True, timeout=30, check=False
-    )
+    proc = subprocess.run(["ip", *args.split()], capture_output=True, text=True, timeout=30, check=False)
     if proc.returncode != 0:
         raise BenchError(f"`ip {args}` failed: {proc.stderr.strip()}")
 
@@ -367,9 +339,7 @@ def _datapath_row(host: Host, peer: Host) -> dict | None:
     return None
 
 
-def _wait_path(
-    host: Host, peer: Host, expected: str, timeout: float, hold: float = 4.0
-) -> dict:
+def _wait_path(host: Host, peer: Host, expected: str, timeout: float, hold: float = 4.0) -> dict:
     """Wait until ``host`` has carried traffic for ``peer`` on ``expected`` for ``hold`` seconds in a row: a path
     that is chosen and then dropped (no heartbeat within 3 s) is not settled. The error names what it showed."""
     deadline = time.monotonic() + timeout
@@ -434,9 +404,7 @@ def _start_mesh(lab: Lab, scenario: str, timeout: float) -> list[Host]:
     while not all(_knows(h, len(hosts)) for h in hosts):
         _check_alive(hosts)
         if time.monotonic() > deadline:
-            raise BenchError(
-                f"the {len(hosts)} agents did not all know each other after {timeout:g}s"
-            )
+            raise BenchError(f"the {len(hosts)} agents did not all know each other after {timeout:g}s")
         time.sleep(0.5)
     return hosts
 
@@ -470,11 +438,7 @@ def _log_tails(hosts: list[Host], lines: int = 15) -> dict[str, str]:
 
 
 def _meaningful_lines(host: Host, width: int = 400) -> list[str]:
-    return [
-        line[:width]
-        for line in host.agent_log().splitlines()
-        if "DEBUG pyroute2" not in line
-    ]
+    return [line[:width] for line in host.agent_log().splitlines() if "DEBUG pyroute2" not in line]
 
 
 def _died(hosts: list[Host]) -> str:
@@ -484,9 +448,7 @@ def _died(hosts: list[Host]) -> str:
         if h.agent is not None and h.agent.poll() is not None:
             last = (_meaningful_lines(h) or ["(empty log)"])[-1]
             by_error.setdefault(last, []).append(h.name)
-    return "; ".join(
-        f"{', '.join(names)}: {error}" for error, names in by_error.items()
-    )
+    return "; ".join(f"{', '.join(names)}: {error}" for error, names in by_error.items())
 
 
 def overlay(
@@ -522,12 +484,10 @@ def overlay(
             _wait_ping(ep, timeout=settle_timeout)
             before = {h.name: _path_bytes(h) for h in hosts}
             result.update(measure(ep, seconds=seconds, runs=runs, log=log))
-            result["tx_bytes_by_path"] = {
-                h.name: _bytes_since(before[h.name], _path_bytes(h)) for h in hosts
-            }
+            result["tx_bytes_by_path"] = {h.name: _bytes_since(before[h.name], _path_bytes(h)) for h in hosts}
             result["path_after"] = (_datapath_row(h1, dst_host) or {}).get("path")
             _check_alive(hosts)
-        except Exception as exc:  # noqa: BLE001 - any failure is this scenario's reason; the others still run
+        except Exception as exc:  # any failure is this scenario's reason; the others still run
             result["failed"] = _reason(exc) + _state_now(lab.hosts)
             result["log_tail"] = _log_tails(lab.hosts)
     return result
@@ -622,11 +582,7 @@ def check_targets(results: dict[str, dict]) -> list[dict]:
     checked = []
     for scenario, figure, op, wanted, relative, text in TARGETS:
         measured = results.get(scenario, {}).get(figure)
-        limit = (
-            wanted * base[figure]
-            if relative and base.get(figure)
-            else (None if relative else wanted)
-        )
+        limit = wanted * base[figure] if relative and base.get(figure) else (None if relative else wanted)
         met = None
         if measured is not None and limit is not None:
             met = measured >= limit if op == ">=" else measured <= limit

@@ -48,9 +48,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "agent" / "tests" / "harness"))  # the netns lab harness of the agent's tests
 
-from weft.api.client import ApiError, Client  # noqa: E402
-
 from lab import Container, Host, Lab, netns_unavailable_reason, wait_until  # noqa: E402
+from weft.api.client import ApiError, Client  # noqa: E402
 
 Log = Callable[[str], None]
 

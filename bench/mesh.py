@@ -15,14 +15,15 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from weft.api.client import ApiError, Client
 from weft.mesh.router import Router
 from weft.sim import SimNetwork, chain_of_strangers
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "agent" / "tests" / "harness"))  # the netns lab harness of the agent's tests
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agent" / "tests" / "harness"))  # the netns lab harness
 
 from lab import Host, Lab, metric_value, netns_unavailable_reason
-from weft.api.client import ApiError, Client
+
+REPO = Path(__file__).resolve().parents[1]
 
 # -- simulator ---------------------------------------------------------------------------------------
 
@@ -54,9 +55,7 @@ class _AnnounceCounter:
         return self.announces, self.known_peers
 
 
-def _run_until_converged(
-    net: SimNetwork, deadline: float, resolution: float
-) -> float | None:
+def _run_until_converged(net: SimNetwork, deadline: float, resolution: float) -> float | None:
     """Advance virtual time in ``resolution`` steps and check ``net.converged()`` after each step.
 
     The result is the end of the first step at which every view was complete (at most ``resolution``
@@ -86,14 +85,10 @@ def _anti_entropy_fanout(router: Router) -> int:
     n_conns = len(router.connections)
     if not n_conns:
         return 0
-    return min(
-        n_conns, 2 * max(1, math.ceil(math.log2(len(router.topology.peers) + 1)))
-    )
+    return min(n_conns, 2 * max(1, math.ceil(math.log2(len(router.topology.peers) + 1))))
 
 
-def sim_convergence(
-    n: int, *, latency: float = 0.01, seed: int = 1, deadline: float = 60.0
-) -> dict:
+def sim_convergence(n: int, *, latency: float = 0.01, seed: int = 1, deadline: float = 60.0) -> dict:
     """``n`` peers, each told of one earlier peer: time and bytes until every view is complete, then the
     cost of one change (a peer joining; a new link between two peers) once the mesh has settled."""
     counter = _AnnounceCounter()
@@ -136,14 +131,10 @@ def sim_convergence(
 
         rng = random.Random(seed + 1)
         contact = rng.randrange(n)
-        result["join"] = _one_change(
-            net, counter, lambda: net.add_peer([f"sim{contact}:6783"], discovery=False)
-        )
+        result["join"] = _one_change(net, counter, lambda: net.add_peer([f"sim{contact}:6783"], discovery=False))
         result["join"]["contact"] = f"sim{contact}"
         a, b = _unconnected_pair(net, rng)
-        result["new_link"] = _one_change(
-            net, counter, lambda: net.peers[a].maker.connect([net.peers[b].address])
-        )
+        result["new_link"] = _one_change(net, counter, lambda: net.peers[a].maker.connect([net.peers[b].address]))
         result["new_link"]["between"] = [f"sim{a}", f"sim{b}"]
     return result
 
@@ -218,9 +209,7 @@ def _cpu_seconds(pid: int) -> float | None:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf(
-        "SC_CLK_TCK"
-    )  # utime + stime
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def _mesh_gauges(metrics_text: str) -> tuple[float, float]:
@@ -302,9 +291,7 @@ def real_agents(
 
         h1.start_agent(*AGENT_ARGS, secrets=[secret])
         h1.wait_ready(timeout=60)
-        result["rss_alone_kib"] = _rss_kib(
-            h1.agent.pid
-        )  # the baseline: the same agent with no peers
+        result["rss_alone_kib"] = _rss_kib(h1.agent.pid)  # the baseline: the same agent with no peers
 
         if scenario == "connect":
             for h in rest:
@@ -317,17 +304,13 @@ def real_agents(
                 _client(h).connect([h1.listen_addr])
         else:
             cpu0 = {h.name: 0.0 for h in hosts}
-            log(
-                f"  {n} namespaces up in {result['lab_setup_s']}s; starting {n - 1} agents told only of h1"
-            )
+            log(f"  {n} namespaces up in {result['lab_setup_s']}s; starting {n - 1} agents told only of h1")
             t0 = time.monotonic()
             for h in rest:
                 h.start_agent(*AGENT_ARGS, peers=[h1], secrets=[secret])
         result["launch_s"] = round(time.monotonic() - t0, 2)
 
-        api_up: dict[str, float] = {
-            h.name: 0.0 for h in (hosts if scenario == "connect" else [h1])
-        }
+        api_up: dict[str, float] = {h.name: 0.0 for h in (hosts if scenario == "connect" else [h1])}
         knows_all: dict[str, float] = {}
         meshed: dict[str, float] = {}
         stop = threading.Event()
@@ -336,9 +319,7 @@ def real_agents(
             """Poll one agent until it knows every peer and has a connection to each (one thread per agent,
             so a busy agent delays only its own answer)."""
             client = _client(h)
-            while not stop.is_set() and (
-                h.name not in knows_all or h.name not in meshed
-            ):
+            while not stop.is_set() and (h.name not in knows_all or h.name not in meshed):
                 try:
                     text = client.request("GET", "/metrics")
                     stamp = time.monotonic() - t0
@@ -347,8 +328,7 @@ def real_agents(
                     if (
                         h.name not in knows_all
                         and peers >= n
-                        and len(client.request("GET", "/status/peers"))
-                        == n  # what `weft status --json` lists
+                        and len(client.request("GET", "/status/peers")) == n  # what `weft status --json` lists
                     ):
                         knows_all[h.name] = stamp
                     if h.name not in meshed and established >= n - 1:
@@ -357,9 +337,7 @@ def real_agents(
                     pass  # not up yet
                 stop.wait(poll)
 
-        watchers = [
-            threading.Thread(target=watch, args=(h,), daemon=True) for h in hosts
-        ]
+        watchers = [threading.Thread(target=watch, args=(h,), daemon=True) for h in hosts]
         for w in watchers:
             w.start()
         last_report = t0
@@ -369,9 +347,7 @@ def real_agents(
                     break
                 dead = _dead(hosts)
                 if dead:
-                    result["error"] = (
-                        f"{len(dead)} agent(s) exited, e.g. {dead[0].name}:\n{_log_tail(dead[0])}"
-                    )
+                    result["error"] = f"{len(dead)} agent(s) exited, e.g. {dead[0].name}:\n{_log_tail(dead[0])}"
                     break
                 if time.monotonic() - last_report >= 10:
                     last_report = time.monotonic()
@@ -385,26 +361,14 @@ def real_agents(
             for w in watchers:
                 w.join(15)
 
-        cpu = {
-            h.name: (_cpu_seconds(h.agent.pid) or 0.0) - cpu0[h.name]
-            for h in hosts
-            if h.agent is not None
-        }
-        result["all_apis_up_s"] = (
-            round(max(api_up.values()), 2) if len(api_up) == n else None
-        )
-        result["all_know_all_s"] = (
-            round(max(knows_all.values()), 2) if len(knows_all) == n else None
-        )
-        result["full_mesh_s"] = (
-            round(max(meshed.values()), 2) if len(meshed) == n else None
-        )
+        cpu = {h.name: (_cpu_seconds(h.agent.pid) or 0.0) - cpu0[h.name] for h in hosts if h.agent is not None}
+        result["all_apis_up_s"] = round(max(api_up.values()), 2) if len(api_up) == n else None
+        result["all_know_all_s"] = round(max(knows_all.values()), 2) if len(knows_all) == n else None
+        result["full_mesh_s"] = round(max(meshed.values()), 2) if len(meshed) == n else None
         result["agents_knowing_all"] = len(knows_all)
         result["agents_fully_connected"] = len(meshed)
         if result["all_know_all_s"] is not None and result["all_apis_up_s"] is not None:
-            result["know_all_after_last_api_s"] = round(
-                result["all_know_all_s"] - result["all_apis_up_s"], 2
-            )
+            result["know_all_after_last_api_s"] = round(result["all_know_all_s"] - result["all_apis_up_s"], 2)
 
         if "error" not in result:
             connections = 0
@@ -412,17 +376,11 @@ def real_agents(
             for h in hosts:
                 with contextlib.suppress(ApiError):
                     status = _client(h).status()
-                    connections += sum(
-                        1 for c in status["connections"] if c["state"] == "established"
-                    )
+                    connections += sum(1 for c in status["connections"] if c["state"] == "established")
                     text = _client(h).request("GET", "/metrics")
-                    gossip_out.append(
-                        metric_value(text, "weft_gossip_bytes", direction="out")
-                    )
+                    gossip_out.append(metric_value(text, "weft_gossip_bytes", direction="out"))
             result["connections"] = connections // 2
-            result["gossip_bytes_out_per_agent"] = (
-                round(sum(gossip_out) / len(gossip_out)) if gossip_out else None
-            )
+            result["gossip_bytes_out_per_agent"] = round(sum(gossip_out) / len(gossip_out)) if gossip_out else None
 
         rss = {h.name: _rss_kib(h.agent.pid) for h in hosts if h.agent is not None}
         known = [v for v in rss.values() if v is not None]
@@ -430,9 +388,7 @@ def real_agents(
         result["rss_max_kib"] = max(known) if known else None
         result["rss_mean_kib"] = round(sum(known) / len(known)) if known else None
         if result["rss_h1_kib"] and result["rss_alone_kib"]:
-            result["rss_h1_ratio_to_alone"] = round(
-                result["rss_h1_kib"] / result["rss_alone_kib"], 2
-            )
+            result["rss_h1_ratio_to_alone"] = round(result["rss_h1_kib"] / result["rss_alone_kib"], 2)
         result["cpu_s_h1"] = round(cpu[h1.name], 2)
         result["cpu_s_mean"] = round(sum(cpu.values()) / len(cpu), 2)
         result["cpu_s_total"] = round(sum(cpu.values()), 1)

@@ -77,20 +77,10 @@ def _fmt(value: object, unit: str = "") -> str:
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    lines = [
-        "  ".join(
-            h.rjust(w) if i else h.ljust(w)
-            for i, (h, w) in enumerate(zip(headers, widths, strict=True))
-        )
-    ]
+    lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(headers, widths, strict=True)))]
     lines.append("  ".join("-" * w for w in widths))
     for r in rows:
-        lines.append(
-            "  ".join(
-                c.rjust(w) if i else c.ljust(w)
-                for i, (c, w) in enumerate(zip(r, widths, strict=True))
-            )
-        )
+        lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
     return "\n".join(lines)
 
 
@@ -99,9 +89,7 @@ def _kib_to_mib(kib: int | None) -> float | None:
 
 
 def print_sim(results: list[dict]) -> None:
-    print(
-        "\nSimulator: chain of strangers (each peer told of one earlier peer), 10 ms links, discovery off"
-    )
+    print("\nSimulator: chain of strangers (each peer told of one earlier peer), 10 ms links, discovery off")
     rows = []
     for r in results:
         rows.append(
@@ -122,9 +110,7 @@ def print_sim(results: list[dict]) -> None:
             rows,
         )
     )
-    print(
-        "\nOne change after convergence (bytes every peer sends on average, until the mesh is quiet again)"
-    )
+    print("\nOne change after convergence (bytes every peer sends on average, until the mesh is quiet again)")
     rows = []
     for r in results:
         for key, label in (("join", "a peer joins"), ("new_link", "a new link")):
@@ -134,8 +120,7 @@ def print_sim(results: list[dict]) -> None:
             rows.append(
                 [
                     f"{r['peers']:,} peers, {label}",
-                    _fmt(c["settled_s"], " s")
-                    + ("" if c["views_current"] else " (views NOT current)"),
+                    _fmt(c["settled_s"], " s") + ("" if c["views_current"] else " (views NOT current)"),
                     _fmt(c["extra_messages"]),
                     _fmt(c["changes"]),
                     _fmt(c["extra_bytes_per_peer"], " B"),
@@ -166,18 +151,14 @@ SCENARIOS = {
 
 def print_agents(r: dict) -> None:
     scenario = r.get("scenario", "launch")
-    print(
-        f"\nReal agents in network namespaces, encrypted: {r.get('agents', '?')} agents, {SCENARIOS[scenario]}"
-    )
+    print(f"\nReal agents in network namespaces, encrypted: {r.get('agents', '?')} agents, {SCENARIOS[scenario]}")
     if "skipped" in r:
         print(f"  skipped: {r['skipped']}")
         return
     if "error" in r:
         print(f"  ERROR: {r['error']}")
     n = r["agents"]
-    start = (
-        "the launch of h2..hN" if scenario == "launch" else "`weft connect` to h2..hN"
-    )
+    start = "the launch of h2..hN" if scenario == "launch" else "`weft connect` to h2..hN"
     rows = [
         [
             f"{scenario}: h2..h{n} launched / told (wall clock)",
@@ -236,8 +217,7 @@ def _datapath_table_row(r: dict) -> list[str]:
         _fmt(r.get("ratio_to_baseline_1"), "x"),
         f"{_ms(r.get('rtt_min_ms'))} / {_ms(r.get('rtt_avg_ms'))}",
         _ms(r.get("rtt_added_ms")),
-        " / ".join(f"{name} {v:.0f}%" for name, v in cpu.items() if v is not None)
-        or "-",
+        " / ".join(f"{name} {v:.0f}%" for name, v in cpu.items() if v is not None) or "-",
     ]
 
 
@@ -280,9 +260,7 @@ def print_datapath(report: dict) -> None:
             print(f"\n  {r['scenario']} FAILED: {r['failed']}")
             for host, tail in (r.get("log_tail") or {}).items():
                 print(f"    {host} agent log (end):")
-                print(
-                    "\n".join(f"      {line[:160]}" for line in tail.splitlines()[-8:])
-                )
+                print("\n".join(f"      {line[:160]}" for line in tail.splitlines()[-8:]))
     print("\nTargets (figures only: nothing fails on them)")
     rows = [
         [
@@ -335,9 +313,7 @@ def print_restart(report: dict) -> None:
         [
             "h1->h3 flow (not restarted): lost / longest gap",
             *(
-                "-"
-                if "failed" in r
-                else f"{r['flow_h1_h3']['lost']} / {_fmt(r['flow_h1_h3']['longest_gap'], ' s')}"
+                "-" if "failed" in r else f"{r['flow_h1_h3']['lost']} / {_fmt(r['flow_h1_h3']['longest_gap'], ' s')}"
                 for r in variants.values()
             ),
         ]
@@ -355,11 +331,7 @@ def print_restart(report: dict) -> None:
         [
             f"target: longest gap <= {report['target_gap_s']:g} s (max)",
             *(
-                "-"
-                if "failed" in r
-                else "yes"
-                if r["summary"]["gap_s"]["max"] <= report["target_gap_s"]
-                else "NO"
+                "-" if "failed" in r else "yes" if r["summary"]["gap_s"]["max"] <= report["target_gap_s"] else "NO"
                 for r in variants.values()
             ),
         ]
@@ -426,16 +398,13 @@ def print_ipam(report: dict) -> None:
     if "skipped" in agents or "error" in agents:
         print(f"  real agents: {agents.get('skipped') or agents.get('error')}")
 
-    print(
-        "\nIPAM: ring gossip for one allocation (bytes every peer sends on average, until the mesh is quiet)"
-    )
+    print("\nIPAM: ring gossip for one allocation (bytes every peer sends on average, until the mesh is quiet)")
     rows = []
     for g in report.get("gossip", []):
         seeded = "all" if g["seed_peers"] == g["peers"] else f"{g['seed_peers']}"
         rows.append(
             [
-                f"{g['peers']:,} peers, seeded by {seeded}"
-                + (", each with space" if g["grown"] else ""),
+                f"{g['peers']:,} peers, seeded by {seeded}" + (", each with space" if g["grown"] else ""),
                 _fmt(g["ring_tokens"]),
                 _fmt(g["messages"]),
                 _fmt(g["ipam_bytes_per_peer"], " B"),
@@ -632,25 +601,19 @@ def _sigterm_as_interrupt(signum: int, frame: object) -> None:
 def main() -> int:
     # SIGTERM (a cancelled job) unwinds like Ctrl-C, so the lab still removes its namespaces and agents.
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--sim-sizes",
         default="100,300,1000",
         help="simulated mesh sizes, comma-separated ('' to skip)",
     )
-    parser.add_argument(
-        "--agents", type=int, default=50, help="real agents in namespaces (0 to skip)"
-    )
+    parser.add_argument("--agents", type=int, default=50, help="real agents in namespaces (0 to skip)")
     parser.add_argument(
         "--scenarios",
         default="launch,connect",
         help=f"real-agent scenarios, comma-separated: {', '.join(SCENARIOS)}",
     )
-    parser.add_argument(
-        "--output", type=Path, default=RESULTS / "mesh.json", help="mesh JSON"
-    )
+    parser.add_argument("--output", type=Path, default=RESULTS / "mesh.json", help="mesh JSON")
     parser.add_argument(
         "--datapath",
         action=argparse.BooleanOptionalAction,
@@ -672,8 +635,7 @@ def main() -> int:
     parser.add_argument(
         "--datapath-scenarios",
         default=",".join(datapath.SCENARIOS),
-        help="data-path scenarios, comma-separated: "
-        + "; ".join(f"{k}: {v}" for k, v in datapath.SCENARIOS.items()),
+        help="data-path scenarios, comma-separated: " + "; ".join(f"{k}: {v}" for k, v in datapath.SCENARIOS.items()),
     )
     parser.add_argument(
         "--datapath-timeout",
@@ -733,9 +695,7 @@ def main() -> int:
         default=True,
         help="the IPAM figures of real agents in namespaces (needs root)",
     )
-    parser.add_argument(
-        "--ipam-output", type=Path, default=RESULTS / "ipam.json", help="IPAM JSON"
-    )
+    parser.add_argument("--ipam-output", type=Path, default=RESULTS / "ipam.json", help="IPAM JSON")
     parser.add_argument(
         "--dns-bench",
         action=argparse.BooleanOptionalAction,
@@ -767,8 +727,7 @@ def main() -> int:
             r = mesh.sim_convergence(n)
             report["sim"].append(r)
             failed |= not r["converged"] or any(
-                not r.get(k, {}).get("views_current", True)
-                for k in ("join", "new_link")
+                not r.get(k, {}).get("views_current", True) for k in ("join", "new_link")
             )
         print_sim(report["sim"])
 
@@ -776,13 +735,9 @@ def main() -> int:
         report["agents"] = {}
         for scenario in [s.strip() for s in args.scenarios.split(",") if s.strip()]:
             print(f"\nstarting {args.agents} real agents ({scenario}) ...", flush=True)
-            r = mesh.real_agents(
-                args.agents, scenario=scenario, log=lambda line: print(line, flush=True)
-            )
+            r = mesh.real_agents(args.agents, scenario=scenario, log=lambda line: print(line, flush=True))
             report["agents"][scenario] = r
-            failed |= "error" in r or (
-                "skipped" not in r and r.get("all_know_all_s") is None
-            )
+            failed |= "error" in r or ("skipped" not in r and r.get("all_know_all_s") is None)
             print_agents(r)
 
     if sizes or args.agents:
@@ -798,9 +753,7 @@ def main() -> int:
             log=lambda line: print(line, flush=True),
         )
         print_datapath(dp)
-        _write(
-            args.datapath_output, {**{k: report[k] for k in ("when", "machine")}, **dp}
-        )
+        _write(args.datapath_output, {**{k: report[k] for k in ("when", "machine")}, **dp})
         failed |= any("failed" in r for r in dp["scenarios"].values())
 
     if args.restart and args.restart_runs > 0:
