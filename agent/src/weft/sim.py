@@ -40,6 +40,7 @@ class SimConn:
         self.remote_ip: str | None = None  # no socket, no data path
         self.data_keys = None
         self.secret = None
+        self.caps: frozenset[str] = frozenset()
         self.info = "simulated"
         self.other: SimConn | None = None
         self.closed = False

@@ -35,6 +35,7 @@ class FakeConn:
         self.remote_ip: str | None = None
         self.data_keys = None
         self.secret = None
+        self.caps: frozenset[str] = frozenset()
         self.info = "fake"
         self.sender = GossipSender(lambda: None)
         self.closed: str | None = None

@@ -438,7 +438,7 @@ class DataPlane:
                 # The kernel sent to it fast when we started: both runs trusted each other then. Held until
                 # its first heartbeat, like a restart of the peer (PathState.resumed).
                 held_trust=ip in self._adopted_fast,
-                e2e="e2e" in getattr(conn, "caps", ()),
+                e2e="e2e" in conn.caps,
             )
             if st is not None and st.ip == ip:
                 # New keys, same paths: keep the evidence so traffic does not stop until the next heartbeat.
@@ -446,7 +446,7 @@ class DataPlane:
                     now, keys=fresh.keys, epoch=fresh.epoch, remote_uid=conn.remote.uid, hold=self.dead + self.interval
                 )
                 fresh.we_trust, fresh.route_mtu = trusted(ip, self.trusted), route_mtu
-                fresh.e2e = "e2e" in getattr(conn, "caps", ())
+                fresh.e2e = "e2e" in conn.caps
             self.paths[name] = fresh
             self.paths[name].choose(now, self.dead, self.config.mtu, self.config.vxlan_port, self.udp_port)
             self._hello.add(name)

@@ -41,6 +41,7 @@ class Conn(Protocol):
     remote_ip: str | None  # the underlay address the socket sees (None where there is no socket: the simulator)
     data_keys: SessionKeys | None  # the data path's keys for this link (None without a secret)
     secret: bytes | None  # the mesh secret the session was keyed with (None without one)
+    caps: frozenset[str]  # what the peer reads beyond its protocol version (handshake.CAPABILITIES)
 
     @property
     def info(self) -> str:
