@@ -191,10 +191,12 @@ def flows(src: Node, dst: Node, count: int, size: int) -> list[bytes]:
     return out
 
 
-def test_two_workers_each_carry_traffic_and_every_frame_arrives() -> None:
+@pytest.mark.parametrize("count", [4, 64])
+def test_two_workers_each_carry_traffic_and_every_frame_arrives(count: int) -> None:
+    """Even four flows spread over both workers: flow slots take flow bytes in turn."""
     with mesh() as m:
         a, b = pair(m, workers=2)
-        sent = flows(a, b, 64, 9000)
+        sent = [f for _ in range(64 // count) for f in flows(a, b, count, 9000)]
         got = receive(b, len(sent), timeout=10)
         assert sorted(got) == sorted(sent)
         tx = [w["tx"] for w in a.sleeve.worker_bytes()]
@@ -289,6 +291,26 @@ def test_the_replay_window_accepts_each_counter_once_whatever_the_threads() -> N
         t.join()
     assert len(accepted) == len(set(accepted))  # never twice
     assert set(range(5000 - wire.ReplayWindow.SIZE, 5000)) <= set(accepted)  # the newest are never lost
+
+
+def test_flow_keys_tell_flows_apart_and_keep_one_flow_together() -> None:
+    from weft.datapath.sleeve import flow_key
+    from weft.datapath.wire import ILEN
+
+    def key(frame: bytes) -> bytes:
+        return flow_key(memoryview(bytes(ILEN) + frame))
+
+    a = udp_frame(1, 2, b"x", sport=1000)
+    assert key(a) == key(udp_frame(1, 2, b"other payload", sport=1000))
+    assert key(a) != key(udp_frame(1, 2, b"x", sport=1001)) and key(a) != key(udp_frame(1, 3, b"x", sport=1000))
+    icmp_frame = bytearray(a)
+    icmp_frame[VNET_HDR.size + 14 + 9] = 1  # ICMP: no ports, so a ping's changing checksum is not a new flow
+    assert key(bytes(icmp_frame)) == a[VNET_HDR.size + 26 : VNET_HDR.size + 34]
+    arp = VNET_HDR.pack(0, 0, 0, 0, 0, 0) + BROADCAST_MAC + mac_of(1) + b"\x08\x06" + bytes(28)
+    assert key(arp) == b""
+    v6 = VNET_HDR.pack(0, 0, 0, 0, 0, 0) + mac_of(2) + mac_of(1) + b"\x86\xdd"
+    v6 += struct.pack("!IHBB", 6 << 28, 8, 17, 64) + bytes(15) + b"\x01" + bytes(15) + b"\x02"
+    assert key(v6 + struct.pack("!HHHH", 1, 2, 8, 0)) != key(v6 + struct.pack("!HHHH", 1, 3, 8, 0))
 
 
 def test_the_sleeve_refuses_mismatched_descriptors() -> None:

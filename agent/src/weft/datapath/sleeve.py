@@ -267,6 +267,8 @@ class Sleeve:
         self._control_lock = threading.Lock()
         self._control_stats = SleeveStats()  # what the control sends sent and failed to send (under _control_lock)
         self._msgid = itertools.count(int.from_bytes(os.urandom(3)))  # random start: no clash with stale partials
+        self._flow_slots = [-1] * 256  # flow slot -> flow byte (worker._flow_byte)
+        self._flow_next = itertools.count()
         self._taps = list(taps)
         self._socks = list(socks)
         self._sock: socket.socket | None = self._socks[0]  # control messages and probes leave by the first
@@ -470,6 +472,7 @@ class _Worker:
         self._on_probe = sleeve._on_probe
         self._on_pair_control = sleeve._on_pair_control
         self._msgid = sleeve._msgid  # shared: message ids stay unique per sender whichever worker sends
+        self._flow_slots, self._flow_next = sleeve._flow_slots, sleeve._flow_next  # shared: see _flow_byte
         self._tables = sleeve._tables  # replaced by Sleeve.update
         self._rt = self._tables  # the tables of the batch being handled
         self._tap_fd = tap_fd
@@ -727,7 +730,7 @@ class _Worker:
         pst.sealer.encrypt_into(nonce, plain, None, view[E2E_NLEN : E2E_NLEN + m + TAG])
         size = st.dsize if st.dsize < pst.dsize else pst.dsize
         sealed = view[: E2E_NLEN + m + TAG]
-        self._send_segments(sealed, pst.route, st.addr, size, _SLEEVE_TX, E2E_HEADER, E2E_MAGIC, flow_byte(plain))
+        self._send_segments(sealed, pst.route, st.addr, size, _SLEEVE_TX, E2E_HEADER, E2E_MAGIC, self._flow_byte(plain))
 
     def _send_plain(self, st: _LinkState, plain: memoryview, path: tuple[str, str]) -> None:
         """Seal ``plain`` (inner header + payload) for the link ``st`` and send it."""
@@ -741,7 +744,17 @@ class _Worker:
         else:
             st.sealer.encrypt_into(NONCE.pack(counter), plain, None, view[CLEN : CLEN + m + TAG])
             msg = view[: CLEN + m + TAG]
-        self._send_message(st, msg, path, flow_byte(plain))
+        self._send_message(st, msg, path, self._flow_byte(plain))
+
+    def _flow_byte(self, plain: memoryview) -> int:
+        """The flow byte of a frame's message: the receiver steers by it, so one flow's messages reach one worker
+        and stay in order (as a NIC's RSS keeps them) while flows spread. Flows hash to one of 256 slots, and each
+        slot takes the next byte in turn when first used: a few flows spread evenly, not as a coin falls."""
+        slot = hash(flow_key(plain)) & 0xFF
+        flow = self._flow_slots[slot]
+        if flow < 0:
+            flow = self._flow_slots[slot] = next(self._flow_next) & 0xFF
+        return flow
 
     def _send_message(self, st: _LinkState, msg: memoryview, path: tuple[str, str], flow: int = 0) -> None:
         msgid = ((next(self._msgid) << 8) | flow) & _MSGID_MASK
@@ -942,17 +955,23 @@ def _one_route(view: memoryview, n: int, gso: int, last: int, route: bytes) -> b
     return all(view[off + 1 : off + 13] == route for off in range(gso, last, gso))
 
 
-def flow_byte(plain: memoryview) -> int:
-    """A byte that is the same for every frame of one flow (IP addresses and the 4 bytes after a plain IPv4
-    header, or IPv6's, i.e. the ports), 0 for what is not IP. It goes into the msgid, and the receiver steers by
-    it: a flow's messages reach one worker and stay in order, as a NIC's RSS keeps them; flows spread."""
+_PORTS = frozenset({6, 17, 132})  # TCP, UDP, SCTP: the 4 bytes after the IP header are the ports
+
+
+def flow_key(plain: memoryview) -> bytes:
+    """What is the same for every frame of one flow and differs between flows: the IP addresses, and the ports for
+    TCP, UDP and SCTP. Empty for what is not IP (ARP and the like: one flow)."""
     eth = ILEN + VNET_LEN
+    ip = eth + ETH_LEN
     n = len(plain)
-    if n < eth + ETH_LEN + 24:
-        return 0
     kind = plain[eth + 12 : eth + 14]
-    if kind == b"\x08\x00":
-        return hash(plain[eth + 26 : eth + 38].tobytes()) & 0xFF
-    if kind == b"\x86\xdd" and n >= eth + ETH_LEN + 44:
-        return hash(plain[eth + 22 : eth + 58].tobytes()) & 0xFF
-    return 0
+    if kind == b"\x08\x00" and n >= ip + 20:
+        ports = ip + (plain[ip] & 0x0F) * 4
+        if plain[ip + 9] in _PORTS and n >= ports + 4:
+            return plain[ip + 12 : ip + 20].tobytes() + plain[ports : ports + 4].tobytes()
+        return plain[ip + 12 : ip + 20].tobytes()
+    if kind == b"\x86\xdd" and n >= ip + 40:
+        if plain[ip + 6] in _PORTS and n >= ip + 44:
+            return plain[ip + 8 : ip + 44].tobytes()
+        return plain[ip + 8 : ip + 40].tobytes()
+    return b""
