@@ -1,7 +1,7 @@
 """The sleeve end to end: hosts in namespaces (bridge + persistent TAP + one container each) joined by an underlay
 of veth pairs, each host running tests/harness/sleeve_driver.py. Also a manual benchmark:
 
-    python tests/netns/test_sleeve_netns.py bench [--plain] [--hosts 3] [--seconds 10] [--ulseg]
+    python tests/netns/test_sleeve_netns.py bench [--plain] [--hosts 3] [--seconds 10] [--ulseg] [--workers 2]
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ class Net:
             for cmd in (
                 ["link", "add", "name", "weft", "type", "bridge"],
                 ["link", "set", "weft", "up"],
-                ["tuntap", "add", "dev", "sleeve0", "mode", "tap"],
+                ["tuntap", "add", "dev", "sleeve0", "mode", "tap", "multi_queue"],
                 ["link", "set", "sleeve0", "mtu", str(MTU), "master", "weft", "up"],
                 ["link", "set", "dev", "sleeve0", "type", "bridge_slave", "learning", "off"],
                 ["link", "add", "name", "vc", "type", "veth", "peer", "name", "eth0", "netns", c],
@@ -490,6 +490,7 @@ def bench(argv: list[str]) -> None:
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--datagram-size", type=int, default=1472)
     ap.add_argument("--iperf-args", default="")
+    ap.add_argument("--workers", type=int, default=1, help="forwarding workers per sleeve")
     ap.add_argument("--ulseg", action="store_true", help="segment UDP in software on the underlay, GRO on receive")
     ap.add_argument("--e2e", action="store_true", help="end-to-end keys between hosts that are not neighbours")
     args = ap.parse_args(argv)
@@ -505,7 +506,7 @@ def bench(argv: list[str]) -> None:
                 for dev in h.addrs:
                     h.in_host(sys.executable, "-c", ETHTOOL, f"ul{dev}", "rx-gro=on", *off)
         for h in hosts:
-            n.start(h, keys=not args.plain, datagram_size=args.datagram_size, e2e=args.e2e)
+            n.start(h, keys=not args.plain, datagram_size=args.datagram_size, e2e=args.e2e, workers=args.workers)
         src, dst = hosts[0], hosts[-1]
         ping(src, dst, 3)  # ARP, warm caches
         print("idle", src.in_container("ping", "-c", "100", "-i", "0.01", "-q", dst.ip).strip().splitlines()[-1])
@@ -520,7 +521,7 @@ def bench(argv: list[str]) -> None:
             relayed = sum(s["bytes"][f"{p}/tx"] - before[h.index][1][f"{p}/tx"] for p in ("relay", "transit"))
             per_mb = f", {1e3 * cpu / (relayed / 1e6):.3f} ms CPU per MB relayed" if relayed > 1e6 else ""
             print(f"h{h.index}: {cpu:.2f} s CPU, {relayed / 1e6:.1f} MB relayed{per_mb}")
-            print(f"h{h.index}", json.dumps({"bytes": s["bytes"], "dropped": s["dropped"]}))
+            print(f"h{h.index}", json.dumps({"bytes": s["bytes"], "dropped": s["dropped"], "workers": s["workers"]}))
     finally:
         n.close()
 
