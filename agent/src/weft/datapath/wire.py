@@ -48,6 +48,8 @@ ILEN = INNER.size
 CLEN = COUNTER.size
 TAG = 16
 CONTROL_LEN = struct.Struct(">H")
+IDX_FROM_END = 4  # idx, cnt and csize end both headers: segment_into writes idx at a stride, this far from the end
+_INDEXES = bytes(range(256))
 
 FRAME, BROADCAST, CONTROL = 1, 2, 3
 
@@ -89,27 +91,26 @@ def segment_into(
     magic: int = MAGIC,
 ) -> int:
     """Lay ``msg`` out in ``out`` as consecutive datagrams (header + chunk) of ``datagram_size``; return the total
-    length, or -1 if it would need more than MAX_SEGMENTS datagrams. One copy, no allocation per chunk. ``hop`` is
-    the header's address field: the sender (HEADER) or origin|dst (E2E_HEADER)."""
+    length, or -1 if it would need more than MAX_SEGMENTS datagrams. ``hop`` is the header's address field: the
+    sender (HEADER) or origin|dst (E2E_HEADER).
+
+    The header of index 0 joins the chunks in one C call, and one strided assignment then writes every datagram's
+    index: a Python loop over the chunks cost as much as sealing the message, all of it holding the GIL."""
     hlen = header.size
     csize = datagram_size - hlen
     length = len(msg)
     cnt = -(-length // csize)
     if cnt > MAX_SEGMENTS or csize <= 0:
         return -1
-    pack = header.pack_into
-    off = src = 0
-    for i in range(cnt):
-        pack(out, off, magic, hop, msgid, i, cnt, csize)
-        off += hlen
-        end = src + csize
-        if end > length:
-            end = length
-        n = end - src
-        out[off : off + n] = msg[src:end]
-        off += n
-        src = end
-    return off
+    first = header.pack(magic, hop, msgid, 0, cnt, csize)
+    total = length + cnt * hlen
+    out[:hlen] = first
+    if cnt == 1:
+        out[hlen:total] = msg
+        return total
+    out[hlen:total] = first.join([msg[src : src + csize] for src in range(0, length, csize)])
+    out[hlen - IDX_FROM_END : total : datagram_size] = _INDEXES[:cnt]
+    return total
 
 
 class ReplayWindow:
@@ -310,10 +311,8 @@ class Reassembler:
 def _gather(
     out: bytearray, dst: int, view: memoryview, start: int, k: int, step: int, csize: int, end: int, hlen: int
 ) -> None:
-    """Copy the chunks of ``k`` datagrams (headers of ``hlen`` bytes skipped) to ``out[dst:]``."""
-    src = start + hlen
-    for _ in range(k - 1):
-        out[dst : dst + csize] = view[src : src + csize]
-        dst += csize
-        src += step
-    out[dst : dst + end - src] = view[src:end]
+    """Copy the chunks of ``k`` datagrams (headers of ``hlen`` bytes skipped) to ``out[dst:]``: joined in one C
+    call."""
+    view = view[:end]
+    data = b"".join([view[src : src + csize] for src in range(start + hlen, end, step)])
+    out[dst : dst + len(data)] = data
