@@ -194,6 +194,10 @@ def run(*, seconds: float = 5.0, runs: int = 3, counts: tuple[int, ...] = (1, 2)
                     "gbps_max": max(r["gbps"] for r in rows),
                     "x_first": round(med / base, 2) if base else None,
                     "cpu_pct": statistics.median(r["cpu_pct"] for r in rows),
+                    # What one fully busy core would carry: the cost, whatever share of the CPUs the run got.
+                    "gbps_per_core": round(
+                        statistics.median(r["gbps"] / r["cpu_pct"] * 100 for r in rows if r["cpu_pct"]), 2
+                    ),
                     "pss_mib": round(statistics.median(r["pss_kb"] for r in rows) / 1024, 1),
                     "uss_mib_per_process": round(statistics.median(uss) / 1024, 1) if uss else None,
                 }
@@ -207,13 +211,13 @@ def print_table(report: dict) -> None:
         f"\nSleeve workers as threads or processes (send path, in one process, {report['seconds']:g} s x"
         f" {report['runs']} runs, medians); load average {load0} before, {load1} after ({os.cpu_count()} CPUs)"
     )
-    head = f"  {'mode':10} {'workers':>7} {'Gb/s':>6} {'range':>11} {'x 1':>5} {'CPU %':>6}"
+    head = f"  {'mode':10} {'workers':>7} {'Gb/s':>6} {'range':>11} {'x 1':>5} {'CPU %':>6} {'Gb/s/core':>9}"
     print(head + f" {'PSS MiB':>8} {'USS MiB/process':>15}")
     for t in report["table"]:
         uss = "-" if t["uss_mib_per_process"] is None else f"{t['uss_mib_per_process']:.1f}"
         print(
             f"  {t['mode']:10} {t['workers']:>7} {t['gbps']:>6.2f} {t['gbps_min']:>5.2f}-{t['gbps_max']:<5.2f}"
-            f" {t['x_first']:>5.2f} {t['cpu_pct']:>6.0f} {t['pss_mib']:>8.1f} {uss:>15}"
+            f" {t['x_first']:>5.2f} {t['cpu_pct']:>6.0f} {t['gbps_per_core']:>9.2f} {t['pss_mib']:>8.1f} {uss:>15}"
         )
 
 
