@@ -1,6 +1,6 @@
 """Forwarding workers as threads or as processes: what each gains on this machine, and what it costs in memory.
 
-Runs the sleeve's real send path in one process without root (the seam of agent/tests/sleevemesh.py): feeders
+Runs the sleeve's real send path in one process without root (the seam of agent/tests/harness/sleevemesh.py): feeders
 write 64 KiB GSO-sized frames into socketpair "TAP queues" as the kernel would, the workers seal them with
 ChaCha20-Poly1305, cut them into 1472-byte datagrams and send them with UDP_SEGMENT to a loopback socket that
 reads nothing (the kernel drops what does not fit, so sends never wait). Only the sending side is measured: the
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "agent" / "tests"))
+sys.path.insert(0, str(REPO / "agent" / "tests" / "harness"))
 
 from sleevemesh import LOOPBACK, Kernel, link_keys, mac_of, udp_frame  # noqa: E402
 from weft.datapath.sleeve import Forwarding, Link, Sleeve  # noqa: E402
