@@ -46,6 +46,8 @@ def streams(src: Container, dst: Container, size: int, *, base_port: int, n: int
 
 def test_two_workers_carry_four_streams_intact_and_refuse_every_replay(lab: Lab) -> None:
     h1, h2 = lab(2)
+    for h in (h1, h2):  # no IPv6 chatter (router solicitations, MLD) crossing while replays must deliver nothing
+        h.exec("sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
     # What a release before the workers left on h2: a single-queue TAP, which takes one worker only.
     h2.exec("ip", "tuntap", "add", "dev", "weft-tap", "mode", "tap", "vnet_hdr")
     for h in (h1, h2):
@@ -58,6 +60,8 @@ def test_two_workers_carry_four_streams_intact_and_refuse_every_replay(lab: Lab)
     wait_paths(h1, {"h2": "sleeve"})
     wait_paths(h2, {"h1": "sleeve"})
     c1, c2 = h1.add_container("10.32.1.1/16"), h2.add_container("10.32.2.1/16")
+    for c in (c1, c2):
+        c.exec("sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1")
     wait_until(lambda: c1.ping(c2), timeout=20, message="no ping across")
 
     # Every datagram h1's workers send during a 4-stream transfer, captured on h1's underlay interface.
