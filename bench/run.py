@@ -9,8 +9,9 @@ restart.json, ipam.json, dns.json).
 
 The data-path part measures TCP throughput (iperf3, 1 and 4 streams) and ping RTT (100 x 10 ms) from a
 container on h1 to one on another host: over plain routed veth (the baseline, no agent), then over weft's
-fast (kernel VXLAN), encrypted (sleeve) and relayed (sleeve through h2) paths; medians of --datapath-runs runs.
-It prints the targets next to the figures.
+fast (kernel VXLAN), encrypted (sleeve, with one forwarding worker and with the default) and relayed (sleeve
+through h2) paths; medians of --datapath-runs runs, the agents' CPU per Gb/s, and the machine's load average
+(it is shared: the figures move with it). It prints the targets next to the figures.
 
 The restart part (bench/restart.py) measures the restart gap on the encrypted path: how long UDP traffic between
 containers stops while one agent is restarted as systemd does it (SIGTERM, exit, start), and where the time goes;
@@ -45,6 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import datapath
+import datapath_workers
 import ipam_sim
 import mesh
 import names
@@ -206,7 +208,7 @@ def _ms(value: float | None) -> str:
 
 def _datapath_table_row(r: dict) -> list[str]:
     if "failed" in r:
-        return [r["scenario"], "FAILED", *["-"] * 7]
+        return [r["scenario"], "FAILED", *["-"] * 9]
     cpu = r.get("agent_cpu_pct_1") or {}
     return [
         r["scenario"],
@@ -218,6 +220,8 @@ def _datapath_table_row(r: dict) -> list[str]:
         f"{_ms(r.get('rtt_min_ms'))} / {_ms(r.get('rtt_avg_ms'))}",
         _ms(r.get("rtt_added_ms")),
         " / ".join(f"{name} {v:.0f}%" for name, v in cpu.items() if v is not None) or "-",
+        _fmt(r.get("cpu_pct_per_gbps_1")),
+        _fmt(r.get("cpu_pct_per_gbps_4")),
     ]
 
 
@@ -246,7 +250,10 @@ def print_datapath(report: dict) -> None:
         "RTT min / avg ms",
         "added RTT (avg) ms",
         "agent CPU, 1 stream (% of a core)",
+        "agents' CPU % per Gb/s, 1 stream",
+        "4 streams",
     ]
+    print(f"  machine {report.get('load_before', '?')} before, {report.get('load_after', '?')} after")
     print(_table(headers, [_datapath_table_row(r) for r in results.values()]))
     for r in results.values():
         busy = r.get("machine_busy_before_pct")
@@ -752,7 +759,12 @@ def main() -> int:
             settle_timeout=args.datapath_timeout,
             log=lambda line: print(line, flush=True),
         )
+        print("\nsleeve workers: threads or processes ...", flush=True)
+        dp["workers"] = datapath_workers.run(
+            seconds=min(args.datapath_seconds, 5.0), runs=args.datapath_runs, log=lambda line: print(line, flush=True)
+        )
         print_datapath(dp)
+        datapath_workers.print_table(dp["workers"])
         _write(args.datapath_output, {**{k: report[k] for k in ("when", "machine")}, **dp})
         failed |= any("failed" in r for r in dp["scenarios"].values())
 

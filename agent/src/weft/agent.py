@@ -140,7 +140,9 @@ class Agent:
             self.dataplane = DataPlane(
                 c, self.router, self.metrics, encrypting=bool(self.secrets), secrets=lambda: self.secrets
             )
-            self.metrics.add_datapath(self.dataplane.byte_counts, self.dataplane.drop_counts)
+            self.metrics.add_datapath(
+                self.dataplane.byte_counts, self.dataplane.drop_counts, self.dataplane.worker_bytes
+            )
             self.transport.refusal_listeners.append(self.dataplane.address_refused)
 
         try:

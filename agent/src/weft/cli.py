@@ -80,6 +80,12 @@ def main(ctx: click.Context, api_socket: str) -> None:
 @click.option("--vxlan-port", type=int, help="UDP port of the kernel fast path (VXLAN). Default 6784.")
 @click.option("--mtu", type=int, help="Overlay MTU given to containers. Default 1376.")
 @click.option(
+    "--datapath-workers",
+    type=int,
+    help="Forwarding threads of the encrypted path, each on its own TAP queue and UDP socket (1-16). "
+    "Default: the number of cores, at most 4. Needs a restart to change.",
+)
+@click.option(
     "--trusted-subnet",
     "trusted_subnets",
     multiple=True,

@@ -8,6 +8,7 @@ it names files, and the files must be private (mode 0600).
 from __future__ import annotations
 
 import ipaddress
+import os
 import stat
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +27,8 @@ from weft.safetext import refuse_control
 DEFAULT_CONFIG = Path("/etc/weft/weft.yaml")
 ENV_PREFIX = "WEFT_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_MAX_WORKERS = 4  # the default number of sleeve workers is the cores this process may run on, up to this
+MAX_DATAPATH_WORKERS = 16
 
 
 class ConfigError(Exception):
@@ -53,6 +56,7 @@ class AgentConfig(BaseModel):
     vxlan_port: int = Field(6784, ge=1, le=65535)
     mtu: int = Field(1376, ge=576, le=9000)
     trusted_subnets: list[str] = Field(default_factory=list)
+    datapath_workers: int | None = Field(None, ge=1, le=MAX_DATAPATH_WORKERS)  # None: the cores, at most 4
     # Tuning; the defaults suit data centres and clouds alike.
     heartbeat_interval: float = Field(5.0, gt=0)
     read_timeout: float = Field(20.0, gt=0)
@@ -188,6 +192,12 @@ class AgentConfig(BaseModel):
         if value.lower() not in LOG_LEVELS:
             raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
         return value.lower()
+
+    def workers(self) -> int:
+        """The sleeve's forwarding workers: as configured, else one per core this process may use, at most 4."""
+        if self.datapath_workers is not None:
+            return self.datapath_workers
+        return max(1, min(DEFAULT_MAX_WORKERS, len(os.sched_getaffinity(0))))
 
     def listen_host_port(self) -> tuple[str, int]:
         return bind_address(self.listen)

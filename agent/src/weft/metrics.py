@@ -146,10 +146,13 @@ class Metrics:
         )
 
     def add_datapath(
-        self, byte_counts: Callable[[], dict[tuple[str, str], int]], drop_counts: Callable[[], dict[str, int]]
+        self,
+        byte_counts: Callable[[], dict[tuple[str, str], int]],
+        drop_counts: Callable[[], dict[str, int]],
+        worker_bytes: Callable[[], list[dict[str, int]]] = list,
     ) -> None:
-        """Export the data path's counters, which its thread keeps as plain integers."""
-        self.registry.register(_DatapathCollector(byte_counts, drop_counts))
+        """Export the data path's counters, which its threads keep as plain integers."""
+        self.registry.register(_DatapathCollector(byte_counts, drop_counts, worker_bytes))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -157,10 +160,14 @@ class Metrics:
 
 class _DatapathCollector:
     def __init__(
-        self, byte_counts: Callable[[], dict[tuple[str, str], int]], drop_counts: Callable[[], dict[str, int]]
+        self,
+        byte_counts: Callable[[], dict[tuple[str, str], int]],
+        drop_counts: Callable[[], dict[str, int]],
+        worker_bytes: Callable[[], list[dict[str, int]]],
     ) -> None:
         self._bytes = byte_counts
         self._drops = drop_counts
+        self._workers = worker_bytes
 
     def describe(self) -> list[Metric]:
         return []
@@ -178,3 +185,12 @@ class _DatapathCollector:
         for reason, value in sorted(self._drops().items()):
             dropped.add_metric([reason], value)
         yield dropped
+        workers = CounterMetricFamily(
+            "weft_datapath_worker_bytes",
+            "UDP bytes each sleeve worker sent and received (all paths; control sends aside)",
+            labels=["worker", "direction"],
+        )
+        for index, counts in enumerate(self._workers()):
+            for direction, value in sorted(counts.items()):
+                workers.add_metric([str(index), direction], value)
+        yield workers

@@ -2,7 +2,7 @@
 
     python sleeve_driver.py CONFIG.json
 
-CONFIG: {"ourself": 1, "tap": "sleeve0", "listen": ["0.0.0.0", 6783], "stats_file": "/tmp/h1.json",
+CONFIG: {"ourself": 1, "tap": "sleeve0", "listen": ["0.0.0.0", 6783], "workers": 1, "stats_file": "/tmp/h1.json",
          "links": [{"peer": 2, "addr": ["10.98.0.2", 6783], "keys": {"send": HEX, "receive": HEX} | null,
                     "datagram_size": 1472, "epoch": 1}],
          "next_hop": {"2": 2}, "sleeve_peers": [2], "bcast_children": {"1": [2], "2": []},
@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from weft.datapath.sleeve import Forwarding, Link, Pair, Sleeve, SleeveStats
+from weft.datapath.sleeve import Forwarding, Link, Pair, open_sleeve
 from weft.mesh.crypto import SessionKeys
 
 
@@ -82,14 +82,13 @@ def main() -> int:
     def on_probe(frame: bytes) -> None:
         probes[0] += 1
 
-    stats = SleeveStats()
-    sleeve = Sleeve(
+    sleeve = open_sleeve(
         cfg["ourself"],
         tap=cfg["tap"],
         listen=(cfg["listen"][0], cfg["listen"][1]),
+        workers=cfg.get("workers", 1),
         on_control=on_control,
         on_probe=on_probe,
-        stats=stats,
     )
     fwd = forwarding(cfg)
     sleeve.update(fwd)
@@ -100,12 +99,14 @@ def main() -> int:
     sent: list[dict[str, Any]] = []
 
     def dump() -> None:
+        stats = sleeve.totals()
         with lock:
             data = {
                 "seq": seq,
                 "pid": os.getpid(),
-                "bytes": {f"{p}/{d}": n for (p, d), n in dict(stats.bytes).items()},
-                "dropped": dict(stats.dropped),
+                "bytes": {f"{p}/{d}": n for (p, d), n in stats.bytes.items()},
+                "dropped": stats.dropped,
+                "workers": sleeve.worker_bytes(),
                 "control": list(controls),
                 "control_sent": list(sent),
                 "probes": probes[0],

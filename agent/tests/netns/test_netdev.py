@@ -7,6 +7,7 @@ another namespace (or an `unshare -n` process). Names carry a random token; tear
 from __future__ import annotations
 
 import dataclasses
+import errno
 import itertools
 import os
 import queue
@@ -206,6 +207,40 @@ def test_ensure_refuses_a_foreign_device(host: tuple[str, NetDev]) -> None:
         nd.ensure_bridge("notbr", MTU)
     with pytest.raises(NetDevError, match="does not exist"):
         nd.ensure_vxlan(VX, bridge="nobridge", vni=1, port=6784, mtu=MTU)
+
+
+def _open_queues(netns: str, n: int) -> str:
+    """Attach ``n`` queues to TAP as the sleeve does, in the namespace; "ok" or the error of the one that failed."""
+    code = (
+        "import sys\n"
+        "from weft.datapath.tap import open_tap\n"
+        "fds = []\n"
+        f"for _ in range({n}):\n"
+        "    try:\n"
+        f"        fds.append(open_tap({TAP!r}))\n"
+        "    except OSError as e:\n"
+        "        print(e.errno, e.strerror); sys.exit(0)\n"
+        "print('ok')\n"
+    )
+    return sh("ip", "netns", "exec", netns, sys.executable, "-c", code).strip()
+
+
+@netns_test
+def test_a_single_queue_tap_from_an_older_release_is_replaced_by_a_multi_queue_one(host: tuple[str, NetDev]) -> None:
+    name, nd = host
+    nd.ensure_bridge(BR, MTU)
+    sh("ip", "-n", name, "tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr")  # what earlier releases made
+    sh("ip", "-n", name, "link", "set", TAP, "master", BR, "up")
+    old = nd.link_index(TAP)
+    assert _open_queues(name, 2).startswith(f"{errno.EBUSY} ")  # one queue only: the workers could not attach
+
+    new = nd.ensure_tap(TAP, bridge=BR, mtu=MTU, multi_queue=True)
+    assert new != old
+    info = sh("ip", "-n", name, "-d", "link", "show", TAP)
+    assert "multi_queue" in info and "learning off" in info and "isolated on" in info and f"master {BR}" in info
+    assert f"mtu {MTU}" in info
+    assert _open_queues(name, 4) == "ok"
+    assert nd.ensure_tap(TAP, bridge=BR, mtu=MTU, multi_queue=True) == new  # and left alone from then on
 
 
 @netns_test

@@ -103,6 +103,9 @@ def test_discovery_can_be_switched_off_from_the_environment(tmp_path: Path, raw:
         ("", {"WEFT_DNS_UPSTREAM": "dns.example"}, {}, "dns_upstream"),  # a name would need DNS to be found
         ("dns_domain: 'weft..local'\n", {}, {}, "dns_domain"),
         ("dns_ttl: -1\n", {}, {}, "dns_ttl"),
+        ("datapath_workers: 0\n", {}, {}, "datapath_workers"),
+        ("", {"WEFT_DATAPATH_WORKERS": "17"}, {}, "datapath_workers"),
+        ("", {}, {"datapath_workers": "many"}, "datapath_workers"),
     ],
 )
 def test_a_bad_setting_is_a_config_error_naming_it(
@@ -209,3 +212,14 @@ def test_dns_settings_from_every_source(tmp_path: Path) -> None:
     assert config.dns_upstream == ["10.1.1.1:53", "10.1.1.2:5353"]
     assert config.dns_address == "169.254.1.1"
     assert load_config(None, {"WEFT_DNS": "off"}, {}).dns is False
+
+
+def test_datapath_workers_default_to_the_cores_up_to_four_and_can_be_set(tmp_path: Path) -> None:
+    import os
+
+    empty = write(tmp_path / "empty.yaml", "")
+    assert load_config(empty, {}, {}).workers() == min(4, len(os.sched_getaffinity(0)))
+    assert load_config(empty, {"WEFT_DATAPATH_WORKERS": "3"}, {}).workers() == 3
+    path = write(tmp_path / "weft.yaml", "datapath-workers: 2\n")
+    assert load_config(path, {}, {"datapath_workers": 1}).workers() == 1
+    assert load_config(path, {}, {}).workers() == 2

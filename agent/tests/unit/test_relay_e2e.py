@@ -330,24 +330,24 @@ class Host:
     def __init__(self, name: int) -> None:
         self.name = name
         self.controls: list[tuple[int, int, bytes]] = []
+        self.sock = open_udp(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.tap_r, tap_w = os.pipe()  # what the sleeve writes to its TAP comes out here
+        os.set_blocking(self.tap_r, False)
         self.sleeve = Sleeve(
             name,
-            tap="unused",
-            listen=("127.0.0.1", 0),
+            taps=[tap_w],
+            socks=[self.sock],
             on_control=lambda *a: None,
             on_probe=lambda f: None,
             on_pair_control=lambda peer, kid, payload: self.controls.append((peer, kid, payload)),
         )
-        self.sock = open_udp(("127.0.0.1", 0))
-        self.sock.setblocking(False)
-        self.sleeve._sock = self.sock
-        self.tap_r, self.sleeve._tap_fd = os.pipe()  # what the sleeve writes to its TAP comes out here
-        os.set_blocking(self.tap_r, False)
+        self.worker = self.sleeve.workers[0]  # driven by the test, without its thread
         self.addr = self.sock.getsockname()
 
     def drain(self) -> None:
-        self.sleeve._rt = self.sleeve._tables
-        self.sleeve._drain_udp()
+        self.worker._rt = self.worker._tables
+        self.worker._drain_udp()
 
     def tap_frames(self) -> bytes:
         try:
@@ -356,14 +356,11 @@ class Host:
             return b""
 
     def close(self) -> None:
-        self.sock.close()
+        self.sleeve.stop()  # closes the socket and the pipe's write end
         os.close(self.tap_r)
-        os.close(self.sleeve._tap_fd)
-        self.sleeve._tap_fd = -1
-        self.sleeve._sock = None
 
     def dropped(self) -> dict[str, int]:
-        return dict(self.sleeve.stats.dropped)
+        return self.sleeve.totals().dropped
 
 
 def link_keys(a: int, b: int) -> SessionKeys:
@@ -420,9 +417,9 @@ def send_frame(h: Host, payload: bytes) -> None:
     """What the TAP would hand the sleeve: a virtio header and an Ethernet frame from A's container to C's."""
     frame = bytes(VNET_LEN) + MAC_C + MAC_A + b"\x08\x00" + payload
     base = wire.CLEN + wire.ILEN
-    h.sleeve._tap_buf[base : base + len(frame)] = frame
-    h.sleeve._rt = h.sleeve._tables
-    h.sleeve._from_tap(len(frame))
+    h.worker._tap_buf[base : base + len(frame)] = frame
+    h.worker._rt = h.worker._tables
+    h.worker._from_tap(len(frame))
 
 
 def settle(*hosts: Host) -> None:
@@ -441,9 +438,9 @@ def test_the_middle_sleeve_passes_sealed_frames_on_unopened_and_the_far_end_open
     settle(b, c)
     assert c.tap_frames().endswith(payload)
     assert c.controls == [(A, 0x1234, b"hello from A")]
-    stats = b.sleeve.stats
+    stats = b.sleeve.totals()
     assert stats.bytes[("transit", "tx")] > 40_000 and stats.bytes[("relay", "tx")] == 0
-    assert b.sleeve._e2e_reasm.pending() == 0 and b.sleeve._recut_reasm.pending() == 0
+    assert b.worker._e2e_reasm.pending() == 0 and b.worker._recut_reasm.pending() == 0
     assert not b.dropped() and not c.dropped()
 
 
@@ -454,7 +451,7 @@ def test_a_relay_whose_next_link_is_smaller_cuts_again_without_opening(line) -> 
     send_frame(a, payload)
     settle(b, c)
     assert c.tap_frames().endswith(payload)
-    assert b.sleeve.stats.bytes[("transit", "tx")] > 20_000 and not c.dropped()
+    assert b.sleeve.totals().bytes[("transit", "tx")] > 20_000 and not c.dropped()
 
 
 def test_replayed_forged_and_foreign_datagrams_are_refused_and_counted(line) -> None:
@@ -489,9 +486,9 @@ def test_replayed_forged_and_foreign_datagrams_are_refused_and_counted(line) -> 
         unknown[7:13] = nb(0x0200000000FF)
         a.sock.sendto(bytes(unknown), b.addr)
         time.sleep(0.02)
-        sent_before = b.sleeve.stats.bytes[("transit", "tx")]
+        sent_before = b.sleeve.totals().bytes[("transit", "tx")]
         b.drain()
-        assert b.sleeve.stats.bytes[("transit", "tx")] == sent_before
+        assert b.sleeve.totals().bytes[("transit", "tx")] == sent_before
         assert b.dropped() == {"transit_unknown_sender": 1, "transit_no_route": 1}
         time.sleep(0.02)
         with pytest.raises(BlockingIOError):
@@ -512,10 +509,10 @@ def test_a_relay_passes_one_gro_buffer_with_both_forms_on_in_parts(line) -> None
     own = bytearray(len(e2e))
     own[0] = wire.MAGIC  # an old-form datagram of the same size from A (garbage: dropped as such)
     buf = bytearray(e2e + bytes(own) + e2e)
-    b.sleeve._rx_view[: len(buf)] = buf
-    b.sleeve._cur_addr = a.addr
-    b.sleeve._rt = b.sleeve._tables
-    b.sleeve._mixed(b.sleeve._rx_view, len(buf), len(e2e), bytes(buf[0 : len(buf) : len(e2e)]))
+    b.worker._rx_view[: len(buf)] = buf
+    b.worker._cur_addr = a.addr
+    b.worker._rt = b.worker._tables
+    b.worker._mixed(b.worker._rx_view, len(buf), len(e2e), bytes(buf[0 : len(buf) : len(e2e)]))
     time.sleep(0.02)
     assert c.sock.recvfrom(65536)[0] == e2e and c.sock.recvfrom(65536)[0] == e2e
     assert "transit_unknown_sender" not in b.dropped()
@@ -529,7 +526,7 @@ def test_frames_for_a_peer_without_pair_keys_are_sealed_hop_by_hop(line) -> None
     send_frame(a, b"p" * 500)
     settle(b, c)
     assert c.tap_frames().endswith(b"p" * 500)
-    stats = b.sleeve.stats.bytes
+    stats = b.sleeve.totals().bytes
     assert stats[("transit", "tx")] == 0 and stats[("relay", "tx")] > 500, "B opened and sealed it again"
 
 

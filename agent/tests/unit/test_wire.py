@@ -171,3 +171,20 @@ def test_ip_size_and_frag_needed() -> None:
     assert ip[9] == 1 and body[0] == 3 and body[1] == 4
     assert struct.unpack("!H", body[6:8])[0] == 1200
     assert body[8:] == frame[14 : 14 + 20 + 8]  # the original IP header and 8 bytes
+
+
+@pytest.mark.parametrize("length", [1, 1457, 1458, 30_000, 65_600])
+@pytest.mark.parametrize("form", ["hop", "e2e"])
+def test_each_datagram_carries_its_index_and_its_piece(length: int, form: str) -> None:
+    header, magic, addr = (
+        (wire.HEADER, wire.MAGIC, HOP) if form == "hop" else (wire.E2E_HEADER, wire.E2E_MAGIC, HOP + OTHER)
+    )
+    msg = os.urandom(length)
+    out = bytearray(len(msg) + wire.MAX_SEGMENTS * header.size)
+    total = wire.segment_into(out, memoryview(msg), addr, 0x01020304, 1472, header, magic)
+    parts = [bytes(out[i : min(i + 1472, total)]) for i in range(0, total, 1472)]
+    csize = 1472 - header.size
+    for i, part in enumerate(parts):
+        assert header.unpack_from(part) == (magic, addr, 0x01020304, i, len(parts), csize)
+        assert part[header.size - wire.IDX_FROM_END] == i
+        assert part[header.size :] == msg[i * csize : (i + 1) * csize]

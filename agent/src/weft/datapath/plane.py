@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from weft.datapath.fastguard import FastGuard
     from weft.datapath.netdev import NetDev
     from weft.datapath.portguard import PortGuard
-    from weft.datapath.sleeve import Sleeve, SleeveStats
+    from weft.datapath.sleeve import Sleeve
     from weft.mesh.router import Conn, Router
     from weft.mesh.topology import PeerEntry
     from weft.metrics import Metrics
@@ -82,7 +82,7 @@ class DataPlane:
         self.macs = MacTable(self.ourself, self._changed)
         self.nd: NetDev | None = None
         self.sleeve: Sleeve | None = None
-        self.stats: SleeveStats | None = None
+        self.workers = config.workers()
         self._watcher: Any = None
         self.portguard: PortGuard | None = None
         self._guarded: set[str] = set()  # container ports already made non-learning
@@ -118,7 +118,7 @@ class DataPlane:
     def start(self) -> None:
         from weft.datapath.macwatch import MacWatcher
         from weft.datapath.netdev import NetDev
-        from weft.datapath.sleeve import Sleeve, SleeveStats
+        from weft.datapath.sleeve import open_sleeve
 
         self._loop = asyncio.get_running_loop()
         self._started_at = time.monotonic()
@@ -126,20 +126,21 @@ class DataPlane:
         self.nd = NetDev()
         self.nd.ensure_bridge(self.bridge, c.mtu)
         self.nd.ensure_vxlan(self.vxlan, bridge=self.bridge, vni=VNI, port=c.vxlan_port, mtu=c.mtu)
-        self.nd.ensure_tap(self.tap, bridge=self.bridge, mtu=c.mtu)
+        # Multi-queue whatever the number of workers, so changing it needs no new device; a single-queue TAP
+        # (made by a release before the workers) is replaced once.
+        self.nd.ensure_tap(self.tap, bridge=self.bridge, mtu=c.mtu, multi_queue=True)
         self._start_portguard()
         self._guard_fast_path_from_the_start()
         self._adopted_fast = set(self.nd.vxlan_fdb(self.vxlan).get(fdb.ZERO_MAC, set()))
         if self._adopted_fast:
             log.info("kept the kernel fast path to %d peer(s) from the last run", len(self._adopted_fast))
-        self.stats = SleeveStats()
-        self.sleeve = Sleeve(
+        self.sleeve = open_sleeve(
             self.ourself,
             tap=self.tap,
             listen=(c.listen_host_port()[0], self.udp_port),
+            workers=self.workers,
             on_control=self._from_thread(self._on_control),
             on_probe=lambda frame: None,  # probes never reach the TAP: see _open_probe_socket
-            stats=self.stats,
             on_pair_control=self._from_thread(self.e2e.on_pair_message),
         )
         self.sleeve.start()
@@ -150,12 +151,13 @@ class DataPlane:
         self._open_probe_socket()
         self._tick_handle = self._loop.call_later(0, self._tick)
         log.info(
-            "data plane up: bridge %s, fast path %s (UDP %d), sleeve %s (UDP %d), MTU %d",
+            "data plane up: bridge %s, fast path %s (UDP %d), sleeve %s (UDP %d, %d worker(s)), MTU %d",
             self.bridge,
             self.vxlan,
             c.vxlan_port,
             self.tap,
             self.udp_port,
+            self.workers,
             c.mtu,
         )
 
@@ -747,8 +749,8 @@ class DataPlane:
     def byte_counts(self) -> dict[tuple[str, str], int]:
         """Data-path bytes by (path, direction): the sleeve's counters plus the VXLAN device's."""
         counts: dict[tuple[str, str], int] = {}
-        if self.stats is not None:
-            counts.update(self.stats.bytes)
+        if self.sleeve is not None:
+            counts.update(self.sleeve.totals().bytes)
         if self.nd is not None:
             with contextlib.suppress(Exception):
                 rx, tx = self.nd.link_bytes(self.vxlan)
@@ -756,12 +758,16 @@ class DataPlane:
         return counts
 
     def drop_counts(self) -> dict[str, int]:
-        counts = dict(self.stats.dropped) if self.stats is not None else {}
+        counts = self.sleeve.totals().dropped if self.sleeve is not None else {}
         if self.guard is not None:
             counts.update(self.guard.dropped())
         if self.portguard is not None:
             counts[FORGED_SOURCE_MAC] = self.portguard.dropped
         return counts
+
+    def worker_bytes(self) -> list[dict[str, int]]:
+        """Per sleeve worker, the bytes it sent and received: shows that every worker carries traffic."""
+        return self.sleeve.worker_bytes() if self.sleeve is not None else []
 
     def mac_conflicts(self) -> list[dict[str, Any]]:
         """MACs more than one peer claims, for status: who claims each, and who other hosts send it to."""

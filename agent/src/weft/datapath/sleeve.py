@@ -1,10 +1,17 @@
 """The encrypted userspace path ("sleeve"): frames between the bridge's TAP port and peers over UDP.
 
-One data thread runs a plain epoll loop (asyncio's carried about half as much on this path). It reads whole GSO
-frames from the TAP, seals each once with the link's ChaCha20-Poly1305 key and sends it as path-MTU datagrams with
-UDP_SEGMENT; it receives GRO-coalesced datagrams, reassembles, opens, checks the replay window, and writes the frame
-to the TAP, relays it (re-sealed for the next hop) or passes a CONTROL message up. The wire format is in wire.py.
-The controller swaps whole forwarding tables with ``update`` (a reference assignment), so the loop takes no locks.
+Each forwarding worker is a thread with a plain epoll loop (asyncio is slower on this path; reference/datapath.md)
+over its own TAP queue and its own UDP socket. It reads whole GSO frames from the TAP, seals each once with the
+link's ChaCha20-Poly1305 key and sends it as path-MTU datagrams with UDP_SEGMENT; it receives GRO-coalesced
+datagrams, reassembles, opens, checks the replay window, and writes the frame to the TAP, relays it (re-sealed for
+the next hop) or passes a CONTROL message up. The wire format is in wire.py.
+
+The sleeve takes its file descriptors already open (``Sleeve(taps=..., socks=...)``): the agent's are a multi-queue
+TAP and a SO_REUSEPORT group opened by ``open_sleeve``; a test's may be socketpairs and loopback sockets. Threads,
+not processes: ChaCha20-Poly1305 and the TAP and UDP syscalls release the GIL, so workers share the tables and
+the link state at no cost (docs/datapath.md has the figures). The controller swaps whole forwarding tables with
+``update`` (a reference assignment to every worker), so the loops take no locks but two per link or pair: the send
+counter (an ``itertools.count``, whose ``next`` is atomic) and the replay window's check-and-record.
 
 Frames for a peer reached through relays, with which this host agreed end-to-end keys (a ``Pair``), are sealed once
 with the pair's keys in the end-to-end form; a relay passes such datagrams on by their header, without opening or
@@ -13,6 +20,7 @@ reassembling them (``_transit``), and only from a neighbour's endpoint towards a
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -21,7 +29,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
@@ -29,7 +37,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from weft.datapath import icmp, wire
 from weft.datapath.tap import ETH_LEN, MAX_READ, VNET_LEN, open_tap
-from weft.datapath.udp import GRO_CMSG_SPACE, gro_size, open_udp, segment_cmsg
+from weft.datapath.udp import GRO_CMSG_SPACE, gro_size, open_udp_group, segment_cmsg
 from weft.datapath.wire import (
     BROADCAST,
     CLEN,
@@ -59,6 +67,7 @@ log = logging.getLogger(__name__)
 PROBE_ETHERTYPE = b"\x88\xb5"
 MIN_DATAGRAM = 548
 BATCH = 64  # reads per fd per wake-up, so neither direction starves the other
+MAX_WORKERS = 16
 _NO_PEER = bytes(6)
 _MSGID_MASK = 0xFFFFFFFF
 _SLEEVE_TX, _SLEEVE_RX = ("sleeve", "tx"), ("sleeve", "rx")
@@ -110,7 +119,8 @@ class SleeveStats:
     """Plain counters for the controller to export. ``bytes`` is UDP payload by (path, direction): path "sleeve"
     for this host's frames, "relay" for frames passed on after opening them (sealed hop by hop), "transit" for
     end-to-end datagrams passed on unopened, "control" for control messages. ``dropped`` counts
-    packets by reason. Written by the data thread only, except the control-send entries (under a lock)."""
+    packets by reason. Each worker has its own, written by its thread only; the control sends have one more (under
+    a lock). ``Sleeve.totals`` sums them."""
 
     bytes: dict[tuple[str, str], int] = field(default_factory=_byte_counters)
     dropped: dict[str, int] = field(default_factory=dict)
@@ -134,8 +144,8 @@ class _LinkState:
             keys = link.keys
             self.sealer = ChaCha20Poly1305(keys.send) if keys else None
             self.opener = ChaCha20Poly1305(keys.receive) if keys else None
-            self.counter = itertools.count()  # next() is atomic: the data and control threads share it
-            self.window = wire.ReplayWindow()
+            self.counter = itertools.count()  # next() is atomic: every worker and the control thread share it
+            self.window = wire.ReplayWindow()  # one per link, shared by the workers (its accept() takes a lock)
         # a bad value must not break sending: at most one UDP payload, at least what IPv4 guarantees (576 - 28)
         self.dsize = max(MIN_DATAGRAM, min(link.datagram_size, wire.MAX_UDP))
         self.cmsg = segment_cmsg(self.dsize)
@@ -227,104 +237,116 @@ class _Tables:
 
 
 class Sleeve:
-    """One TAP and one UDP socket, moved between by one data thread; see the module docstring."""
+    """The sleeve: its forwarding workers (one per TAP queue and UDP socket) and the controller's side; see the
+    module docstring. It owns the descriptors it is given and closes them in ``stop``."""
 
     def __init__(
         self,
         ourself: int,
         *,
-        tap: str,
-        listen: tuple[str, int],
+        taps: Sequence[int],
+        socks: Sequence[socket.socket],
         on_control: Callable[[int, tuple[str, int], bytes, int], None],
         on_probe: Callable[[bytes], None],
-        stats: SleeveStats | None = None,
         on_pair_control: Callable[[int, int, bytes], None] | None = None,
+        name: str = "sleeve",
     ) -> None:
+        """``taps``: non-blocking descriptors that read and write a virtio-net header and a frame per call (TAP
+        queues, or one end of a SOCK_SEQPACKET socketpair); ``socks``: bound UDP sockets, as many, one per worker
+        (a SO_REUSEPORT group steered by ``udp.steer`` when there are several)."""
+        if not taps or len(taps) != len(socks) or len(taps) > MAX_WORKERS:
+            raise ValueError(f"the sleeve needs 1-{MAX_WORKERS} TAP descriptors and as many UDP sockets")
         self.ourself = ourself
-        self.tap_name = tap
-        self.listen = listen
-        self.stats = stats if stats is not None else SleeveStats()
+        self.name = name
         self._me = peer_bytes(ourself)
         self._on_control = on_control
         self._on_probe = on_probe
         self._on_pair_control = on_pair_control  # (peer, kid, payload): a CONTROL message sealed end to end
         self._tables = _Tables(ourself, Forwarding(), {})
-        self._rt = self._tables  # the tables of the batch being handled (data thread)
         self._update_lock = threading.Lock()
         self._control_lock = threading.Lock()
-        self._msgid = itertools.count(int.from_bytes(os.urandom(4)))  # random start: no clash with stale partials
-        self._tap_fd = -1
-        self._wake_fd = -1
-        self._sock: socket.socket | None = None
-        self._thread: threading.Thread | None = None
+        self._control_stats = SleeveStats()  # what the control sends sent and failed to send (under _control_lock)
+        self._msgid = itertools.count(int.from_bytes(os.urandom(3)))  # random start: no clash with stale partials
+        self._flow_slots = [-1] * 256  # flow slot -> flow byte (worker._flow_byte)
+        self._flow_next = itertools.count()
+        self._taps = list(taps)
+        self._socks = list(socks)
+        self._sock: socket.socket | None = self._socks[0]  # control messages and probes leave by the first
+        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)  # one write wakes every worker
         self._stopping = False
-        self._logged: set[str] = set()
-        self._cur_addr: tuple[str, int] = ("", 0)
-        # Preallocated buffers: TAP frames are read after room for counter + inner header, so the plaintext
-        # (kind, origin, dst, vnet header, frame) is contiguous without a copy.
-        self._tap_buf = bytearray(CLEN + ILEN + MAX_READ)
-        self._tap_view = memoryview(self._tap_buf)
-        self._tap_iov = [self._tap_view[CLEN + ILEN :]]
-        self._rx_view = memoryview(bytearray(1 << 16))
-        self._rx_iov = [self._rx_view]
-        self._seal_view = memoryview(bytearray(wire.MAX_MESSAGE))
-        self._open_view = memoryview(bytearray(wire.MAX_MESSAGE))
-        self._out = bytearray(wire.MAX_MESSAGE + wire.MAX_SEGMENTS * HLEN)
-        self._out_view = memoryview(self._out)
-        self._reasm = wire.Reassembler(self.stats.dropped, lambda: self._tables.by_hop)
-        self._e2e_reasm = wire.Reassembler(
-            self.stats.dropped, lambda: self._tables.pair_routes, header=E2E_HEADER, magic=E2E_MAGIC
-        )
-        # A relay whose next link takes smaller datagrams than the origin cut (its path MTU fell after the pair's
-        # agreement) cuts the sealed message again: reassembled, never opened.
-        self._recut_reasm = wire.Reassembler(self.stats.dropped, lambda: _ANY, header=E2E_HEADER, magic=E2E_MAGIC)
-        self._recut_to: _LinkState | None = None
-        self._cmsgs: dict[int, list[tuple[int, int, bytes]]] = {}
+        self._threads: list[threading.Thread] = []
+        partials = (wire.Partials(), wire.Partials(), wire.Partials())  # per form: link, end-to-end, recut
+        self.workers = [
+            _Worker(self, i, fd, sock, partials) for i, (fd, sock) in enumerate(zip(taps, socks, strict=True))
+        ]
 
     # -- control thread API ---------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._thread is not None:
+        if self._threads or self._sock is None:
             return
-        try:  # asks the kernel of this network namespace: /sys/class/net may show another one (nspawn)
-            socket.if_nametoindex(self.tap_name)
-        except OSError:
-            raise FileNotFoundError(
-                f"TAP {self.tap_name} does not exist (the sleeve attaches to a persistent TAP)"
-            ) from None
-        self._tap_fd = open_tap(self.tap_name)
-        try:
-            self._sock = open_udp(self.listen)
-            self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        except BaseException:
-            self._close_fds()
-            raise
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name=f"sleeve-{self.tap_name}", daemon=True)
-        self._thread.start()
+        for w in self.workers:
+            t = threading.Thread(target=w.loop, name=f"{self.name}-{w.index}", daemon=True)
+            t.start()
+            self._threads.append(t)
 
     def stop(self) -> None:
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            self._stopping = True
+        """Stop the workers and close every descriptor; idempotent."""
+        threads, self._threads = self._threads, []
+        self._stopping = True
+        if threads:
             os.eventfd_write(self._wake_fd, 1)
-            thread.join(5.0)
+            for t in threads:
+                t.join(5.0)
         self._close_fds()
 
     def _close_fds(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-        for name in ("_tap_fd", "_wake_fd"):
-            fd = getattr(self, name)
-            if fd >= 0:
+        self._sock = None
+        for sock in self._socks:
+            sock.close()
+        for fd in [*self._taps, self._wake_fd]:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-                setattr(self, name, -1)
+        self._socks, self._taps, self._wake_fd = [], [], -1
 
     def update(self, fwd: Forwarding) -> None:
         """Swap in new tables; link crypto state carries over while a link's epoch and keys stay the same."""
         with self._update_lock:
-            self._tables = _Tables(self.ourself, fwd, self._tables.states, self._tables.pair_rx)
+            tables = self._tables = _Tables(self.ourself, fwd, self._tables.states, self._tables.pair_rx)
+            for w in self.workers:
+                w._tables = tables
+
+    def totals(self) -> SleeveStats:
+        """Every worker's counters and the control sends', summed (a snapshot)."""
+        out = SleeveStats(bytes={}, dropped={})
+        with self._control_lock:
+            parts = [(dict(self._control_stats.bytes), dict(self._control_stats.dropped))]
+        parts += [(dict(w.stats.bytes), dict(w.stats.dropped)) for w in self.workers]  # dict() copies atomically
+        for counts, dropped in parts:
+            for key, n in counts.items():
+                out.bytes[key] = out.bytes.get(key, 0) + n
+            for reason, n in dropped.items():
+                out.dropped[reason] = out.dropped.get(reason, 0) + n
+        return out
+
+    def worker_bytes(self) -> list[dict[str, int]]:
+        """Per worker: the UDP bytes it sent ("tx") and received ("rx"), over every path (control sends aside)."""
+        out = []
+        for w in self.workers:
+            counts = dict(w.stats.bytes)
+            out.append({d: sum(n for (_, dd), n in counts.items() if dd == d) for d in ("tx", "rx")})
+        return out
+
+    def _control_sent(self, datagram: bytes | None) -> bool:
+        """Count a control send: its bytes, or (None) a failure."""
+        with self._control_lock:
+            stats = self._control_stats
+            if datagram is None:
+                stats.dropped["control_send_error"] = stats.dropped.get("control_send_error", 0) + 1
+                return False
+            stats.bytes[_CONTROL_TX] += len(datagram)
+        return True
 
     def send_control(self, peer: int, payload: bytes, *, pad_to: int = 0) -> bool:
         """Seal ``payload`` for the neighbour ``peer`` as one DF datagram of at least ``pad_to`` bytes."""
@@ -339,20 +361,16 @@ class Sleeve:
         if overhead + len(body) > wire.MAX_UDP:
             return False
         counter = next(st.counter)
-        if st.keys is not None:  # an AEAD object of its own: the data thread uses the link's
+        if st.keys is not None:  # an AEAD object of its own: the workers use the link's
             body = ChaCha20Poly1305(st.keys.send).encrypt(NONCE.pack(counter), body, None)
         msg = COUNTER.pack(counter) + body
-        datagram = HEADER.pack(MAGIC, self._me, next(self._msgid) & _MSGID_MASK, 0, 1, len(msg)) + msg
+        msgid = (next(self._msgid) << 8) & _MSGID_MASK
+        datagram = HEADER.pack(MAGIC, self._me, msgid, 0, 1, len(msg)) + msg
         try:
             sock.sendto(datagram, socket.MSG_DONTWAIT, st.addr)
         except OSError:
-            with self._control_lock:
-                dropped = self.stats.dropped
-                dropped["control_send_error"] = dropped.get("control_send_error", 0) + 1
-            return False
-        with self._control_lock:
-            self.stats.bytes[_CONTROL_TX] += len(datagram)
-        return True
+            return self._control_sent(None)
+        return self._control_sent(datagram)
 
     def send_pair_control(self, peer: int, kid: int, payload: bytes) -> bool:
         """Seal ``payload`` with the pair keys ``kid`` agreed with ``peer`` and send it end to end, as one datagram."""
@@ -367,18 +385,13 @@ class Sleeve:
             return False
         nonce = E2E_NONCE.pack(pst.kid, next(pst.counter))
         msg = nonce + ChaCha20Poly1305(pst.keys.send).encrypt(nonce, body, None)
-        msgid = next(self._msgid) & _MSGID_MASK
+        msgid = (next(self._msgid) << 8) & _MSGID_MASK
         datagram = E2E_HEADER.pack(E2E_MAGIC, pst.route, msgid, 0, 1, len(msg)) + msg
         try:
             sock.sendto(datagram, socket.MSG_DONTWAIT, st.addr)
         except OSError:
-            with self._control_lock:
-                dropped = self.stats.dropped
-                dropped["control_send_error"] = dropped.get("control_send_error", 0) + 1
-            return False
-        with self._control_lock:
-            self.stats.bytes[_CONTROL_TX] += len(datagram)
-        return True
+            return self._control_sent(None)
+        return self._control_sent(datagram)
 
     def send_raw(self, addr: tuple[str, int], data: bytes) -> bool:
         sock = self._sock
@@ -390,23 +403,120 @@ class Sleeve:
             return False
         return True
 
-    # -- data thread ----------------------------------------------------------------------------------------
 
-    def _loop(self) -> None:
-        assert self._sock is not None
+def open_sleeve(
+    ourself: int,
+    *,
+    tap: str,
+    listen: tuple[str, int],
+    workers: int,
+    on_control: Callable[[int, tuple[str, int], bytes, int], None],
+    on_probe: Callable[[bytes], None],
+    on_pair_control: Callable[[int, int, bytes], None] | None = None,
+) -> Sleeve:
+    """The agent's sleeve: ``workers`` queues of the persistent TAP ``tap`` (multi-queue when more than one) and as
+    many UDP sockets on ``listen`` in one SO_REUSEPORT group, steered by each message's flow byte."""
+    try:  # asks the kernel of this network namespace: /sys/class/net may show another one (nspawn)
+        socket.if_nametoindex(tap)
+    except OSError:
+        raise FileNotFoundError(f"TAP {tap} does not exist (the sleeve attaches to a persistent TAP)") from None
+    taps: list[int] = []
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(workers):
+            try:
+                taps.append(open_tap(tap))
+            except OSError as exc:
+                if taps:  # EBUSY: a TAP made before multi-queue ones, which takes one queue
+                    raise OSError(
+                        exc.errno, f"TAP {tap} takes no more than {len(taps)} queue(s): {exc.strerror}"
+                    ) from None
+                raise
+        socks = open_udp_group(listen, workers)
+        return Sleeve(
+            ourself,
+            taps=taps,
+            socks=socks,
+            on_control=on_control,
+            on_probe=on_probe,
+            on_pair_control=on_pair_control,
+            name=f"sleeve-{tap}",
+        )
+    except BaseException:
+        for fd in taps:
+            os.close(fd)
+        for sock in socks:
+            sock.close()
+        raise
+
+
+class _Worker:
+    """One TAP queue and one UDP socket, moved between by one thread, with buffers and counters of its own; the
+    forwarding tables, the link and pair state (keys, send counters, replay windows) and the partial messages are
+    the sleeve's, shared."""
+
+    def __init__(
+        self,
+        sleeve: Sleeve,
+        index: int,
+        tap_fd: int,
+        sock: socket.socket,
+        partials: tuple[wire.Partials, wire.Partials, wire.Partials],
+    ) -> None:
+        self.index = index
+        self.ourself = sleeve.ourself
+        self.stats = SleeveStats()
+        self._sleeve = sleeve
+        self._me = sleeve._me
+        self._on_control = sleeve._on_control
+        self._on_probe = sleeve._on_probe
+        self._on_pair_control = sleeve._on_pair_control
+        self._msgid = sleeve._msgid  # shared: message ids stay unique per sender whichever worker sends
+        self._flow_slots, self._flow_next = sleeve._flow_slots, sleeve._flow_next  # shared: see _flow_byte
+        self._tables = sleeve._tables  # replaced by Sleeve.update
+        self._rt = self._tables  # the tables of the batch being handled
+        self._tap_fd = tap_fd
+        self._sock = sock
+        self._logged: set[str] = set()
+        self._cur_addr: tuple[str, int] = ("", 0)
+        # Preallocated buffers: TAP frames are read after room for counter + inner header, so the plaintext
+        # (kind, origin, dst, vnet header, frame) is contiguous without a copy.
+        self._tap_buf = bytearray(CLEN + ILEN + MAX_READ)
+        self._tap_view = memoryview(self._tap_buf)
+        self._tap_iov = [self._tap_view[CLEN + ILEN :]]
+        self._rx_view = memoryview(bytearray(1 << 16))
+        self._rx_iov = [self._rx_view]
+        self._seal_view = memoryview(bytearray(wire.MAX_MESSAGE))
+        self._open_view = memoryview(bytearray(wire.MAX_MESSAGE))
+        self._out = bytearray(wire.MAX_MESSAGE + wire.MAX_SEGMENTS * HLEN)
+        self._out_view = memoryview(self._out)
+        links, pairs, recuts = partials
+        dropped = self.stats.dropped
+        self._reasm = wire.Reassembler(dropped, lambda: self._tables.by_hop, partials=links)
+        self._e2e_reasm = wire.Reassembler(
+            dropped, lambda: self._tables.pair_routes, header=E2E_HEADER, magic=E2E_MAGIC, partials=pairs
+        )
+        # A relay whose next link takes smaller datagrams than the origin cut (its path MTU fell after the pair's
+        # agreement) cuts the sealed message again: reassembled, never opened.
+        self._recut_reasm = wire.Reassembler(dropped, lambda: _ANY, header=E2E_HEADER, magic=E2E_MAGIC, partials=recuts)
+        self._recut_to: _LinkState | None = None
+        self._cmsgs: dict[int, list[tuple[int, int, bytes]]] = {}
+
+    def loop(self) -> None:
+        sleeve = self._sleeve
         sock_fd, tap_fd = self._sock.fileno(), self._tap_fd
         ep = select.epoll()
         try:
-            for fd in (sock_fd, tap_fd, self._wake_fd):
+            for fd in (sock_fd, tap_fd, sleeve._wake_fd):
                 ep.register(fd, select.EPOLLIN)
-            while not self._stopping:
+            while not sleeve._stopping:
                 for fd, _ in ep.poll():
                     if fd == sock_fd:
                         self._drain_udp()
                     elif fd == tap_fd:
                         self._drain_tap()
         except Exception:
-            log.exception("sleeve data thread failed")
+            log.exception("sleeve worker %d failed", self.index)
         finally:
             ep.close()
 
@@ -430,8 +540,10 @@ class Sleeve:
             except BlockingIOError:
                 return
             except OSError:
+                n = 0
+            if n == 0:  # an error, e.g. the TAP was deleted (or a socketpair's end closed)
                 self._drop("tap_read")
-                time.sleep(0.05)  # e.g. the TAP was deleted: epoll keeps reporting it; do not spin
+                time.sleep(0.05)  # epoll keeps reporting it: do not spin
                 return
             try:
                 self._from_tap(n)
@@ -439,7 +551,6 @@ class Sleeve:
                 self._error("tap")
 
     def _drain_udp(self) -> None:
-        assert self._sock is not None
         recv, iov, view = self._sock.recvmsg_into, self._rx_iov, self._rx_view
         feed, deliver = self._reasm.feed, self._on_message
         self._rt = self._tables
@@ -618,7 +729,8 @@ class Sleeve:
         view[:E2E_NLEN] = nonce
         pst.sealer.encrypt_into(nonce, plain, None, view[E2E_NLEN : E2E_NLEN + m + TAG])
         size = st.dsize if st.dsize < pst.dsize else pst.dsize
-        self._send_segments(view[: E2E_NLEN + m + TAG], pst.route, st.addr, size, _SLEEVE_TX, E2E_HEADER, E2E_MAGIC)
+        sealed = view[: E2E_NLEN + m + TAG]
+        self._send_segments(sealed, pst.route, st.addr, size, _SLEEVE_TX, E2E_HEADER, E2E_MAGIC, self._flow_byte(plain))
 
     def _send_plain(self, st: _LinkState, plain: memoryview, path: tuple[str, str]) -> None:
         """Seal ``plain`` (inner header + payload) for the link ``st`` and send it."""
@@ -632,11 +744,21 @@ class Sleeve:
         else:
             st.sealer.encrypt_into(NONCE.pack(counter), plain, None, view[CLEN : CLEN + m + TAG])
             msg = view[: CLEN + m + TAG]
-        self._send_message(st, msg, path)
+        self._send_message(st, msg, path, self._flow_byte(plain))
 
-    def _send_message(self, st: _LinkState, msg: memoryview, path: tuple[str, str]) -> None:
-        assert self._sock is not None
-        total = segment_into(self._out, msg, self._me, next(self._msgid) & _MSGID_MASK, st.dsize)
+    def _flow_byte(self, plain: memoryview) -> int:
+        """The flow byte of a frame's message: the receiver steers by it, so one flow's messages reach one worker
+        and stay in order (as a NIC's RSS keeps them) while flows spread. Flows hash to one of 256 slots, and each
+        slot takes the next byte in turn when first used: a few flows spread evenly, not as a coin falls."""
+        slot = hash(flow_key(plain)) & 0xFF
+        flow = self._flow_slots[slot]
+        if flow < 0:
+            flow = self._flow_slots[slot] = next(self._flow_next) & 0xFF
+        return flow
+
+    def _send_message(self, st: _LinkState, msg: memoryview, path: tuple[str, str], flow: int = 0) -> None:
+        msgid = ((next(self._msgid) << 8) | flow) & _MSGID_MASK
+        total = segment_into(self._out, msg, self._me, msgid, st.dsize)
         if total < 0:
             self._drop("too_big")
             return
@@ -662,10 +784,11 @@ class Sleeve:
         path: tuple[str, str],
         header: struct.Struct,
         magic: int,
+        flow: int = 0,
     ) -> None:
         """Cut ``msg`` into datagrams of ``dsize`` with ``header`` and send them to ``addr``."""
-        assert self._sock is not None
-        total = segment_into(self._out, msg, hop, next(self._msgid) & _MSGID_MASK, dsize, header, magic)
+        msgid = ((next(self._msgid) << 8) | flow) & _MSGID_MASK
+        total = segment_into(self._out, msg, hop, msgid, dsize, header, magic)
         if total < 0:
             self._drop("too_big")
             return
@@ -705,7 +828,9 @@ class Sleeve:
             except InvalidTag:
                 self._drop("auth")
                 return
-            window.update(counter)
+            if not window.accept(counter):  # another worker opened the same counter meanwhile
+                self._drop("replay")
+                return
         else:
             if m < CLEN + ILEN:
                 self._drop("malformed")
@@ -771,7 +896,9 @@ class Sleeve:
         except InvalidTag:
             self._drop("auth")
             return
-        window.update(counter)
+        if not window.accept(counter):  # another worker opened the same counter meanwhile
+            self._drop("replay")
+            return
         kind, origin_b, dst_b = INNER.unpack_from(plain)
         if origin_b != route[:6] or dst_b != self._me:
             self._drop("malformed")
@@ -826,3 +953,25 @@ def _one_route(view: memoryview, n: int, gso: int, last: int, route: bytes) -> b
     if id0 == id1 and idx1 - idx0 == last // gso:
         return True
     return all(view[off + 1 : off + 13] == route for off in range(gso, last, gso))
+
+
+_PORTS = frozenset({6, 17, 132})  # TCP, UDP, SCTP: the 4 bytes after the IP header are the ports
+
+
+def flow_key(plain: memoryview) -> bytes:
+    """What is the same for every frame of one flow and differs between flows: the IP addresses, and the ports for
+    TCP, UDP and SCTP. Empty for what is not IP (ARP and the like: one flow)."""
+    eth = ILEN + VNET_LEN
+    ip = eth + ETH_LEN
+    n = len(plain)
+    kind = plain[eth + 12 : eth + 14]
+    if kind == b"\x08\x00" and n >= ip + 20:
+        ports = ip + (plain[ip] & 0x0F) * 4
+        if plain[ip + 9] in _PORTS and n >= ports + 4:
+            return plain[ip + 12 : ip + 20].tobytes() + plain[ports : ports + 4].tobytes()
+        return plain[ip + 12 : ip + 20].tobytes()
+    if kind == b"\x86\xdd" and n >= ip + 40:
+        if plain[ip + 6] in _PORTS and n >= ip + 44:
+            return plain[ip + 8 : ip + 44].tobytes()
+        return plain[ip + 8 : ip + 40].tobytes()
+    return b""

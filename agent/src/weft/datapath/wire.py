@@ -34,6 +34,7 @@ back coalesced with UDP_GRO, so the Python cost is per message, not per datagram
 from __future__ import annotations
 
 import struct
+import threading
 import time
 from collections.abc import Callable, Container
 
@@ -47,6 +48,8 @@ ILEN = INNER.size
 CLEN = COUNTER.size
 TAG = 16
 CONTROL_LEN = struct.Struct(">H")
+IDX_FROM_END = 4  # idx, cnt and csize end both headers: segment_into writes idx at a stride, this far from the end
+_INDEXES = bytes(range(256))
 
 FRAME, BROADCAST, CONTROL = 1, 2, 3
 
@@ -84,39 +87,41 @@ def segment_into(
     magic: int = MAGIC,
 ) -> int:
     """Lay ``msg`` out in ``out`` as consecutive datagrams (header + chunk) of ``datagram_size``; return the total
-    length, or -1 if it would need more than MAX_SEGMENTS datagrams. One copy, no allocation per chunk. ``hop`` is
-    the header's address field: the sender (HEADER) or origin|dst (E2E_HEADER)."""
+    length, or -1 if it would need more than MAX_SEGMENTS datagrams. ``hop`` is the header's address field: the
+    sender (HEADER) or origin|dst (E2E_HEADER).
+
+    The header of index 0 joins the chunks in one C call, and one strided assignment then writes every datagram's
+    index: a Python loop over the chunks cost as much as sealing the message, all of it holding the GIL."""
     hlen = header.size
     csize = datagram_size - hlen
     length = len(msg)
     cnt = -(-length // csize)
     if cnt > MAX_SEGMENTS or csize <= 0:
         return -1
-    pack = header.pack_into
-    off = src = 0
-    for i in range(cnt):
-        pack(out, off, magic, hop, msgid, i, cnt, csize)
-        off += hlen
-        end = src + csize
-        if end > length:
-            end = length
-        n = end - src
-        out[off : off + n] = msg[src:end]
-        off += n
-        src = end
-    return off
+    first = header.pack(magic, hop, msgid, 0, cnt, csize)
+    total = length + cnt * hlen
+    out[:hlen] = first
+    if cnt == 1:
+        out[hlen:total] = msg
+        return total
+    out[hlen:total] = first.join([msg[src : src + csize] for src in range(0, length, csize)])
+    out[hlen - IDX_FROM_END : total : datagram_size] = _INDEXES[:cnt]
+    return total
 
 
 class ReplayWindow:
     """Accepts each counter once: anything above the highest seen, or within SIZE below it and not yet seen.
-    ``check`` before opening (cheap rejection), ``update`` only after the message authenticated."""
+    ``check`` before opening (a cheap rejection, without the lock), ``accept`` only after the message authenticated:
+    it checks again and records the counter under the window's lock, so when two workers open messages of one link
+    at once each counter is still accepted exactly once, and a forged message never moves the window."""
 
     SIZE = 1024
-    __slots__ = ("bits", "top")
+    __slots__ = ("bits", "lock", "top")
 
     def __init__(self) -> None:
         self.top = -1
         self.bits = 0  # bit i set: counter top - i was seen
+        self.lock = threading.Lock()
 
     def check(self, counter: int) -> bool:
         top = self.top
@@ -124,6 +129,14 @@ class ReplayWindow:
             return True
         back = top - counter
         return back < self.SIZE and not (self.bits >> back) & 1
+
+    def accept(self, counter: int) -> bool:
+        """Atomically: True and recorded if ``counter`` was not seen (and is not too old), else False."""
+        with self.lock:
+            if not self.check(counter):
+                return False
+            self.update(counter)
+            return True
 
     def update(self, counter: int) -> None:
         top = self.top
@@ -151,13 +164,27 @@ class _Partial:
         self.since = since
 
 
+class Partials:
+    """Messages being reassembled, shared by every worker of a sleeve under one lock: the chunks of one message
+    normally reach one worker (steering), but a GRO buffer may begin with another message's chunks, and then the
+    rest of a message lands elsewhere. Only partial messages come here; whole ones never take the lock."""
+
+    __slots__ = ("lock", "pool", "table")
+
+    def __init__(self) -> None:
+        self.table: dict[tuple[bytes, int], _Partial] = {}
+        self.pool: list[bytearray] = []
+        self.lock = threading.Lock()
+
+
 class Reassembler:
     """Turns received UDP buffers (one datagram, or several coalesced by GRO) back into whole messages.
 
     Fast path: a buffer whose first and last headers show one run of a single message is handled with two header
     reads; a complete single-datagram message is passed on without a copy. Anything else is taken datagram by
-    datagram. Partial messages wait in a small table bounded in size and age; evictions count as "incomplete".
-    ``deliver(hop, message, datagram_size)`` gets a view that is valid only during the call.
+    datagram. Partial messages wait in a small table (``Partials``, which workers may share) bounded in size and
+    age; evictions count as "incomplete". ``deliver(hop, message, datagram_size)`` gets a view that is valid only
+    during the call.
     """
 
     def __init__(
@@ -166,14 +193,14 @@ class Reassembler:
         known: Callable[[], Container[bytes]],
         header: struct.Struct = HEADER,
         magic: int = MAGIC,
+        partials: Partials | None = None,
     ) -> None:
         self.dropped = dropped
         self._known = known  # address fields worth a reassembly buffer (the current links, or pairs)
         self._header = header
         self._hlen = header.size
         self._magic = magic
-        self._partial: dict[tuple[bytes, int], _Partial] = {}
-        self._pool: list[bytearray] = []
+        self._shared = partials if partials is not None else Partials()
         self._whole = bytearray(MAX_MESSAGE)
         self._whole_view = memoryview(self._whole)
 
@@ -230,54 +257,58 @@ class Reassembler:
             deliver(hop, self._whole_view[:length], step)
             return
         key = (hop, msgid)
-        part = self._partial.get(key)
-        if part is None:
-            if hop not in self._known():
-                self._drop("unknown_peer")
+        shared = self._shared
+        with shared.lock:
+            part = shared.table.get(key)
+            if part is None:
+                if hop not in self._known():
+                    self._drop("unknown_peer")
+                    return
+                part = self._new_partial(key, cnt, csize)
+            elif part.cnt != cnt or part.csize != csize:
+                self._drop("malformed")
                 return
-            part = self._new_partial(key, cnt, csize)
-        elif part.cnt != cnt or part.csize != csize:
-            self._drop("malformed")
-            return
-        bits = ((1 << k) - 1) << idx
-        if part.mask & bits:
-            self._drop("duplicate")
-            return
-        _gather(part.buf, idx * csize, view, start, k, step, csize, end, hlen)
-        part.mask |= bits
-        if idx + k == cnt:
-            part.length = (cnt - 1) * csize + last_len
-        if part.mask == part.full:
-            del self._partial[key]
-            try:
-                deliver(hop, memoryview(part.buf)[: part.length], step if k > 1 else csize + hlen)
-            finally:
-                self._pool.append(part.buf)
+            bits = ((1 << k) - 1) << idx
+            if part.mask & bits:
+                self._drop("duplicate")
+                return
+            _gather(part.buf, idx * csize, view, start, k, step, csize, end, hlen)
+            part.mask |= bits
+            if idx + k == cnt:
+                part.length = (cnt - 1) * csize + last_len
+            if part.mask != part.full:
+                return
+            del shared.table[key]
+        try:
+            deliver(hop, memoryview(part.buf)[: part.length], step if k > 1 else csize + hlen)
+        finally:
+            with shared.lock:
+                shared.pool.append(part.buf)
 
     def _new_partial(self, key: tuple[bytes, int], cnt: int, csize: int) -> _Partial:
+        """A fresh partial (under the shared lock), evicting the oldest while the table is full or they are stale."""
         now = time.monotonic()
-        partial = self._partial
+        shared = self._shared
+        partial = shared.table
         while partial:
             oldest = next(iter(partial))
             if len(partial) < MAX_PARTIAL and now - partial[oldest].since < PARTIAL_AGE:
                 break
-            self._pool.append(partial.pop(oldest).buf)
+            shared.pool.append(partial.pop(oldest).buf)
             self._drop("incomplete")
-        buf = self._pool.pop() if self._pool else bytearray(MAX_MESSAGE)
+        buf = shared.pool.pop() if shared.pool else bytearray(MAX_MESSAGE)
         part = partial[key] = _Partial(buf, cnt, csize, now)
         return part
 
     def pending(self) -> int:
-        return len(self._partial)
+        return len(self._shared.table)
 
 
 def _gather(
     out: bytearray, dst: int, view: memoryview, start: int, k: int, step: int, csize: int, end: int, hlen: int
 ) -> None:
-    """Copy the chunks of ``k`` datagrams (headers of ``hlen`` bytes skipped) to ``out[dst:]``."""
-    src = start + hlen
-    for _ in range(k - 1):
-        out[dst : dst + csize] = view[src : src + csize]
-        dst += csize
-        src += step
-    out[dst : dst + end - src] = view[src:end]
+    """Copy the chunks of ``k`` datagrams (headers of ``hlen`` bytes skipped) to ``out[dst:]``: joined in one C
+    call."""
+    view = view[:end]
+    data = b"".join([view[src : src + csize] for src in range(start + hlen, end, step)])
+    out[dst : dst + len(data)] = data
