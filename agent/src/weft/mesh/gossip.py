@@ -8,10 +8,7 @@ link carries the latest state instead of a backlog.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
-
-if TYPE_CHECKING:
-    from weft.mesh.router import Router
+from typing import Any, Protocol
 
 
 class GossipData(Protocol):
@@ -92,18 +89,28 @@ def _fresh(data: GossipData) -> GossipData:
     return copy
 
 
+class Relay(Protocol):
+    """How a channel's own messages leave this peer (the router is one; a test can be another)."""
+
+    def broadcast(self, channel: str, data: GossipData) -> None:
+        """Send a local change to every peer, once each, along our broadcast tree."""
+
+    def unicast(self, channel: str, dest: int, payload: bytes) -> bool:
+        """Send to one peer by the unicast route; False if it is unreachable now."""
+
+
 class GossipChannel:
     """A named channel: how a gossiper sends. Receiving is the router's job."""
 
-    def __init__(self, name: str, router: Router, gossiper: Gossiper) -> None:
+    def __init__(self, name: str, relay: Relay, gossiper: Gossiper) -> None:
         self.name = name
         self.gossiper = gossiper
-        self._router = router
+        self._relay = relay
 
     def broadcast(self, data: GossipData) -> None:
         """Send a local change to every peer, once each, along our broadcast tree."""
-        self._router.relay_broadcast(self.name, self._router.ourself.name, data, came_from=None)
+        self._relay.broadcast(self.name, data)
 
     def unicast(self, dest: int, payload: bytes) -> bool:
         """Send to one peer by the unicast route; False if it is unreachable now."""
-        return self._router.relay_unicast(self.name, self._router.ourself.name, dest, payload)
+        return self._relay.unicast(self.name, dest, payload)

@@ -264,6 +264,14 @@ class Router:
             if conn is not None:
                 conn.sender.send_broadcast(channel, source, data)
 
+    def broadcast(self, channel: str, data: GossipData) -> None:
+        """A channel's own change, down our broadcast tree (the channels' ``Relay``)."""
+        self.relay_broadcast(channel, self.ourself.name, data, came_from=None)
+
+    def unicast(self, channel: str, dest: int, payload: bytes) -> bool:
+        """A channel's own message to one peer (the channels' ``Relay``)."""
+        return self.relay_unicast(channel, self.ourself.name, dest, payload)
+
     def _fanout(self) -> int:
         return 2 * max(1, math.ceil(math.log2(len(self.topology.peers) + 1)))
 
