@@ -43,6 +43,12 @@ class Metrics:
         self.gossip_dropped = Counter(
             "weft_gossip_dropped", "Gossip messages dropped, by reason", ["reason"], registry=r
         )
+        self.gossip_unknown_relayed = Counter(
+            "weft_gossip_unknown_relayed",
+            "Gossip on channels this agent does not have, passed on to other peers, by type (broadcast, unicast)",
+            ["type"],
+            registry=r,
+        )
         self.overlay_refused = Counter(
             "weft_overlay_refused",
             "attach/detach/expose/hide requests refused (nothing changed), by action and reason",
