@@ -226,9 +226,7 @@ class Router:
             payload = field(msg, "d", bytes, "message")
             if len(channel_name) > MAX_CHANNEL_NAME:
                 raise DecodeError("message", "channel name too long")
-            self.metrics.gossip_bytes.labels(channel_name if channel_name in self.channels else "unknown", "in").inc(
-                len(payload)
-            )
+            self._count_bytes(channel_name, "in", len(payload))
             if kind != GOSSIP:
                 source = expect_uint(field(msg, "src", int, "message"), NAME_BITS, "message", "src")
             if kind == UNICAST:
@@ -312,8 +310,11 @@ class Router:
 
     def count_sent(self, messages: list[dict]) -> None:
         for m in messages:
-            channel = m["ch"] if m["ch"] in self.channels else "unknown"  # a relayed unicast's is the sender's choice
-            self.metrics.gossip_bytes.labels(channel, "out").inc(len(m["d"]))
+            self._count_bytes(m["ch"], "out", len(m["d"]))
+
+    def _count_bytes(self, channel: str, direction: str, n: int) -> None:
+        """Gossip bytes by channel: ours by name, any other as "unknown" (its name is the sender's choice)."""
+        self.metrics.gossip_bytes[channel if channel in self.channels else "unknown", direction] += n
 
     def _schedule_periodic_gossip(self) -> None:
         jitter = self.rng.uniform(0.8, 1.2)

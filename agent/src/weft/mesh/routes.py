@@ -28,7 +28,7 @@ class Routes:
         self._refreshed_at = float("-inf")
         self._ourself = topology.ourself.name
         self._graph_version = -1
-        self._reported: dict[int, set[int]] = {}
+        self._reported: dict[int, frozenset[int]] = {}
         self._adjacency: dict[int, set[int]] = {}
         self._unicast: dict[int, int] | None = None
         self._broadcast: dict[int, list[int]] = {}
@@ -53,14 +53,14 @@ class Routes:
         reported, adjacency = self._reported, self._adjacency
         dirty, self._topology.dirty = self._topology.dirty, set()
         for name in dirty:
-            old = reported.pop(name, set())
             adjacency.pop(name, None)
-            for p in old:
-                adjacency.get(p, set()).discard(name)
+            for p in reported.pop(name, ()):
+                if p in adjacency:
+                    adjacency[p].discard(name)
             entry = peers.get(name)
             if entry is None:
                 continue
-            out = {c.peer for c in entry.connections if c.established}
+            out = entry.established  # shared with the entry, never changed
             reported[name] = out
             adjacency[name] = {p for p in out if name in reported.get(p, ())}
             for p in adjacency[name]:
