@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weft.mesh.codec import DecodeError
+from weft.mesh.codec import DecodeError, pack
 from weft.mesh.peer import PeerInfo
 from weft.mesh.topology import ConnectionSummary, PeerEntry, Topology, TopologyUpdate
 
@@ -83,3 +83,16 @@ def test_a_delta_decoded_again_is_a_fresh_update_with_the_same_entries() -> None
     for _ in range(2):
         with pytest.raises(DecodeError):
             TopologyUpdate.decode(payload[:-1])
+
+
+@pytest.mark.parametrize("size", [0, 1, 15, 16, 65535, 65536])  # where msgpack's array header changes form
+def test_an_update_encodes_to_the_bytes_of_its_entries_packed_whole(size: int) -> None:
+    entries = {
+        n: PeerEntry(n, f"p{n}", n, 1, (ConnectionSummary(n + 1, f"10.0.{n % 250}.1:6783", True, True),))
+        for n in range(1, size + 1)
+    }
+    update = TopologyUpdate(entries)
+    whole = pack([e.to_wire() for e in entries.values()])
+    assert update.encode() == whole
+    assert update.encode() == whole  # again, from the entries' remembered encodings
+    assert TopologyUpdate.decode(whole).entries == entries

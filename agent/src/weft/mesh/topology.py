@@ -11,6 +11,8 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import msgpack
+
 from weft.mesh.codec import DecodeError, expect, expect_uint, pack, unpack
 from weft.mesh.peer import NAME_BITS, PeerInfo
 from weft.safetext import refuse_control
@@ -37,10 +39,12 @@ class PeerEntry:
     uid: int
     version: int
     connections: tuple[ConnectionSummary, ...] = ()
-    # Derived once, as the entry is shared by every merge and route computation that reads it: the edges
-    # (peer, established) that the graph is made of, and the peers of the established ones.
+    # Derived once, as the entry is shared by every merge, route computation and relay that reads it: the edges
+    # (peer, established) that the graph is made of, the peers of the established ones, and (when first sent)
+    # the entry's msgpack encoding.
     edges: frozenset[tuple[int, bool]] = field(init=False, repr=False, compare=False)
     established: frozenset[int] = field(init=False, repr=False, compare=False)
+    _packed: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         edges = frozenset((c.peer, c.established) for c in self.connections)
@@ -49,6 +53,12 @@ class PeerEntry:
 
     def beats(self, other: PeerEntry) -> bool:
         return (self.version, self.uid) > (other.version, other.uid)
+
+    def packed(self) -> bytes:
+        """``to_wire()`` as msgpack, encoded once: an entry is relayed to every peer of the mesh."""
+        if self._packed is None:
+            object.__setattr__(self, "_packed", pack(self.to_wire()))
+        return self._packed  # type: ignore[return-value]
 
     def to_wire(self) -> list:
         return [
@@ -101,7 +111,8 @@ class TopologyUpdate:
                 self.entries[name] = entry
 
     def encode(self) -> bytes:
-        return pack([e.to_wire() for e in self.entries.values()])
+        # The msgpack of a list is its header and then each item's msgpack: the same bytes as packing it whole.
+        return _PACKER.pack_array_header(len(self.entries)) + b"".join(e.packed() for e in self.entries.values())
 
     @classmethod
     def decode(cls, payload: bytes) -> TopologyUpdate:
@@ -128,6 +139,7 @@ class TopologyUpdate:
 # Recently decoded deltas, by their bytes. A delta crosses the mesh byte for byte as its source encoded it, so a
 # peer that hears it again (from another neighbour while broadcast trees settle) or a process that holds many
 # peers (the simulator: each delta reaches all of them) decodes it once. Entries are immutable, so they are shared.
+_PACKER = msgpack.Packer(use_bin_type=True)
 MEMO_SIZE = 1024
 MEMO_MAX_BYTES = 1024  # full states are big and rarely repeat
 _decoded: OrderedDict[bytes, dict[int, PeerEntry]] = OrderedDict()
