@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -19,11 +20,16 @@ class Metrics:
         self.terminations = Counter(
             "weft_connection_terminations_total", "Established connections that ended", registry=r
         )
-        self.gossip_bytes = Counter(
-            "weft_gossip_bytes",
-            "Gossip payload bytes by channel and direction",
-            ["channel", "direction"],
-            registry=r,
+        # Counted on every gossip message, so kept as plain integers (a labelled Counter takes a lock for each
+        # increment) and exported as a counter when scraped.
+        self.gossip_bytes: defaultdict[tuple[str, str], int] = defaultdict(int)
+        r.register(
+            _PlainCounters(
+                "weft_gossip_bytes",
+                "Gossip payload bytes by channel and direction",
+                ["channel", "direction"],
+                self.gossip_bytes,
+            )
         )
         self.handshake_failures = Counter(
             "weft_handshake_failures",
@@ -42,6 +48,12 @@ class Metrics:
         )
         self.gossip_dropped = Counter(
             "weft_gossip_dropped", "Gossip messages dropped, by reason", ["reason"], registry=r
+        )
+        self.gossip_unknown_relayed = Counter(
+            "weft_gossip_unknown_relayed",
+            "Gossip on channels this agent does not have, passed on to other peers, by type (broadcast, unicast)",
+            ["type"],
+            registry=r,
         )
         self.overlay_refused = Counter(
             "weft_overlay_refused",
@@ -156,6 +168,22 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _PlainCounters:
+    """A labelled counter kept by its owner as a dict of label values to integers."""
+
+    def __init__(self, name: str, documentation: str, labels: list[str], counts: dict[tuple[str, ...], int]) -> None:
+        self._name, self._documentation, self._labels, self._counts = name, documentation, labels, counts
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labels)
+        for labels, value in sorted(self._counts.items()):
+            family.add_metric(list(labels), value)
+        yield family
 
 
 class _DatapathCollector:

@@ -174,6 +174,9 @@ class SimNetwork:
 
     def converged(self, exact: bool = False) -> bool:
         """Every peer knows every peer with its current UID (``exact``: and its latest version)."""
+        n = len(self.peers)
+        if any(len(p.router.topology.peers) != n for p in self.peers):
+            return False  # the cheap test first: it is checked often, and fails until the very end
         owners = {p.info.name: p.router.topology.our_entry for p in self.peers}
         for peer in self.peers:
             view = peer.router.topology.peers
@@ -188,10 +191,7 @@ class SimNetwork:
     def gossip_bytes_out(self) -> float:
         total = 0.0
         for peer in self.peers:
-            for metric in peer.router.metrics.gossip_bytes.collect():
-                for sample in metric.samples:
-                    if sample.name.endswith("_total") and sample.labels.get("direction") == "out":
-                        total += sample.value
+            total += sum(n for (_, direction), n in peer.router.metrics.gossip_bytes.items() if direction == "out")
         return total
 
 

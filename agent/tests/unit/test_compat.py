@@ -169,10 +169,11 @@ def test_unknown_types_and_channels_are_counted_and_dropped_and_the_connection_s
             ]
             unknown_channels = [
                 {"t": "g", "ch": "ipam", "d": pack({"ranges": []})},
-                {"t": "gb", "ch": "ipam", "src": peer.info.name, "d": b"\x90"},
                 {"t": "gu", "ch": "ipam", "src": peer.info.name, "dst": AGENT.name, "d": b"\x90"},
             ]
-            for msg in unknown_types + unknown_channels:
+            # Passed on down the sender's tree, where no one is below us: neither an error nor a drop.
+            passed_on = [{"t": "gb", "ch": "ipam", "src": peer.info.name, "d": b"\x90"}]
+            for msg in unknown_types + unknown_channels + passed_on:
                 peer.send(msg)
             peer.send(peer.topology(3, AGENT.name))  # read after all the above: once merged, they were handled
             await until(lambda: peer.info.name in agent.router.topology.peers)
@@ -206,6 +207,31 @@ def test_a_unicast_on_a_channel_we_do_not_have_is_forwarded_to_its_destination()
             # The channel name is the sender's choice: it is not a label of ours.
             assert agent.sample("weft_gossip_bytes_total", channel="unknown", direction="out") > 0
             assert agent.sample("weft_gossip_bytes_total", channel="ipam", direction="out") == 0
+            for p in (a, b):
+                await p.close()
+
+    run(main)
+
+
+def test_a_broadcast_on_a_channel_we_do_not_have_is_passed_on_down_the_tree() -> None:
+    """Two newer peers that reach each other only through us still hear each other's broadcasts, once each."""
+
+    async def main() -> None:
+        async with running_agent([SECRET]) as agent:
+            a, b = FuturePeer(0x020000000002, "future-a"), FuturePeer(0x020000000003, "future-b")
+            for p in (a, b):
+                await p.connect(agent.port, SECRET)
+                p.send(p.topology(2, AGENT.name))
+            await until(lambda: agent.router.routes.broadcast(a.info.name) == [b.info.name])
+            broadcast = {"t": "gb", "ch": "names", "src": a.info.name, "d": b"web-1 is 10.32.0.1"}
+            a.send(broadcast)
+            a.send(broadcast)  # the same payload again (as a flood would bring it): passed on once
+            got = await b.recv_until(lambda m: m.get("t") == "gb" and m.get("ch") == "names")
+            assert got == broadcast
+            await until(lambda: agent.sample("weft_gossip_dropped_total", reason="repeat") == 1)
+            assert agent.sample("weft_gossip_unknown_relayed_total", type="broadcast") == 1
+            assert agent.sample("weft_gossip_dropped_total", reason="unknown_channel") == 0
+            assert agent.sample("weft_gossip_bytes_total", channel="unknown", direction="out") == len(broadcast["d"])
             for p in (a, b):
                 await p.close()
 

@@ -135,9 +135,9 @@ class TreeBroadcast:
 
     @staticmethod
     def _children(routes: Routes, source: int) -> list[int] | None:
-        if not routes._refresh() or source not in routes._adjacency:
+        if not routes._refresh() or source not in routes._reported:
             return None  # as the real one: churning, or a source not on the graph
-        neighbours = routes._adjacency.get(routes._ourself, set())
+        neighbours = routes.neighbours()
         if source == routes._ourself:
             return sorted(neighbours)
         up = routes._unicast_table().get(source)

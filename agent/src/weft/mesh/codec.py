@@ -34,6 +34,8 @@ def unpack(data: bytes, kind: str) -> Any:
 
 def expect(value: Any, typ: type | tuple[type, ...], kind: str, what: str) -> Any:
     """Check one decoded field's type; bool is not accepted where an int is expected."""
+    if type(value) is typ:  # the common case, decided at once (a bool's type is not int)
+        return value
     if isinstance(value, bool) and typ is int:
         raise DecodeError(kind, f"{what}: expected int, got bool")
     if not isinstance(value, typ):
@@ -42,6 +44,8 @@ def expect(value: Any, typ: type | tuple[type, ...], kind: str, what: str) -> An
 
 
 def expect_uint(value: Any, bits: int, kind: str, what: str) -> int:
+    if type(value) is int and 0 <= value < 1 << bits:
+        return value
     expect(value, int, kind, what)
     if value < 0 or value >= 1 << bits:
         raise DecodeError(kind, f"{what}: {value} is out of range")

@@ -7,11 +7,10 @@ link carries the latest state instead of a backlog.
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
-
-if TYPE_CHECKING:
-    from weft.mesh.router import Router
+from typing import Any, Protocol
 
 
 class GossipData(Protocol):
@@ -43,7 +42,8 @@ UNICAST = "gu"
 
 
 class GossipSender:
-    """Pending gossip for one connection. Data for the same channel (and source) merges in place."""
+    """Pending gossip for one connection. Data for the same channel (and source) merges in place; the bytes
+    of a broadcast on a channel we do not have cannot, and wait once per distinct payload."""
 
     def __init__(self, wake: Callable[[], None]) -> None:
         self._wake = wake
@@ -53,8 +53,13 @@ class GossipSender:
     def send(self, channel: str, data: GossipData) -> None:
         self._put((GOSSIP, channel, 0), data)
 
-    def send_broadcast(self, channel: str, source: int, data: GossipData) -> None:
-        self._put((BROADCAST, channel, source), data)
+    def send_broadcast(self, channel: str, source: int, data: GossipData | bytes) -> None:
+        """``bytes``: a broadcast on a channel we do not have, passed on as it came."""
+        if isinstance(data, bytes):
+            self._pending.setdefault((BROADCAST, channel, source, data), data)
+            self._wake()
+        else:
+            self._put((BROADCAST, channel, source), data)
 
     def send_unicast(self, channel: str, source: int, dest: int, payload: bytes) -> None:
         self._unicast_seq += 1
@@ -79,7 +84,8 @@ class GossipSender:
             if kind == GOSSIP:
                 messages.append({"t": GOSSIP, "ch": channel, "d": data.encode()})  # type: ignore[union-attr]
             elif kind == BROADCAST:
-                messages.append({"t": BROADCAST, "ch": channel, "src": key[2], "d": data.encode()})  # type: ignore[union-attr]
+                payload = data if isinstance(data, bytes) else data.encode()
+                messages.append({"t": BROADCAST, "ch": channel, "src": key[2], "d": payload})
             else:
                 messages.append({"t": UNICAST, "ch": channel, "src": key[2], "dst": key[3], "d": data})
         return messages
@@ -92,18 +98,55 @@ def _fresh(data: GossipData) -> GossipData:
     return copy
 
 
+class SeenPayloads:
+    """The broadcasts on channels we do not have that we passed on lately.
+
+    A peer relays a channel's broadcast only when it was news to it, which is what ends a flood while
+    broadcast trees are recomputed or disagree. A peer without the channel cannot merge, but it can tell
+    the very same payload from the very same source coming round again, and relay it only the first time.
+    """
+
+    def __init__(self, size: int = 1024) -> None:
+        self._size = size
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+
+    def first_time(self, channel: str, source: int, payload: bytes) -> bool:
+        """True once per (channel, source, payload) among the last ``size`` remembered."""
+        name = channel.encode("utf-8", "surrogatepass")
+        h = hashlib.blake2b(len(name).to_bytes(2, "big") + name + source.to_bytes(8, "big"), digest_size=16)
+        h.update(payload)
+        digest = h.digest()
+        if digest in self._seen:
+            self._seen.move_to_end(digest)
+            return False
+        self._seen[digest] = None
+        if len(self._seen) > self._size:
+            self._seen.popitem(last=False)
+        return True
+
+
+class Relay(Protocol):
+    """How a channel's own messages leave this peer (the router is one; a test can be another)."""
+
+    def broadcast(self, channel: str, data: GossipData) -> None:
+        """Send a local change to every peer, once each, along our broadcast tree."""
+
+    def unicast(self, channel: str, dest: int, payload: bytes) -> bool:
+        """Send to one peer by the unicast route; False if it is unreachable now."""
+
+
 class GossipChannel:
     """A named channel: how a gossiper sends. Receiving is the router's job."""
 
-    def __init__(self, name: str, router: Router, gossiper: Gossiper) -> None:
+    def __init__(self, name: str, relay: Relay, gossiper: Gossiper) -> None:
         self.name = name
         self.gossiper = gossiper
-        self._router = router
+        self._relay = relay
 
     def broadcast(self, data: GossipData) -> None:
         """Send a local change to every peer, once each, along our broadcast tree."""
-        self._router.relay_broadcast(self.name, self._router.ourself.name, data, came_from=None)
+        self._relay.broadcast(self.name, data)
 
     def unicast(self, dest: int, payload: bytes) -> bool:
         """Send to one peer by the unicast route; False if it is unreachable now."""
-        return self._router.relay_unicast(self.name, self._router.ourself.name, dest, payload)
+        return self._relay.unicast(self.name, dest, payload)

@@ -14,7 +14,16 @@ from typing import TYPE_CHECKING, Protocol
 
 from weft.mesh.clock import Handle, Scheduler
 from weft.mesh.codec import DecodeError, expect_uint, field
-from weft.mesh.gossip import BROADCAST, GOSSIP, UNICAST, GossipChannel, GossipData, Gossiper, GossipSender
+from weft.mesh.gossip import (
+    BROADCAST,
+    GOSSIP,
+    UNICAST,
+    GossipChannel,
+    GossipData,
+    Gossiper,
+    GossipSender,
+    SeenPayloads,
+)
 from weft.mesh.peer import NAME_BITS, PeerInfo, format_name
 from weft.mesh.routes import Routes
 from weft.mesh.topology import ConnectionSummary, PeerEntry, Topology, TopologyUpdate
@@ -75,6 +84,7 @@ class Router:
         self._unreachable_since: dict[int, float] = {}
         self._gc_handle: Handle | None = None
         self._full_state_sent: set[int] = set()  # peers whose current connection has had our full state
+        self._seen_payloads = SeenPayloads()  # broadcasts on channels we do not have, passed on lately
         self.rng = rng or random.Random()
         self.connections: dict[int, Conn] = {}
         self.topology = Topology(ourself)
@@ -216,8 +226,9 @@ class Router:
         """Dispatch one decoded control message; malformed ones are counted and dropped.
 
         What a later version may add is let through (docs/protocol.md, "Compatibility between versions"):
-        fields we do not know are ignored, an unknown type is counted and dropped, a channel we do not have is
-        counted and dropped, except a unicast for another peer, which is forwarded whatever its channel.
+        fields we do not know are ignored, an unknown type is counted and dropped. A broadcast on a channel we do
+        not have is passed on down its tree as it came, and a unicast for another peer is forwarded whatever its
+        channel; other messages on a channel we do not have are counted and dropped.
         """
         try:
             kind = field(msg, "t", str, "message")
@@ -227,19 +238,22 @@ class Router:
             payload = field(msg, "d", bytes, "message")
             if len(channel_name) > MAX_CHANNEL_NAME:
                 raise DecodeError("message", "channel name too long")
-            self.metrics.gossip_bytes.labels(channel_name if channel_name in self.channels else "unknown", "in").inc(
-                len(payload)
-            )
-            if kind == UNICAST:
+            self._count_bytes(channel_name, "in", len(payload))
+            if kind != GOSSIP:
                 source = expect_uint(field(msg, "src", int, "message"), NAME_BITS, "message", "src")
+            if kind == UNICAST:
                 dest = expect_uint(field(msg, "dst", int, "message"), NAME_BITS, "message", "dst")
                 if dest != self.ourself.name:
                     # Forwarding needs only the envelope: an older peer on the route must not cut off two newer ones.
-                    self.relay_unicast(channel_name, source, dest, payload)
+                    if self.relay_unicast(channel_name, source, dest, payload) and channel_name not in self.channels:
+                        self.metrics.gossip_unknown_relayed.labels("unicast").inc()
                     return
             channel = self.channels.get(channel_name)
             if channel is None:
-                self.metrics.gossip_dropped.labels("unknown_channel").inc()
+                if kind == BROADCAST:
+                    self._pass_on_broadcast(channel_name, source, payload, came_from=conn.remote.name)
+                else:
+                    self.metrics.gossip_dropped.labels("unknown_channel").inc()
                 return
             if kind == GOSSIP:
                 if conn.remote.name not in self._full_state_sent and self.connections.get(conn.remote.name) is conn:
@@ -248,7 +262,6 @@ class Router:
                 if delta is not None:
                     self.relay_broadcast(channel_name, self.ourself.name, delta, came_from=conn.remote.name)
             elif kind == BROADCAST:
-                source = expect_uint(field(msg, "src", int, "message"), NAME_BITS, "message", "src")
                 delta = channel.gossiper.on_gossip_broadcast(source, payload)
                 if delta is not None:
                     self.relay_broadcast(channel_name, source, delta, came_from=conn.remote.name)
@@ -260,10 +273,18 @@ class Router:
 
     # -- gossip out -----------------------------------------------------------------------------
 
-    def relay_broadcast(self, channel: str, source: int, data: GossipData, came_from: int | None) -> None:
+    def _pass_on_broadcast(self, channel: str, source: int, payload: bytes, came_from: int) -> None:
+        """A broadcast on a channel we do not have (a later version's): down ``source``'s tree as it came,
+        so newer peers that reach each other only through us still hear each other; each payload once."""
+        if source == self.ourself.name or not self._seen_payloads.first_time(channel, source, payload):
+            self.metrics.gossip_dropped.labels("repeat").inc()
+        elif self.relay_broadcast(channel, source, payload, came_from):
+            self.metrics.gossip_unknown_relayed.labels("broadcast").inc()
+
+    def relay_broadcast(self, channel: str, source: int, data: GossipData | bytes, came_from: int | None) -> int:
         """Pass ``data`` down ``source``'s broadcast tree, or to every neighbour when we are not on it
         in our view or the view is churning too fast for trees (a peer relays only what was new to it,
-        so a flood stops where the data is already known)."""
+        so a flood stops where the data is already known). Returns how many neighbours it went to."""
         hops = self.routes.broadcast(source)
         if hops is None:
             targets = set(self.connections)
@@ -271,10 +292,21 @@ class Router:
             # Neighbours whose connection to us is not yet symmetric in our view are on no tree yet.
             targets = set(hops) | (self.connections.keys() - self.routes.neighbours())
         targets -= {came_from, source}
+        sent = 0
         for name in targets:
             conn = self.connections.get(name)  # trees may be up to one recalculation behind
             if conn is not None:
                 conn.sender.send_broadcast(channel, source, data)
+                sent += 1
+        return sent
+
+    def broadcast(self, channel: str, data: GossipData) -> None:
+        """A channel's own change, down our broadcast tree (the channels' ``Relay``)."""
+        self.relay_broadcast(channel, self.ourself.name, data, came_from=None)
+
+    def unicast(self, channel: str, dest: int, payload: bytes) -> bool:
+        """A channel's own message to one peer (the channels' ``Relay``)."""
+        return self.relay_unicast(channel, self.ourself.name, dest, payload)
 
     def _fanout(self) -> int:
         return 2 * max(1, math.ceil(math.log2(len(self.topology.peers) + 1)))
@@ -290,8 +322,11 @@ class Router:
 
     def count_sent(self, messages: list[dict]) -> None:
         for m in messages:
-            channel = m["ch"] if m["ch"] in self.channels else "unknown"  # a relayed unicast's is the sender's choice
-            self.metrics.gossip_bytes.labels(channel, "out").inc(len(m["d"]))
+            self._count_bytes(m["ch"], "out", len(m["d"]))
+
+    def _count_bytes(self, channel: str, direction: str, n: int) -> None:
+        """Gossip bytes by channel: ours by name, any other as "unknown" (its name is the sender's choice)."""
+        self.metrics.gossip_bytes[channel if channel in self.channels else "unknown", direction] += n
 
     def _schedule_periodic_gossip(self) -> None:
         jitter = self.rng.uniform(0.8, 1.2)

@@ -28,8 +28,7 @@ class Routes:
         self._refreshed_at = float("-inf")
         self._ourself = topology.ourself.name
         self._graph_version = -1
-        self._reported: dict[int, set[int]] = {}
-        self._adjacency: dict[int, set[int]] = {}
+        self._reported: dict[int, frozenset[int]] = {}  # established connections each peer reports
         self._unicast: dict[int, int] | None = None
         self._broadcast: dict[int, list[int]] = {}
 
@@ -48,33 +47,34 @@ class Routes:
         return True
 
     def _update_adjacency(self) -> None:
-        """Bring the symmetric adjacency up to date for just the peers whose edges changed."""
-        peers = self._topology.peers
-        reported, adjacency = self._reported, self._adjacency
+        """Take the established connections each peer reports, for just the peers whose edges changed.
+
+        The symmetric adjacency is not stored: a mesh of N peers would hold N sets in every peer's view
+        (the simulator holds all the views at once); ``_linked`` works it out when a walk needs it.
+        """
+        peers, reported = self._topology.peers, self._reported
         dirty, self._topology.dirty = self._topology.dirty, set()
         for name in dirty:
-            old = reported.pop(name, set())
-            adjacency.pop(name, None)
-            for p in old:
-                adjacency.get(p, set()).discard(name)
             entry = peers.get(name)
             if entry is None:
-                continue
-            out = {c.peer for c in entry.connections if c.established}
-            reported[name] = out
-            adjacency[name] = {p for p in out if name in reported.get(p, ())}
-            for p in adjacency[name]:
-                adjacency[p].add(name)
+                reported.pop(name, None)
+            else:
+                reported[name] = entry.established  # shared with the entry, never changed
+
+    def _linked(self, node: int) -> list[int]:
+        """``node``'s neighbours over symmetric connections (both ends report each other), in order."""
+        reported = self._reported
+        return sorted(p for p in reported.get(node, ()) if node in reported.get(p, ()))
 
     def _bfs_next_hops(self) -> dict[int, int]:
         hops: dict[int, int] = {}
         queue: deque[int] = deque()
-        for n in sorted(self._adjacency.get(self._ourself, ())):
+        for n in self._linked(self._ourself):
             hops[n] = n
             queue.append(n)
         while queue:
             node = queue.popleft()
-            for n in sorted(self._adjacency.get(node, ())):
+            for n in self._linked(node):
                 if n != self._ourself and n not in hops:
                     hops[n] = hops[node]
                     queue.append(n)
@@ -96,7 +96,7 @@ class Routes:
     def neighbours(self) -> set[int]:
         """Peers we share a symmetric, established connection with."""
         self._refresh()
-        return set(self._adjacency.get(self._ourself, ()))
+        return set(self._linked(self._ourself))
 
     def broadcast(self, source: int) -> list[int] | None:
         """Our children in ``source``'s BFS tree; None when we are not on it or the view is churning."""
@@ -104,18 +104,21 @@ class Routes:
             return None
         if source in self._broadcast:
             return self._broadcast[source]
-        if source not in self._adjacency:
+        if source not in self._reported:
             return None
+        # A peer's parent is the first peer taken from the queue that links to it. Once we are taken, each of our
+        # neighbours has its parent: the walk stops there, as the rest of the tree does not change our children.
         parent: dict[int, int] = {source: source}
         queue: deque[int] = deque([source])
         while queue:
             node = queue.popleft()
-            for n in sorted(self._adjacency[node]):
+            linked = self._linked(node)
+            for n in linked:
                 if n not in parent:
                     parent[n] = node
                     queue.append(n)
-        if self._ourself not in parent:
-            return None
-        children = sorted(n for n in self._adjacency.get(self._ourself, ()) if parent.get(n) == self._ourself)
-        self._broadcast[source] = children
-        return children
+            if node == self._ourself:
+                children = [n for n in linked if parent[n] == node]
+                self._broadcast[source] = children
+                return children
+        return None

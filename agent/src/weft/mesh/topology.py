@@ -7,8 +7,11 @@ entries that changed, so its cost does not grow with the size of the mesh.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+import msgpack
 
 from weft.mesh.codec import DecodeError, expect, expect_uint, pack, unpack
 from weft.mesh.peer import NAME_BITS, PeerInfo
@@ -36,9 +39,26 @@ class PeerEntry:
     uid: int
     version: int
     connections: tuple[ConnectionSummary, ...] = ()
+    # Derived once, as the entry is shared by every merge, route computation and relay that reads it: the edges
+    # (peer, established) that the graph is made of, the peers of the established ones, and (when first sent)
+    # the entry's msgpack encoding.
+    edges: frozenset[tuple[int, bool]] = field(init=False, repr=False, compare=False)
+    established: frozenset[int] = field(init=False, repr=False, compare=False)
+    _packed: bytes | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        edges = frozenset((c.peer, c.established) for c in self.connections)
+        object.__setattr__(self, "edges", edges)
+        object.__setattr__(self, "established", frozenset(peer for peer, up in edges if up))
 
     def beats(self, other: PeerEntry) -> bool:
         return (self.version, self.uid) > (other.version, other.uid)
+
+    def packed(self) -> bytes:
+        """``to_wire()`` as msgpack, encoded once: an entry is relayed to every peer of the mesh."""
+        if self._packed is None:
+            object.__setattr__(self, "_packed", pack(self.to_wire()))
+        return self._packed  # type: ignore[return-value]
 
     def to_wire(self) -> list:
         return [
@@ -91,17 +111,38 @@ class TopologyUpdate:
                 self.entries[name] = entry
 
     def encode(self) -> bytes:
-        return pack([e.to_wire() for e in self.entries.values()])
+        # The msgpack of a list is its header and then each item's msgpack: the same bytes as packing it whole.
+        return _PACKER.pack_array_header(len(self.entries)) + b"".join(e.packed() for e in self.entries.values())
 
     @classmethod
     def decode(cls, payload: bytes) -> TopologyUpdate:
+        if len(payload) <= MEMO_MAX_BYTES:
+            known = _decoded.get(payload)
+            if known is not None:
+                _decoded.move_to_end(payload)
+                return cls(dict(known))
         raw = unpack(payload, KIND)
         expect(raw, list, KIND, "update")
-        update = cls()
+        entries: dict[int, PeerEntry] = {}
         for item in raw:
             entry = PeerEntry.from_wire(item)
-            update.merge(cls({entry.name: entry}))
-        return update
+            mine = entries.get(entry.name)
+            if mine is None or entry.beats(mine):
+                entries[entry.name] = entry
+        if len(payload) <= MEMO_MAX_BYTES:
+            _decoded[payload] = entries
+            if len(_decoded) > MEMO_SIZE:
+                _decoded.popitem(last=False)
+        return cls(dict(entries))
+
+
+# Recently decoded deltas, by their bytes. A delta crosses the mesh byte for byte as its source encoded it, so a
+# peer that hears it again (from another neighbour while broadcast trees settle) or a process that holds many
+# peers (the simulator: each delta reaches all of them) decodes it once. Entries are immutable, so they are shared.
+_PACKER = msgpack.Packer(use_bin_type=True)
+MEMO_SIZE = 1024
+MEMO_MAX_BYTES = 1024  # full states are big and rarely repeat
+_decoded: OrderedDict[bytes, dict[int, PeerEntry]] = OrderedDict()
 
 
 class Topology:
@@ -114,6 +155,12 @@ class Topology:
         # ``dirty`` names the peers whose edges changed, so routes can update just those.
         self.graph_version = 0
         self.dirty: set[int] = {ourself.name}
+        # Reachability is asked after every change, so it is kept up to date rather than walked afresh: while
+        # peers only arrive and report more connections, every peer we reached stays reached.
+        self._reached: set[int] = {ourself.name}
+        self._wanted: set[int] = set()  # peers that reached peers report connections to, not in our view yet
+        self._grown: set[int] = {ourself.name}  # peers new to us or with more connections since the last walk
+        self._shrunk = False  # a peer left, or reported fewer peers: walk again from us
 
     @property
     def our_entry(self) -> PeerEntry:
@@ -125,13 +172,21 @@ class Topology:
         conns = tuple(sorted(connections, key=lambda c: c.peer))
         entry = PeerEntry(old.name, old.nickname, old.uid, old.version + 1, conns)
         self.peers[old.name] = entry
-        if _edges(old) != _edges(entry):
-            self._graph_changed(old.name)
+        if old.edges != entry.edges:
+            self._graph_changed(old.name, old, entry)
         return entry
 
-    def _graph_changed(self, name: int) -> None:
+    def _graph_changed(self, name: int, old: PeerEntry | None, new: PeerEntry | None) -> None:
         self.graph_version += 1
         self.dirty.add(name)
+        if new is None or (
+            old is not None
+            and not old.edges <= new.edges
+            and not {p for p, _ in old.edges} <= {p for p, _ in new.edges}
+        ):
+            self._shrunk = True
+        else:
+            self._grown.add(name)
 
     def full_update(self) -> TopologyUpdate:
         return TopologyUpdate(dict(self.peers))
@@ -158,28 +213,44 @@ class Topology:
                 continue
             self.peers[name] = entry
             delta.entries[name] = entry
-            if mine is None or _edges(mine) != _edges(entry):
-                self._graph_changed(name)
+            if mine is None or mine.edges != entry.edges:
+                self._graph_changed(name, mine, entry)
         return delta, reannounce
 
     def unreachable(self) -> set[int]:
         """Peers we cannot reach over any chain of reported connections."""
-        reached = {self.ourself.name}
-        stack = [self.ourself.name]
+        peers = self.peers
+        if self._shrunk:
+            self._reached, self._wanted, grown = {self.ourself.name}, set(), {self.ourself.name}
+        else:
+            grown = self._grown
+        self._shrunk, self._grown = False, set()
+        reached, wanted = self._reached, self._wanted
+        # Walk on from the reached peers that report more connections, and from the peers new to us that a
+        # reached peer already reported a connection to.
+        stack = [name for name in grown if name in reached]
+        for name in grown:
+            if name in wanted and name in peers:
+                wanted.discard(name)
+                reached.add(name)
+                stack.append(name)
         while stack:
-            entry = self.peers.get(stack.pop())
+            entry = peers.get(stack.pop())
             if entry is None:
                 continue
             for c in entry.connections:
-                if c.peer not in reached and c.peer in self.peers:
-                    reached.add(c.peer)
-                    stack.append(c.peer)
-        return self.peers.keys() - reached
+                if c.peer not in reached:
+                    if c.peer in peers:
+                        reached.add(c.peer)
+                        stack.append(c.peer)
+                    else:
+                        wanted.add(c.peer)
+        return peers.keys() - reached
 
     def forget(self, names: set[int]) -> list[PeerEntry]:
         gone = [self.peers.pop(name) for name in names if name in self.peers and name != self.ourself.name]
         for entry in gone:
-            self._graph_changed(entry.name)
+            self._graph_changed(entry.name, entry, None)
         return gone
 
 
@@ -189,7 +260,3 @@ def _printable(text: str, what: str) -> str:
         return refuse_control(text, what)
     except ValueError as exc:
         raise DecodeError(KIND, str(exc)) from None
-
-
-def _edges(entry: PeerEntry) -> frozenset[tuple[int, bool]]:
-    return frozenset((c.peer, c.established) for c in entry.connections)
