@@ -31,12 +31,18 @@ FAMILY = "bridge"
 
 
 def ruleset(address: str, overlay_ports: Sequence[str]) -> str:
-    """The whole table: four drops each way on the overlay ports."""
+    """The whole table: four drops each way on the overlay ports.
+
+    Every frame the bridge forwards, fast-path traffic included, passes both chains, so each rule tests the
+    address first: for a frame that does not name it, that is two loads and two compares per rule. Only a frame
+    that does then costs the interface's name and the set lookup (tested first, they were the chains' whole cost:
+    a 16-byte copy and hash per rule and frame, about 10% of the kernel's time per small packet).
+    """
     ip = ipaddress.IPv4Address(address)  # never anything but an address into the script
     ports = ", ".join(f'"{p}"' for p in sorted(overlay_ports))
-    matches = [f"arp daddr ip {ip}", f"arp saddr ip {ip}", f"ip daddr {ip}", f"ip saddr {ip}"]
-    inbound = "\n".join(f"        iifname @overlay {m} counter drop" for m in matches)
-    outbound = "\n".join(f"        oifname @overlay {m} counter drop" for m in matches)
+    matches = [f"ip daddr {ip}", f"ip saddr {ip}", f"arp daddr ip {ip}", f"arp saddr ip {ip}"]
+    inbound = "\n".join(f"        {m} iifname @overlay counter drop" for m in matches)
+    outbound = "\n".join(f"        {m} oifname @overlay counter drop" for m in matches)
     return f"""table {FAMILY} {TABLE} {{
     set overlay {{ type ifname; elements = {{ {ports} }}; }}
     chain from_overlay {{
