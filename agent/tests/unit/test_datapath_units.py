@@ -50,6 +50,23 @@ def test_a_restarted_peer_moves_past_what_its_last_run_left() -> None:
     assert delta.entries[A].version > stale.entries[A].version
 
 
+def test_our_own_entry_gossiped_back_unchanged_is_no_news() -> None:
+    """Anti-entropy hands every peer its own entry back: bumping its version for that made every full-state round
+    a mesh-wide change (each host reprogramming its kernel tables)."""
+    changes: list[str] = []
+    a, b = MacTable(A, lambda: changes.append("a")), MacTable(B, lambda: changes.append("b"))
+    b.on_gossip(a.set_local([MAC1]).encode())  # type: ignore[union-attr]
+    version = a.entries[A].version
+    learnt = a.on_gossip(b.gossip().encode())  # b's entry is news to a; a's own, coming back, is not
+    assert learnt is not None and set(learnt.entries) == {B}
+    assert a.on_gossip(b.gossip().encode()) is None
+    assert a.entries[A].version == version and changes == ["b", "a"]
+    other = b.gossip()  # the same version with other MACs: an earlier run's, which ours must beat
+    other.entries[A] = type(other.entries[A])(version, frozenset([MAC2]))
+    delta = a.on_gossip(other.encode())
+    assert delta is not None and delta.entries[A].macs == {MAC1} and delta.entries[A].version > version
+
+
 def test_a_mac_claimed_twice_is_a_conflict_with_the_same_owner_on_every_host_whatever_the_order() -> None:
     a, b, c = MacTable(A, lambda: None), MacTable(B, lambda: None), MacTable(C, lambda: None)
     claim_a = a.set_local([MAC3])

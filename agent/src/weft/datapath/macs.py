@@ -118,8 +118,12 @@ class MacTable:
         for name, entry in MacUpdate.decode(payload).entries.items():
             mine = self.entries.get(name)
             if name == self.ourself:
-                if mine is not None and entry.version >= mine.version:
-                    # An older run of ours left this in the mesh: move past it with what we have now.
+                # Our own entry coming back (anti-entropy, a neighbour's full state) is no news. An older run of ours
+                # left one at least as new (another set of MACs at our version, or a later version): move past it
+                # with what we have now.
+                if mine is not None and (
+                    entry.version > mine.version or (entry.version == mine.version and entry.macs != mine.macs)
+                ):
                     self.entries[name] = MacEntry(entry.version + 1, mine.macs)
                     delta.entries[name] = self.entries[name]
                 continue
