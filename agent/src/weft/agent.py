@@ -10,7 +10,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from weft import __version__
-from weft.config import AgentConfig, ConfigError, read_secrets
+from weft.api.server import ApiServer, Served
+from weft.config import SETTINGS, AgentConfig, ConfigError, read_secrets
 from weft.ipam.holders import claim_found
 from weft.ipam.persist import IpamStore
 from weft.ipam.service import Ipam
@@ -26,19 +27,12 @@ from weft.sdnotify import notify
 from weft.store import Store
 
 if TYPE_CHECKING:
-    from weft.api.server import ApiServer
     from weft.datapath.plane import DataPlane
     from weft.dns.host import HostDns
 
 log = logging.getLogger(__name__)
 
 FORWARDING_WAIT = 1  # path intervals a starting agent waits for its targets' data paths before it starts the API
-
-
-def _api_server() -> type[ApiServer]:
-    from weft.api.server import ApiServer  # imports the agent's types; a module-level import would be a cycle
-
-    return ApiServer
 
 
 class Agent:
@@ -174,19 +168,15 @@ class Agent:
                     self.dataplane.stop()
                     await self.transport.stop()
                     raise
-        # Peers before the API: a restart's traffic waits for the targets' dials and their data paths, not for the
-        # import of the API's web framework (a fifth of a second of CPU), which runs in a thread once they are out.
+        # Peers before the API: a restart's traffic waits for the targets' dials and their data paths, not for the API.
         self.router.start()
         targets = list(self.maker.targets.values())
         self.maker.check()
-        # The dials are out: import the API's framework while they travel (threads share the CPU in turns of a few
-        # milliseconds, so a handshake that comes back waits little), rather than after them.
-        api_class = asyncio.ensure_future(asyncio.to_thread(_api_server))
         loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
         loop.add_signal_handler(signal.SIGINT, self._stopping.set)
         await self._until_forwarding(targets, FORWARDING_WAIT * c.path_interval)
         try:
-            api: ApiServer = (await api_class)(self)
+            api = ApiServer(self.served())
             await api.start()
         except BaseException:
             self.maker.stop()
@@ -276,9 +266,7 @@ class Agent:
             self.metrics.reload_failures.inc()
             return
         needs_restart = [
-            k
-            for k in AgentConfig.model_fields
-            if k not in self.RELOADABLE and getattr(config, k) != getattr(self.config, k)
+            k for k in SETTINGS if k not in self.RELOADABLE and getattr(config, k) != getattr(self.config, k)
         ]
         if needs_restart:
             log.warning(
@@ -286,7 +274,7 @@ class Agent:
                 ", ".join(needs_restart),
                 "it" if len(needs_restart) == 1 else "them",
             )
-        self.config = self.config.model_copy(update={k: getattr(config, k) for k in self.RELOADABLE})
+        self.config = self.config.copy(**{k: getattr(config, k) for k in self.RELOADABLE})
         was_encrypting = bool(self.secrets)
         self.secrets = secrets
         self.maker.set_origin_targets("config", config.peers)
@@ -308,6 +296,20 @@ class Agent:
         )
 
     # -- status -----------------------------------------------------------------------------------
+
+    def served(self) -> Served:
+        """What the API serves: the components, each for what it does, and this agent's status view."""
+        return Served(
+            config=self.config,
+            metrics=self.metrics,
+            status=self.status,
+            router=self.router,
+            transport=self.transport,
+            maker=self.maker,
+            ipam=self.ipam,
+            dataplane=self.dataplane,
+            dns=self.dns,
+        )
 
     def status(self) -> dict[str, Any]:
         c = self.config

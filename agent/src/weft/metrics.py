@@ -5,13 +5,12 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from weft.promtext import Counter, Family, Gauge, Registry, Sample
 
 
 class Metrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = Registry()
         r = self.registry
         self.peers = Gauge("weft_peers", "Peers in this agent's view of the mesh, itself included", registry=r)
         self.connections = Gauge(
@@ -20,17 +19,15 @@ class Metrics:
         self.terminations = Counter(
             "weft_connection_terminations_total", "Established connections that ended", registry=r
         )
-        # Counted on every gossip message, so kept as plain integers (a labelled Counter takes a lock for each
+        # Counted on every gossip message, so kept as plain integers (a labelled counter takes a lock for each
         # increment) and exported as a counter when scraped.
         self.gossip_bytes: defaultdict[tuple[str, str], int] = defaultdict(int)
         r.register(
-            _PlainCounters(
-                "weft_gossip_bytes",
-                "Gossip payload bytes by channel and direction",
-                ["channel", "direction"],
+            _plain_counters(
+                "weft_gossip_bytes", "Gossip payload bytes by channel and direction", ("channel", "direction"),
                 self.gossip_bytes,
             )
-        )
+        )  # fmt: skip
         self.handshake_failures = Counter(
             "weft_handshake_failures",
             "Control connections that failed before becoming a peer connection",
@@ -164,61 +161,46 @@ class Metrics:
         worker_bytes: Callable[[], list[dict[str, int]]] = list,
     ) -> None:
         """Export the data path's counters, which its threads keep as plain integers."""
-        self.registry.register(_DatapathCollector(byte_counts, drop_counts, worker_bytes))
+
+        def collect() -> Iterator[Family]:
+            sent = [
+                Sample("weft_datapath_bytes_total", {"path": path, "direction": direction}, float(value))
+                for (path, direction), value in sorted(byte_counts().items())
+            ]
+            yield Family("weft_datapath_bytes", "counter", "Overlay bytes by data path and direction", sent)
+            dropped = [
+                Sample("weft_datapath_packets_dropped_total", {"reason": reason}, float(value))
+                for reason, value in sorted(drop_counts().items())
+            ]
+            yield Family("weft_datapath_packets_dropped", "counter", "Data-path packets dropped, by reason", dropped)
+            workers = [
+                Sample("weft_datapath_worker_bytes_total", {"worker": str(index), "direction": direction}, float(value))
+                for index, counts in enumerate(worker_bytes())
+                for direction, value in sorted(counts.items())
+            ]
+            yield Family(
+                "weft_datapath_worker_bytes",
+                "counter",
+                "UDP bytes each sleeve worker sent and received (all paths; control sends aside)",
+                workers,
+            )
+
+        self.registry.register(collect)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return self.registry.render()
 
 
-class _PlainCounters:
-    """A labelled counter kept by its owner as a dict of label values to integers."""
+def _plain_counters(
+    name: str, documentation: str, labels: tuple[str, ...], counts: dict[tuple[str, ...], int]
+) -> Callable[[], list[Family]]:
+    """A labelled counter kept by its owner as a dict of label values to integers, exported when scraped."""
 
-    def __init__(self, name: str, documentation: str, labels: list[str], counts: dict[tuple[str, ...], int]) -> None:
-        self._name, self._documentation, self._labels, self._counts = name, documentation, labels, counts
+    def collect() -> list[Family]:
+        samples = [
+            Sample(f"{name}_total", dict(zip(labels, key, strict=True)), float(value))
+            for key, value in sorted(counts.items())
+        ]
+        return [Family(name, "counter", documentation, samples)]
 
-    def describe(self) -> list[Metric]:
-        return []
-
-    def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(self._name, self._documentation, labels=self._labels)
-        for labels, value in sorted(self._counts.items()):
-            family.add_metric(list(labels), value)
-        yield family
-
-
-class _DatapathCollector:
-    def __init__(
-        self,
-        byte_counts: Callable[[], dict[tuple[str, str], int]],
-        drop_counts: Callable[[], dict[str, int]],
-        worker_bytes: Callable[[], list[dict[str, int]]],
-    ) -> None:
-        self._bytes = byte_counts
-        self._drops = drop_counts
-        self._workers = worker_bytes
-
-    def describe(self) -> list[Metric]:
-        return []
-
-    def collect(self) -> Iterator[Metric]:
-        sent = CounterMetricFamily(
-            "weft_datapath_bytes", "Overlay bytes by data path and direction", labels=["path", "direction"]
-        )
-        for (path, direction), value in sorted(self._bytes().items()):
-            sent.add_metric([path, direction], value)
-        yield sent
-        dropped = CounterMetricFamily(
-            "weft_datapath_packets_dropped", "Data-path packets dropped, by reason", labels=["reason"]
-        )
-        for reason, value in sorted(self._drops().items()):
-            dropped.add_metric([reason], value)
-        yield dropped
-        workers = CounterMetricFamily(
-            "weft_datapath_worker_bytes",
-            "UDP bytes each sleeve worker sent and received (all paths; control sends aside)",
-            labels=["worker", "direction"],
-        )
-        for index, counts in enumerate(self._workers()):
-            for direction, value in sorted(counts.items()):
-                workers.add_metric([str(index), direction], value)
-        yield workers
+    return collect

@@ -326,7 +326,7 @@ def test_a_malformed_heartbeat_is_counted_not_raised() -> None:
     plane.paths[B] = _state()
     plane._on_control(B, ("10.0.0.2", 6783), b"\xc1\xc1", 10, 1.0)
     plane._on_control(B, ("10.0.0.2", 6783), pack([1, 2]), 10, 1.0)
-    assert metrics.decode_errors.labels("datapath")._value.get() == 2
+    assert metrics.decode_errors.labels("datapath").value == 2
 
 
 def _trusted_fast(keys: SessionKeys | None) -> PathState:

@@ -1,235 +1,270 @@
-"""HTTP API: control over a root-only unix socket; metrics and read-only status on a TCP address."""
+"""HTTP API: control over a root-only unix socket; metrics and read-only status on a TCP address.
+
+The server gets the components it serves (:class:`Served`), not the agent: the connection maker for connect and
+forget, IPAM and the data plane for the overlay requests, the DNS names, the metrics, and the agent's status view.
+Both listeners are :class:`weft.api.http.HttpListener` (h11, with the limits docs/operations.md lists).
+"""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ipaddress
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-
 from weft.addresses import AddressError
-from weft.api.public import PublicServer
-from weft.config import ConfigError
+from weft.api.http import HttpListener, Request, Response, error, json_response
+from weft.config import AgentConfig, ConfigError
 from weft.datapath.attach import OverlayError
 from weft.ipam.holders import HolderError
 from weft.ipam.holders import carry_out as with_ipam
 from weft.ipam.service import IpamError
-from weft.limits import Episode
 
 if TYPE_CHECKING:
-    from weft.agent import Agent
+    from weft.datapath.plane import DataPlane
+    from weft.dns.host import HostDns
     from weft.dns.registrations import Registrations
+    from weft.ipam.service import Ipam
+    from weft.mesh.connection_maker import ConnectionMaker
+    from weft.mesh.router import Router
+    from weft.mesh.transport import ControlTransport
+    from weft.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 SECTIONS = ("peers", "connections", "targets", "ipam", "dns")
 MAX_BODY = 64 * 1024  # the largest request body the control API reads; its requests are a few hundred bytes
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass(frozen=True)
+class Served:
+    """What the API serves: the agent's components, and its status as ``weft status --json`` shows it."""
+
+    config: AgentConfig
+    metrics: Metrics
+    status: Callable[[], dict[str, Any]]
+    router: Router
+    transport: ControlTransport
+    maker: ConnectionMaker
+    ipam: Ipam
+    dataplane: DataPlane | None = None
+    dns: HostDns | None = None
+
+
+Route = Callable[[Request], Awaitable[Response]]
 
 
 class ApiServer:
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-        self._runners: list[web.AppRunner] = []
-        self._unix: asyncio.Server | None = None
-        self._public: PublicServer | None = None
-        self._refusals = Episode(
-            log,
-            f"API socket: connection cap ({agent.config.api_conn_limit}) reached; closing new connections",
-            "API socket: below its connection cap again; connections refused",
+    def __init__(self, served: Served) -> None:
+        self.served = served
+        config = served.config
+        self.control = HttpListener(
+            "api",
+            self.handle,
+            served.metrics,
+            limit=config.api_conn_limit,
+            timeout=config.api_timeout,  # an idle connection is closed after it; the cap bounds what even root holds
+            max_body=MAX_BODY,
+            keep_alive=True,
         )
+        self.public = HttpListener(
+            "metrics",
+            self.handle_public,
+            served.metrics,
+            limit=config.api_conn_limit,
+            timeout=config.api_timeout,
+            max_body=0,
+            keep_alive=False,
+            error_body=_text_error,
+        )
+        self._gets: dict[str, Route] = {
+            "/status": self.status,
+            "/report": self.status,
+            "/metrics": self.metrics,
+            "/dns/lookup": self.dns_lookup,
+        }
+        self._posts: dict[str, Route] = {
+            "/connect": self.connect,
+            "/forget": self.forget,
+            "/attach": self.attach,
+            "/detach": self.detach,
+            "/expose": self.expose,
+            "/hide": self.hide,
+            "/rmpeer": self.rmpeer,
+            "/dns/add": self.dns_add,
+            "/dns/remove": self.dns_remove,
+        }
 
     async def start(self) -> None:
-        config = self.agent.config
-        control = web.Application(client_max_size=MAX_BODY, middlewares=[_errors])
-        control.add_routes(
-            [
-                web.get("/status", self.status),
-                web.get("/status/{section}", self.status),
-                web.get("/report", self.status),
-                web.get("/metrics", self.metrics),
-                web.post("/connect", self.connect),
-                web.post("/forget", self.forget),
-                web.post("/attach", self.attach),
-                web.post("/detach", self.detach),
-                web.post("/expose", self.expose),
-                web.post("/hide", self.hide),
-                web.post("/rmpeer", self.rmpeer),
-                web.post("/dns/add", self.dns_add),
-                web.post("/dns/remove", self.dns_remove),
-                web.get("/dns/lookup", self.dns_lookup),
-            ]
-        )
+        config = self.served.config
         path = config.api_socket
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_socket():
             path.unlink()  # left by a previous run that was killed
-        # An idle connection is closed after api_timeout; the cap bounds what even root can hold open.
-        runner = web.AppRunner(control, access_log=None, keepalive_timeout=config.api_timeout)
-        await runner.setup()
-        self._runners.append(runner)
-        server = runner.server
-        assert server is not None
-
-        def factory() -> asyncio.BaseProtocol:
-            if len(server.connections) >= config.api_conn_limit:
-                return _Refused(self, "api")
-            return server()
-
         old_umask = os.umask(0o077)
         try:
-            self._unix = await asyncio.get_running_loop().create_unix_server(factory, str(path))
+            await self.control.listen_unix(str(path))
         except OSError as exc:
             raise ConfigError(f"cannot listen on the API socket {path}: {exc.strerror or exc}") from None
         finally:
             os.umask(old_umask)
-
         host, port = config.metrics_host_port()
-        self._public = PublicServer(
-            self.public_get, self.agent.metrics, limit=config.api_conn_limit, timeout=config.api_timeout
-        )
         try:
-            await self._public.start(host or None, port)
+            await self.public.listen_tcp(host or None, port)
         except OSError as exc:
             # A metrics address the host does not have (or a port taken): say which setting, and exit.
+            await self.control.stop()
             raise ConfigError(
                 f"cannot listen for metrics on {config.metrics_addr} (metrics_addr): {exc.strerror or exc}"
             ) from None
 
-    def refused(self, listener: str) -> None:
-        self.agent.metrics.api_refused.labels(listener, "conn_limit").inc()
-        self._refusals.hit()
-
     async def stop(self) -> None:
-        if self._unix is not None:
-            self._unix.close()
-        if self._public is not None:
-            await self._public.stop()
-        self._refusals.cancel()
-        for runner in self._runners:
-            await runner.cleanup()
+        await self.control.stop()
+        await self.public.stop()
         with contextlib.suppress(OSError):
-            self.agent.config.api_socket.unlink()
+            self.served.config.api_socket.unlink()
 
-    async def status(self, request: web.Request) -> web.Response:
-        status = self.agent.status()
-        section = request.match_info.get("section")
-        if section is None:
-            return web.json_response(status)
-        if section not in SECTIONS:
-            return _error(404, f"no status section {section!r}; choose from {', '.join(SECTIONS)}")
-        return web.json_response(status[section])
+    # -- dispatch -----------------------------------------------------------------------------------
 
-    def public_get(self, path: str) -> tuple[int, str, bytes]:
+    async def handle(self, request: Request) -> Response:
+        """The control API: a route by method and path, else 404 (no such path) or 405 (another method)."""
+        method = "GET" if request.method == "HEAD" else request.method
+        table = {"GET": self._gets, "POST": self._posts}.get(method, {})
+        route = table.get(request.path)
+        if route is None and method == "GET" and request.path.startswith("/status/"):
+            route = self.status
+        if route is not None:
+            return await route(request)
+        allowed = [m for m, t in (("GET", self._gets), ("POST", self._posts)) if request.path in t]
+        if request.path.startswith("/status/"):
+            allowed = ["GET"]
+        if allowed:
+            response = error(405, f"{request.method} is not served at {request.path}; use {' or '.join(allowed)}")
+            response.headers.append(("Allow", ", ".join(allowed)))
+            return response
+        return error(404, f"no such API endpoint: {request.method} {request.path}")
+
+    async def handle_public(self, request: Request) -> Response:
         """GET on the public listener: the metrics and the read-only status, nothing else."""
+        if request.method not in ("GET", "HEAD"):
+            return Response(405, b"only GET is served here\n", "text/plain", [("Allow", "GET")])
+        path = request.path
         if path == "/metrics":
-            self._refresh_gauges()
-            return 200, "text/plain; version=0.0.4; charset=utf-8", self.agent.metrics.render()
+            return await self.metrics(request)
         if path == "/status" or path.startswith("/status/"):
-            status = self.agent.status()
-            section = path[len("/status/") :] if path.startswith("/status/") else None
-            if section is None:
-                return 200, "application/json", json.dumps(status).encode()
-            if section in SECTIONS:
-                return 200, "application/json", json.dumps(status[section]).encode()
-            body = {"error": f"no status section; choose from {', '.join(SECTIONS)}"}
-            return 404, "application/json", json.dumps(body).encode()
-        return 404, "application/json", json.dumps({"error": "not found: GET /metrics or /status"}).encode()
+            response = await self.status(request)
+            if response.status == 404:
+                return error(404, f"no status section; choose from {', '.join(SECTIONS)}")
+            return response
+        return error(404, "not found: GET /metrics or /status")
 
-    async def metrics(self, request: web.Request) -> web.Response:
+    # -- status and metrics -------------------------------------------------------------------------
+
+    async def status(self, request: Request) -> Response:
+        status = self.served.status()
+        if not request.path.startswith("/status/"):
+            return Response(200, json.dumps(status).encode())
+        section = request.path[len("/status/") :]
+        if section not in SECTIONS:
+            return error(404, f"no status section {section!r}; choose from {', '.join(SECTIONS)}")
+        return Response(200, json.dumps(status[section]).encode())
+
+    async def metrics(self, request: Request) -> Response:
         self._refresh_gauges()
-        return web.Response(body=self.agent.metrics.render(), content_type="text/plain", charset="utf-8")
+        return Response(200, self.served.metrics.render(), PROMETHEUS_TEXT)
 
     def _refresh_gauges(self) -> None:
-        metrics = self.agent.metrics
-        self.agent.ipam.update_metrics()
-        metrics.peers.set(len(self.agent.router.topology.peers))
+        served = self.served
+        metrics = served.metrics
+        served.ipam.update_metrics()
+        metrics.peers.set(len(served.router.topology.peers))
         counts: dict[tuple[str, str], int] = {}
-        for row in self.agent.transport.status():
+        for row in served.transport.status():
             key = (row["state"], "yes" if row["encrypted"] else "no")
             counts[key] = counts.get(key, 0) + 1
         for state in ("pending", "established"):
             for enc in ("yes", "no"):
                 metrics.connections.labels(state, enc).set(counts.get((state, enc), 0))
 
-    async def connect(self, request: web.Request) -> web.Response:
-        body = await _json(request)
-        if isinstance(body, web.Response):
+    # -- targets ------------------------------------------------------------------------------------
+
+    async def connect(self, request: Request) -> Response:
+        body = _addresses(request)
+        if isinstance(body, Response):
             return body
         replace = body.get("replace", False)
         if not isinstance(replace, bool):
-            return _error(400, "'replace' must be true or false")
+            return error(400, "'replace' must be true or false")
         try:
-            added = self.agent.maker.connect(body["addresses"], replace=replace)
+            added = self.served.maker.connect(body["addresses"], replace=replace)
         except AddressError as exc:
-            return _error(400, str(exc))
-        return web.json_response({"targets": added})
+            return error(400, str(exc))
+        return json_response({"targets": added})
 
-    async def forget(self, request: web.Request) -> web.Response:
-        body = await _json(request)
-        if isinstance(body, web.Response):
+    async def forget(self, request: Request) -> Response:
+        body = _addresses(request)
+        if isinstance(body, Response):
             return body
         try:
-            forgotten = self.agent.maker.forget(body["addresses"])
+            forgotten = self.served.maker.forget(body["addresses"])
         except AddressError as exc:
-            return _error(400, str(exc))
-        return web.json_response({"forgotten": forgotten})
+            return error(400, str(exc))
+        return json_response({"forgotten": forgotten})
 
     # -- the data plane: containers and the host on the overlay ------------------------------------
 
-    async def attach(self, request: web.Request) -> web.Response:
+    async def attach(self, request: Request) -> Response:
         return await self._overlay(request, "attach")
 
-    async def detach(self, request: web.Request) -> web.Response:
+    async def detach(self, request: Request) -> Response:
         return await self._overlay(request, "detach")
 
-    async def expose(self, request: web.Request) -> web.Response:
+    async def expose(self, request: Request) -> Response:
         return await self._overlay(request, "expose")
 
-    async def hide(self, request: web.Request) -> web.Response:
+    async def hide(self, request: Request) -> Response:
         return await self._overlay(request, "hide")
 
-    async def _overlay(self, request: web.Request, action: str) -> web.Response:
-        plane = self.agent.dataplane
+    async def _overlay(self, request: Request, action: str) -> Response:
+        plane, dns = self.served.dataplane, self.served.dns
         if plane is None:
-            return _error(409, "the data plane is off on this agent (datapath: false); enable it and restart")
-        body = await _object(request)
-        if isinstance(body, web.Response):
+            return error(409, "the data plane is off on this agent (datapath: false); enable it and restart")
+        body = _object(request)
+        if isinstance(body, Response):
             return body
         cidrs = body.get("cidrs", [])
         if not isinstance(cidrs, list) or not all(isinstance(c, str) for c in cidrs):
-            return _error(400, "'cidrs' must be a list of CIDR strings like 10.32.0.1/12")
+            return error(400, "'cidrs' must be a list of CIDR strings like 10.32.0.1/12")
         name = body.get("name")
         if action == "attach" and name is not None:
-            if self.agent.dns is None:
-                return _error(409, "DNS is off on this agent (dns: false): attach without --name, or turn it on")
+            if dns is None:
+                return error(409, "DNS is off on this agent (dns: false): attach without --name, or turn it on")
             if not isinstance(name, str):
-                return _error(400, "'name' must be a string, like web")
+                return error(400, "'name' must be a string, like web")
             try:
-                self.agent.dns.names.fqdn(name)
+                dns.names.fqdn(name)
             except ValueError as exc:
-                return _error(400, str(exc))
+                return error(400, str(exc))
         try:
-            result = await with_ipam(self.agent.ipam, plane.overlay, action, body, cidrs)
-            if self.agent.dns is not None and action in ("attach", "detach") and result.get("key"):
-                result = self._names(action, body, cidrs, result)
-            return web.json_response(result)
+            result = await with_ipam(self.served.ipam, plane.overlay, action, body, cidrs)
+            if dns is not None and action in ("attach", "detach") and result.get("key"):
+                result = self._names(dns, action, body, cidrs, result)
+            return json_response(result)
         except OverlayError as exc:
-            return _error(400, str(exc))
+            return error(400, str(exc))
         except HolderError as exc:
-            self.agent.metrics.overlay_refused.labels(action, "ipam").inc()
+            self.served.metrics.overlay_refused.labels(action, "ipam").inc()
             log.info("%s refused: %s", action, exc)
-            return _error(409, str(exc))
+            return error(409, str(exc))
 
-    def _names(self, action: str, body: dict, cidrs: list[str], result: dict) -> dict:
+    @staticmethod
+    def _names(dns: HostDns, action: str, body: dict, cidrs: list[str], result: dict) -> dict:
         """The container's name gets (or loses) its addresses; its resolver points at this host's DNS address."""
-        dns = self.agent.dns
-        assert dns is not None
         key, netns = result["key"], body.get("netns")
         if action == "attach":
             try:
@@ -249,118 +284,89 @@ class ApiServer:
             dns.names.unpoint_resolver(netns)
         return {**result, "names_removed": removed}
 
-    async def dns_add(self, request: web.Request) -> web.Response:
+    # -- names --------------------------------------------------------------------------------------
+
+    async def dns_add(self, request: Request) -> Response:
         """A name for addresses that are no container's (weft dns-add), kept across restarts."""
 
         def add(names: Registrations, name: str, addresses: list[str]) -> dict:
             fqdn, held = names.add(name, addresses)
             return {"name": fqdn, "addresses": held}
 
-        return await self._names_request(request, add)
+        return self._names_request(request, add)
 
-    async def dns_remove(self, request: web.Request) -> web.Response:
+    async def dns_remove(self, request: Request) -> Response:
         def remove(names: Registrations, name: str, addresses: list[str]) -> dict:
             fqdn, removed = names.remove(name, addresses)
             return {"name": fqdn, "removed": removed, "changed": bool(removed)}
 
-        return await self._names_request(request, remove)
+        return self._names_request(request, remove)
 
-    async def _names_request(
-        self, request: web.Request, act: Callable[[Registrations, str, list[str]], dict]
-    ) -> web.Response:
+    def _names_request(self, request: Request, act: Callable[[Registrations, str, list[str]], dict]) -> Response:
         """A body of 'name' and 'addresses', checked, then ``act`` on this host's registrations."""
-        dns, body = self.agent.dns, await _object(request)
-        if isinstance(body, web.Response):
+        dns, body = self.served.dns, _object(request)
+        if isinstance(body, Response):
             return body
         if dns is None:
-            return _error(409, "DNS is off on this agent (dns: false)")
+            return error(409, "DNS is off on this agent (dns: false)")
         name, addresses = body.get("name"), body.get("addresses", [])
         if not isinstance(name, str) or not _strings(addresses):
-            return _error(400, "give 'name' (a string) and 'addresses' (a list of IPv4 addresses)")
+            return error(400, "give 'name' (a string) and 'addresses' (a list of IPv4 addresses)")
         try:
-            return web.json_response(act(dns.names, name, addresses))
+            return json_response(act(dns.names, name, addresses))
         except ValueError as exc:
-            return _error(400, str(exc))
+            return error(400, str(exc))
 
-    async def dns_lookup(self, request: web.Request) -> web.Response:
+    async def dns_lookup(self, request: Request) -> Response:
         """What the table answers for a name now (what every container asking this host is told)."""
-        dns = self.agent.dns
+        dns = self.served.dns
         if dns is None:
-            return _error(409, "DNS is off on this agent (dns: false)")
-        name = request.query.get("name", "")
+            return error(409, "DNS is off on this agent (dns: false)")
         try:
-            fqdn = dns.names.fqdn(name)
+            fqdn = dns.names.fqdn(request.query.get("name", ""))
         except ValueError as exc:
-            return _error(400, str(exc))
+            return error(400, str(exc))
         found = [str(ipaddress.IPv4Address(a)) for a in dns.table.lookup(fqdn)]
-        return web.json_response({"name": fqdn, "addresses": found})
+        return json_response({"name": fqdn, "addresses": found})
 
-    async def rmpeer(self, request: web.Request) -> web.Response:
+    # -- IPAM ---------------------------------------------------------------------------------------
+
+    async def rmpeer(self, request: Request) -> Response:
         """Take dead peers' address ranges over (weft rmpeer)."""
-        body = await _object(request)
-        if isinstance(body, web.Response):
+        body = _object(request)
+        if isinstance(body, Response):
             return body
         peers, force = body.get("peers"), body.get("force", False)
         if not isinstance(peers, list) or not peers or not all(isinstance(p, str) and p for p in peers):
-            return _error(400, "'peers' must be a non-empty list of peer names or nicknames")
+            return error(400, "'peers' must be a non-empty list of peer names or nicknames")
         if not isinstance(force, bool):
-            return _error(400, "'force' must be true or false")
+            return error(400, "'force' must be true or false")
         try:
-            return web.json_response({"reclaimed": self.agent.ipam.rmpeer(peers, force=force)})
+            return json_response({"reclaimed": self.served.ipam.rmpeer(peers, force=force)})
         except IpamError as exc:
-            return _error(409, str(exc))
+            return error(409, str(exc))
 
 
-class _Refused(asyncio.Protocol):
-    """A connection over a listener's cap: closed at once, unread, counted, logged once per episode."""
-
-    def __init__(self, server: ApiServer, listener: str) -> None:
-        self._server = server
-        self._listener = listener
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.abort()
-        self._server.refused(self._listener)
-
-
-@web.middleware
-async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Whatever goes wrong in a handler, the client gets one line of JSON and the log one line."""
-    try:
-        return await handler(request)
-    except web.HTTPRequestEntityTooLarge:
-        return _error(413, f"request body is over the {MAX_BODY}-byte limit")
-    except web.HTTPException:
-        raise
-    except Exception as exc:
-        log.error("API %s %s failed: %s: %s", request.method, request.path, type(exc).__name__, exc)
-        log.debug("API failure", exc_info=True)
-        return _error(500, f"internal error ({type(exc).__name__}); the agent log has the details")
-
-
-async def _object(request: web.Request) -> dict | web.Response:
+def _object(request: Request) -> dict | Response:
     """The request body as a JSON object, or the 4xx answer that says what is wrong with it."""
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        return _error(413, f"request body is over the {MAX_BODY}-byte limit")
-    raw = await request.read()  # aiohttp stops at client_max_size (413, via _errors)
     try:
-        body = json.loads(raw)
+        body = json.loads(request.body)
     except RecursionError:
-        return _error(400, "request body is nested too deeply")
+        return error(400, "request body is nested too deeply")
     except ValueError:
-        return _error(400, "request body must be JSON")
+        return error(400, "request body must be JSON")
     if not isinstance(body, dict):
-        return _error(400, "request body must be a JSON object")
+        return error(400, "request body must be a JSON object")
     return body
 
 
-async def _json(request: web.Request) -> dict | web.Response:
-    body = await _object(request)
-    if isinstance(body, web.Response):
+def _addresses(request: Request) -> dict | Response:
+    body = _object(request)
+    if isinstance(body, Response):
         return body
     addresses = body.get("addresses")
     if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
-        return _error(400, "'addresses' must be a list of HOST[:PORT] strings")
+        return error(400, "'addresses' must be a list of HOST[:PORT] strings")
     return body
 
 
@@ -368,5 +374,6 @@ def _strings(value: object) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+def _text_error(status: int, message: str) -> Response:
+    """The public listener's refusals (431, 400, 500) are plain text, as a scraper shows them."""
+    return Response(status, f"{message}\n".encode(), "text/plain")

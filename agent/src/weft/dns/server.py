@@ -33,12 +33,12 @@ import dns.rdatatype
 import dns.rdtypes.ANY.PTR
 import dns.rdtypes.IN.A
 import dns.rrset
-from prometheus_client import Counter
 
 from weft.dns import names
 from weft.dns.upstream import Upstream
 from weft.limits import Episode
 from weft.metrics import Metrics
+from weft.promtext import Child
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class _Cached:
     key: str  # the normalised name the query asked for
     addresses: list[int]  # what the table said for it
     variants: list[bytes | None]  # the answer starting at each address (rendered when first needed); or just one
-    counter: Counter  # weft_dns_queries_total, for its rcode
+    counter: Child  # weft_dns_queries_total, for its rcode
     query: dns.message.Message  # to render the variants not yet rendered
 
 
