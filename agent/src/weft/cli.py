@@ -11,12 +11,15 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from weft import __version__
-from weft.api import render
-from weft.api.client import DEFAULT_SOCKET, ApiError, Client
+from weft.api import DEFAULT_SOCKET, render
+
+if TYPE_CHECKING:
+    from weft.api.client import Client
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -35,6 +38,10 @@ def main(ctx: click.Context, api_socket: str) -> None:
     `weft run` is the agent (one per host, usually started by systemd). The other commands talk to the
     agent on this host through its API socket.
     """
+    if ctx.invoked_subcommand == "run":
+        return  # the agent itself: it has no use for the API's client (http.client, the email package)
+    from weft.api.client import Client
+
     ctx.obj = Client(api_socket)
 
 
@@ -328,6 +335,7 @@ def reset(client: Client, config_path: Path | None, bridge: str | None, state_di
 
     Refuses while the agent runs (stop it first: systemctl stop weft). Traffic between containers stops.
     """
+    from weft.api.client import ApiError
     from weft.config import ConfigError, load_config
 
     try:
@@ -380,6 +388,8 @@ def report(client: Client) -> None:
 
 
 def _call(fn):
+    from weft.api.client import ApiError
+
     try:
         return fn()
     except ApiError as exc:

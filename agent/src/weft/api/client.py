@@ -7,7 +7,7 @@ import json
 import socket
 from typing import Any
 
-DEFAULT_SOCKET = "/run/weft/weft.sock"
+from weft.api import DEFAULT_SOCKET
 
 
 class ApiError(Exception):

@@ -1,0 +1,54 @@
+"""The agent's memory footprint: code it would import but never run, kept out of its process.
+
+Most of an agent's resident memory is code: the modules it imports and the shared libraries they map
+(docs/datapath.md, "Memory", has the figures). Two imports cost much and bring nothing the agent uses:
+
+- Python's ``ssl`` (imported by asyncio) and ``_hashlib`` (by hashlib and hmac) map the system's OpenSSL, about
+  5 MiB resident. The agent speaks no TLS, and hashes a few bytes at a time outside the data path (secret ids,
+  seeds, keys of names); ``cryptography`` carries its own OpenSSL for the mesh's keys and AEAD. Without them,
+  asyncio runs without TLS support and hashlib and hmac use Python's builtin hashes.
+- pyroute2's package ``__init__`` imports every netlink family it implements (IPDB, NDB, nftables, WireGuard,
+  devlink, 9P, ...), about 5 MiB; the agent uses rtnetlink alone. :func:`pyroute2_package` lets its modules be
+  imported without that ``__init__``, which still runs, whole, the first time anything asks the package itself
+  for a name (``from pyroute2 import IPDB``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+from typing import Any
+
+class _LazyPackage(types.ModuleType):
+    """A package whose ``__init__`` runs when a name is first asked of the package itself (not of its modules)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or self.__dict__.get("_weft_initialising"):
+            raise AttributeError(name)
+        if importlib.util.find_spec(f"{self.__name__}.{name}") is not None:
+            # `from package import module` asks the package first: a module of it is imported, as it would be.
+            return importlib.import_module(f"{self.__name__}.{name}")
+        self.__dict__["_weft_initialising"] = True
+        spec = self.__spec__
+        assert spec is not None and spec.loader is not None
+        try:
+            spec.loader.exec_module(self)  # the real __init__, in this very module object
+        finally:
+            del self.__dict__["_weft_initialising"]
+        self.__class__ = types.ModuleType
+        return getattr(self, name)
+
+
+def pyroute2_package() -> None:
+    """Register the ``pyroute2`` package without running its ``__init__`` (unless it is imported already), so that
+    importing one of its modules loads only what that module needs."""
+    if "pyroute2" in sys.modules:
+        return
+    spec = importlib.util.find_spec("pyroute2")
+    if spec is None or spec.loader is None or spec.submodule_search_locations is None:
+        return  # not installed as a package: the import that follows says so
+    package = importlib.util.module_from_spec(spec)
+    package.__class__ = _LazyPackage
+    sys.modules["pyroute2"] = package
