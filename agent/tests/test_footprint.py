@@ -1,0 +1,96 @@
+"""What the agent's process imports: the libraries it dropped stay out, pyroute2's modules load without its package
+init (which still runs when something asks the package for a name), and metrics keep the Prometheus text format.
+
+Imports are process-wide, so each check runs in a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from weft.metrics import Metrics
+from weft.promtext import Counter, Gauge, Registry
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def python(code: str) -> str:
+    env = {**os.environ, "PYTHONPATH": SRC}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def test_the_agent_imports_no_web_framework_no_model_library_and_no_metrics_library() -> None:
+    """aiohttp, pydantic and prometheus-client were most of an agent's memory; the API client (http.client) is the
+    CLI's."""
+    out = python(
+        "import sys\n"
+        "import weft.agent, weft.api.server, weft.datapath.plane, weft.datapath.netdev, weft.dns.host\n"
+        "import weft.dns.server, weft.dns.upstream\n"
+        "gone = ('aiohttp', 'pydantic', 'prometheus_client', 'yarl', 'multidict', 'http.client')\n"
+        "print(' '.join(sorted(m for m in sys.modules if m in gone or m.split('.')[0] in gone)))\n"
+    )
+    assert out.split() == []
+
+
+def test_pyroute2_modules_load_without_the_package_init_which_still_runs_on_demand() -> None:
+    out = python(
+        "import sys\n"
+        "import weft.datapath.netdev\n"
+        "print('ndb' if 'pyroute2.ndb.main' in sys.modules else 'lean')\n"
+        "from pyroute2 import IPRoute, NDB\n"  # the package's own names: its __init__ runs now, once
+        "from pyroute2.iproute.linux import IPRoute as Linux\n"
+        "import pyroute2\n"
+        "print(IPRoute is Linux, 'pyroute2.ndb.main' in sys.modules, type(pyroute2).__name__, pyroute2.__version__)\n"
+    )
+    first, second = out.splitlines()
+    assert first == "lean"
+    same, ndb, kind, _ = second.split()
+    assert (same, ndb, kind) == ("True", "True", "module")
+
+
+def test_a_process_that_imported_pyroute2_first_keeps_it_whole() -> None:
+    out = python(
+        "import sys, pyroute2\n"
+        "import weft.datapath.netdev\n"
+        "print('pyroute2.ndb.main' in sys.modules, type(sys.modules['pyroute2']).__name__)\n"
+    )
+    assert out.split() == ["True", "module"]
+
+
+def test_the_metrics_text_is_prometheus_text_with_labels_escaped() -> None:
+    registry = Registry()
+    hits = Counter("demo_hits", 'Hits, with a "quote" and a back\\slash\nand a newline', ["peer"], registry=registry)
+    level = Gauge("demo_level", "A level", registry=registry)
+    hits.labels('odd"name\\with\nnewline').inc(3)
+    hits.labels("plain").inc()
+    level.set(2.5)
+    registry.register(lambda: [])  # a collector with nothing to say
+    families = {f.name: f for f in text_string_to_metric_families(registry.render().decode())}
+    assert families["demo_hits"].type == "counter"
+    assert families["demo_hits"].documentation == 'Hits, with a "quote" and a back\\slash\nand a newline'
+    samples = {s.labels["peer"]: (s.name, s.value) for s in families["demo_hits"].samples}
+    assert samples == {'odd"name\\with\nnewline': ("demo_hits_total", 3.0), "plain": ("demo_hits_total", 1.0)}
+    assert [(s.name, s.value) for s in families["demo_level"].samples] == [("demo_level", 2.5)]
+    assert registry.get_sample_value("demo_hits_total", {"peer": "plain"}) == 1.0
+    assert registry.get_sample_value("demo_level") == 2.5
+
+
+def test_every_agent_metric_parses_and_the_data_paths_counters_are_counters() -> None:
+    metrics = Metrics()
+    metrics.add_datapath(lambda: {("sleeve", "tx"): 10}, lambda: {"replay": 2})
+    metrics.gossip_bytes.labels("topology", "out").inc(100)
+    metrics.connection_mtu.labels("02:00:00:00:00:01").set(1376)
+    metrics.connection_mtu.clear()
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+    assert families["weft_datapath_bytes"].samples[0].value == 10
+    assert families["weft_datapath_packets_dropped"].type == "counter"
+    assert families["weft_gossip_bytes"].samples[0].name == "weft_gossip_bytes_total"
+    assert families["weft_connection_mtu"].samples == []
+    assert families["weft_peers"].samples[0].value == 0
