@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from weft import __version__
+from weft.allocator import trim
 from weft.api.server import ApiServer, Served
 from weft.config import SETTINGS, AgentConfig, ConfigError, read_secrets
 from weft.ipam.holders import claim_found
@@ -199,6 +200,7 @@ class Agent:
         if self._reload_pending or self._early_reloads:
             log.info("applying the reload asked for while the agent was starting")
             self.reload()
+        trim()  # what starting freed goes back to the system (see weft.allocator)
         notify("READY=1")  # systemd (Type=notify) sends reloads only from now on
         await self._stopping.wait()
         notify("STOPPING=1")

@@ -1,4 +1,5 @@
-"""Keep the C allocator from fragmenting the heap with netlink's large, short-lived read buffers.
+"""Keep the C allocator from fragmenting the heap with netlink's large, short-lived read buffers, and hand back what
+starting left free.
 
 pyroute2 reads every netlink reply through an asyncio datagram transport, which receives into a fresh
 256 KiB buffer and shrinks it to the reply's size. glibc serves blocks of 128 KiB and up with mmap until
@@ -6,6 +7,9 @@ the first such block is freed; then it raises its mmap threshold past 256 KiB, a
 receive buffer is cut from the heap and shrunk in place. The holes between the replies that live on are
 too small for the next buffer, so the heap grew by tens of KB per attach or peer restart, for good.
 A fixed threshold keeps those buffers in mmap, where freeing one returns it to the system at once.
+
+Starting frees much (import-time objects, the first netlink dumps, the config's parsing), but glibc keeps freed heap
+pages resident until something asks for them back: ``trim`` asks once the agent is up (about 1 MiB).
 """
 
 from __future__ import annotations
@@ -18,6 +22,24 @@ log = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter; setting it also turns off the dynamic adjustment
 MMAP_THRESHOLD = 128 * 1024  # glibc's default, kept fixed
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    except OSError:
+        return None
+
+
+def trim() -> bool:
+    """Return the heap's free pages to the system (glibc's malloc_trim); False where there is no such call."""
+    libc = _libc()
+    malloc_trim = getattr(libc, "malloc_trim", None)
+    if malloc_trim is None:
+        return False
+    malloc_trim.argtypes = [ctypes.c_size_t]
+    malloc_trim.restype = ctypes.c_int
+    return malloc_trim(0) == 1
 
 
 def fix_mmap_threshold() -> bool:

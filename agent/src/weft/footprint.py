@@ -1,16 +1,10 @@
 """The agent's memory footprint: code it would import but never run, kept out of its process.
 
 Most of an agent's resident memory is code: the modules it imports and the shared libraries they map
-(docs/datapath.md, "Memory", has the figures). Two imports cost much and bring nothing the agent uses:
-
-- Python's ``ssl`` (imported by asyncio) and ``_hashlib`` (by hashlib and hmac) map the system's OpenSSL, about
-  5 MiB resident. The agent speaks no TLS, and hashes a few bytes at a time outside the data path (secret ids,
-  seeds, keys of names); ``cryptography`` carries its own OpenSSL for the mesh's keys and AEAD. Without them,
-  asyncio runs without TLS support and hashlib and hmac use Python's builtin hashes.
-- pyroute2's package ``__init__`` imports every netlink family it implements (IPDB, NDB, nftables, WireGuard,
-  devlink, 9P, ...), about 5 MiB; the agent uses rtnetlink alone. :func:`pyroute2_package` lets its modules be
-  imported without that ``__init__``, which still runs, whole, the first time anything asks the package itself
-  for a name (``from pyroute2 import IPDB``).
+(docs/memory.md has the figures). pyroute2's package ``__init__`` imports every netlink family it implements (IPDB,
+NDB, nftables, WireGuard, devlink, 9P, ...), about 5 MiB resident; the agent uses rtnetlink alone.
+:func:`pyroute2_package` lets its modules be imported without that ``__init__``, which still runs, whole, the first
+time anything asks the package itself for a name (``from pyroute2 import IPDB``).
 """
 
 from __future__ import annotations
@@ -20,6 +14,7 @@ import importlib.util
 import sys
 import types
 from typing import Any
+
 
 class _LazyPackage(types.ModuleType):
     """A package whose ``__init__`` runs when a name is first asked of the package itself (not of its modules)."""
