@@ -27,6 +27,14 @@ container: queries per second at saturation, p50/p99 at a fixed rate), the CNI p
 one DNS registration costs at 100 simulated peers; bench/results/dns.json. A part that could not be measured at all
 makes the exit status non-zero.
 
+The memory part (bench/memory.py) measures what each of the agent's imports costs, then the RSS of a real agent
+(VmRSS and VmHWM) alone without and with the data plane, and with the data plane serving 100 peers, next to the
+target (<= 45 MiB); with --memory-baseline REV[,REV...] the same first for the agent of each git revision (before
+and after in one run); bench/results/memory.json.
+
+    make bench BENCH_ARGS="--sim-sizes '' --agents 0 --no-datapath --no-restart --no-ipam --no-dns-bench \
+        --memory-baseline main"                                                   # memory alone, before and after
+
 Figures, not tests: nothing here fails on a number. The exit status is non-zero only when a mesh did
 not converge at all (or an agent died), or a data-path scenario could not be measured, because then the
 figures mean nothing.
@@ -48,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import datapath
 import datapath_workers
 import ipam_sim
+import memory
 import mesh
 import names
 import restart
@@ -601,6 +610,82 @@ def print_dns(report: dict) -> None:
             print(f"  note: {part}: other processes kept the machine {busy:.0f}% busy (of {cores}%) before it started")
 
 
+def print_memory(report: dict) -> None:
+    imports = report.get("imports") or {}
+    print(
+        f"\nMemory: what each import adds to a fresh interpreter holding {imports.get('base', 'the standard library')}"
+        f" ({_fmt(imports.get('base_rss_mib'), ' MiB')}); medians of 3"
+    )
+    rows = []
+    for r in imports.get("imports", []):
+        if "failed" in r:
+            rows.append([r["package"], r["statement"], "-", "-", "-", r["failed"][:60]])
+            continue
+        rows.append(
+            [
+                r["package"],
+                r["statement"],
+                _fmt(r["rss_mib"], " MiB"),
+                _fmt(r["anon_mib"], " MiB"),
+                _fmt(r["file_mib"], " MiB"),
+                _fmt(r["import_ms"], " ms"),
+            ]
+        )
+    if rows:
+        print(_table(["package", "import", "RSS", "anonymous", "file-backed", "import time"], rows))
+    n, d = report.get("peers", 0), report.get("datapath_peers", 0)
+    print(
+        f"\nMemory: RSS of a real agent (VmRSS; peak VmHWM), alone, then with {n} peers connected ({d} of them with"
+        f" their data plane: encrypted sleeve paths); target <= {report.get('target_mib', memory.TARGET_MIB):g} MiB"
+        " with the data plane and 100 peers"
+    )
+    if "skipped" in report:
+        print(f"  skipped: {report['skipped']}")
+        return
+    variants = report.get("variants", {})
+    if not variants:
+        return
+
+    def cell(figures: dict | None) -> str:
+        if not figures or "rss_mib" not in figures:
+            return "-"
+        return f"{_fmt(figures['rss_mib'], ' MiB')} (peak {_fmt(figures['hwm_mib'], ' MiB')})"
+
+    rows = [
+        ["alone, --no-datapath", *(cell(v.get("no_datapath")) for v in variants.values())],
+        ["alone, data plane and DNS on (the default)", *(cell(v.get("alone")) for v in variants.values())],
+        [f"  with {n} peers", *(cell(v.get("with_peers")) for v in variants.values())],
+        [
+            "  of which anonymous / file-backed",
+            *(
+                "{} / {}".format(
+                    _fmt((v.get("with_peers") or {}).get("anon_mib"), " MiB"),
+                    _fmt((v.get("with_peers") or {}).get("file_mib"), " MiB"),
+                )
+                for v in variants.values()
+            ),
+        ],
+        ["  peers connected after", *(_fmt(v.get("peers_connected_s"), " s") for v in variants.values())],
+        [
+            f"target: <= {report.get('target_mib', memory.TARGET_MIB):g} MiB with {n} peers",
+            *(
+                "-"
+                if "with_peers" not in v
+                else "yes"
+                if v["with_peers"]["rss_mib"] <= report.get("target_mib", memory.TARGET_MIB)
+                else "NO"
+                for v in variants.values()
+            ),
+        ],
+    ]
+    print(_table(["figure", *variants], rows))
+    for name, v in variants.items():
+        if "failed" in v:
+            print(f"  {name} FAILED: {v['failed']}")
+    if report.get("peer_rss_mean_mib") is not None:
+        print(f"  the peers' own RSS, mean: {_fmt(report['peer_rss_mean_mib'], ' MiB')}")
+
+
 def _sigterm_as_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"received signal {signum}")
 
@@ -710,6 +795,25 @@ def main() -> int:
         help="run the DNS and CNI benchmark (DNS server vs dnsmasq and CNI ADD/DEL as root; DNS gossip simulated)",
     )
     parser.add_argument("--dns-output", type=Path, default=RESULTS / "dns.json", help="DNS and CNI JSON")
+    parser.add_argument(
+        "--memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the memory benchmark (import costs; RSS of real agents as root)",
+    )
+    parser.add_argument("--memory-peers", type=int, default=100, help="peers connected to the measured agent")
+    parser.add_argument(
+        "--memory-datapath-peers",
+        type=int,
+        default=20,
+        help="how many of those peers run their data plane (the others the control plane alone)",
+    )
+    parser.add_argument(
+        "--memory-baseline",
+        metavar="REV",
+        help="also measure the agent of these git revisions first (comma-separated, e.g. main), in the same run",
+    )
+    parser.add_argument("--memory-output", type=Path, default=RESULTS / "memory.json", help="memory JSON")
     args = parser.parse_args()
     dp_scenarios = [s.strip() for s in args.datapath_scenarios.split(",") if s.strip()]
     unknown = [s for s in dp_scenarios if s not in datapath.SCENARIOS]
@@ -804,6 +908,18 @@ def main() -> int:
         print_dns(dr)
         _write(args.dns_output, {**{k: report[k] for k in ("when", "machine")}, **dr})
         failed |= any("error" in dr.get(k, {}) for k in ("server", "cni", "gossip"))
+
+    if args.memory:
+        print("\nmemory ...", flush=True)
+        mr = memory.run(
+            peers=args.memory_peers,
+            datapath_peers=args.memory_datapath_peers,
+            baseline=args.memory_baseline,
+            log=lambda line: print(line, flush=True),
+        )
+        print_memory(mr)
+        _write(args.memory_output, {**{k: report[k] for k in ("when", "machine")}, **mr})
+        failed |= any("failed" in v for v in mr.get("variants", {}).values())
     return 1 if failed else 0
 
 
