@@ -94,3 +94,35 @@ def test_every_agent_metric_parses_and_the_data_paths_counters_are_counters() ->
     assert families["weft_gossip_bytes"].samples[0].name == "weft_gossip_bytes_total"
     assert families["weft_connection_mtu"].samples == []
     assert families["weft_peers"].samples[0].value == 0
+
+
+def test_the_agents_process_runs_without_the_systems_openssl() -> None:
+    """asyncio, pyroute2, dnspython and the mesh's crypto all import and work; no libssl or libcrypto is mapped."""
+    out = python(
+        "import sys\n"
+        "from weft.footprint import keep_openssl_out\n"
+        "print(sorted(keep_openssl_out()))\n"
+        "import asyncio, hashlib, hmac, secrets\n"
+        "import weft.agent, weft.datapath.netdev, weft.dns.server, weft.dns.upstream, weft.mesh.crypto\n"
+        "import dns.message, dns.query\n"
+        "from pyroute2.netlink.rtnl import probe_msg\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "print('libssl' in maps, 'libcrypto.so' in maps)\n"
+        "mac = hmac.new(b'k', b'm', hashlib.sha256).hexdigest()[:8]\n"
+        "print(mac, hashlib.blake2b(b'x', digest_size=4).hexdigest())\n"
+        "try:\n"
+        "    import ssl\n"
+        "except ImportError:\n"
+        "    print('no ssl')\n"
+        "try:\n"
+        "    probe_msg.ssl.create_default_context()\n"
+        "except ImportError as exc:\n"
+        "    print('probe:', exc)\n"
+        "asyncio.run(asyncio.sleep(0))\n"
+    )
+    lines = out.splitlines()
+    assert lines[0] == "['_hashlib', '_ssl', 'ssl']"
+    assert lines[1] == "False False"
+    assert lines[2] == "b60090e3 " + __import__("hashlib").blake2b(b"x", digest_size=4).hexdigest()
+    assert lines[3] == "no ssl"
+    assert lines[4].startswith("probe: ssl.create_default_context: this process runs without TLS")

@@ -39,7 +39,10 @@ def main(ctx: click.Context, api_socket: str) -> None:
     agent on this host through its API socket.
     """
     if ctx.invoked_subcommand == "run":
-        return  # the agent itself: it has no use for the API's client (http.client, the email package)
+        from weft.footprint import keep_openssl_out
+
+        keep_openssl_out()  # the agent's process, before anything imports asyncio: see weft.footprint
+        return  # nor has it any use for the API's client (http.client, the email package)
     from weft.api.client import Client
 
     ctx.obj = Client(api_socket)

@@ -1,10 +1,18 @@
 """The agent's memory footprint: code it would import but never run, kept out of its process.
 
 Most of an agent's resident memory is code: the modules it imports and the shared libraries they map
-(docs/memory.md has the figures). pyroute2's package ``__init__`` imports every netlink family it implements (IPDB,
-NDB, nftables, WireGuard, devlink, 9P, ...), about 5 MiB resident; the agent uses rtnetlink alone.
-:func:`pyroute2_package` lets its modules be imported without that ``__init__``, which still runs, whole, the first
-time anything asks the package itself for a name (``from pyroute2 import IPDB``).
+(docs/memory.md has the figures). Two imports cost much and bring nothing the agent uses:
+
+- pyroute2's package ``__init__`` imports every netlink family it implements (IPDB, NDB, nftables, WireGuard,
+  devlink, 9P, ...), about 5 MiB resident; the agent uses rtnetlink alone. :func:`pyroute2_package` lets its
+  modules be imported without that ``__init__``, which still runs, whole, the first time anything asks the package
+  itself for a name (``from pyroute2 import IPDB``).
+- Python's ``ssl`` (which asyncio imports) and ``_hashlib`` (which hashlib and hmac import) map the system's
+  OpenSSL, about 4.5 MiB. The agent speaks no TLS, and hashes a few bytes now and then (secret ids, seeds, keys of
+  names), never on the data path; ``cryptography`` carries its own OpenSSL for the mesh's keys and AEAD.
+  :func:`keep_openssl_out` makes both unavailable to the agent's process, as in a Python built without OpenSSL:
+  asyncio then has no TLS, dnspython no DNS over TLS, and hashlib and hmac use Python's own hashes. pyroute2 imports
+  ``ssl`` for a probe the agent never runs, so it gets a module that says why it cannot.
 """
 
 from __future__ import annotations
@@ -14,6 +22,26 @@ import importlib.util
 import sys
 import types
 from typing import Any
+
+OPENSSL_MODULES = ("ssl", "_ssl", "_hashlib")
+
+
+def keep_openssl_out() -> list[str]:
+    """Make ``import ssl`` and ``import _hashlib`` fail in this process (what they do in a Python built without
+    OpenSSL), unless they are imported already; returns those kept out. For the agent's process, before asyncio."""
+    kept = [name for name in OPENSSL_MODULES if name not in sys.modules]
+    for name in kept:
+        sys.modules[name] = None  # type: ignore[assignment]  # the import system's "not available"
+    return kept
+
+
+class _NoTLS(types.ModuleType):
+    """What pyroute2's TLS probe finds for ``ssl`` in a process that keeps OpenSSL out."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise ImportError(f"ssl.{name}: this process runs without TLS (weft.footprint.keep_openssl_out)")
 
 
 class _LazyPackage(types.ModuleType):
@@ -47,3 +75,9 @@ def pyroute2_package() -> None:
     package = importlib.util.module_from_spec(spec)
     package.__class__ = _LazyPackage
     sys.modules["pyroute2"] = package
+    if "ssl" in sys.modules and sys.modules["ssl"] is None:  # kept out: see keep_openssl_out
+        sys.modules["ssl"] = _NoTLS("ssl")
+        try:
+            importlib.import_module("pyroute2.netlink.rtnl.probe_msg")  # the one module of it that imports ssl
+        finally:
+            sys.modules["ssl"] = None  # type: ignore[assignment]
