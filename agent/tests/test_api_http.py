@@ -59,7 +59,9 @@ async def control_api() -> AsyncIterator[tuple[HttpListener, str, Metrics]]:
 async def metrics_port() -> AsyncIterator[tuple[HttpListener, int, Metrics]]:
     """A listener like the metrics address's: TCP on loopback, one request a connection, a cap of 2."""
     metrics = Metrics()
-    listener = HttpListener("metrics", echo, metrics, limit=2, timeout=TIMEOUT, max_body=0, keep_alive=False)
+    listener = HttpListener(
+        "metrics", echo, metrics, limit=2, timeout=TIMEOUT, max_body=0, keep_alive=False, methods=("GET", "HEAD")
+    )
     await listener.listen_tcp("127.0.0.1", 0)
     try:
         yield listener, listener.address[1], metrics
@@ -211,6 +213,9 @@ async def test_the_public_listener_answers_once_and_closes(public) -> None:
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ") and b"connection: close" in head.lower()
     assert json.loads(body)["path"] == "/metrics"
+    post = b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+    answer = await raw(asyncio.open_connection("127.0.0.1", port), post)
+    assert answer.startswith(b"HTTP/1.1 405 ") and b"allow: get, head" in answer.lower()
 
 
 @served(metrics_port)

@@ -88,9 +88,11 @@ class HttpListener:
         timeout: float,
         max_body: int,
         keep_alive: bool,
+        methods: tuple[str, ...] = (),
         error_body: Callable[[int, str], Response] = error,
     ) -> None:
-        """``name`` labels the listener in metrics and logs (``api``, ``metrics``)."""
+        """``name`` labels the listener in metrics and logs (``api``, ``metrics``). ``methods``: the only methods served
+        (any other is a 405 before its body is read); empty: the handler decides."""
         self.name = name
         self.handler = handler
         self.metrics = metrics
@@ -98,6 +100,7 @@ class HttpListener:
         self.timeout = timeout
         self.max_body = max_body
         self.keep_alive = keep_alive
+        self.methods = methods
         self.error_body = error_body
         self._loop: asyncio.AbstractEventLoop
         self._sock: socket.socket | None = None
@@ -250,8 +253,12 @@ class HttpListener:
                     self.refused("timeout")
                 return
             except _Refusal as refusal:
-                self.refused(refusal.reason)
-                await self._send(h, writer, self.error_body(refusal.status, refusal.message), deadline)
+                if refusal.reason:
+                    self.refused(refusal.reason)
+                response = self.error_body(refusal.status, refusal.message)
+                if refusal.status == 405:
+                    response.headers.append(("Allow", ", ".join(self.methods)))
+                await self._send(h, writer, response, deadline)
                 return
             if request is None:
                 return
@@ -285,6 +292,8 @@ class HttpListener:
             if received[0] - len(h.trailing_data[0]) > MAX_HEADER:  # h11 checks only what it has not parsed yet
                 raise _Refusal(431, "too_large", "request headers too large")
             start = event
+            if self.methods and event.method.decode("latin-1") not in self.methods:
+                raise _Refusal(405, "", f"only {' or '.join(self.methods)} is served here")
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
             length = headers.get("content-length")
             if length is not None and int(length) > self.max_body:  # h11 has checked it is a number
@@ -353,7 +362,7 @@ class HttpListener:
 
 
 class _Refusal(Exception):
-    """A request refused before its handler: the status, the metric's reason and the message."""
+    """A request refused before its handler: the status, the metric's reason ("": not counted) and the message."""
 
     def __init__(self, status: int, reason: str, message: str) -> None:
         super().__init__(message)

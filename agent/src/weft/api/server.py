@@ -80,6 +80,7 @@ class ApiServer:
             timeout=config.api_timeout,
             max_body=0,
             keep_alive=False,
+            methods=("GET", "HEAD"),
             error_body=_text_error,
         )
         self._gets: dict[str, Route] = {
@@ -150,9 +151,7 @@ class ApiServer:
         return error(404, f"no such API endpoint: {request.method} {request.path}")
 
     async def handle_public(self, request: Request) -> Response:
-        """GET on the public listener: the metrics and the read-only status, nothing else."""
-        if request.method not in ("GET", "HEAD"):
-            return Response(405, b"only GET is served here\n", "text/plain", [("Allow", "GET")])
+        """GET on the public listener (its only method): the metrics and the read-only status, nothing else."""
         path = request.path
         if path == "/metrics":
             return await self.metrics(request)
