@@ -43,7 +43,7 @@ from pathlib import Path
 import mesh
 import restart
 
-sys.path.insert(0, str(mesh.REPO / "agent" / "tests"))
+sys.path.insert(0, str(mesh.REPO / "agent" / "tests" / "harness"))  # the netns lab harness
 
 from weft.api.client import ApiError, Client
 

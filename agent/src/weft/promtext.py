@@ -90,8 +90,9 @@ class _Family:
             items = list(self._children.items())
         return [Sample(self.name + suffix, dict(zip(self.labelnames, key, strict=True)), c.value) for key, c in items]
 
-    def families(self) -> Iterator[Family]:
-        yield Family(self.name, self.kind, self.documentation, self.samples())
+    def collect(self) -> list[Family]:
+        """This family with its samples now (as prometheus-client's metrics offer it)."""
+        return [Family(self.name, self.kind, self.documentation, self.samples())]
 
 
 class Counter(_Family):
@@ -127,7 +128,7 @@ class Registry:
 
     def collect(self) -> Iterator[Family]:
         for family in self._families:
-            yield from family.families()
+            yield from family.collect()
         for collector in self._collectors:
             yield from collector()
 

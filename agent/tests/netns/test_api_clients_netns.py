@@ -17,7 +17,7 @@ from weft.api.client import ApiError, Client
 
 pytestmark = pytest.mark.netns
 
-MODULE_UTILS = Path(__file__).resolve().parents[2] / "plugins" / "module_utils" / "weft_api.py"
+MODULE_UTILS = Path(__file__).resolve().parents[3] / "plugins" / "module_utils" / "weft_api.py"
 
 
 def module_utils():

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from weft.metrics import Metrics
 from weft.promtext import Counter, Gauge, Registry
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def python(code: str) -> str:
