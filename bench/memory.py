@@ -115,10 +115,10 @@ def _figures(status: dict[str, int] | None) -> dict:
 # -- import costs -----------------------------------------------------------------------------------
 
 
-def _probe(python: str, stmt: str, pythonpath: str) -> tuple[int, int, int, float]:
+def _probe(python: str, stmt: str, pythonpath: str, base: str = IMPORT_BASE) -> tuple[int, int, int, float]:
     """RSS, anonymous and file-backed KiB after the base imports and ``stmt``, and the seconds ``stmt`` took."""
     env = {**os.environ, "PYTHONPATH": pythonpath}
-    code = _PROBE.format(base=IMPORT_BASE, stmt=stmt)
+    code = _PROBE.format(base=base, stmt=stmt)
     proc = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=False)
     if proc.returncode != 0:
         raise RuntimeError((proc.stderr.strip().splitlines() or ["failed"])[-1])
@@ -151,7 +151,14 @@ def import_costs(python: str = sys.executable, agent_src: Path = AGENT_SRC, runs
                 "import_ms": round(1000 * statistics.median(s[3] for s in samples), 1),
             }
         )
-    return {"base": IMPORT_BASE, "base_rss_mib": round(base_rss / 1024, 1), "imports": rows}
+    # The same base as the agent's process imports it: without the system's OpenSSL (weft.footprint).
+    lean = [_probe(python, "pass", path, f"import weft.footprint as f; f.keep_openssl_out()\n{IMPORT_BASE}")]
+    return {
+        "base": IMPORT_BASE,
+        "base_rss_mib": round(base_rss / 1024, 1),
+        "base_without_openssl_rss_mib": round(lean[0][0] / 1024, 1),
+        "imports": rows,
+    }
 
 
 # -- real agents ------------------------------------------------------------------------------------

@@ -614,7 +614,8 @@ def print_memory(report: dict) -> None:
     imports = report.get("imports") or {}
     print(
         f"\nMemory: what each import adds to a fresh interpreter holding {imports.get('base', 'the standard library')}"
-        f" ({_fmt(imports.get('base_rss_mib'), ' MiB')}); medians of 3"
+        f" ({_fmt(imports.get('base_rss_mib'), ' MiB')}; {_fmt(imports.get('base_without_openssl_rss_mib'), ' MiB')}"
+        " without the system's OpenSSL, as the agent runs); medians of 3"
     )
     rows = []
     for r in imports.get("imports", []):
