@@ -81,3 +81,24 @@ def pyroute2_package() -> None:
             importlib.import_module("pyroute2.netlink.rtnl.probe_msg")  # the one module of it that imports ssl
         finally:
             sys.modules["ssl"] = None  # type: ignore[assignment]
+
+
+def dnspython_plain() -> None:
+    """Tell dnspython that none of its optional features is available, without ``importlib.metadata``, unless
+    dnspython's feature checks were loaded already. Degrades to nothing if dnspython changes how it checks."""
+    if "dns._features" in sys.modules or importlib.util.find_spec("dns") is None:
+        return
+    stub = "importlib.metadata" not in sys.modules
+    if stub:  # dns._features imports it at the top, and uses it only in the checks forced below
+        sys.modules["importlib.metadata"] = types.ModuleType("importlib.metadata")
+    try:
+        features = importlib.import_module("dns._features")
+    finally:
+        if stub:
+            del sys.modules["importlib.metadata"]
+            if isinstance(getattr(importlib, "metadata", None), types.ModuleType) and not hasattr(
+                importlib.metadata, "version"
+            ):
+                del importlib.metadata
+    for name in getattr(features, "_requirements", {}):
+        features.force(name, False)

@@ -126,3 +126,20 @@ def test_the_agents_process_runs_without_the_systems_openssl() -> None:
     assert lines[2] == "b60090e3 " + __import__("hashlib").blake2b(b"x", digest_size=4).hexdigest()
     assert lines[3] == "no ssl"
     assert lines[4].startswith("probe: ssl.create_default_context: this process runs without TLS")
+
+
+def test_dnspython_answers_without_reading_package_metadata() -> None:
+    """Its optional features are off before it looks (importlib.metadata imports the email package, zipfile...)."""
+    out = python(
+        "import sys\n"
+        "import weft.dns.server, weft.dns.upstream\n"
+        "import dns.message, dns.name, dns._features\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('email', 'zipfile', 'idna')"
+        " or m == 'importlib.metadata'))\n"
+        "print(sorted(k for k, v in dns._features._cache.items() if v))\n"
+        "q = dns.message.make_query('web.weft.local.', 'A')\n"
+        "print(dns.message.from_wire(q.to_wire()).question[0].name)\n"
+        "import importlib.metadata\n"
+        "print(bool(importlib.metadata.version('dnspython')))\n"
+    )
+    assert out.splitlines() == ["[]", "[]", "web.weft.local.", "True"]
