@@ -69,6 +69,10 @@ IMPORTS = [
     ("pyroute2, whole package", "import pyroute2"),
     ("pyroute2, rtnetlink alone", "import weft.footprint as f; f.pyroute2_package(); import pyroute2.iproute.linux"),
     ("dnspython", "import dns.message, dns.asyncquery"),
+    (
+        "dnspython, optional features off",
+        "import weft.footprint as f; f.dnspython_plain(); import dns.message, dns.asyncquery",
+    ),
     ("msgpack", "import msgpack"),
     ("yaml", "import yaml"),
     ("click", "import click"),
