@@ -45,9 +45,8 @@ import restart
 
 sys.path.insert(0, str(mesh.REPO / "agent" / "tests" / "harness"))  # the netns lab harness
 
-from weft.api.client import ApiError, Client
-
 from lab import Host, Lab, netns_unavailable_reason
+from weft.api.client import ApiError, Client
 
 TARGET_MIB = 45.0
 SECRET_PREFIX = "bench-memory-"
