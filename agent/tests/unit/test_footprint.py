@@ -85,7 +85,7 @@ def test_the_metrics_text_is_prometheus_text_with_labels_escaped() -> None:
 def test_every_agent_metric_parses_and_the_data_paths_counters_are_counters() -> None:
     metrics = Metrics()
     metrics.add_datapath(lambda: {("sleeve", "tx"): 10}, lambda: {"replay": 2})
-    metrics.gossip_bytes.labels("topology", "out").inc(100)
+    metrics.gossip_bytes[("topology", "out")] += 100
     metrics.connection_mtu.labels("02:00:00:00:00:01").set(1376)
     metrics.connection_mtu.clear()
     families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
