@@ -48,7 +48,7 @@ bench: venv ## Print benchmark figures; JSON goes to bench/results/ (as root for
 	$(VPY) bench/run.py $(BENCH_ARGS)
 
 clean: ## Remove the venv, benchmark results and caches
-	rm -rf $(VENV) bench/results .pytest_cache .ruff_cache agent/.pytest_cache agent/.ruff_cache
+	rm -rf $(VENV) .venv-previous bench/results .pytest_cache .ruff_cache agent/.pytest_cache agent/.ruff_cache
 	find agent bench -type d -name __pycache__ -prune -exec rm -rf {} +
 
 # --- lab: the virtual hybrid cloud (lab/README.md) ---

@@ -136,7 +136,10 @@ class Agent:
                 c, self.router, self.metrics, encrypting=bool(self.secrets), secrets=lambda: self.secrets
             )
             self.metrics.add_datapath(
-                self.dataplane.byte_counts, self.dataplane.drop_counts, self.dataplane.worker_bytes
+                self.dataplane.byte_counts,
+                self.dataplane.drop_counts,
+                self.dataplane.worker_bytes,
+                self.dataplane.connection_metrics,
             )
             self.transport.refusal_listeners.append(self.dataplane.address_refused)
 

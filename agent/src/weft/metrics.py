@@ -79,12 +79,6 @@ class Metrics:
             "weft_config_reload_failures", "SIGHUP reloads refused because the new config was invalid", registry=r
         )
 
-        self.connection_mtu = Gauge(
-            "weft_connection_mtu",
-            "Largest IP packet a container can send to the peer in one piece",
-            ["peer"],
-            registry=r,
-        )
         self.mac_conflicts = Gauge(
             "weft_mac_conflicts", "MAC addresses that more than one peer claims as its own", registry=r
         )
@@ -97,12 +91,6 @@ class Metrics:
         )
         self.e2e_peers = Gauge(
             "weft_e2e_peers", "Peers reached through relays whose frames this host seals end to end", registry=r
-        )
-        self.connection_path = Gauge(
-            "weft_connection_path",
-            "1 for the data path traffic to the peer takes, 0 for the others",
-            ["peer", "path"],
-            registry=r,
         )
 
         self.ipam_addresses = Gauge(
@@ -159,8 +147,10 @@ class Metrics:
         byte_counts: Callable[[], dict[tuple[str, str], int]],
         drop_counts: Callable[[], dict[str, int]],
         worker_bytes: Callable[[], list[dict[str, int]]] = list,
+        connections: Callable[[], dict[str, tuple[int, dict[str, int]]]] = dict,
     ) -> None:
-        """Export the data path's counters, which its threads keep as plain integers."""
+        """Export the data path's counters, which its threads keep as plain integers, and each peer's path and
+        MTU as ``weft status`` shows them at the moment of the scrape (``connections``: peer -> (mtu, {path: 0|1}))."""
 
         def collect() -> Iterator[Family]:
             sent = [
@@ -184,6 +174,18 @@ class Metrics:
                 "UDP bytes each sleeve worker sent and received (all paths; control sends aside)",
                 workers,
             )
+            rows = sorted(connections().items())
+            mtus = [Sample("weft_connection_mtu", {"peer": peer}, float(mtu)) for peer, (mtu, _) in rows]
+            yield Family(
+                "weft_connection_mtu", "gauge", "Largest IP packet a container can send to the peer in one piece", mtus
+            )
+            paths = [
+                Sample("weft_connection_path", {"peer": peer, "path": path}, float(on))
+                for peer, (_, taken) in rows
+                for path, on in taken.items()
+            ]
+            taken = "1 for the data path traffic to the peer takes, 0 for the others"
+            yield Family("weft_connection_path", "gauge", taken, paths)
 
         self.registry.register(collect)
 

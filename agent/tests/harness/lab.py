@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,11 +32,13 @@ __all__ = [
     "AGENT_PORT",
     "HARNESS",
     "METRICS_PORT",
+    "THIS_TREE",
     "Capture",
     "Host",
     "Lab",
     "LabCommandError",
     "LabProcess",
+    "Release",
     "metric_value",
     "netns_unavailable_reason",
     "wait_until",
@@ -49,6 +52,17 @@ HARNESS = Path(__file__).resolve().parent
 AGENT_SRC = HARNESS.parents[1] / "src"
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Release:
+    """An agent a host can run: its ``weft`` package and the python that has its dependencies."""
+
+    src: Path
+    python: str
+
+
+THIS_TREE = Release(AGENT_SRC, sys.executable)
 
 
 class LabCommandError(subprocess.CalledProcessError):
@@ -229,8 +243,8 @@ class Host:
         self.agent: LabProcess | None = None
         self.containers: list[Container] = []
         # The agent and CLI this host runs: the tree under test unless a test points it at another release.
-        self.agent_src = AGENT_SRC
-        self.python = sys.executable
+        self.agent_src = THIS_TREE.src
+        self.python = THIS_TREE.python
         self._secret_count = 0
 
     def __repr__(self) -> str:
@@ -368,6 +382,10 @@ class Host:
             cmd.append("--resume")
         cmd += extra_args
         return cmd
+
+    def use_release(self, release: Release) -> None:
+        """Run ``release``'s agent and CLI from now on (the next start; a running agent is left as it is)."""
+        self.agent_src, self.python = release.src, release.python
 
     def start_agent(
         self,

@@ -1,8 +1,10 @@
 """A rolling upgrade's mixed mesh: this tree's agent and the previous release's, side by side.
 
-The previous release is the commit before the version bump to 0.3.0 (agent 0.2.0). Its ``agent/src`` is
-exported with ``git archive`` and run with this venv's python (the dependencies did not change), its CLI
-driving its own agent. See "Compatibility between versions" in docs/protocol.md for the rule tested here.
+The previous release is the commit before the version bump to 0.3.0 (agent 0.2.0). Its ``agent/`` is
+exported with ``git archive`` and installed, with the dependencies it declares (aiohttp, pydantic and
+prometheus-client, which this tree no longer uses), into a venv of its own, ``.venv-previous`` at the top of the
+checkout, kept between runs for the same commit. Its CLI drives its own agent. See "Compatibility between
+versions" in docs/protocol.md for the rule tested here.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import pytest
-from lab import AGENT_SRC, Container, Host, Lab, metric_value, wait_until
+from lab import AGENT_SRC, THIS_TREE, Container, Host, Lab, Release, metric_value, wait_until
 from test_datapath_netns import all_ping, datapaths, transfer, wait_paths
 
 from weft import __version__
@@ -40,33 +43,52 @@ REFUSALS = (
 
 
 @pytest.fixture(scope="session")
-def previous_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``agent/src`` of the previous release, exported from git into a temporary directory."""
+def previous_release(tmp_path_factory: pytest.TempPathFactory) -> Release:
+    """The previous release, exported from git and installed with its own dependencies into ``.venv-previous``."""
     if shutil.which("git") is None:
         pytest.skip("the previous release comes from git, and git is not installed")
     if not (REPO / ".git").exists():
         pytest.skip(f"the previous release comes from git, and {REPO} has no .git (an exported tree?)")
-    archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", "--format=tar", PREVIOUS_RELEASE, "agent/src"],
-        capture_output=True,
-        check=False,
-        timeout=60,
-    )
-    if archive.returncode != 0:
-        reason = archive.stderr.decode(errors="replace").strip()
-        pytest.skip(f"cannot export {PREVIOUS_RELEASE} from git (a shallow clone?): {reason}")
+    commit = _git("rev-parse", f"{PREVIOUS_RELEASE}^{{commit}}").decode().strip()
     dest = tmp_path_factory.mktemp("previous-release")
-    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+    with tarfile.open(fileobj=io.BytesIO(_git("archive", "--format=tar", commit, "agent"))) as tar:
         tar.extractall(dest, filter="data")
     src = dest / "agent" / "src"
     found = re.search(r'__version__ = "([^"]+)"', (src / "weft" / "__init__.py").read_text())
     assert found and found.group(1) == PREVIOUS_VERSION, f"{PREVIOUS_RELEASE} is not agent {PREVIOUS_VERSION}"
     assert __version__ != PREVIOUS_VERSION, "this tree still has the previous release's version"
-    return src
+    return Release(src, str(_previous_venv(commit, dest / "agent")))
+
+
+def _git(*args: str) -> bytes:
+    done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, check=False, timeout=60)
+    if done.returncode != 0:
+        reason = done.stderr.decode(errors="replace").strip()
+        pytest.skip(f"cannot read {PREVIOUS_RELEASE} from git (a shallow clone?): {reason}")
+    return done.stdout
+
+
+def _previous_venv(commit: str, project: Path) -> Path:
+    """``.venv-previous/bin/python`` with ``project`` installed; made once per commit (pip needs the index)."""
+    venv = REPO / ".venv-previous"
+    python = venv / "bin" / "python"
+    stamp = venv / ".weft-release"
+    if stamp.exists() and stamp.read_text().strip() == commit and python.exists():
+        return python
+    shutil.rmtree(venv, ignore_errors=True)
+    steps = [
+        [sys.executable, "-m", "venv", str(venv)],
+        [str(python), "-m", "pip", "install", "--quiet", str(project)],
+    ]
+    for step in steps:
+        done = subprocess.run(step, capture_output=True, text=True, check=False, timeout=600)
+        assert done.returncode == 0, f"cannot install the previous release ({' '.join(step)}):\n{done.stderr}"
+    stamp.write_text(commit + "\n")
+    return python
 
 
 def mixed_mesh(
-    lab: Lab, old_src: Path, old: set[int], *, secret: bool, trusted: dict[int, list[str]] | None = None
+    lab: Lab, old_release: Release, old: set[int], *, secret: bool, trusted: dict[int, list[str]] | None = None
 ) -> tuple[list[Host], list[Container]]:
     """Three hosts, each told of the others; those in ``old`` (indexes 1..3) run the previous release.
 
@@ -75,7 +97,7 @@ def mixed_mesh(
     hosts = lab(3)
     for h in hosts:
         if h.index in old:
-            h.agent_src = old_src
+            h.use_release(old_release)
     for h in hosts:
         args = [arg for subnet in (trusted or {}).get(h.index, []) for arg in ("--trusted-subnet", subnet)]
         if h.index in old:
@@ -134,7 +156,7 @@ MIXES = {"two new, one old": {3}, "one new, two old": {2, 3}}
 
 @pytest.mark.parametrize("old", MIXES.values(), ids=MIXES.keys())
 def test_old_and_new_agents_form_an_encrypted_mesh_and_carry_traffic(
-    lab: Lab, previous_release: Path, old: set[int]
+    lab: Lab, previous_release: Release, old: set[int]
 ) -> None:
     hosts, containers = mixed_mesh(lab, previous_release, old, secret=True)
     for h in hosts:
@@ -149,7 +171,7 @@ def test_old_and_new_agents_form_an_encrypted_mesh_and_carry_traffic(
 
 @pytest.mark.parametrize("old", MIXES.values(), ids=MIXES.keys())
 def test_old_and_new_agents_take_the_fast_path_without_a_secret(
-    lab: Lab, previous_release: Path, old: set[int]
+    lab: Lab, previous_release: Release, old: set[int]
 ) -> None:
     hosts, containers = mixed_mesh(lab, previous_release, old, secret=False)
     for h in hosts:
@@ -159,7 +181,7 @@ def test_old_and_new_agents_take_the_fast_path_without_a_secret(
     no_bad_input(hosts)
 
 
-def test_an_old_and_a_new_agent_on_a_trusted_subnet_take_the_fast_path(lab: Lab, previous_release: Path) -> None:
+def test_an_old_and_a_new_agent_on_a_trusted_subnet_take_the_fast_path(lab: Lab, previous_release: Release) -> None:
     """With a secret, h1 (new) and h3 (old) trust each other's address: plaintext fast path between them only."""
     pair = ["10.99.0.11/32", "10.99.0.13/32"]
     hosts, containers = mixed_mesh(lab, previous_release, {3}, secret=True, trusted={1: pair, 3: pair})
@@ -176,7 +198,7 @@ def test_an_old_and_a_new_agent_on_a_trusted_subnet_take_the_fast_path(lab: Lab,
     no_bad_input(hosts)
 
 
-def test_a_rolling_upgrade_one_host_at_a_time_then_a_rollback(lab: Lab, previous_release: Path) -> None:
+def test_a_rolling_upgrade_one_host_at_a_time_then_a_rollback(lab: Lab, previous_release: Release) -> None:
     """Three old hosts become new one by one, each keeping its state dir and containers; then one goes back.
 
     After every step the mesh is whole and every container reaches every other: the new agent reads what the
@@ -185,10 +207,10 @@ def test_a_rolling_upgrade_one_host_at_a_time_then_a_rollback(lab: Lab, previous
     hosts, containers = mixed_mesh(lab, previous_release, {1, 2, 3}, secret=True)
     all_ping(containers)
 
-    def restart(h: Host, src: Path, version: str) -> None:
+    def restart(h: Host, release: Release, version: str) -> None:
         h.kill_agent(signal.SIGTERM)
-        h.agent_src = src
-        args = ["--log-level", "info"] if src == previous_release else []
+        h.use_release(release)
+        args = ["--log-level", "info"] if release == previous_release else []
         h.start_agent(*args, peers=[o for o in hosts if o is not h], secrets=[SECRET], resume=True)
         assert h.wait_ready()["version"] == version, h.name
         wait_until(lambda: whole(hosts), timeout=20, message=lambda: f"{h.name}: no full mesh: {views(hosts)}")
@@ -198,7 +220,7 @@ def test_a_rolling_upgrade_one_host_at_a_time_then_a_rollback(lab: Lab, previous
         all_ping(containers)
 
     for h in hosts:
-        restart(h, AGENT_SRC, __version__)
+        restart(h, THIS_TREE, __version__)
     transfer(containers[0], containers[2], 20 * MB)
     restart(hosts[2], previous_release, PREVIOUS_VERSION)
     transfer(containers[2], containers[0], 20 * MB, port=5002)

@@ -7,7 +7,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from lab import Host, Lab, metric_value, wait_until
+from lab import Host, Lab, Release, metric_value, wait_until
 from test_datapath_netns import all_ping, datapaths, start_mesh, transfer, wait_paths
 from test_mixed_versions_netns import PREVIOUS_VERSION, previous_release  # noqa: F401 (a fixture)
 
@@ -200,7 +200,7 @@ def test_end_to_end_keys_follow_restarts_and_go_when_the_peers_meet(lab: Lab) ->
 @pytest.mark.parametrize("old", ["h2", "h3"])
 def test_next_to_an_older_agent_the_pair_stays_sealed_hop_by_hop(
     lab: Lab,
-    previous_release: Path,  # noqa: F811 (the fixture imported above)
+    previous_release: Release,  # noqa: F811 (the fixture imported above)
     old: str,
 ) -> None:
     """A rolling upgrade: with the relay (h2) or the far end (h3) on the previous release, h1 and h3 keep today's
@@ -209,7 +209,7 @@ def test_next_to_an_older_agent_the_pair_stays_sealed_hop_by_hop(
     lab.block(hosts[0], hosts[2])
     for h in hosts:
         if h.name == old:
-            h.agent_src = previous_release
+            h.use_release(previous_release)
     for h in hosts:
         args = ["--log-level", "info"] if h.name == old else []
         h.start_agent(*args, peers=[o for o in hosts if o is not h], secrets=["mixed-relay-secret"])

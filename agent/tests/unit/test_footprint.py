@@ -84,14 +84,19 @@ def test_the_metrics_text_is_prometheus_text_with_labels_escaped() -> None:
 
 def test_every_agent_metric_parses_and_the_data_paths_counters_are_counters() -> None:
     metrics = Metrics()
-    metrics.add_datapath(lambda: {("sleeve", "tx"): 10}, lambda: {"replay": 2})
+    peers = {"02:00:00:00:00:01": (1376, {"fast": 0, "sleeve": 1})}
+    metrics.add_datapath(lambda: {("sleeve", "tx"): 10}, lambda: {"replay": 2}, list, lambda: peers)
     metrics.gossip_bytes[("topology", "out")] += 100
-    metrics.connection_mtu.labels("02:00:00:00:00:01").set(1376)
-    metrics.connection_mtu.clear()
     families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
     assert families["weft_datapath_bytes"].samples[0].value == 10
     assert families["weft_datapath_packets_dropped"].type == "counter"
     assert families["weft_gossip_bytes"].samples[0].name == "weft_gossip_bytes_total"
+    assert [(s.labels, s.value) for s in families["weft_connection_mtu"].samples] == [
+        ({"peer": "02:00:00:00:00:01"}, 1376)
+    ]
+    assert {s.labels["path"]: s.value for s in families["weft_connection_path"].samples} == {"fast": 0, "sleeve": 1}
+    peers.clear()
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
     assert families["weft_connection_mtu"].samples == []
     assert families["weft_peers"].samples[0].value == 0
 

@@ -567,7 +567,6 @@ class DataPlane:
             # Next, not now: the sleeve's tables are already in place, and heartbeats that came meanwhile (a path
             # coming up) are handled before the netlink work, which takes a while, rather than after it.
             self._kernel_handle = self._loop.call_soon(self._program_kernel)
-        self._update_path_metrics()
         self.metrics.mac_conflicts.set(len(self.macs.conflicts))
 
     def _program_kernel(self) -> None:
@@ -735,16 +734,12 @@ class DataPlane:
             row["nickname"] = entry.nickname if entry is not None else None
         return rows
 
-    def _update_path_metrics(self) -> None:
-        m = self.metrics
-        rows = self.connection_status()
-        m.connection_mtu.clear()
-        m.connection_path.clear()
-        for name, row in rows.items():
-            peer = format_name(name)
-            m.connection_mtu.labels(peer).set(row["mtu"])
-            for path in PATHS:
-                m.connection_path.labels(peer, path).set(1 if row["path"] == path else 0)
+    def connection_metrics(self) -> dict[str, tuple[int, dict[str, int]]]:
+        """Each peer's MTU and data path for a scrape, read when scraped so they agree with ``weft status``."""
+        return {
+            format_name(name): (row["mtu"], {path: int(row["path"] == path) for path in PATHS})
+            for name, row in self.connection_status().items()
+        }
 
     def byte_counts(self) -> dict[tuple[str, str], int]:
         """Data-path bytes by (path, direction): the sleeve's counters plus the VXLAN device's."""
