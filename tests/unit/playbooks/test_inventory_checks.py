@@ -318,9 +318,19 @@ def test_check_mode_refuses_what_the_agent_refuses(tmp_path):
     assert rc == 2, output
     assert tasks[-2:] == ["Check the agent would accept the configuration", "Remove the temporary file"], output
     assert "the weft.yaml a real run would write on target is refused by the agent's parser" in output
-    assert "mtu: Input should be less than or equal to 9000" in output
+    assert "mtu: must be at most 9000" in output
     assert list(host_tmp.iterdir()) == [], "the temporary file was left behind"
     assert not (tmp_path / "etc").exists()
+
+
+@pytest.mark.skipif(not venv_has_the_agent(), reason="the agent is not installed in this venv")
+def test_datapath_workers_reach_the_agents_parser(tmp_path):
+    venv = Path(sys.executable).parent.parent
+    rc, output, _recap, _tasks, _host_tmp = check_configure(tmp_path / "many", venv, weft_datapath_workers=17)
+    assert rc == 2, output
+    assert "datapath_workers: must be at most 16" in output
+    rc, output, _recap, _tasks, _host_tmp = check_configure(tmp_path / "two", venv, weft_datapath_workers=2)
+    assert rc == 0, output
 
 
 @pytest.mark.skipif(not venv_has_the_agent(), reason="the agent is not installed in this venv")
