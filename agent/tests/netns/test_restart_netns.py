@@ -51,6 +51,7 @@ def test_fast_path_loses_nothing_while_the_far_agent_restarts(lab: Lab) -> None:
     h1, h2 = hosts
     _both_fast(h1, h2)
     pinger = Pinger(cs[0][0], cs[1][0])
+    started = time.monotonic()
     try:
         for i in range(20):
             _restart(h2, signal.SIGTERM if i % 2 == 0 else signal.SIGKILL)
@@ -61,7 +62,9 @@ def test_fast_path_loses_nothing_while_the_far_agent_restarts(lab: Lab) -> None:
         time.sleep(1)
     finally:
         sent, received = pinger.stop()
-    assert sent > 3000, f"only {sent} pings sent"
+        elapsed = time.monotonic() - started
+    # The pinger ran throughout (ping keeps its interval loosely on a busy machine: a quarter of it is plenty).
+    assert sent >= 0.25 * elapsed / PING_INTERVAL, f"only {sent} pings sent in {elapsed:.0f} s"
     assert received == sent, f"{sent - received} of {sent} pings lost while h2's agent restarted 21 times"
 
 
