@@ -72,6 +72,7 @@ class Router:
         update_delay: float = 0.05,
         gc_grace: float = 1.0,
         route_interval: float = 0.1,
+        announce_interval: float = 0.5,
         rng: random.Random | None = None,
     ) -> None:
         self.ourself = ourself
@@ -80,6 +81,7 @@ class Router:
         self.gossip_interval = gossip_interval
         self.conn_limit = conn_limit
         self.update_delay = update_delay
+        self.announce_interval = announce_interval
         self.gc_grace = gc_grace
         self._unreachable_since: dict[int, float] = {}
         self._gc_handle: Handle | None = None
@@ -88,11 +90,13 @@ class Router:
         self.rng = rng or random.Random()
         self.connections: dict[int, Conn] = {}
         self.topology = Topology(ourself)
-        self.routes = Routes(self.topology, scheduler.now, route_interval)
+        self.routes = Routes(self.topology, scheduler, route_interval)
+        self.routes.listeners.append(self._topology_changed)  # listeners see the routes of the change
         self.channels: dict[str, GossipChannel] = {}
         self.topology_listeners: list[Callable[[], None]] = []
         self.peer_gone_listeners: list[Callable[[PeerEntry], None]] = []
         self._announce_handle: Handle | None = None
+        self._announced_at = float("-inf")
         self._changed_handle: Handle | None = None
         self._gossip_handle: Handle | None = None
         self._topology_channel = self.new_channel(TOPOLOGY, _TopologyGossiper(self))
@@ -107,6 +111,7 @@ class Router:
         for handle in (self._announce_handle, self._changed_handle, self._gossip_handle, self._gc_handle):
             if handle is not None:
                 handle.cancel()
+        self.routes.stop()
 
     def new_channel(self, name: str, gossiper: Gossiper) -> GossipChannel:
         channel = GossipChannel(name, self, gossiper)
@@ -174,12 +179,16 @@ class Router:
         self._topology_changed()
 
     def _schedule_announce(self) -> None:
-        """Coalesce bursts of local changes into one broadcast of our entry."""
+        """Coalesce bursts of local changes into one broadcast of our entry, at most one per ``announce_interval``:
+        a peer joining a dense mesh changes its entry with every connection, and each announcement crosses the mesh."""
         if self._announce_handle is None:
-            self._announce_handle = self.scheduler.call_later(self.update_delay, self._announce)
+            since = self.scheduler.now() - self._announced_at
+            delay = max(self.update_delay, self.announce_interval - since)
+            self._announce_handle = self.scheduler.call_later(delay, self._announce)
 
     def _announce(self) -> None:
         self._announce_handle = None
+        self._announced_at = self.scheduler.now()
         entry = self.topology.our_entry
         self._topology_channel.broadcast(TopologyUpdate({entry.name: entry}))
 
@@ -282,15 +291,19 @@ class Router:
             self.metrics.gossip_unknown_relayed.labels("broadcast").inc()
 
     def relay_broadcast(self, channel: str, source: int, data: GossipData | bytes, came_from: int | None) -> int:
-        """Pass ``data`` down ``source``'s broadcast tree, or to every neighbour when we are not on it
-        in our view or the view is churning too fast for trees (a peer relays only what was new to it,
-        so a flood stops where the data is already known). Returns how many neighbours it went to."""
-        hops = self.routes.broadcast(source)
+        """Pass ``data`` on: our own news to every neighbour, a relayed broadcast down ``source``'s tree. Returns
+        how many neighbours it went to.
+
+        Trees are those of the last recalculation of routes, a fraction of a second behind while the mesh forms.
+        The source tells each neighbour itself, as its tree in a view that lags cannot be trusted to; a relay passes
+        it to its children in the source's tree, plus any neighbour our routes cannot reach yet (on no tree in our
+        view), or to every neighbour when we are on no tree of the source (a peer relays only what was new to it,
+        so a flood stops where the data is already known)."""
+        hops = None if source == self.ourself.name else self.routes.broadcast(source)
         if hops is None:
             targets = set(self.connections)
         else:
-            # Neighbours whose connection to us is not yet symmetric in our view are on no tree yet.
-            targets = set(hops) | (self.connections.keys() - self.routes.neighbours())
+            targets = set(hops) | {n for n in self.connections if self.routes.unicast(n) is None}
         targets -= {came_from, source}
         sent = 0
         for name in targets:

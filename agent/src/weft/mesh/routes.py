@@ -10,41 +10,71 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
+from weft.mesh.clock import Handle, Scheduler
 from weft.mesh.topology import Topology
 
 
 class Routes:
-    """Routes over a topology, recomputed lazily and at most once per ``min_interval``.
+    """Routes over a topology, recalculated on a timer: at most once per ``interval`` while the graph changes.
 
-    While the graph churns faster than that, ``broadcast`` answers None ("not sure") and the caller
-    floods instead; since gossip only relays what was new to the relaying peer, a flood costs little
-    and cannot miss anyone, and exact trees return once the graph settles.
+    With a scheduler, a change of the graph schedules one recalculation (at once after a quiet spell, else
+    ``interval`` after the last one), and every reader gets the tables of the last recalculation: a mesh that is
+    forming changes its graph hundreds of times a second, and recalculating for each change, or flooding gossip
+    until the graph stops changing, costs far more than routes a fraction of a second old. ``listeners`` are
+    called after each recalculation. Without a scheduler (tests, tools), routes follow every change at once.
     """
 
-    def __init__(self, topology: Topology, now: Callable[[], float] | None = None, min_interval: float = 0.0) -> None:
+    def __init__(self, topology: Topology, scheduler: Scheduler | None = None, interval: float = 0.0) -> None:
         self._topology = topology
-        self._now = now or (lambda: 0.0)
-        self._min_interval = min_interval
-        self._refreshed_at = float("-inf")
+        self._scheduler = scheduler
+        self._interval = interval
+        self._calculated_at = float("-inf")
+        self._timer: Handle | None = None
         self._ourself = topology.ourself.name
         self._graph_version = -1
         self._reported: dict[int, frozenset[int]] = {}  # established connections each peer reports
-        self._unicast: dict[int, int] | None = None
-        self._broadcast: dict[int, list[int]] = {}
+        self._unicast: dict[int, int] = {}
+        self._broadcast: dict[int, list[int] | None] = {}
+        self.recalculations = 0
+        self.listeners: list[Callable[[], None]] = []
+        if scheduler is not None:
+            topology.graph_listeners.append(self._graph_changed)
+        self._recalculate()
 
-    def _refresh(self) -> bool:
-        """Bring routes up to date if allowed; True when they match the current graph."""
-        if self._graph_version == self._topology.graph_version:
-            return True
-        now = self._now()
-        if now - self._refreshed_at < self._min_interval:
-            return False
-        self._refreshed_at = now
-        self._update_adjacency()
-        self._unicast = None
-        self._broadcast = {}
+    # -- when ---------------------------------------------------------------------------------------
+
+    def _graph_changed(self) -> None:
+        if self._timer is not None or self._scheduler is None:
+            return
+        now = self._scheduler.now()
+        self._timer = self._scheduler.call_later(max(0.0, self._calculated_at + self._interval - now), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._graph_version != self._topology.graph_version:
+            self._recalculate()
+            for listener in self.listeners:
+                listener()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _refresh(self) -> None:
+        """Without a scheduler, bring the tables up to date with the graph now."""
+        if self._scheduler is None and self._graph_version != self._topology.graph_version:
+            self._recalculate()
+
+    def _recalculate(self) -> None:
+        self._calculated_at = self._scheduler.now() if self._scheduler is not None else 0.0
         self._graph_version = self._topology.graph_version
-        return True
+        self._update_adjacency()
+        self._unicast = self._bfs_next_hops()
+        self._broadcast = {}
+        self.recalculations += 1
+
+    # -- what ---------------------------------------------------------------------------------------
 
     def _update_adjacency(self) -> None:
         """Take the established connections each peer reports, for just the peers whose edges changed.
@@ -80,18 +110,14 @@ class Routes:
                     queue.append(n)
         return hops
 
-    def _unicast_table(self) -> dict[int, int]:
-        self._refresh()
-        if self._unicast is None:
-            self._unicast = self._bfs_next_hops()
-        return self._unicast
-
     def unicast(self, dest: int) -> int | None:
         """The neighbour to send to for ``dest``, or None if it is unreachable."""
-        return self._unicast_table().get(dest)
+        self._refresh()
+        return self._unicast.get(dest)
 
     def reachable(self) -> dict[int, int]:
-        return dict(self._unicast_table())
+        self._refresh()
+        return dict(self._unicast)
 
     def neighbours(self) -> set[int]:
         """Peers we share a symmetric, established connection with."""
@@ -99,13 +125,17 @@ class Routes:
         return set(self._linked(self._ourself))
 
     def broadcast(self, source: int) -> list[int] | None:
-        """Our children in ``source``'s BFS tree; None when we are not on it or the view is churning."""
-        if not self._refresh():
-            return None
+        """Our children in ``source``'s BFS tree; None when the source, or we, are not on it."""
+        self._refresh()
         if source in self._broadcast:
             return self._broadcast[source]
-        if source not in self._reported:
-            return None
+        children = self._children(source)
+        self._broadcast[source] = children
+        return children
+
+    def _children(self, source: int) -> list[int] | None:
+        if source != self._ourself and source not in self._unicast:
+            return None  # not reachable from us: we are not on its tree
         # A peer's parent is the first peer taken from the queue that links to it. Once we are taken, each of our
         # neighbours has its parent: the walk stops there, as the rest of the tree does not change our children.
         parent: dict[int, int] = {source: source}
@@ -118,7 +148,5 @@ class Routes:
                     parent[n] = node
                     queue.append(n)
             if node == self._ourself:
-                children = [n for n in linked if parent[n] == node]
-                self._broadcast[source] = children
-                return children
+                return [n for n in linked if parent[n] == node]
         return None

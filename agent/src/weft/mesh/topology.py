@@ -8,7 +8,7 @@ entries that changed, so its cost does not grow with the size of the mesh.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import msgpack
@@ -161,6 +161,7 @@ class Topology:
         self._wanted: set[int] = set()  # peers that reached peers report connections to, not in our view yet
         self._grown: set[int] = {ourself.name}  # peers new to us or with more connections since the last walk
         self._shrunk = False  # a peer left, or reported fewer peers: walk again from us
+        self.graph_listeners: list[Callable[[], None]] = []  # told of each change of the graph, at once
 
     @property
     def our_entry(self) -> PeerEntry:
@@ -187,6 +188,8 @@ class Topology:
             self._shrunk = True
         else:
             self._grown.add(name)
+        for listener in self.graph_listeners:
+            listener()
 
     def full_update(self) -> TopologyUpdate:
         return TopologyUpdate(dict(self.peers))
