@@ -135,13 +135,11 @@ class TreeBroadcast:
 
     @staticmethod
     def _children(routes: Routes, source: int) -> list[int] | None:
-        if not routes._refresh() or source not in routes._reported:
-            return None  # as the real one: churning, or a source not on the graph
         neighbours = routes.neighbours()
         if source == routes._ourself:
             return sorted(neighbours)
-        up = routes._unicast_table().get(source)
-        return None if up is None else sorted(neighbours - {up})
+        up = routes.unicast(source)
+        return None if up is None else sorted(neighbours - {up})  # as the real one: None off the source's tree
 
 
 @dataclass
