@@ -43,6 +43,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.discovery_held = Gauge(
+            "weft_discovery_held",
+            "Discovered peers not dialled, by reason: own_limit (this agent is at conn_limit), peer_full (the peer"
+            " said it is at its own)",
+            ["reason"],
+            registry=r,
+        )
         self.gossip_dropped = Counter(
             "weft_gossip_dropped", "Gossip messages dropped, by reason", ["reason"], registry=r
         )

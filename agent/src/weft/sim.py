@@ -97,6 +97,7 @@ class SimNetwork:
     peers: list[SimPeer] = field(default_factory=list)
     blocked: set[frozenset[int]] = field(default_factory=set)
     messages: int = 0
+    conn_limit: int = 1000  # each peer's; a peer at its limit refuses a dial as the transport does (``full``)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -111,7 +112,7 @@ class SimNetwork:
             self.scheduler,
             Metrics(),
             gossip_interval=self.gossip_interval,
-            conn_limit=1000,
+            conn_limit=self.conn_limit,
             rng=random.Random(self.rng.random()),
         )
         maker = ConnectionMaker(
@@ -141,6 +142,9 @@ class SimNetwork:
             dialer.maker.dial_finished(address, None, "timed out")
             return
         acceptor = self.peers[remote_index]
+        if remote_index != index and len(acceptor.router.connections) >= acceptor.router.conn_limit:
+            dialer.maker.dial_finished(address, None, "peer_full: the peer is at its connection limit", full=True)
+            return
         uid = self.rng.getrandbits(64)
         out = SimConn(self, dialer, acceptor, True, uid)
         inc = SimConn(self, acceptor, dialer, False, uid)

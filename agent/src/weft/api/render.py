@@ -32,10 +32,10 @@ def summary(s: dict) -> str:
     conn_parts = [f"{len(established)} established"]
     if pending:
         conn_parts.append(f"{len(pending)} pending")
-    for state in ("connecting", "retrying", "failed"):
+    for state in ("connecting", "retrying", "failed", "held"):
         n = sum(1 for t in targets if t["state"] == state)
         if n:
-            conn_parts.append(f"{n} {state}")
+            conn_parts.append(f"{n} {state}" if state != "held" else f"{n} discovered held at a connection limit")
     peer_links = sum(len(p["connections"]) for p in s["peers"])
     encryption = (
         f"enabled ({s['secrets']} secret{'s' if s['secrets'] != 1 else ''})"

@@ -6,6 +6,11 @@ retried with growing, jittered backoff; a connection that lived a while is retri
 one the peer closed in order after it had worked (its agent restarting): the first dial goes out at once,
 and should it fail, the backoff grows as for any failure, so a peer restarting again and again costs a
 few dials per restart, never a storm.
+
+Discovery has a ceiling: at the connection limit, discovered targets are held rather than dialled (direct ones are
+still dialled: an operator asked for them), and a discovered peer that answers that it is at its own limit is not
+dialled again until its entry shows it lost a connection, or after ``full_hold`` seconds. Held targets show in the
+status with the reason and in ``weft_discovery_held{reason}``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from weft.mesh.router import Router
 
 log = logging.getLogger(__name__)
 
+FULL_PEER = "the peer is at its connection limit"
+
 
 def _discovered_address(text: str) -> str | None:
     """A peer-reported address in canonical form, or None when it is not one we would accept from an operator
@@ -35,12 +42,14 @@ def _discovered_address(text: str) -> str | None:
 class Target:
     address: str
     origin: str  # "config", "api" (weft connect) or "discovered"
-    state: str = "waiting"  # waiting | connecting | connected | retrying | failed
+    state: str = "waiting"  # waiting | connecting | connected | retrying | failed | held
     last_error: str | None = None
     next_try: float = 0.0
     interval: float = 0.0
     attempts: int = 0
     peer: int | None = None
+    full_since: float | None = None  # when the peer said it is at its connection limit (held until it has room)
+    full_conns: int = 0  # how many connections its entry listed then
 
     @property
     def direct(self) -> bool:
@@ -58,6 +67,7 @@ class ConnectionMaker:
         initial_interval: float = 1.0,
         max_interval: float = 30.0,
         reset_after: float = 60.0,
+        full_hold: float = 600.0,
         on_direct_changed: Callable[[list[Target]], None] | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -68,6 +78,7 @@ class ConnectionMaker:
         self.initial_interval = initial_interval
         self.max_interval = max_interval
         self.reset_after = reset_after
+        self.full_hold = full_hold
         self._on_direct_changed = on_direct_changed
         self._rng = rng or random.Random()
         self.targets: dict[str, Target] = {}
@@ -122,8 +133,9 @@ class ConnectionMaker:
 
     # -- results from the transport ----------------------------------------------------------------
 
-    def dial_finished(self, address: str, peer: int | None, error: str | None) -> None:
-        """The transport's answer to a dial: the peer it reached (if any) and why it failed (if so)."""
+    def dial_finished(self, address: str, peer: int | None, error: str | None, *, full: bool = False) -> None:
+        """The transport's answer to a dial: the peer it reached (if any), why it failed (if so), and whether the
+        peer said it is at its connection limit (``full``)."""
         target = self.targets.get(address)
         if target is None:
             return
@@ -137,6 +149,12 @@ class ConnectionMaker:
                 self._connected_since.setdefault(peer, now)
         elif peer == self._router.ourself.name:
             target.state, target.last_error, target.next_try = "failed", error, float("inf")
+        elif full and not target.direct:
+            # Retrying would only be refused again: wait until the peer has room (see _release_full).
+            entry = self._router.topology.peers.get(target.peer) if target.peer is not None else None
+            target.state, target.last_error, target.next_try = "held", FULL_PEER, float("inf")
+            target.full_since, target.full_conns = now, len(entry.connections) if entry is not None else 0
+            log.info("not dialling %s again for now: the peer is at its connection limit", address)
         else:
             target.interval = min(self.max_interval, max(self.initial_interval, target.interval * 1.5))
             target.next_try = now + self._jittered(target.interval)
@@ -199,26 +217,58 @@ class ConnectionMaker:
         self._discover()
         now = self._scheduler.now()
         connected = self._router.connections
+        room = self._router.conn_limit - len(connected)
+        room -= sum(1 for t in self.targets.values() if t.state == "connecting")
         soonest: float | None = None
-        for target in self.targets.values():
+        held = {"own_limit": 0, "peer_full": 0}
+        for target in sorted(self.targets.values(), key=lambda t: not t.direct):  # direct ones first
             if target.state == "connecting":
                 continue
             if target.peer is not None and target.peer in connected:
-                target.state, target.last_error = "connected", None
+                target.state, target.last_error, target.full_since = "connected", None, None
                 continue
-            if target.state == "connected":
+            if target.full_since is not None and not self._release_full(target, now):
+                held["peer_full"] += 1
+                soonest = _sooner(soonest, target.full_since + self.full_hold)
+                continue
+            if target.state in ("connected", "held"):
                 target.state = "waiting"
+                if target.last_error == self._own_limit():
+                    target.last_error = None
+            if not target.direct and room <= 0:
+                target.state, target.last_error = "held", self._own_limit()
+                held["own_limit"] += 1
+                continue  # dialled when a connection ends (check runs then)
             if target.next_try <= now:
                 target.state = "connecting"
                 target.attempts += 1
+                room -= 1
                 self._dial(target.address)
-            elif soonest is None or target.next_try < soonest:
-                soonest = target.next_try
+            else:
+                soonest = _sooner(soonest, target.next_try)
+        for reason, count in held.items():
+            self._router.metrics.discovery_held.labels(reason).set(count)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if soonest is not None and soonest != float("inf"):
             self._timer = self._scheduler.call_later(soonest - now, self._on_timer)
+
+    def _own_limit(self) -> str:
+        return f"connection limit ({self._router.conn_limit}) reached: not dialling discovered peers"
+
+    def _release_full(self, target: Target, now: float) -> bool:
+        """Whether a peer that said it was full may have room now: its entry lists fewer connections than then (it
+        lost one), or ``full_hold`` has passed. Released, it is dialled after a jittered pause, so the peers it
+        refused do not all take the one free place at once."""
+        assert target.full_since is not None
+        entry = self._router.topology.peers.get(target.peer) if target.peer is not None else None
+        fewer = entry is not None and len(entry.connections) < target.full_conns
+        if not fewer and now - target.full_since < self.full_hold:
+            return False
+        target.full_since, target.last_error = None, None
+        target.next_try = now + self._jittered(self.initial_interval)
+        return True
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -238,8 +288,12 @@ class ConnectionMaker:
                 "state": t.state,
                 "last_error": t.last_error,
                 "next_try": None
-                if t.state in ("connected", "connecting") or t.next_try == float("inf")
+                if t.state in ("connected", "connecting", "held") or t.next_try == float("inf")
                 else max(0.0, round(t.next_try - now, 2)),
             }
             for t in sorted(self.targets.values(), key=lambda t: (not t.direct, t.address))
         ]
+
+
+def _sooner(a: float | None, b: float) -> float:
+    return b if a is None else min(a, b)

@@ -118,6 +118,8 @@ async def handshake(
         hello["ids"] = [secret_id(s, key.public) for s in secrets[:MAX_SECRETS]]
     writer.write(frame(pack(hello)))
     their_hello = _parse_hello(await _read_frame(reader, MAX_HELLO, "malformed_hello"))
+    if their_hello["full"]:
+        raise HandshakeError("peer_full", "the peer is at its connection limit")
 
     sealer = opener = None
     data_keys: SessionKeys | None = None
@@ -172,12 +174,33 @@ async def _read_frame(reader: asyncio.StreamReader, limit: int, reason: str) -> 
     return await _read(reader, length, reason)
 
 
+async def refuse_full(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, secrets: list[bytes]) -> None:
+    """Tell a dialler that we are at our connection limit: magic and versions, then a hello that says ``full``.
+
+    A dialler of this version fails with ``peer_full`` and stops dialling the discovered peer that said so; an older
+    one, which ignores keys it does not know, sees the connection close during the handshake, as it always did. The
+    hello is a whole one (a fresh key and the secret ids) so an older dialler reads it as well formed. Their hello is
+    read before we return, so closing afterwards is orderly.
+    """
+    writer.write(MAGIC + bytes([PROTOCOL_MIN, PROTOCOL_MAX]))
+    await _read(reader, len(MAGIC) + 2, "short_handshake")
+    hello: dict = {"enc": bool(secrets), "full": True}
+    if secrets:
+        key = EphemeralKey()
+        hello["pub"] = key.public
+        hello["ids"] = [secret_id(s, key.public) for s in secrets[:MAX_SECRETS]]
+    writer.write(frame(pack(hello)))
+    await _read_frame(reader, MAX_HELLO, "malformed_hello")
+    await writer.drain()
+
+
 def _parse_hello(raw: bytes) -> dict:
     try:
         hello = expect(unpack(raw, "hello"), dict, "hello", "hello")
         enc = field(hello, "enc", bool, "hello")
+        full = hello.get("full") is True  # the acceptor is at its connection limit (see refuse_full)
         if not enc:
-            return {"enc": False}
+            return {"enc": False, "full": full}
         pub = field(hello, "pub", bytes, "hello")
         ids = field(hello, "ids", list, "hello")
         if len(pub) != PUBLIC_KEY_LEN or not ids or len(ids) > MAX_SECRETS:
@@ -185,7 +208,7 @@ def _parse_hello(raw: bytes) -> dict:
         for i in ids:
             if not isinstance(i, bytes) or len(i) != SECRET_ID_LEN:
                 raise DecodeError("hello", "bad secret id")
-        return {"enc": True, "pub": pub, "ids": ids}
+        return {"enc": True, "pub": pub, "ids": ids, "full": full}
     except DecodeError as exc:
         raise HandshakeError("malformed_hello", str(exc)) from None
 

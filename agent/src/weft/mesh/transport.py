@@ -4,6 +4,7 @@ the handshake, handing finished connections to the router and results to the con
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -14,7 +15,7 @@ from weft.limits import Episode
 from weft.mesh.address import host_of, join_host_port, split_host_port
 from weft.mesh.connection import ConnectionSettings, ControlConnection
 from weft.mesh.connection_maker import ConnectionMaker
-from weft.mesh.handshake import HandshakeError, handshake
+from weft.mesh.handshake import HandshakeError, handshake, refuse_full
 from weft.mesh.peer import format_name
 from weft.mesh.router import Router
 from weft.metrics import Metrics
@@ -168,15 +169,21 @@ class ControlTransport:
             self._refusals.hit()
             writer.close()
             return
-        if len(self.router.connections) + len(self.pending) >= self.router.conn_limit:
+        full = len(self.router.connections) + len(self.pending) >= self.router.conn_limit
+        if full:
             self.metrics.refused.labels("conn_limit").inc()
             self._refusals.hit()
-            writer.close()
-            return
         task = asyncio.current_task()
         if task is not None:  # so stop() can end it like the connections we dialled
             self._tasks.add(task)
         try:
+            if full:  # say why, so the dialler stops dialling us (a discovered peer) rather than retrying
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(
+                        refuse_full(reader, writer, secrets=list(self._secrets())), self.settings.handshake_timeout
+                    )
+                writer.close()
+                return
             await self._serve(reader, writer, outbound=False, address=join_host_port(peer[0], peer[1]))
         except asyncio.CancelledError:
             # stop() ends inbound connections by cancelling them; asyncio's stream server would log a
@@ -275,11 +282,11 @@ class ControlTransport:
             for listener in self.refusal_listeners:
                 listener(host)
         if outbound:
-            self._dial_finished(address, None, f"{reason}: {detail}")
+            self._dial_finished(address, None, f"{reason}: {detail}", full=reason == "peer_full")
 
-    def _dial_finished(self, address: str, peer: int | None, error: str | None) -> None:
+    def _dial_finished(self, address: str, peer: int | None, error: str | None, *, full: bool = False) -> None:
         if self.maker is not None:
-            self.maker.dial_finished(address, peer, error)
+            self.maker.dial_finished(address, peer, error, full=full)
 
     # -- secrets ----------------------------------------------------------------------------------
 

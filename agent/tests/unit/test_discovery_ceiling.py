@@ -1,0 +1,193 @@
+"""A ceiling on discovery: at the connection limit discovered peers are held, not dialled; a peer that says it is at
+its own limit is not dialled again until it has room; both show in the status and in weft_discovery_held."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+
+from weft.mesh.clock import VirtualScheduler
+from weft.mesh.connection_maker import FULL_PEER, ConnectionMaker
+from weft.mesh.gossip import GOSSIP, GossipSender
+from weft.mesh.handshake import HandshakeError, handshake, refuse_full
+from weft.mesh.peer import PeerInfo
+from weft.mesh.router import TOPOLOGY, Router
+from weft.mesh.topology import ConnectionSummary, PeerEntry, TopologyUpdate
+from weft.metrics import Metrics
+from weft.sim import SimNetwork
+
+ME = PeerInfo(0x020000000001, "me", 11)
+PEERS = [PeerInfo(0x020000000010 + i, f"p{i}", 100 + i) for i in range(8)]
+SECRET = b"a mesh secret for the ceiling tests"
+
+
+def held(metrics: Metrics) -> dict[str, float]:
+    (family,) = metrics.discovery_held.collect()
+    return {s.labels["reason"]: s.value for s in family.samples}
+
+
+class Conn:
+    def __init__(self, remote: PeerInfo) -> None:
+        self.remote = remote
+        self.remote_address = f"{address(remote)}"
+        self.outbound = True
+        self.conn_uid = remote.uid
+        self.encrypted = False
+        self.sender = GossipSender(lambda: None)
+
+    def close(self, reason: str) -> None:
+        pass
+
+
+def address(peer: PeerInfo) -> str:
+    return f"10.0.0.{peer.name & 0xFF}:6783"
+
+
+def entry(peer: PeerInfo, version: int, *others: PeerInfo) -> PeerEntry:
+    conns = tuple(ConnectionSummary(o.name, address(o), True, True) for o in others)
+    return PeerEntry(peer.name, peer.nickname, peer.uid, version, conns)
+
+
+class Rig:
+    """One maker whose dials are recorded, with a router at ``limit`` connections."""
+
+    def __init__(self, limit: int) -> None:
+        self.clock = VirtualScheduler()
+        self.router = Router(ME, self.clock, Metrics(), conn_limit=limit)
+        self.dials: list[str] = []
+        self.maker = ConnectionMaker(self.router, self.clock, self.dials.append, rng=random.Random(1))
+
+    def connect(self, peer: PeerInfo) -> Conn:
+        conn = Conn(peer)
+        assert self.router.add_connection(conn) is None
+        self.maker.connection_opened(peer.name)
+        return conn
+
+    def learn(self, via: Conn, *entries: PeerEntry) -> None:
+        payload = TopologyUpdate({e.name: e for e in entries}).encode()
+        self.router.handle_message(via, {"t": GOSSIP, "ch": TOPOLOGY, "d": payload})
+        self.run(self.clock.now() + 1.0)
+
+    def run(self, until: float) -> None:
+        self.clock.call_later(until - self.clock.now(), lambda: None)
+        self.clock.run_until(lambda: False, until)
+
+    def state(self, peer: PeerInfo) -> tuple[str, str | None]:
+        (row,) = [t for t in self.maker.status() if t["address"] == address(peer)]
+        return row["state"], row["last_error"]
+
+
+def test_at_the_limit_discovered_peers_are_held_and_direct_ones_still_dialled() -> None:
+    rig = Rig(limit=2)
+    a, b, c, d = PEERS[:4]
+    via = rig.connect(a)
+    rig.connect(b)
+    rig.learn(via, entry(a, 5, ME, b, c, d), entry(c, 1, a), entry(d, 1, a))  # c and d: discovered targets
+    assert rig.dials == []
+    assert rig.state(c) == ("held", "connection limit (2) reached: not dialling discovered peers")
+    assert held(rig.router.metrics) == {"own_limit": 2.0, "peer_full": 0.0}
+
+    other = rig.router.connections[b.name]
+    rig.router.remove_connection(other, "gone")  # a place is free: one discovered peer is dialled, the other waits
+    rig.maker.connection_closed(b.name)
+    rig.run(rig.clock.now() + 1.0)
+    assert sorted(rig.dials) in ([address(c)], [address(d)])
+    assert held(rig.router.metrics) == {"own_limit": 1.0, "peer_full": 0.0}
+
+    rig.maker.connect([address(PEERS[5])])  # an operator's target: dialled whatever the limit
+    assert rig.dials[-1] == address(PEERS[5])
+
+
+def test_a_peer_at_its_limit_is_not_dialled_again_until_it_loses_a_connection() -> None:
+    rig = Rig(limit=10)
+    a, c = PEERS[0], PEERS[2]
+    via = rig.connect(a)
+    rig.learn(via, entry(a, 5, ME, c), entry(c, 5, a, PEERS[3], PEERS[4]))
+    assert rig.dials == [address(c)]
+    rig.maker.dial_finished(address(c), None, "peer_full: the peer is at its connection limit", full=True)
+    assert rig.state(c) == ("held", FULL_PEER)
+    assert held(rig.router.metrics)["peer_full"] == 1.0
+    rig.run(rig.clock.now() + 300.0)  # an ordinary failure would have been retried a dozen times by now
+    rig.learn(via, entry(c, 6, a, PEERS[3], PEERS[4], PEERS[5]))  # it gained one: still full
+    assert rig.dials == [address(c)]
+    rig.learn(via, entry(c, 7, a, PEERS[3]))  # it lost some: it may have room
+    assert rig.dials == [address(c), address(c)]
+    assert held(rig.router.metrics)["peer_full"] == 0.0
+
+
+def test_a_peer_held_as_full_is_tried_again_after_the_hold() -> None:
+    rig = Rig(limit=10)
+    rig.maker.full_hold = 100.0
+    a, c = PEERS[0], PEERS[2]
+    via = rig.connect(a)
+    rig.learn(via, entry(a, 5, ME, c), entry(c, 5, a))
+    rig.maker.dial_finished(address(c), None, "peer_full", full=True)
+    rig.run(rig.clock.now() + 99.0)
+    assert rig.dials == [address(c)]
+    rig.run(rig.clock.now() + 3.0)
+    assert rig.dials == [address(c), address(c)]
+
+
+def test_a_direct_target_at_its_limit_is_still_retried() -> None:
+    rig = Rig(limit=10)
+    target = address(PEERS[0])
+
+    def refused(addr: str) -> None:
+        rig.dials.append(addr)
+        rig.clock.call_later(0.01, lambda: rig.maker.dial_finished(addr, None, "peer_full", full=True))
+
+    rig.maker._dial = refused  # type: ignore[method-assign]
+    rig.maker.connect([target])
+    rig.run(60.0)
+    assert len(rig.dials) >= 3
+    assert rig.state(PEERS[0])[0] in ("retrying", "failed")
+
+
+def test_a_mesh_past_the_limit_stops_dialling_once_formed() -> None:
+    """20 peers in a chain, each told of the one before, discovery on, 5 connections each at most."""
+    net = SimNetwork(latency=0.002, seed=2, conn_limit=5)
+    dials: collections.Counter[int] = collections.Counter()
+    original = net._dial
+
+    def counting(index: int, address: str) -> None:
+        dials[int(net.scheduler.now() // 60)] += 1
+        original(index, address)
+
+    net._dial = counting  # type: ignore[method-assign]
+    for i in range(20):
+        net.add_peer([] if i == 0 else [f"sim{i - 1}:6783"], discovery=True)
+    net.scheduler.run_until(lambda: False, 590.0)
+    assert net.converged(exact=True)
+    assert all(len(p.router.connections) <= 5 for p in net.peers)
+    assert sum(n for minute, n in dials.items() if minute >= 1) == 0, dict(dials)
+    states = collections.Counter(t["state"] for p in net.peers for t in p.maker.status())
+    assert states["held"] > 0 and states["retrying"] == states["failed"] == 0
+    assert sum(held(p.router.metrics)["own_limit"] for p in net.peers) > 0
+
+
+def test_a_dialler_hears_that_the_acceptor_is_full() -> None:
+    """Over a real socket pair: the dialler's handshake ends with peer_full, with and without a secret."""
+
+    async def main(secrets: list[bytes]) -> BaseException | None:
+        import socket
+
+        a, b = socket.socketpair()
+        (r1, w1), (r2, w2) = await asyncio.open_connection(sock=a), await asyncio.open_connection(sock=b)
+        try:
+            dialler, _ = await asyncio.wait_for(
+                asyncio.gather(
+                    handshake(r1, w1, outbound=True, ourself=ME, secrets=secrets, port=6783, advertise=None),
+                    refuse_full(r2, w2, secrets=secrets),
+                    return_exceptions=True,
+                ),
+                10,
+            )
+        finally:
+            w1.close()
+            w2.close()
+        return dialler
+
+    for secrets in ([], [SECRET]):
+        outcome = asyncio.run(main(secrets))
+        assert isinstance(outcome, HandshakeError) and outcome.reason == "peer_full", outcome
