@@ -37,8 +37,8 @@ class FakeNft:
 def test_the_ruleset_admits_fast_peers_and_probes_and_drops_the_rest() -> None:
     text = render(6784, 6783, ["10.0.0.2", "fd00::2"], ["10.0.0.3"])
     assert text.startswith("table inet weft_fast_6784 {}\ndelete table inet weft_fast_6784\n")  # atomic replace
-    assert "set fast4 { type ipv4_addr; elements = { 10.0.0.2 }; }" in text
-    assert "set fast6 { type ipv6_addr; elements = { fd00::2 }; }" in text
+    assert "set fast4 { type ipv4_addr; counter; elements = { 10.0.0.2 }; }" in text  # per-peer traffic
+    assert "set fast6 { type ipv6_addr; counter; elements = { fd00::2 }; }" in text
     assert "set probe4 { type ipv4_addr; elements = { 10.0.0.3 }; }" in text
     assert "udp dport 6784 ip saddr @fast4 accept" in text
     assert "ip saddr @probe4 @th,128,48 0x0180c200000f @th,224,16 0x88b5 accept" in text
@@ -46,6 +46,26 @@ def test_the_ruleset_admits_fast_peers_and_probes_and_drops_the_rest() -> None:
     assert 'udp dport 6784 counter name "unknown_sender" drop' in text
     assert 'udp dport 6784 counter name "unknown_dest" drop' in text
     assert "weft_lab" not in text
+    # Probes are matched before the fast sets, so the sets' counters count container traffic alone.
+    assert text.index("ip saddr @probe4") < text.index("ip saddr @fast4")
+    assert text.index("ip daddr @probe4") < text.index("ip daddr @fast4")
+
+
+def test_per_peer_traffic_is_read_from_the_fast_sets_counters() -> None:
+    def run(*args: str, script: str | None = None) -> str:
+        assert args[:3] == ("-j", "list", "set")
+        elem: list = []
+        if args[-1] == "fast4":
+            elem = [
+                {"elem": {"val": "10.0.0.2", "counter": {"packets": 7, "bytes": 900}}},
+                "10.0.0.3",  # a table an earlier version loaded: no counter
+                {"elem": {"val": "10.0.0.4", "counter": "garbage"}},
+            ]
+        return json.dumps({"nftables": [{"metainfo": {}}, {"set": {"name": args[-1], "elem": elem}}]})
+
+    guard = FastGuard(6784, 6783, run=run)
+    assert guard.traffic() == {"10.0.0.2": 7, "10.0.0.3": 0, "10.0.0.4": 0}
+    assert guard.kept() == {"10.0.0.2", "10.0.0.3", "10.0.0.4"}
 
 
 def test_set_changes_are_diffs_and_nothing_runs_when_nothing_changes() -> None:

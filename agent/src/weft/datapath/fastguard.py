@@ -73,12 +73,12 @@ def render(vxlan_port: int, udp_port: int, fast: Iterable[str] = (), probe: Iter
     fast, probe = list(fast), list(probe)
     is_probe = f"@th,128,48 0x{GROUP.hex()} @th,224,16 0x{ETHERTYPE:04x}"  # inner dst MAC and ethertype
 
-    def define(name: str, kind: str, ips: list[str]) -> str:
+    def define(name: str, kind: str, ips: list[str], counter: bool) -> str:
         elements = f" elements = {{ {', '.join(ips)} }};" if ips else ""
-        return f"    set {name} {{ type {kind};{elements} }}\n"
+        return f"    set {name} {{ type {kind};{' counter;' if counter else ''}{elements} }}\n"
 
     sets = "".join(
-        define(name, kind, _elements(ips, version))
+        define(name, kind, _elements(ips, version), counter=names == FAST_SETS)  # per peer: is its fast path in use?
         for names, ips in ((FAST_SETS, fast), (PROBE_SETS, probe))
         for name, kind, version in ((names[0], "ipv4_addr", 4), (names[1], "ipv6_addr", 6))
     )
@@ -92,18 +92,18 @@ def render(vxlan_port: int, udp_port: int, fast: Iterable[str] = (), probe: Iter
         "    counter unknown_dest { }\n"
         "    chain input {\n"
         "        type filter hook input priority filter - 5; policy accept;\n"
-        f"        udp dport {vxlan_port} ip saddr @fast4 accept\n"
-        f"        udp dport {vxlan_port} ip6 saddr @fast6 accept\n"
         f"        udp dport {vxlan_port} ip saddr @probe4 {is_probe} accept\n"
         f"        udp dport {vxlan_port} ip6 saddr @probe6 {is_probe} accept\n"
+        f"        udp dport {vxlan_port} ip saddr @fast4 accept\n"
+        f"        udp dport {vxlan_port} ip6 saddr @fast6 accept\n"
         f'        udp dport {vxlan_port} counter name "unknown_sender" drop\n'
         "    }\n"
         "    chain output {\n"
         "        type filter hook output priority filter - 5; policy accept;\n"
-        f"        udp dport {vxlan_port} ip daddr @fast4 accept\n"
-        f"        udp dport {vxlan_port} ip6 daddr @fast6 accept\n"
         f"        udp sport {udp_port} udp dport {vxlan_port} ip daddr @probe4 {is_probe} accept\n"
         f"        udp sport {udp_port} udp dport {vxlan_port} ip6 daddr @probe6 {is_probe} accept\n"
+        f"        udp dport {vxlan_port} ip daddr @fast4 accept\n"
+        f"        udp dport {vxlan_port} ip6 daddr @fast6 accept\n"
         f'        udp dport {vxlan_port} counter name "unknown_dest" drop\n'
         "    }\n"
         "}\n"
@@ -156,8 +156,7 @@ class FastGuard:
                 out = self._run("-j", "list", "set", "inet", self.table, name)
             except GuardError:
                 return set()
-            for item in json.loads(out).get("nftables", []):
-                kept.update(e for e in item.get("set", {}).get("elem", []) if isinstance(e, str))
+            kept.update(_set_elements(out))
         return kept
 
     def start(self, fast: Iterable[str]) -> None:
@@ -194,6 +193,19 @@ class FastGuard:
             return
         self.fast, self.probe = fast, probe
 
+    def traffic(self) -> dict[str, int]:
+        """Packets the fast path carried to and from each fast-path address (container traffic: probes are matched
+        before the sets), from the sets' per-element counters; empty if they cannot be read."""
+        counts: dict[str, int] = {}
+        for name in FAST_SETS:
+            try:
+                out = self._run("-j", "list", "set", "inet", self.table, name)
+            except GuardError as exc:
+                log.debug("cannot read the fast-path guard's per-peer counters: %s", exc)
+                return {}
+            counts.update(_set_elements(out))
+        return counts
+
     def dropped(self, *, fresh: bool = False) -> dict[str, int]:
         """Packets the guard dropped this run, by reason; read from nftables at most once a second."""
         now = time.monotonic()
@@ -210,6 +222,25 @@ class FastGuard:
             except (GuardError, ValueError) as exc:
                 log.debug("cannot read the fast-path guard's counters: %s", exc)
         return {k: self._base.get(k, 0) + self._counts.get(k, 0) for k in {*self._base, *self._counts}}
+
+
+def _set_elements(out: str) -> dict[str, int]:
+    """Address -> packets counted, from ``nft -j list set``: an element is an address, or with a counter
+    ``{"elem": {"val": address, "counter": {...}}}`` (a table of an earlier version has no counters: 0)."""
+    elements: dict[str, int] = {}
+    try:
+        items = json.loads(out).get("nftables", [])
+    except (ValueError, AttributeError):
+        return elements
+    for item in items:
+        for e in item.get("set", {}).get("elem", []) if isinstance(item, dict) else ():
+            if isinstance(e, str):
+                elements[e] = 0
+            elif isinstance(e, dict) and isinstance(e.get("elem"), dict) and isinstance(e["elem"].get("val"), str):
+                counter = e["elem"].get("counter")
+                packets = counter.get("packets", 0) if isinstance(counter, dict) else 0
+                elements[e["elem"]["val"]] = packets if isinstance(packets, int) else 0
+    return elements
 
 
 def remove(vxlan_port: int) -> bool:

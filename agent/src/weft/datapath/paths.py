@@ -6,11 +6,19 @@ sizes that find the path MTU. The neighbour reports back what it heard, and traf
 best path that is up: fast, then the userspace path ("sleeve"); a peer with neither is reached
 through a relay, if the mesh has one. Both ends decide from the same evidence, so they agree, and a
 broadcast that takes the kernel path to a peer is not delivered to it again over the sleeve.
+
+Probing is paced per path (``PathState.pace``): a path that carried traffic lately, or that is new, is probed
+every interval; an idle one every ``IDLE_EVERY`` intervals, so a host with a hundred quiet neighbours does not
+spend its CPU on heartbeats. Each round asks the neighbour to answer at once (``rq``), so a path's evidence comes
+at the rate its own end chose, whatever the other end's rate; rounds start at random phases and are jittered, so
+the neighbours' heartbeats never come in one burst. A peer that never asks (an older version) is probed every
+interval, as it probes us.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import random
 from collections import deque
 from dataclasses import dataclass, field, replace
 
@@ -26,6 +34,10 @@ UDP_IP_OVERHEAD = 28
 # Path MTUs tried, largest first; the local route's MTU is tried as well.
 PMTU_LADDER = (1500, 1400, 1280, 1000, 576)
 REPORTS_KEPT = 2  # probe rounds to remember: one lost probe must not shrink the MTU
+IDLE_EVERY = 10  # intervals between probe rounds on a path that carries no traffic
+BUSY_FOR = 10  # intervals a path counts as carrying traffic after the last frame crossed it
+FIRST_ROUNDS = 3  # a new connection's first rounds come every interval: its path and MTU are found at once
+JITTER = 0.25  # a round comes between (1 - JITTER) and 1 times the pace after the last one
 
 
 def ladder(route_mtu: int) -> list[int]:
@@ -74,6 +86,11 @@ class PathState:
     reason: str = ""
     announced_size: int = 0  # the datagram size the sleeve was last given
     e2e: bool = False  # the neighbour reads end-to-end datagrams and passes them on (handshake capability)
+    echoes: bool = False  # the peer answers a heartbeat that asks (rq): it may be probed at our own pace
+    pace_s: float = 0.0  # seconds between our probe rounds to it, as last chosen
+    next_round: float = 0.0  # when our next probe round to it is due
+    last_traffic: float | None = None  # when frames last crossed this path (either way)
+    traffic_mark: tuple[int, int] = (0, 0)  # the sleeve's and the fast path's counters for it, at the last look
 
     @property
     def encrypted(self) -> bool:
@@ -126,6 +143,7 @@ class PathState:
         was_fast = self.path == FAST and self.fast_allowed()
         if remote_uid != self.remote_uid:
             fresh.heard_fast_seq, fresh.heard_fast_at = 0, None
+            fresh.echoes = False  # the new run may be another version: it says so in its first heartbeat
             if keys is not None:
                 fresh.peer_trusts = False  # the new run's trust comes with its first heartbeat...
                 fresh.held_trust = was_fast  # ...and until then, the hold goes on the old run's
@@ -146,6 +164,49 @@ class PathState:
             and now - self.fast_acked_at <= dead
             and self.fast_acked >= self.fast_seq - 3
         )
+
+    # -- pacing ---------------------------------------------------------------------------------------------
+
+    def busy(self, now: float, interval: float) -> bool:
+        """Frames crossed this path lately, or it is being held across a restart: it is probed every interval."""
+        recent = self.last_traffic is not None and now - self.last_traffic <= BUSY_FOR * interval
+        return recent or now < max(self.assume_fast_until, self.assume_sleeve_until)
+
+    def note_traffic(self, now: float, sleeve: int, fast: int) -> bool:
+        """Take the counters of frames that crossed this path (sleeve, fast); True if they moved since last time."""
+        moved = (sleeve, fast) != self.traffic_mark
+        self.traffic_mark = (sleeve, fast)
+        if moved:
+            self.last_traffic = now
+        return moved
+
+    def pace(self, now: float, interval: float, dead_rounds: int) -> bool:
+        """Choose the time between our probe rounds to this peer; True if a round is due now.
+
+        Every interval while the path carries traffic, is new, or the peer does not answer requests (an older
+        version expects a heartbeat every interval); every ``IDLE_EVERY`` intervals otherwise. Speeding up brings
+        a round at once, and what was still fresh at the slow pace counts from now at the fast one (``dead_rounds``
+        of the new pace for the answers to come), so a path that carries traffic again is judged in seconds.
+        """
+        idle = self.echoes and self.ticks >= FIRST_ROUNDS and not self.busy(now, interval)
+        pace = interval * IDLE_EVERY if idle else interval
+        if pace < self.pace_s:
+            old_dead = dead_rounds * self.pace_s
+            if self.last_heard is not None and now - self.last_heard <= old_dead:
+                self.last_heard = now
+            if self.fast_acked_at is not None and now - self.fast_acked_at <= old_dead:
+                self.fast_acked_at = now
+            self.next_round = now
+        self.pace_s = pace
+        return now >= self.next_round
+
+    def round_done(self, now: float, rng: random.Random) -> None:
+        self.ticks += 1
+        self.next_round = now + self.pace_s * rng.uniform(1 - JITTER, 1.0)
+
+    def dead_after(self, dead_rounds: int, interval: float) -> float:
+        """Silence after which this path is down: ``dead_rounds`` of our rounds at the pace we chose."""
+        return dead_rounds * (self.pace_s or interval)
 
     def choose(self, now: float, dead: float, mtu: int, vxlan_port: int, udp_port: int) -> bool:
         """Set ``path`` and ``reason``; True if the path changed."""

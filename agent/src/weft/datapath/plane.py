@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import socket
 import time
 from collections.abc import Callable, Iterable
@@ -42,7 +43,9 @@ FORGED_SOURCE_MAC = "forged_source_mac"  # drop reason: a container sent a sourc
 VNI = 0x5746  # one overlay per mesh; the bridge keeps hosts apart, not VNIs
 DEAD_AFTER = 3  # heartbeat intervals without news before a path counts as down
 WARMUP_AFTER = 4  # intervals after start before we remove kernel state we did not write this run
-PMTU_EVERY = 5  # intervals between path-MTU probe rounds, after one each for the first three
+PMTU_EVERY = 5  # probe rounds between path-MTU probe rounds, after one each for the first three
+TICKS = 5  # passes per interval: probe rounds are due at random phases, a few in each pass
+TRAFFIC_EVERY = 2  # intervals between readings of the fast-path guard's per-peer counters (an nft call)
 SLEEVE_OVERHEAD = 80  # Ethernet, virtio header, sleeve header and AEAD tag, per datagram (upper bound)
 E2E_OVERHEAD = SLEEVE_OVERHEAD + 10  # the end-to-end form: 6 more header bytes, 4 more nonce bytes
 GUARD_RESYNC = 10  # intervals between re-reads of the attach state for the port guard (events may be missed)
@@ -87,6 +90,9 @@ class DataPlane:
         self.portguard: PortGuard | None = None
         self._guarded: set[str] = set()  # container ports already made non-learning
         self._guard_ticks = 0
+        self._ticks = 0
+        self._fast_read_at = float("-inf")
+        self._rng = random.Random()  # the phases and jitter of probe rounds
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
         self._recompute_handle: asyncio.Handle | None = None
@@ -306,9 +312,12 @@ class DataPlane:
                     _uint(msg.get("fs", 0)),
                     _uint(msg.get("mx", 0)),
                 )
-                if not st.answered:  # a new connection: the far end hears from us now, not at our next round
+                if msg.get("rq") is True:  # it asks for an answer: its rounds, at its own pace, are its evidence
+                    st.echoes = st.answered = True
+                    self._heartbeat(st, now, ask=False)
+                elif not st.answered:  # a new connection: the far end hears from us now, not at our next round
                     st.answered = True
-                    self._heartbeat(st, now, report_size=False)
+                    self._heartbeat(st, now, report_size=False, ask=False)
         except DecodeError as exc:
             self.metrics.decode_errors.labels(exc.kind).inc()
             log.debug("bad data-path control message from %s: %s", format_name(peer), exc)
@@ -332,26 +341,32 @@ class DataPlane:
     # -- heartbeats --------------------------------------------------------------------------------
 
     def _tick(self) -> None:
+        """A pass every 1/TICKS of the interval: the probe rounds due now (their phases are spread, so each pass
+        sends a few), and once an interval the housekeeping and every path's choice (silence ends a path)."""
         assert self._loop is not None
-        self._tick_handle = self._loop.call_later(self.interval, self._tick)
+        self._tick_handle = self._loop.call_later(self.interval / TICKS, self._tick)
         now = time.monotonic()
-        self._sync_neighbours(now)
-        self._poll_portguard(now)
-        sleeve = self.sleeve
-        assert sleeve is not None
-        if self.encrypting:
-            self.e2e.tick(now)
+        full = self._ticks % TICKS == 0
+        self._ticks += 1
+        if full:
+            self._sync_neighbours(now)
+            self._poll_portguard(now)
+            if self.encrypting:
+                self.e2e.tick(now)
+        self._note_traffic(now)
+        if self._pass(now, full=full) or (full and self._warming_up_ended(now)):
+            self._changed()
+
+    def _pass(self, now: float, *, full: bool) -> bool:
+        """Probe rounds for the paths due; path choice for those, or for all on a ``full`` pass. True if the
+        sleeve's tables must change."""
         changed = False
         for st in self.paths.values():
-            self._heartbeat(st, now)
-            st.ticks += 1
-            if st.ticks <= 3 or st.ticks % PMTU_EVERY == 0:
-                for size in ladder(st.route_mtu):
-                    sleeve.send_control(st.peer, pack({"t": "pm"}), pad_to=size - 28)
-            if st.fast_allowed() or not st.encrypted:
-                st.fast_seq += 1
-                probe = build_probe(VNI, self.ourself, st.fast_seq, self.config.mtu)
-                sleeve.send_raw((st.ip, self.config.vxlan_port), probe)
+            due = st.pace(now, self.interval, DEAD_AFTER)
+            if due:
+                self._round(st, now)
+            elif not full:
+                continue
             size = st.datagram_size()
             if size != st.announced_size:
                 st.announced_size = size  # the sleeve must cut datagrams to the new size
@@ -360,22 +375,51 @@ class DataPlane:
                     log.info("peer %s: path MTU %d", format_name(st.peer), st.pmtu())
             if self._choose(st, now):
                 changed = True
-        if changed or self._warming_up_ended(now):
-            self._changed()
+        return changed
 
-    def _heartbeat(self, st: PathState, now: float, *, report_size: bool = True) -> None:
+    def _round(self, st: PathState, now: float) -> None:
+        """One probe round to a neighbour: path-MTU probes (now and then), a fast probe, then a heartbeat that asks
+        for an answer, which therefore reports what the probes before it found."""
+        sleeve = self.sleeve
+        assert sleeve is not None
+        st.round_done(now, self._rng)
+        if st.ticks <= 3 or st.ticks % PMTU_EVERY == 0:
+            for size in ladder(st.route_mtu):
+                sleeve.send_control(st.peer, pack({"t": "pm"}), pad_to=size - 28)
+        if st.fast_allowed() or not st.encrypted:
+            st.fast_seq += 1
+            probe = build_probe(VNI, self.ourself, st.fast_seq, self.config.mtu)
+            sleeve.send_raw((st.ip, self.config.vxlan_port), probe)
+        self._heartbeat(st, now)
+
+    def _note_traffic(self, now: float) -> None:
+        """Which paths carried frames since the last look: the sleeve's per-link counters (each pass, they cost a
+        dict read) and, every TRAFFIC_EVERY intervals while some path is fast, the fast-path guard's per-peer ones."""
+        sleeve = self.sleeve.traffic() if self.sleeve is not None else {}
+        fast: dict[str, int] | None = None
+        due = self.guard is not None and now - self._fast_read_at >= TRAFFIC_EVERY * self.interval
+        if due and self.guard is not None and any(st.path == FAST for st in self.paths.values()):
+            self._fast_read_at = now
+            fast = self.guard.traffic()
+        for st in self.paths.values():
+            st.note_traffic(now, sleeve.get(st.peer, 0), fast.get(st.ip, 0) if fast is not None else st.traffic_mark[1])
+
+    def _heartbeat(self, st: PathState, now: float, *, report_size: bool = True, ask: bool = True) -> None:
         """One heartbeat to a neighbour; ``report_size`` reports (and starts over) the largest probe heard from it,
-        which only the regular rounds do: an extra heartbeat must not cut a probe round short."""
+        which only rounds and answers to them do: an extra heartbeat must not cut a probe round short. ``ask``: the
+        neighbour answers at once (``rq``), which an answer never asks, so two peers never ping-pong."""
         if self.sleeve is None:
             return
         hb = {"t": "hb", "tr": st.we_trust, "fs": st.heard_fast(now, self.dead), "mx": 0}
         if report_size:
             hb["mx"], st.max_rx_size = st.max_rx_size, 0
+        if ask:
+            hb["rq"] = True
         self.sleeve.send_control(st.peer, pack(hb))
 
     def _choose(self, st: PathState, now: float) -> bool:
         """Choose the neighbour's path from the evidence now; True (and a log line) if it changed."""
-        if not st.choose(now, self.dead, self.config.mtu, self.config.vxlan_port, self.udp_port):
+        if not st.choose(now, self._dead(st), self.config.mtu, self.config.vxlan_port, self.udp_port):
             return False
         log.info(
             "peer %s: data path now %s%s",
@@ -384,6 +428,10 @@ class DataPlane:
             f" ({st.reason})" if st.reason else "",
         )
         return True
+
+    def _dead(self, st: PathState) -> float:
+        """Silence after which a path is down: DEAD_AFTER rounds at its pace (3 s busy, 30 s idle by default)."""
+        return st.dead_after(DEAD_AFTER, self.interval)
 
     def _warming_up_ended(self, now: float) -> bool:
         started = now - self._started_at
@@ -441,6 +489,7 @@ class DataPlane:
                 # its first heartbeat, like a restart of the peer (PathState.resumed).
                 held_trust=ip in self._adopted_fast,
                 e2e="e2e" in conn.caps,
+                next_round=now + self._rng.uniform(0, self.interval),  # a phase of its own (it gets a hello now)
             )
             if st is not None and st.ip == ip:
                 # New keys, same paths: keep the evidence so traffic does not stop until the next heartbeat.
@@ -450,7 +499,7 @@ class DataPlane:
                 fresh.we_trust, fresh.route_mtu = trusted(ip, self.trusted), route_mtu
                 fresh.e2e = "e2e" in conn.caps
             self.paths[name] = fresh
-            self.paths[name].choose(now, self.dead, self.config.mtu, self.config.vxlan_port, self.udp_port)
+            self.paths[name].choose(now, self._dead(fresh), self.config.mtu, self.config.vxlan_port, self.udp_port)
             self._hello.add(name)
             self._changed()
 
@@ -495,7 +544,7 @@ class DataPlane:
         self._sync_neighbours(now)
         routes = self.router.routes
         reachable = routes.reachable()
-        usable = {n for n, st in self.paths.items() if st.sleeve_up(now, self.dead)}
+        usable = {n for n, st in self.paths.items() if st.sleeve_up(now, self._dead(st))}
         fast_ips = {n: ip for n, ip in self._held_fast().items() if n not in self.paths}
         fast_ips.update((n, st.ip) for n, st in self.paths.items() if st.path == FAST)
         fast_ips = {n: ip for n, ip in fast_ips.items() if self._fast_permitted(ip)}
@@ -551,7 +600,7 @@ class DataPlane:
         self.e2e.after_update(now)
         for name in self._hello:  # the sleeve has their keys now: heartbeats need not wait for the next round
             if name in self.paths:
-                self._heartbeat(self.paths[name], now, report_size=False)
+                self._heartbeat(self.paths[name], now, report_size=False)  # asks: the new run answers at once
         self._hello.clear()
         want = fdb.desired_state(
             fast_ips=fast_ips,

@@ -130,13 +130,27 @@ class _LinkState:
     """A Link plus what must outlive table swaps: the AEADs, the send counter and the replay window. They are
     kept while (epoch, keys) stay the same, so a nonce is never reused and replays stay caught."""
 
-    __slots__ = ("addr", "cmsg", "counter", "dsize", "keys", "link", "opener", "peer", "sealer", "step", "window")
+    __slots__ = (
+        "addr",
+        "cmsg",
+        "counter",
+        "dsize",
+        "keys",
+        "link",
+        "opener",
+        "peer",
+        "sealer",
+        "step",
+        "traffic",
+        "window",
+    )
 
     def __init__(self, link: Link, prev: _LinkState | None) -> None:
         self.link = link
         self.peer = link.peer
         self.addr = link.addr
         self.keys = link.keys
+        self.traffic = prev.traffic if prev is not None else 0  # frames sent or received on this link, ever
         if prev is not None and prev.link.epoch == link.epoch and prev.keys == link.keys:
             self.sealer, self.opener = prev.sealer, prev.opener
             self.counter, self.window = prev.counter, prev.window
@@ -347,6 +361,10 @@ class Sleeve:
                 return False
             stats.bytes[_CONTROL_TX] += len(datagram)
         return True
+
+    def traffic(self) -> dict[int, int]:
+        """Frames (not control messages) each link has carried, either way: which paths are in use."""
+        return {peer: st.traffic for peer, st in self._tables.states.items()}
 
     def send_control(self, peer: int, payload: bytes, *, pad_to: int = 0) -> bool:
         """Seal ``payload`` for the neighbour ``peer`` as one DF datagram of at least ``pad_to`` bytes."""
@@ -723,6 +741,7 @@ class _Worker:
 
     def _send_pair(self, pst: _PairState, st: _LinkState, plain: memoryview) -> None:
         """Seal ``plain`` with the pair's keys and send it end to end through the neighbour ``st``."""
+        st.traffic += 1
         nonce = E2E_NONCE.pack(pst.kid, next(pst.counter))
         view = self._seal_view
         m = len(plain)
@@ -735,6 +754,7 @@ class _Worker:
     def _send_plain(self, st: _LinkState, plain: memoryview, path: tuple[str, str]) -> None:
         """Seal ``plain`` (inner header + payload) for the link ``st`` and send it."""
         counter = next(st.counter)
+        st.traffic += 1
         view = self._seal_view
         m = len(plain)
         COUNTER.pack_into(view, 0, counter)
@@ -838,6 +858,8 @@ class _Worker:
             plain = msg[CLEN:]
         kind, origin_b, dst_b = INNER.unpack_from(plain)
         fwd = t.fwd
+        if kind != CONTROL:
+            st.traffic += 1
         if kind == FRAME:
             dst = int.from_bytes(dst_b)
             if dst == self.ourself:
@@ -905,6 +927,9 @@ class _Worker:
             return
         if kind == FRAME:
             self.stats.bytes[_SLEEVE_RX] += m
+            hop = self._rt.by_addr.get(self._cur_addr)  # the neighbour it came through carries traffic
+            if hop is not None:
+                hop.traffic += 1
             self._to_tap(plain)
         elif kind == CONTROL:
             length = CONTROL_LEN.unpack_from(plain, ILEN)[0] if len(plain) >= ILEN + 2 else -1

@@ -1,0 +1,156 @@
+"""Probe pacing, in virtual time: busy paths every interval, idle ones every ten, spread out, answered at once, and a
+dead path that carries traffic noticed within three intervals."""
+
+from __future__ import annotations
+
+import collections
+import random
+
+from weft.config import AgentConfig
+from weft.datapath.paths import IDLE_EVERY, SLEEVE, PathState
+from weft.datapath.plane import TICKS, DataPlane
+from weft.mesh.clock import VirtualScheduler
+from weft.mesh.codec import pack, unpack
+from weft.mesh.crypto import SessionKeys
+from weft.mesh.peer import PeerInfo
+from weft.mesh.router import Router
+from weft.metrics import Metrics
+
+ME = 0x020000000001
+KEYS = SessionKeys(b"s" * 32, b"r" * 32)
+
+
+def peer(i: int) -> int:
+    return 0x020000000100 + i
+
+
+class Mesh:
+    """A data plane whose neighbours answer over a fake sleeve: each round's heartbeat asks, a live neighbour answers
+    at once (as DataPlane._on_control does), a dead one says nothing. Time is a number moved by ``run``."""
+
+    def __init__(self, n: int, *, echoes: bool = True, seed: int = 1) -> None:
+        metrics = Metrics()
+        self.plane = DataPlane(AgentConfig(), Router(PeerInfo(ME, "me", 1), VirtualScheduler(), metrics), metrics)
+        self.plane._rng = random.Random(seed)
+        self.plane.sleeve = self  # type: ignore[assignment]
+        self.now = 0.0
+        self.echoes = echoes
+        self.alive = {peer(i): True for i in range(n)}
+        self.frames = collections.Counter[int]()  # per link, as Sleeve.traffic() counts them
+        self.asked: list[tuple[float, int]] = []  # (when, peer): heartbeats that asked for an answer
+        self.sent: list[tuple[int, dict]] = []
+        for name in self.alive:
+            self.plane.paths[name] = PathState(name, "10.0.0.2", ("10.0.0.2", 6783), KEYS, 1, False, 1500)
+            self.plane.paths[name].next_round = self.plane._rng.uniform(0, 1.0)  # as _sync_neighbours phases it
+
+    # -- the sleeve, as the plane uses it --
+
+    def send_control(self, to: int, payload: bytes, *, pad_to: int = 0) -> bool:
+        msg = unpack(payload, "test")
+        self.sent.append((to, msg))
+        if msg.get("t") == "hb" and msg.get("rq") and self.alive[to]:
+            self.asked.append((self.now, to))
+            answer = {"t": "hb", "tr": False, "fs": 0, "mx": 0}  # an answer never asks
+            self.plane._on_control(to, ("10.0.0.2", 6783), pack(answer), 60, self.now)
+        elif msg.get("t") == "hb" and msg.get("rq"):
+            self.asked.append((self.now, to))
+        return True
+
+    def send_raw(self, addr: tuple[str, int], data: bytes) -> bool:
+        return True
+
+    def traffic(self) -> dict[int, int]:
+        return dict(self.frames)
+
+    # -- driving it --
+
+    def start(self) -> None:
+        """Each neighbour introduces itself: an older one without asking, a newer one asking for an answer."""
+        for name in self.alive:
+            hb = {"t": "hb", "tr": False, "fs": 0, "mx": 0, **({"rq": True} if self.echoes else {})}
+            self.plane._on_control(name, ("10.0.0.2", 6783), pack(hb), 60, self.now)
+
+    def run(self, seconds: float, *, busy: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+        """Passes of the plane every 1/TICKS of the interval, as its timer runs them; ``busy`` links carry frames."""
+        step = self.plane.interval / TICKS
+        for _ in range(round(seconds / step)):
+            self.now = round(self.now + step, 9)
+            for name in busy:
+                self.frames[name] += 3
+            full = self.plane._ticks % TICKS == 0
+            self.plane._ticks += 1
+            self.plane._note_traffic(self.now)
+            self.plane._pass(self.now, full=full)
+
+    def rounds(self, since: float) -> collections.Counter[int]:
+        return collections.Counter(p for t, p in self.asked if t > since)
+
+
+def test_idle_paths_are_probed_every_ten_intervals_and_busy_ones_every_interval() -> None:
+    mesh = Mesh(40)
+    mesh.start()
+    mesh.run(10.0)  # a new connection's first rounds
+    busy = {peer(0), peer(1)}
+    mesh.run(200.0, busy=busy)
+    rounds = mesh.rounds(since=10.0)
+    for name in busy:
+        assert 200 <= rounds[name] <= 200 / 0.75 + 1, rounds[name]
+    idle = [rounds[p] for p in mesh.alive if p not in busy]
+    assert all(200 / IDLE_EVERY <= r <= 200 / (IDLE_EVERY * 0.75) + 1 for r in idle), sorted(idle)
+    assert all(st.path == SLEEVE for st in mesh.plane.paths.values()), "an idle path went down"
+
+
+def test_probe_rounds_are_spread_over_the_interval_not_sent_in_one_burst() -> None:
+    mesh = Mesh(100)
+    mesh.start()
+    mesh.run(60.0)
+    per_pass = collections.Counter(t for t, _ in mesh.asked if t > 30.0)
+    # 100 idle neighbours, one round each per 7.5-10 s, 5 passes a second: about 2.3 a pass on average.
+    assert max(per_pass.values()) <= 12, per_pass.most_common(3)
+
+
+def test_a_heartbeat_that_asks_is_answered_at_once_and_an_answer_is_not() -> None:
+    mesh = Mesh(1)
+    name = peer(0)
+    mesh.plane.paths[name].answered = True
+    mesh.plane._on_control(name, ("10.0.0.2", 6783), pack({"t": "hb", "rq": True, "fs": 0, "mx": 0}), 60, 1.0)
+    assert [(to, "rq" in msg) for to, msg in mesh.sent] == [(name, False)]
+    mesh.plane._on_control(name, ("10.0.0.2", 6783), pack({"t": "hb", "fs": 0, "mx": 0}), 60, 1.1)
+    assert len(mesh.sent) == 1
+
+
+def test_an_older_peer_that_never_asks_is_probed_every_interval() -> None:
+    """It heartbeats us every interval and counts us down after three silent ones: it gets what it expects."""
+    mesh = Mesh(5, echoes=False)
+    mesh.start()
+    mesh.run(60.0)
+    heartbeats = collections.Counter(to for to, msg in mesh.sent if msg.get("t") == "hb")
+    assert all(n >= 60 for n in heartbeats.values()), heartbeats
+
+
+def test_a_dead_path_is_noticed_within_three_intervals_once_traffic_needs_it() -> None:
+    mesh = Mesh(3)
+    mesh.start()
+    mesh.run(20.0)
+    quiet, needed = peer(0), peer(1)
+    mesh.alive[quiet] = mesh.alive[needed] = False  # both neighbours vanish without a word
+    mesh.run(1.0)
+    mesh.run(4.0, busy={needed})  # traffic to one of them
+    assert mesh.plane.paths[needed].path is None, "a dead path carrying traffic still up after 4 s"
+    assert mesh.plane.paths[quiet].path == SLEEVE, "an idle path is judged at the idle pace"
+    mesh.run(30.0)
+    assert mesh.plane.paths[quiet].path is None, "a dead idle path still up after 35 s"
+    assert mesh.plane.paths[peer(2)].path == SLEEVE
+
+
+def test_a_path_that_turns_busy_is_not_taken_down_by_its_idle_silence() -> None:
+    """An idle path heard from 9 s ago gets a round at once when traffic starts, and stays up on the answer."""
+    mesh = Mesh(1)
+    mesh.start()
+    mesh.run(40.0)
+    name = peer(0)
+    before = len(mesh.asked)
+    mesh.run(0.2, busy={name})
+    assert len(mesh.asked) == before + 1, "no round at once when the path turned busy"
+    mesh.run(10.0, busy={name})
+    assert mesh.plane.paths[name].path == SLEEVE
