@@ -6,6 +6,8 @@ restart.json, ipam.json, dns.json).
     make bench BENCH_ARGS="--sim-sizes 100,300 --agents 0 --no-datapath"
     make bench BENCH_ARGS="--sim-sizes '' --agents 0 --datapath-seconds 5"   # the data path alone
     make bench BENCH_ARGS="--sim-sizes '' --agents 0 --no-datapath --restart-baseline HEAD~3"  # restarts
+    make bench BENCH_ARGS="--sim-sizes '' --agents 0 --no-datapath --no-restart --no-ipam --no-dns-bench \\
+                           --dense-baseline main~5"  # 100 agents with the data plane, two versions
 
 The data-path part measures TCP throughput (iperf3, 1 and 4 streams) and ping RTT (100 x 10 ms) from a
 container on h1 to one on another host: over plain routed veth (the baseline, no agent), then over weft's
@@ -16,6 +18,11 @@ through h2) paths; medians of --datapath-runs runs, the agents' CPU per Gb/s, an
 The restart part (bench/restart.py) measures the restart gap on the encrypted path: how long UDP traffic between
 containers stops while one agent is restarted as systemd does it (SIGTERM, exit, start), and where the time goes;
 with --restart-baseline REV[,REV...] the same runs first against the agent of each git revision.
+
+The dense part (bench/dense.py) runs 100 real agents with the data plane on, each told only of h1 through its API
+once all run: the time until every view is complete and the full mesh formed, gossip bytes per agent, then the CPU
+per agent once settled (from /proc/PID/stat over a window nothing polls the agents in) and RSS; with
+--dense-baseline REV the agent of that revision first, in the same run.
 
 The IPAM part (bench/ipam_sim.py on the simulator, bench/ipam_agents.py on real agents as root) measures how long
 an allocation takes (in the agent's code, through the API, `weft attach` end to end, and when space must come from
@@ -55,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import datapath
 import datapath_workers
+import dense
 import ipam_sim
 import memory
 import mesh
@@ -209,6 +217,75 @@ def print_agents(r: dict) -> None:
         ],
     ]
     print(_table([f"figure (times from {start})", "value"], rows))
+
+
+def _summary_cell(s: dict | None, unit: str) -> str:
+    if not s:
+        return "-"
+    return f"{_fmt(s['median'], unit)} / {_fmt(s['mean'], unit)} / {_fmt(s['max'], unit)}"
+
+
+def _mb(s: dict | None) -> dict | None:
+    return {k: v / 1e6 for k, v in s.items()} if s else None
+
+
+_DENSE_ROWS = [
+    ("every view lists all peers (from the first `connect`)", lambda r: _fmt(r.get("views_complete_s"), " s")),
+    ("full mesh formed (every agent has N-1 connections)", lambda r: _fmt(r.get("full_mesh_s"), " s")),
+    (
+        "agents knowing all / fully connected",
+        lambda r: f"{r.get('agents_knowing_all', '-')} / {r.get('agents_fully_connected', '-')}",
+    ),
+    (
+        "gossip sent per agent meanwhile, median / mean / max",
+        lambda r: _summary_cell(_mb(r.get("gossip_bytes_per_agent")), " MB"),
+    ),
+    (
+        "settled CPU per agent (% of a core), median / mean / max",
+        lambda r: _summary_cell(r.get("settled_cpu_pct"), "%"),
+    ),
+    (
+        "settled gossip per agent in the window, median / mean / max",
+        lambda r: _summary_cell(r.get("settled_gossip_bytes_per_agent"), " B"),
+    ),
+    ("RSS per agent, median / mean / max", lambda r: _summary_cell(r.get("rss_mib"), " MiB")),
+    ("mesh quiet (connection counts still) after", lambda r: _fmt(r.get("quiet_after_s"), " s")),
+    (
+        "load average (1 min) before / after",
+        lambda r: f"{_fmt((r.get('loadavg_before') or [None])[0])} / {_fmt((r.get('loadavg_after') or [None])[0])}",
+    ),
+]
+
+
+def print_dense(report: dict) -> None:
+    n = report["agents"]
+    print(
+        f"\nDense mesh: {n} real agents in network namespaces, data plane on, encrypted, all running alone, then each"
+        f" told of h1\nthrough its API (`weft connect`); discovery makes the full mesh ({n * (n - 1) // 2:,}"
+        f" connections). Settled: {report['settle_s']:g} s after\nit and once quiet, over {report['window_s']:g} s in"
+        f" which nothing polls the agents. {report['cpus']} CPUs, shared with whatever else runs."
+    )
+    if "skipped" in report:
+        print(f"  skipped: {report['skipped']}")
+        return
+    variants = report["variants"]
+    table = [[label, *(f(r) for r in variants.values())] for label, f in _DENSE_ROWS]
+    print(_table(["figure", *variants], table))
+    print("\nTargets (figures only: nothing fails on them)")
+    rows = []
+    for name, r in variants.items():
+        views = r.get("views_complete_s")
+        cpu = (r.get("settled_cpu_pct") or {}).get("median")
+        for label, limit, value, unit in (
+            ("complete views", report["target_views_complete_s"], views, " s"),
+            ("settled CPU per agent (median)", report["target_settled_cpu_pct"], cpu, "% of a core"),
+        ):
+            met = "-" if value is None else "yes" if value <= limit else "NO"
+            rows.append([f"{name}: {label}", f"<= {limit:g}{unit}", _fmt(value, unit), met])
+    print(_table(["figure", "target", "measured", "met"], rows))
+    for name, r in variants.items():
+        if "error" in r:
+            print(f"\n  {name} ERROR: {r['error']}")
 
 
 def _ms(value: float | None) -> str:
@@ -815,6 +892,26 @@ def main() -> int:
         help="also measure the agent of these git revisions first (comma-separated, e.g. main), in the same run",
     )
     parser.add_argument("--memory-output", type=Path, default=RESULTS / "memory.json", help="memory JSON")
+    parser.add_argument(
+        "--dense-agents",
+        type=int,
+        default=100,
+        help="real agents with the data plane in the dense mesh (0 to skip; needs root)",
+    )
+    parser.add_argument(
+        "--dense-baseline",
+        metavar="REV",
+        help="also run the dense mesh with the agent of these git revisions first (comma-separated), in the same run",
+    )
+    parser.add_argument(
+        "--dense-settle", type=float, default=15.0, help="seconds after the full mesh before the settled window"
+    )
+    parser.add_argument(
+        "--dense-window", type=float, default=30.0, help="seconds over which the settled CPU is measured"
+    )
+    parser.add_argument(
+        "--dense-output", type=Path, default=RESULTS / "dense.json", help="dense-mesh JSON"
+    )
     args = parser.parse_args()
     dp_scenarios = [s.strip() for s in args.datapath_scenarios.split(",") if s.strip()]
     unknown = [s for s in dp_scenarios if s not in datapath.SCENARIOS]
@@ -854,6 +951,19 @@ def main() -> int:
 
     if sizes or args.agents:
         _write(args.output, report)
+
+    if args.dense_agents:
+        print(f"\ndense mesh of {args.dense_agents} agents ...", flush=True)
+        dn = dense.run(
+            args.dense_agents,
+            baseline=args.dense_baseline,
+            settle=args.dense_settle,
+            window=args.dense_window,
+            log=lambda line: print(line, flush=True),
+        )
+        print_dense(dn)
+        _write(args.dense_output, {**{k: report[k] for k in ("when", "machine")}, **dn})
+        failed |= any("error" in r for r in dn.get("variants", {}).values())
 
     if args.datapath and dp_scenarios:
         print("\ndata path ...", flush=True)

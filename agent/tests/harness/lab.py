@@ -497,6 +497,13 @@ class Container:
         return self.exec("cat", f"/sys/class/net/{ifname}/address").stdout.strip()
 
 
+def _lab_prefix() -> str:
+    prefix = os.environ.get("WEFT_LAB_PREFIX", "wt")
+    if not (prefix.isascii() and prefix.isalnum() and prefix.islower() and 1 <= len(prefix) <= 8):
+        raise ValueError(f"WEFT_LAB_PREFIX must be 1-8 lowercase letters or digits, not {prefix!r}")
+    return prefix
+
+
 class Lab:
     """N hosts on a private bridged underlay, with nftables faults and packet capture.
 
@@ -513,7 +520,9 @@ class Lab:
         stop_grace: float = 3.0,
     ) -> None:
         self.token = secrets.token_hex(3)
-        self.underlay_ns = f"wt{self.token}-ul"
+        # Namespaces are global: their names carry a prefix (WEFT_LAB_PREFIX, "wt" by default) and a random token.
+        self.prefix = _lab_prefix()
+        self.underlay_ns = f"{self.prefix}{self.token}-ul"
         self.bridge = f"br{self.token}"
         self.hosts: list[Host] = []
         self.namespaces: list[str] = []
@@ -530,7 +539,7 @@ class Lab:
         self._closed = False
 
     def __repr__(self) -> str:
-        return f"Lab(wt{self.token}, hosts={[h.name for h in self.hosts]})"
+        return f"Lab({self.prefix}{self.token}, hosts={[h.name for h in self.hosts]})"
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -584,7 +593,7 @@ class Lab:
             if k > 0xFFFE:
                 raise ValueError("too many hosts for 10.99.0.0/16")
             ip = f"10.99.{k >> 8}.{k & 0xFF}"
-            netns = f"wt{self.token}-h{index}"
+            netns = f"{self.prefix}{self.token}-h{index}"
             veth = f"v{self.token}h{index}"
             if len(veth) > 15:
                 raise ValueError(f"interface name {veth!r} too long")

@@ -1,0 +1,219 @@
+"""A dense mesh of real agents with the data plane on: N agents (100 by default) in network namespaces, each with a
+mesh secret, all running alone, then each told of h1 through its API at once (`weft connect`). Discovery makes a
+full mesh of them.
+
+Figures per variant: the time until every agent's view lists all N peers and until every agent has N-1 connections
+(from the moment the first is told), the topology gossip each agent sent meanwhile, then, once the mesh has been
+quiet for ``settle`` seconds, the CPU each agent uses over ``window`` seconds (utime + stime from /proc/PID/stat:
+the settled cost of heartbeats, probes and anti-entropy) and its RSS. Nothing polls the agents during the window.
+
+With ``baseline=REV[,REV...]`` the same runs first against the agent of each git revision (``git archive``, first
+on PYTHONPATH, as the restart benchmark does), so every variant comes from one run on one machine. The machine's
+load average is recorded before and after each variant: other jobs on it move every figure.
+
+Figures only: nothing here fails on a number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+
+import mesh
+import restart
+
+TARGET_VIEWS_S = 5.0
+TARGET_CPU_PCT = 2.0
+_QUIET_CHECK = 2.0  # seconds between looks at whether the mesh is quiet (no connection count changing)
+
+
+def _summary(values: list[float]) -> dict | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return {
+        "mean": round(statistics.fmean(ordered), 2),
+        "median": round(statistics.median(ordered), 2),
+        "p90": round(ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], 2),
+        "max": round(ordered[-1], 2),
+        "min": round(ordered[0], 2),
+    }
+
+
+def _gossip_out(host: mesh.Host) -> float | None:
+    with contextlib.suppress(mesh.ApiError):
+        return mesh.metric_value(mesh._client(host).request("GET", "/metrics"), "weft_gossip_bytes", direction="out")
+    return None
+
+
+def scenario(
+    n: int,
+    *,
+    settle: float,
+    window: float,
+    timeout: float,
+    poll: float,
+    extra_pythonpath: tuple[str, ...] = (),
+    log: Callable[[str], None] = print,
+) -> dict:
+    """One variant: see the module docstring."""
+    result: dict = {"agents": n, "loadavg_before": os.getloadavg()}
+    secret = "bench-dense-" + os.urandom(12).hex()
+    args = ("--log-level", "info")  # as systemd runs it; the lab's default (debug) would measure the logging
+    with mesh.Lab(extra_pythonpath=extra_pythonpath) as lab:
+        t = time.monotonic()
+        hosts = lab.add_hosts(n)
+        lab.pin_neighbours()
+        result["lab_setup_s"] = round(time.monotonic() - t, 1)
+        h1 = hosts[0]
+        try:
+            t = time.monotonic()
+            for h in hosts:
+                h.start_agent(*args, secrets=[secret])
+            mesh._wait_apis(hosts, timeout)
+            result["agents_up_s"] = round(time.monotonic() - t, 1)
+            log(f"    {n} agents running alone (started in {result['agents_up_s']} s); telling h2..h{n} of h1")
+            gossip0 = {h.name: _gossip_out(h) or 0.0 for h in hosts}
+            t0 = time.monotonic()
+            for h in hosts[1:]:
+                mesh._client(h).connect([h1.listen_addr])
+            result["told_s"] = round(time.monotonic() - t0, 2)
+            knows_all, meshed = _watch(hosts, t0, timeout, poll, log)
+            result["agents_knowing_all"] = len(knows_all)
+            result["agents_fully_connected"] = len(meshed)
+            result["views_complete_s"] = round(max(knows_all.values()), 2) if len(knows_all) == n else None
+            result["full_mesh_s"] = round(max(meshed.values()), 2) if len(meshed) == n else None
+            dead = mesh._dead(hosts)
+            if dead:
+                result["error"] = f"{len(dead)} agent(s) exited, e.g. {dead[0].name}:\n{mesh._log_tail(dead[0])}"
+                return result
+            gossip = [(_gossip_out(h) or 0.0) - gossip0[h.name] for h in hosts]
+            result["gossip_bytes_per_agent"] = _summary(gossip)
+            quiet_after = _until_quiet(hosts, settle, timeout)
+            result["quiet_after_s"] = round(quiet_after - t0, 1)
+            cpu0 = {h.name: mesh._cpu_seconds(h.agent.pid) for h in hosts if h.agent is not None}
+            g0 = {h.name: _gossip_out(h) or 0.0 for h in hosts}
+            w0 = time.monotonic()
+            time.sleep(window)
+            elapsed = time.monotonic() - w0
+            cpu1 = {h.name: mesh._cpu_seconds(h.agent.pid) for h in hosts if h.agent is not None}
+            pct = [100 * (cpu1[k] - cpu0[k]) / elapsed for k in cpu0 if cpu0[k] is not None and cpu1.get(k) is not None]
+            result["settled_window_s"] = round(elapsed, 1)
+            result["settled_cpu_pct"] = _summary(pct)
+            result["settled_gossip_bytes_per_agent"] = _summary([(_gossip_out(h) or 0.0) - g0[h.name] for h in hosts])
+            rss = [mesh._rss_kib(h.agent.pid) for h in hosts if h.agent is not None]
+            result["rss_mib"] = _summary([r / 1024 for r in rss if r is not None])
+            dead = mesh._dead(hosts)
+            if dead:
+                result["error"] = f"{len(dead)} agent(s) exited, e.g. {dead[0].name}:\n{mesh._log_tail(dead[0])}"
+        except Exception as exc:  # the reason goes in the report; the next variant still runs
+            result["error"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            result["loadavg_after"] = os.getloadavg()
+    return result
+
+
+def _watch(
+    hosts: list[mesh.Host], t0: float, timeout: float, poll: float, log: Callable[[str], None]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Poll each agent (a thread each, every ``poll`` s, until it knows every peer and has a connection to each)."""
+    n = len(hosts)
+    knows_all: dict[str, float] = {}
+    meshed: dict[str, float] = {}
+    stop = threading.Event()
+
+    def watch(h: mesh.Host) -> None:
+        client = mesh._client(h)
+        while not stop.is_set() and (h.name not in knows_all or h.name not in meshed):
+            try:
+                peers, established = mesh._mesh_gauges(client.request("GET", "/metrics"))
+                stamp = time.monotonic() - t0
+                if h.name not in knows_all and peers >= n and len(client.request("GET", "/status/peers")) == n:
+                    knows_all[h.name] = stamp
+                if h.name not in meshed and established >= n - 1:
+                    meshed[h.name] = stamp
+            except mesh.ApiError:
+                pass
+            stop.wait(poll)
+
+    threads = [threading.Thread(target=watch, args=(h,), daemon=True) for h in hosts]
+    for th in threads:
+        th.start()
+    last = t0
+    try:
+        while (len(knows_all) < n or len(meshed) < n) and time.monotonic() - t0 < timeout:
+            if mesh._dead(hosts):
+                break
+            if time.monotonic() - last >= 10:
+                last = time.monotonic()
+                progress = f"knowing all peers {len(knows_all)}/{n}, fully connected {len(meshed)}/{n}"
+                log(f"    t={last - t0:5.1f}s  {progress}")
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for th in threads:
+            th.join(15)
+    return knows_all, meshed
+
+
+def _until_quiet(hosts: list[mesh.Host], settle: float, timeout: float) -> float:
+    """Wait ``settle`` seconds, then until no agent's connection count changes between two looks (a few
+    seconds apart), at most ``timeout``; returns when."""
+    time.sleep(settle)
+    deadline = time.monotonic() + timeout
+    before: list[float] | None = None
+    while time.monotonic() < deadline:
+        now = []
+        for h in hosts:
+            try:
+                now.append(mesh._mesh_gauges(mesh._client(h).request("GET", "/metrics"))[1])
+            except mesh.ApiError:
+                now.append(-1)
+        if now == before:
+            break
+        before = now
+        time.sleep(_QUIET_CHECK)
+    return time.monotonic()
+
+
+def run(
+    n: int = 100,
+    *,
+    baseline: str | None = None,
+    settle: float = 15.0,
+    window: float = 30.0,
+    timeout: float = 600.0,
+    poll: float = 0.5,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Every variant (the revisions in ``baseline``, then this tree), one after the other."""
+    report: dict = {
+        "agents": n,
+        "settle_s": settle,
+        "window_s": window,
+        "poll_s": poll,
+        "target_views_complete_s": TARGET_VIEWS_S,
+        "target_settled_cpu_pct": TARGET_CPU_PCT,
+        "cpus": os.cpu_count(),
+    }
+    reason = mesh.netns_unavailable_reason()
+    if reason:
+        report["skipped"] = reason
+        return report
+    variants: list[tuple[str, str | None]] = [(r.strip(), r.strip()) for r in (baseline or "").split(",") if r.strip()]
+    variants.append(("this tree", None))
+    report["variants"] = {}
+    with contextlib.ExitStack() as stack:
+        sources = {rev: str(stack.enter_context(restart.exported_agent(rev))) for _, rev in variants if rev}
+        for name, rev in variants:
+            log(f"  dense mesh, {n} agents with the data plane: {name} (load average {os.getloadavg()[0]:.1f}) ...")
+            extra = (sources[rev],) if rev else ()
+            r = scenario(n, settle=settle, window=window, timeout=timeout, poll=poll, extra_pythonpath=extra, log=log)
+            report["variants"][name] = r
+            if "error" in r:
+                log(f"    error: {r['error'].splitlines()[0]}")
+    return report
