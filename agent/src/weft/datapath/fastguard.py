@@ -9,6 +9,11 @@ peers that may use the fast path are accepted so the path can be discovered, and
 dropped and counted. The same holds for what leaves towards the VXLAN port: nothing goes to an address
 outside the set except our own probes (sent from the sleeve's socket, source port = the listen port).
 
+A third pair of sets holds the fast-path addresses again, with a packet counter per element, matched by a rule of
+its own that only counts unicast frames (to and from each peer): that is how the agent knows which fast paths carry
+traffic, and probes them more often (see paths.py). Broadcast and multicast, which go to every fast peer, and the
+probes do not count.
+
 The table outlives the agent, like the FDB, so fast traffic keeps flowing while the agent restarts;
 a starting agent reconciles it. Everything is done with ``nft -f -`` (one transaction each time): the
 ruleset is rendered in one place, and set changes are diffs against what we last wrote.
@@ -31,6 +36,7 @@ log = logging.getLogger(__name__)
 TABLE_PREFIX = "weft_fast_"
 FAST_SETS = ("fast4", "fast6")
 PROBE_SETS = ("probe4", "probe6")
+BUSY_SETS = ("busy4", "busy6")  # the fast sets again, counting the unicast frames to and from each address
 # Counter name in nftables -> reason label of weft_datapath_packets_dropped_total.
 COUNTERS = {"unknown_sender": "fast_unknown_sender", "unknown_dest": "fast_unknown_dest"}
 COUNTER_CACHE = 1.0  # seconds a counter reading is reused: scrapes must stay cheap
@@ -78,10 +84,11 @@ def render(vxlan_port: int, udp_port: int, fast: Iterable[str] = (), probe: Iter
         return f"    set {name} {{ type {kind};{' counter;' if counter else ''}{elements} }}\n"
 
     sets = "".join(
-        define(name, kind, _elements(ips, version), counter=names == FAST_SETS)  # per peer: is its fast path in use?
-        for names, ips in ((FAST_SETS, fast), (PROBE_SETS, probe))
+        define(name, kind, _elements(ips, version), counter=names == BUSY_SETS)
+        for names, ips in ((FAST_SETS, fast), (PROBE_SETS, probe), (BUSY_SETS, fast))
         for name, kind, version in ((names[0], "ipv4_addr", 4), (names[1], "ipv6_addr", 6))
     )
+    unicast = "@th,128,8 & 0x1 == 0x0"  # the inner frame's destination MAC is a unicast one
     return (
         f"table inet {table} {{}}\n"
         f"delete table inet {table}\n"
@@ -92,18 +99,22 @@ def render(vxlan_port: int, udp_port: int, fast: Iterable[str] = (), probe: Iter
         "    counter unknown_dest { }\n"
         "    chain input {\n"
         "        type filter hook input priority filter - 5; policy accept;\n"
-        f"        udp dport {vxlan_port} ip saddr @probe4 {is_probe} accept\n"
-        f"        udp dport {vxlan_port} ip6 saddr @probe6 {is_probe} accept\n"
+        f"        udp dport {vxlan_port} {unicast} ip saddr @busy4\n"
+        f"        udp dport {vxlan_port} {unicast} ip6 saddr @busy6\n"
         f"        udp dport {vxlan_port} ip saddr @fast4 accept\n"
         f"        udp dport {vxlan_port} ip6 saddr @fast6 accept\n"
+        f"        udp dport {vxlan_port} ip saddr @probe4 {is_probe} accept\n"
+        f"        udp dport {vxlan_port} ip6 saddr @probe6 {is_probe} accept\n"
         f'        udp dport {vxlan_port} counter name "unknown_sender" drop\n'
         "    }\n"
         "    chain output {\n"
         "        type filter hook output priority filter - 5; policy accept;\n"
-        f"        udp sport {udp_port} udp dport {vxlan_port} ip daddr @probe4 {is_probe} accept\n"
-        f"        udp sport {udp_port} udp dport {vxlan_port} ip6 daddr @probe6 {is_probe} accept\n"
+        f"        udp dport {vxlan_port} {unicast} ip daddr @busy4\n"
+        f"        udp dport {vxlan_port} {unicast} ip6 daddr @busy6\n"
         f"        udp dport {vxlan_port} ip daddr @fast4 accept\n"
         f"        udp dport {vxlan_port} ip6 daddr @fast6 accept\n"
+        f"        udp sport {udp_port} udp dport {vxlan_port} ip daddr @probe4 {is_probe} accept\n"
+        f"        udp sport {udp_port} udp dport {vxlan_port} ip6 daddr @probe6 {is_probe} accept\n"
         f'        udp dport {vxlan_port} counter name "unknown_dest" drop\n'
         "    }\n"
         "}\n"
@@ -180,8 +191,10 @@ class FastGuard:
         self._apply(set(fast), set(probe))
 
     def _apply(self, fast: set[str], probe: set[str]) -> None:
-        script = render_changes(self.table, FAST_SETS, fast - self.fast, self.fast - fast) + render_changes(
-            self.table, PROBE_SETS, probe - self.probe, self.probe - probe
+        script = (
+            render_changes(self.table, FAST_SETS, fast - self.fast, self.fast - fast)
+            + render_changes(self.table, BUSY_SETS, fast - self.fast, self.fast - fast)
+            + render_changes(self.table, PROBE_SETS, probe - self.probe, self.probe - probe)
         )
         if not script:
             return
@@ -194,10 +207,10 @@ class FastGuard:
         self.fast, self.probe = fast, probe
 
     def traffic(self) -> dict[str, int]:
-        """Packets the fast path carried to and from each fast-path address (container traffic: probes are matched
-        before the sets), from the sets' per-element counters; empty if they cannot be read."""
+        """Unicast frames the fast path carried to and from each fast-path address so far, from the busy sets'
+        per-element counters; empty if they cannot be read (a table an earlier version loaded has no busy sets)."""
         counts: dict[str, int] = {}
-        for name in FAST_SETS:
+        for name in BUSY_SETS:
             try:
                 out = self._run("-j", "list", "set", "inet", self.table, name)
             except GuardError as exc:
@@ -226,7 +239,7 @@ class FastGuard:
 
 def _set_elements(out: str) -> dict[str, int]:
     """Address -> packets counted, from ``nft -j list set``: an element is an address, or with a counter
-    ``{"elem": {"val": address, "counter": {...}}}`` (a table of an earlier version has no counters: 0)."""
+    ``{"elem": {"val": address, "counter": {...}}}``; anything else is skipped."""
     elements: dict[str, int] = {}
     try:
         items = json.loads(out).get("nftables", [])

@@ -35,7 +35,7 @@ UDP_IP_OVERHEAD = 28
 PMTU_LADDER = (1500, 1400, 1280, 1000, 576)
 REPORTS_KEPT = 2  # probe rounds to remember: one lost probe must not shrink the MTU
 IDLE_EVERY = 10  # intervals between probe rounds on a path that carries no traffic
-BUSY_FOR = 10  # intervals a path counts as carrying traffic after the last frame crossed it
+BUSY_FOR = 10  # intervals a path counts as carrying traffic after the last unicast frame crossed it
 FIRST_ROUNDS = 3  # a new connection's first rounds come every interval: its path and MTU are found at once
 JITTER = 0.25  # a round comes between (1 - JITTER) and 1 times the pace after the last one
 

@@ -754,7 +754,8 @@ class _Worker:
     def _send_plain(self, st: _LinkState, plain: memoryview, path: tuple[str, str]) -> None:
         """Seal ``plain`` (inner header + payload) for the link ``st`` and send it."""
         counter = next(st.counter)
-        st.traffic += 1
+        if plain[0] == FRAME:
+            st.traffic += 1
         view = self._seal_view
         m = len(plain)
         COUNTER.pack_into(view, 0, counter)
@@ -858,9 +859,8 @@ class _Worker:
             plain = msg[CLEN:]
         kind, origin_b, dst_b = INNER.unpack_from(plain)
         fwd = t.fwd
-        if kind != CONTROL:
-            st.traffic += 1
         if kind == FRAME:
+            st.traffic += 1
             dst = int.from_bytes(dst_b)
             if dst == self.ourself:
                 self.stats.bytes[_SLEEVE_RX] += m
