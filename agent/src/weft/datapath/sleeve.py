@@ -150,7 +150,7 @@ class _LinkState:
         self.peer = link.peer
         self.addr = link.addr
         self.keys = link.keys
-        self.traffic = prev.traffic if prev is not None else 0  # frames sent or received on this link, ever
+        self.traffic = prev.traffic if prev is not None else 0  # unicast frames sent or received on this link, ever
         if prev is not None and prev.link.epoch == link.epoch and prev.keys == link.keys:
             self.sealer, self.opener = prev.sealer, prev.opener
             self.counter, self.window = prev.counter, prev.window
@@ -363,7 +363,7 @@ class Sleeve:
         return True
 
     def traffic(self) -> dict[int, int]:
-        """Frames (not control messages) each link has carried, either way: which paths are in use."""
+        """Unicast frames (not control messages nor floods) each link carried, either way: which paths are in use."""
         return {peer: st.traffic for peer, st in self._tables.states.items()}
 
     def send_control(self, peer: int, payload: bytes, *, pad_to: int = 0) -> bool:
