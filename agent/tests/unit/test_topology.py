@@ -328,3 +328,39 @@ def test_decode_of_random_or_corrupted_bytes_raises_only_decode_error() -> None:
         # Whatever decodes is well-formed: it encodes and decodes to itself.
         assert TopologyUpdate.decode(result.encode()).entries == result.entries
     assert decoded < 5000
+
+
+# -- full states that are mostly known ----------------------------------------------------------------
+
+
+def test_a_full_state_skips_what_the_view_knows_and_merges_the_rest_alike() -> None:
+    """Entries the view already has as new are skipped before their connections are read; the merge comes out the
+    same as reading them all, and gossip about another run of ourselves still makes us announce past it."""
+    ours = Topology(ME)
+    ours.set_local_connections([conn(A)])
+    ours.merge(update(entry(A, 5, peers=(ME.name, B)), entry(B, 3, peers=(A,))))
+    payload = update(
+        entry(A, 5, peers=(ME.name, B)),  # known: skipped
+        entry(B, 4, peers=(A, C)),  # newer: read
+        entry(C, 1, peers=(B,)),  # new: read
+        PeerEntry(ME.name, "me", ME.uid + 1, 40, ()),  # another run of ours: read
+    ).encode()
+    seen: list[int] = []
+
+    def known(name: int, uid: int, version: int) -> bool:
+        seen.append(name)
+        return ours.knows(name, uid, version)
+
+    skipping, reading = TopologyUpdate.decode(payload, known), TopologyUpdate.decode(payload)
+    assert set(skipping.entries) == {B, C, ME.name} and sorted(seen) == sorted([A, B, C, ME.name])
+    delta, reannounce = ours.merge(skipping)
+    assert set(delta.entries) == {B, C} and reannounce
+    assert {n: reading.entries[n] for n in skipping.entries} == skipping.entries
+
+
+def test_a_known_header_does_not_let_a_malformed_entry_through_unread() -> None:
+    view = Topology(ME)
+    view.merge(update(entry(A, 5)))
+    for bad in ([A, "a", True, 5, []], [A, "a", 7, -1, []], [A, "a", 7]):
+        with pytest.raises(DecodeError):
+            TopologyUpdate.decode(pack([bad]), view.knows)

@@ -412,7 +412,7 @@ class _TopologyGossiper:
     def _merge(self, payload: bytes) -> TopologyUpdate | None:
         router = self._router
         before = router.topology.graph_version
-        delta, reannounce = router.topology.merge(TopologyUpdate.decode(payload))
+        delta, reannounce = router.topology.merge(TopologyUpdate.decode(payload, router.topology.knows))
         if reannounce:
             router._schedule_announce()
         if router.topology.graph_version != before or delta.entries:
