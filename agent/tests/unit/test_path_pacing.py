@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import collections
 import random
+from collections.abc import Callable
+
+import pytest
 
 from weft.config import AgentConfig
+from weft.datapath import fdb
+from weft.datapath import plane as plane_module
 from weft.datapath.paths import IDLE_EVERY, SLEEVE, PathState
 from weft.datapath.plane import TICKS, DataPlane
 from weft.mesh.clock import VirtualScheduler
@@ -154,3 +159,61 @@ def test_a_path_that_turns_busy_is_not_taken_down_by_its_idle_silence() -> None:
     assert len(mesh.asked) == before + 1, "no round at once when the path turned busy"
     mesh.run(10.0, busy={name})
     assert mesh.plane.paths[name].path == SLEEVE
+
+
+class _Loop:
+    """The calls a data plane schedules, kept: call_soon runs next, call_later at a time."""
+
+    def __init__(self) -> None:
+        self.soon: list[Callable[[], None]] = []
+        self.later: list[tuple[float, Callable[[], None]]] = []
+
+    def call_soon(self, fn: Callable[[], None]) -> _Handle:
+        self.soon.append(fn)
+        return _Handle()
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> _Handle:
+        self.later.append((delay, fn))
+        return _Handle()
+
+
+class _Handle:
+    def cancel(self) -> None:
+        pass
+
+
+class _Fwd:
+    def update(self, fwd: object) -> None:
+        pass
+
+    def send_control(self, *args: object, **kwargs: object) -> bool:
+        return True
+
+
+def test_the_kernel_is_programmed_at_once_then_at_most_twice_a_second_in_a_burst(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hundred connections coming up one after the other each change the tables; the FDB, which each programming
+    reads whole, is programmed for the first at once and then at most once per KERNEL_SPACING."""
+    metrics = Metrics()
+    plane = DataPlane(AgentConfig(), Router(PeerInfo(ME, "me", 1), VirtualScheduler(), metrics), metrics)
+    loop = _Loop()
+    plane._loop = loop  # type: ignore[assignment]
+    plane.sleeve, plane.nd = _Fwd(), object()  # type: ignore[assignment]
+    programmed: list[float] = []
+    clock = [100.0]
+    monkeypatch.setattr(plane_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(fdb, "apply", lambda *a, **k: (programmed.append(clock[0]), ({}, None))[1])
+    monkeypatch.setattr(plane, "_sync_guard", lambda *a, **k: None)
+
+    plane._recompute()
+    assert [fn.__name__ for fn in loop.soon] == ["_program_kernel"] and loop.later == []
+    loop.soon.pop()()
+    assert programmed == [100.0]
+    clock[0] = 100.1
+    plane._recompute()  # 0.1 s later: waits for the rest of the spacing
+    plane._recompute()  # and a second change joins it
+    assert loop.soon == [] and [round(d, 3) for d, _ in loop.later] == [round(plane_module.KERNEL_SPACING - 0.1, 3)]
+    clock[0] = 100.5
+    loop.later.pop()[1]()
+    assert programmed == [100.0, 100.5]

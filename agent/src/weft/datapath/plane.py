@@ -46,6 +46,7 @@ WARMUP_AFTER = 4  # intervals after start before we remove kernel state we did n
 PMTU_EVERY = 5  # probe rounds between path-MTU probe rounds, after one each for the first three
 TICKS = 5  # passes per interval: probe rounds are due at random phases, a few in each pass
 TRAFFIC_EVERY = 2  # intervals between readings of the fast-path guard's per-peer counters (an nft call)
+KERNEL_SPACING = 0.5  # seconds between two programmings of the kernel's FDB in a burst of changes
 SLEEVE_OVERHEAD = 80  # Ethernet, virtio header, sleeve header and AEAD tag, per datagram (upper bound)
 E2E_OVERHEAD = SLEEVE_OVERHEAD + 10  # the end-to-end form: 6 more header bytes, 4 more nonce bytes
 GUARD_RESYNC = 10  # intervals between re-reads of the attach state for the port guard (events may be missed)
@@ -97,6 +98,7 @@ class DataPlane:
         self._tick_handle: asyncio.TimerHandle | None = None
         self._recompute_handle: asyncio.Handle | None = None
         self._kernel_handle: asyncio.Handle | None = None
+        self._kernel_at = float("-inf")  # when the kernel was last programmed
         self._want: tuple[fdb.FdbState, bool] | None = None  # kernel state to program next, and whether to delete
         self._started_at = 0.0
         self._stopped = False
@@ -614,8 +616,14 @@ class DataPlane:
         self._want = (want, not warming)
         if self._kernel_handle is None and self._loop is not None:
             # Next, not now: the sleeve's tables are already in place, and heartbeats that came meanwhile (a path
-            # coming up) are handled before the netlink work, which takes a while, rather than after it.
-            self._kernel_handle = self._loop.call_soon(self._program_kernel)
+            # coming up) are handled before the netlink work, which takes a while, rather than after it. In a burst
+            # (a hundred connections coming up one after the other) at most once per KERNEL_SPACING: each pass reads
+            # the whole FDB, tens of milliseconds with a hundred peers.
+            wait = self._kernel_at + KERNEL_SPACING - time.monotonic()
+            if wait > 0:
+                self._kernel_handle = self._loop.call_later(wait, self._program_kernel)
+            else:
+                self._kernel_handle = self._loop.call_soon(self._program_kernel)
         self.metrics.mac_conflicts.set(len(self.macs.conflicts))
 
     def _program_kernel(self) -> None:
@@ -625,6 +633,7 @@ class DataPlane:
             self._kernel_handle = None
         if self._want is None or self.nd is None or self._stopped:
             return
+        self._kernel_at = time.monotonic()
         (want, delete), self._want = self._want, None
         self._sync_guard(want, before_fdb=True)
         entries: dict[str, set[str]] | None = None  # the VXLAN entries, read once per programming
