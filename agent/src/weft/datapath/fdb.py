@@ -89,14 +89,22 @@ def apply(
                     changes += 1
                 now_vx.pop(mac, None)
     have_br = nd.bridge_fdb(bridge)
+    ports: dict[str, int | None] = {}  # each port's index, read once for all its entries
+
+    def index(port: str) -> int | None:
+        if port not in ports:
+            ports[port] = nd.port_index(bridge, port)
+        return ports[port]
+
     for mac, port in want.bridge.items():
         if have_br.get(mac) != port:
-            nd.bridge_fdb_set(bridge, mac, port)
+            nd.bridge_fdb_set(bridge, mac, port, index=index(port))
             changes += 1
     if delete:
         for mac, port in have_br.items():
             if mac not in want.bridge and port in (vxlan, tap):
-                nd.bridge_fdb_del(bridge, mac, port)
+                if index(port) is not None:
+                    nd.bridge_fdb_del(bridge, mac, port, index=index(port))
                 changes += 1
     return changes, {mac: dsts for mac, dsts in now_vx.items() if dsts}
 

@@ -591,7 +591,9 @@ class NetDev:
                 return port.name
         return None
 
-    def _port_index(self, bridge: str, port: str) -> int | None:
+    def port_index(self, bridge: str, port: str) -> int | None:
+        """The ifindex of ``port``, a port of ``bridge`` (None if it does not exist): two link reads, which a caller
+        setting many entries on one port does once and passes on."""
         bridge_index = self._require(bridge, "bridge").index
         link = self.link(port)
         if link is None:
@@ -600,10 +602,11 @@ class NetDev:
             raise NetDevError(f"{port!r} is not a port of bridge {bridge!r}")
         return link.index
 
-    def bridge_fdb_set(self, bridge: str, mac: str, port: str) -> None:
-        """`bridge fdb replace MAC dev PORT master static`: moves the MAC if it sat on another port."""
+    def bridge_fdb_set(self, bridge: str, mac: str, port: str, *, index: int | None = None) -> None:
+        """`bridge fdb replace MAC dev PORT master static`: moves the MAC if it sat on another port. ``index``: the
+        port's, from port_index, when the caller has it."""
         mac = _norm_mac(mac)
-        index = self._port_index(bridge, port)
+        index = index if index is not None else self.port_index(bridge, port)
         if index is None:
             raise NetDevError(f"port {port!r} does not exist")
         _call(
@@ -616,10 +619,10 @@ class NetDev:
             flags=NTF_MASTER,
         )
 
-    def bridge_fdb_del(self, bridge: str, mac: str, port: str) -> None:
+    def bridge_fdb_del(self, bridge: str, mac: str, port: str, *, index: int | None = None) -> None:
         """Idempotent; the kernel deletes the entry only if it is on that port."""
         mac = _norm_mac(mac)
-        index = self._port_index(bridge, port)
+        index = index if index is not None else self.port_index(bridge, port)
         if index is None:
             return
         _call(
