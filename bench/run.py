@@ -910,6 +910,12 @@ def main() -> int:
         "--dense-window", type=float, default=30.0, help="seconds over which the settled CPU is measured"
     )
     parser.add_argument(
+        "--dense-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for complete views and the full mesh before measuring the mesh as it is",
+    )
+    parser.add_argument(
         "--dense-output", type=Path, default=RESULTS / "dense.json", help="dense-mesh JSON"
     )
     args = parser.parse_args()
@@ -959,6 +965,7 @@ def main() -> int:
             baseline=args.dense_baseline,
             settle=args.dense_settle,
             window=args.dense_window,
+            timeout=args.dense_timeout,
             log=lambda line: print(line, flush=True),
         )
         print_dense(dn)

@@ -52,9 +52,9 @@ def entry(peer: PeerInfo, version: int, *others: PeerInfo) -> PeerEntry:
 class Rig:
     """One maker whose dials are recorded, with a router at ``limit`` connections."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, me: PeerInfo = ME) -> None:
         self.clock = VirtualScheduler()
-        self.router = Router(ME, self.clock, Metrics(), conn_limit=limit)
+        self.router = Router(me, self.clock, Metrics(), conn_limit=limit)
         self.dials: list[str] = []
         self.maker = ConnectionMaker(self.router, self.clock, self.dials.append, rng=random.Random(1))
 
@@ -191,3 +191,26 @@ def test_a_dialler_hears_that_the_acceptor_is_full() -> None:
     for secrets in ([], [SECRET]):
         outcome = asyncio.run(main(secrets))
         assert isinstance(outcome, HandshakeError) and outcome.reason == "peer_full", outcome
+
+
+def test_of_two_peers_that_discover_each_other_the_lower_name_dials_first() -> None:
+    """The higher name waits a moment for the lower one's connection, and dials only if none came: one handshake
+    per pair while a dense mesh forms, not two."""
+    high = PeerInfo(0x020000000099, "high", 99)
+    a, low, higher = PEERS[0], PEERS[1], PeerInfo(0x0200000000A0, "higher", 160)
+    rig = Rig(limit=10, me=high)
+    via = rig.connect(a)
+    found = rig.clock.now()
+    rig.learn(via, entry(a, 5, high, low, higher), entry(low, 1, a), entry(higher, 1, a))
+    assert rig.dials == [address(higher)], "a higher name is dialled at once"
+    rig.run(found + rig.maker.defer * 0.99)
+    assert rig.dials == [address(higher)], "a lower name is given time to dial us"
+    rig.run(found + rig.maker.defer * 2.01)
+    assert rig.dials == [address(higher), address(low)], "no connection came: we dial it ourselves"
+
+    rig = Rig(limit=10, me=high)
+    via = rig.connect(a)
+    rig.learn(via, entry(a, 5, high, low), entry(low, 1, a))
+    rig.connect(low)  # the lower name dialled us meanwhile
+    rig.run(rig.clock.now() + 3 * rig.maker.defer)
+    assert rig.dials == []

@@ -71,6 +71,7 @@ class ConnectionMaker:
         max_interval: float = 30.0,
         reset_after: float = 60.0,
         full_hold: float = 600.0,
+        defer: float = 2.0,
         on_direct_changed: Callable[[list[Target]], None] | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -82,6 +83,7 @@ class ConnectionMaker:
         self.max_interval = max_interval
         self.reset_after = reset_after
         self.full_hold = full_hold
+        self.defer = defer
         self._on_direct_changed = on_direct_changed
         self._rng = rng or random.Random()
         self.targets: dict[str, Target] = {}
@@ -212,7 +214,11 @@ class ConnectionMaker:
         for address, peer in wanted.items():
             target = self.targets.get(address)
             if target is None:
-                self.targets[address] = Target(address, "discovered", next_try=now, peer=peer)
+                # Of two peers that discover each other, the lower name dials; the other waits a moment for that
+                # connection and dials only if none came (it may not be reachable that way): a forming dense mesh
+                # then pays for one handshake per pair, not two, half of them thrown away as duplicates.
+                wait = 0.0 if ourself < peer else self._rng.uniform(self.defer, 2 * self.defer)
+                self.targets[address] = Target(address, "discovered", next_try=now + wait, peer=peer)
             elif target.peer is None:
                 target.peer = peer
 
