@@ -915,9 +915,7 @@ def main() -> int:
         default=600.0,
         help="seconds to wait for complete views and the full mesh before measuring the mesh as it is",
     )
-    parser.add_argument(
-        "--dense-output", type=Path, default=RESULTS / "dense.json", help="dense-mesh JSON"
-    )
+    parser.add_argument("--dense-output", type=Path, default=RESULTS / "dense.json", help="dense-mesh JSON")
     args = parser.parse_args()
     dp_scenarios = [s.strip() for s in args.datapath_scenarios.split(",") if s.strip()]
     unknown = [s for s in dp_scenarios if s not in datapath.SCENARIOS]

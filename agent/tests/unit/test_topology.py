@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from weft.mesh import topology as topology_module
 from weft.mesh.codec import DecodeError, pack
 from weft.mesh.peer import PeerInfo
 from weft.mesh.topology import ConnectionSummary, PeerEntry, Topology, TopologyUpdate
@@ -333,9 +334,10 @@ def test_decode_of_random_or_corrupted_bytes_raises_only_decode_error() -> None:
 # -- full states that are mostly known ----------------------------------------------------------------
 
 
-def test_a_full_state_skips_what_the_view_knows_and_merges_the_rest_alike() -> None:
+def test_a_full_state_skips_what_the_view_knows_and_merges_the_rest_alike(monkeypatch: pytest.MonkeyPatch) -> None:
     """Entries the view already has as new are skipped before their connections are read; the merge comes out the
     same as reading them all, and gossip about another run of ourselves still makes us announce past it."""
+    monkeypatch.setattr(topology_module, "MEMO_MAX_BYTES", 0)  # a full state: too big to be kept whole
     ours = Topology(ME)
     ours.set_local_connections([conn(A)])
     ours.merge(update(entry(A, 5, peers=(ME.name, B)), entry(B, 3, peers=(A,))))
