@@ -72,6 +72,7 @@ class ConnectionMaker:
         reset_after: float = 60.0,
         full_hold: float = 600.0,
         defer: float = 2.0,
+        max_dialling: int = 8,
         on_direct_changed: Callable[[list[Target]], None] | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -84,6 +85,7 @@ class ConnectionMaker:
         self.reset_after = reset_after
         self.full_hold = full_hold
         self.defer = defer
+        self.max_dialling = max_dialling
         self._on_direct_changed = on_direct_changed
         self._rng = rng or random.Random()
         self.targets: dict[str, Target] = {}
@@ -228,6 +230,10 @@ class ConnectionMaker:
         connected = self._router.connections
         room = self._router.conn_limit - len(connected)
         room -= sum(1 for t in self.targets.values() if t.state == "connecting")
+        # Discovered peers are dialled a few at a time: a peer told of one member of a mesh of a hundred learns of
+        # them all at once, and a hundred handshakes at once on every peer leave the CPU to none of them (they time
+        # out, and are dialled again later); the rest wait for a dial to end (check runs then).
+        slots = self.max_dialling - sum(1 for t in self.targets.values() if t.state == "connecting" and not t.direct)
         soonest: float | None = None
         held = {"own_limit": 0, "peer_full": 0}
         for target in sorted(self.targets.values(), key=lambda t: not t.direct):  # direct ones first
@@ -249,6 +255,10 @@ class ConnectionMaker:
                 held["own_limit"] += 1
                 continue  # dialled when a connection ends (check runs then)
             if target.next_try <= now:
+                if not target.direct:
+                    if slots <= 0:
+                        continue
+                    slots -= 1
                 target.state = "connecting"
                 target.attempts += 1
                 room -= 1

@@ -136,8 +136,11 @@ class Routes:
     def _children(self, source: int) -> list[int] | None:
         if source != self._ourself and source not in self._unicast:
             return None  # not reachable from us: we are not on its tree
-        # A peer's parent is the first peer taken from the queue that links to it. Once we are taken, each of our
-        # neighbours has its parent: the walk stops there, as the rest of the tree does not change our children.
+        # A peer's parent is the first peer taken from the queue that links to it; only our neighbours can be our
+        # children. The walk stops once we are taken (each of our neighbours has its parent then), or as soon as
+        # all of them have one before that: none is ours (in a full mesh, right after the source's neighbours).
+        mine = set(self._linked(self._ourself))
+        waiting = len(mine - {source})
         parent: dict[int, int] = {source: source}
         queue: deque[int] = deque([source])
         while queue:
@@ -147,6 +150,10 @@ class Routes:
                 if n not in parent:
                     parent[n] = node
                     queue.append(n)
+                    if n in mine:
+                        waiting -= 1
             if node == self._ourself:
                 return [n for n in linked if parent[n] == node]
+            if not waiting and self._ourself in parent:
+                return []
         return None
