@@ -214,3 +214,15 @@ def test_of_two_peers_that_discover_each_other_the_lower_name_dials_first() -> N
     rig.connect(low)  # the lower name dialled us meanwhile
     rig.run(rig.clock.now() + 3 * rig.maker.defer)
     assert rig.dials == []
+
+
+def test_discovered_peers_are_dialled_a_few_at_a_time() -> None:
+    rig = Rig(limit=100)
+    a = PEERS[0]
+    others = [PeerInfo(0x020000000200 + i, f"o{i}", 500 + i) for i in range(20)]
+    via = rig.connect(a)
+    rig.learn(via, entry(a, 5, ME, *others), *(entry(o, 1, a) for o in others))
+    assert len(rig.dials) == rig.maker.max_dialling == 8
+    first = rig.dials[0]
+    rig.maker.dial_finished(first, None, "no answer within 3s")  # one ends: the next one goes
+    assert len(rig.dials) == 9 and first not in rig.dials[8:]
