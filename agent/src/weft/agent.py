@@ -142,6 +142,7 @@ class Agent:
                 self.dataplane.connection_metrics,
             )
             self.transport.refusal_listeners.append(self.dataplane.address_refused)
+            self.dataplane.dialling = self.maker.dialling
 
         try:
             await self.transport.start()

@@ -217,3 +217,20 @@ def test_the_kernel_is_programmed_at_once_then_at_most_twice_a_second_in_a_burst
     clock[0] = 100.5
     loop.later.pop()[1]()
     assert programmed == [100.0, 100.5]
+
+
+def test_peers_about_to_be_neighbours_get_no_end_to_end_keys_for_a_while() -> None:
+    """A forming mesh relays every pair for a few seconds: keys are agreed only with the relayed peers the connection
+    maker is not dialling, or after E2E_HOLD, or when an agreement is under way."""
+    mesh = Mesh(0)
+    plane = mesh.plane
+    plane._loop = _Loop()  # type: ignore[assignment]
+    x, y, z, hop = peer(1), peer(2), peer(3), peer(9)
+    plane.dialling = lambda: {x, z}
+    relayed = {x: hop, y: hop, z: hop}
+    assert plane._agree_with(relayed, 100.0) == {y: hop}
+    assert [round(d, 3) for d, _ in plane._loop.later] == [plane_module.E2E_HOLD]  # looked at again then
+    plane.e2e.knows = lambda p: p == z  # type: ignore[method-assign]  # z started an agreement with us meanwhile
+    assert plane._agree_with(relayed, 105.0) == {y: hop, z: hop}
+    assert plane._agree_with(relayed, 100.0 + plane_module.E2E_HOLD) == relayed
+    assert plane._agree_with({y: hop}, 111.0) == {y: hop} and plane._relayed_since == {y: 100.0}

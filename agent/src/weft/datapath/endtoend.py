@@ -208,6 +208,10 @@ class EndToEnd:
                 out.append(Pair(ps.peer, session.kid, session.keys.keys, send, size))
         return tuple(out)
 
+    def knows(self, peer: int) -> bool:
+        """Keys, or an agreement under way, with ``peer``."""
+        return peer in self._peers
+
     def sealing(self, peer: int) -> bool:
         """Frames for ``peer`` are sealed end to end now."""
         ps = self._peers.get(peer)

@@ -47,6 +47,7 @@ PMTU_EVERY = 5  # probe rounds between path-MTU probe rounds, after one each for
 TICKS = 5  # passes per interval: probe rounds are due at random phases, a few in each pass
 TRAFFIC_EVERY = 2  # intervals between readings of the fast-path guard's per-peer counters (an nft call)
 KERNEL_SPACING = 0.5  # seconds between two programmings of the kernel's FDB in a burst of changes
+E2E_HOLD = 10.0  # seconds a relayed peer that discovery is dialling waits for end-to-end keys
 SLEEVE_OVERHEAD = 80  # Ethernet, virtio header, sleeve header and AEAD tag, per datagram (upper bound)
 E2E_OVERHEAD = SLEEVE_OVERHEAD + 10  # the end-to-end form: 6 more header bytes, 4 more nonce bytes
 GUARD_RESYNC = 10  # intervals between re-reads of the attach state for the port guard (events may be missed)
@@ -99,6 +100,10 @@ class DataPlane:
         self._recompute_handle: asyncio.Handle | None = None
         self._kernel_handle: asyncio.Handle | None = None
         self._kernel_at = float("-inf")  # when the kernel was last programmed
+        self._relayed_since: dict[int, float] = {}  # relayed peers, since when
+        self._e2e_handle: asyncio.TimerHandle | None = None
+        # The peers the connection maker is dialling (they are about to be neighbours); set by the agent.
+        self.dialling: Callable[[], set[int]] = set
         self._want: tuple[fdb.FdbState, bool] | None = None  # kernel state to program next, and whether to delete
         self._started_at = 0.0
         self._stopped = False
@@ -260,7 +265,7 @@ class DataPlane:
         if self._probe_sock is not None and self._loop is not None:
             self._loop.remove_reader(self._probe_sock.fileno())
             self._probe_sock.close()
-        for handle in (self._tick_handle, self._recompute_handle, self._kernel_handle):
+        for handle in (self._tick_handle, self._recompute_handle, self._kernel_handle, self._e2e_handle):
             if handle is not None:
                 handle.cancel()
         if self._watcher is not None:
@@ -563,7 +568,7 @@ class DataPlane:
         self.relayed = relayed
         self._next_hop = next_hop
         if self.encrypting:
-            self.e2e.update(relayed, now)
+            self.e2e.update(self._agree_with(relayed, now), now)
         else:
             self.e2e.update({}, now)
         pairs = self.e2e.pairs()
@@ -625,6 +630,25 @@ class DataPlane:
             else:
                 self._kernel_handle = self._loop.call_soon(self._program_kernel)
         self.metrics.mac_conflicts.set(len(self.macs.conflicts))
+
+    def _agree_with(self, relayed: dict[int, int], now: float) -> dict[int, int]:
+        """The relayed peers to agree end-to-end keys with: not yet those the connection maker is dialling (a mesh
+        forming relays every pair for a few seconds, and agreeing keys for each, then dropping them, was a quarter of
+        its relays' CPU), unless keys are under way already or the peer has been relayed for E2E_HOLD seconds."""
+        since = {d: self._relayed_since.get(d, now) for d in relayed}
+        self._relayed_since = since
+        dialling = self.dialling()
+        agree = {
+            d: hop for d, hop in relayed.items() if d not in dialling or self.e2e.knows(d) or now - since[d] >= E2E_HOLD
+        }
+        held = [since[d] + E2E_HOLD for d in relayed if d not in agree]
+        if held and self._e2e_handle is None and self._loop is not None:
+            self._e2e_handle = self._loop.call_later(max(0.0, min(held) - now), self._e2e_due)
+        return agree
+
+    def _e2e_due(self) -> None:
+        self._e2e_handle = None
+        self._changed()
 
     def _program_kernel(self) -> None:
         """The FDBs and the fast-path guard, to what the last recomputation wants (several coalesce into one)."""

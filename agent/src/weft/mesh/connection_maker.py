@@ -293,6 +293,11 @@ class ConnectionMaker:
         self._timer = None
         self.check()
 
+    def dialling(self) -> set[int]:
+        """The peers we are dialling or about to dial, and have not given up on yet: soon our neighbours."""
+        active = ("waiting", "connecting", "retrying")
+        return {t.peer for t in self.targets.values() if t.peer is not None and t.state in active}
+
     def stop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
