@@ -7,6 +7,7 @@ same code the agent runs, so what converges here converges for real.
 
 from __future__ import annotations
 
+import operator
 import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -181,15 +182,13 @@ class SimNetwork:
         n = len(self.peers)
         if any(len(p.router.topology.peers) != n for p in self.peers):
             return False  # the cheap test first: it is checked often, and fails until the very end
-        owners = {p.info.name: p.router.topology.our_entry for p in self.peers}
+        # Compared as dicts of (uid, version) by name, built without a Python loop: this is N views of N peers.
+        key = operator.attrgetter("uid", "version") if exact else operator.attrgetter("uid")
+        owners = {p.info.name: key(p.router.topology.our_entry) for p in self.peers}
         for peer in self.peers:
             view = peer.router.topology.peers
-            if len(view) != len(owners):
+            if dict(zip(view.keys(), map(key, view.values()), strict=True)) != owners:
                 return False
-            for name, entry in owners.items():
-                mine = view.get(name)
-                if mine is None or mine.uid != entry.uid or (exact and mine.version != entry.version):
-                    return False
         return True
 
     def gossip_bytes_out(self) -> float:

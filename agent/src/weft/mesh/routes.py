@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Callable
 
 from weft.mesh.clock import Handle, Scheduler
-from weft.mesh.topology import Topology
+from weft.mesh.topology import PeerEntry, Topology
 
 
 class Routes:
@@ -32,7 +32,7 @@ class Routes:
         self._timer: Handle | None = None
         self._ourself = topology.ourself.name
         self._graph_version = -1
-        self._reported: dict[int, frozenset[int]] = {}  # established connections each peer reports
+        self._reported: dict[int, PeerEntry] = {}  # each peer's entry as of the last recalculation
         self._unicast: dict[int, int] = {}
         self._broadcast: dict[int, list[int] | None] = {}
         self.recalculations = 0
@@ -89,12 +89,20 @@ class Routes:
             if entry is None:
                 reported.pop(name, None)
             else:
-                reported[name] = entry.established  # shared with the entry, never changed
+                reported[name] = entry  # immutable: its established connections are as they were reported
 
     def _linked(self, node: int) -> list[int]:
         """``node``'s neighbours over symmetric connections (both ends report each other), in order."""
         reported = self._reported
-        return sorted(p for p in reported.get(node, ()) if node in reported.get(p, ()))
+        entry = reported.get(node)
+        if entry is None:
+            return []
+        linked = []
+        for p in entry.established_order:
+            other = reported.get(p)
+            if other is not None and node in other.established:
+                linked.append(p)
+        return linked
 
     def _bfs_next_hops(self) -> dict[int, int]:
         hops: dict[int, int] = {}

@@ -40,16 +40,19 @@ class PeerEntry:
     version: int
     connections: tuple[ConnectionSummary, ...] = ()
     # Derived once, as the entry is shared by every merge, route computation and relay that reads it: the edges
-    # (peer, established) that the graph is made of, the peers of the established ones, and (when first sent)
-    # the entry's msgpack encoding.
+    # (peer, established) that the graph is made of, the peers of the established ones (as a set, and in order),
+    # and (when first sent) the entry's msgpack encoding.
     edges: frozenset[tuple[int, bool]] = field(init=False, repr=False, compare=False)
     established: frozenset[int] = field(init=False, repr=False, compare=False)
+    established_order: tuple[int, ...] = field(init=False, repr=False, compare=False)
     _packed: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         edges = frozenset((c.peer, c.established) for c in self.connections)
         object.__setattr__(self, "edges", edges)
-        object.__setattr__(self, "established", frozenset(peer for peer, up in edges if up))
+        established = frozenset(peer for peer, up in edges if up)
+        object.__setattr__(self, "established", established)
+        object.__setattr__(self, "established_order", tuple(sorted(established)))
 
     def beats(self, other: PeerEntry) -> bool:
         return (self.version, self.uid) > (other.version, other.uid)
@@ -105,6 +108,9 @@ class TopologyUpdate:
     entries: dict[int, PeerEntry] = field(default_factory=dict)
 
     def merge(self, other: TopologyUpdate) -> None:
+        if not self.entries:  # every entry is new (a copy for a sender): no comparisons
+            self.entries.update(other.entries)
+            return
         for name, entry in other.entries.items():
             mine = self.entries.get(name)
             if mine is None or entry.beats(mine):
@@ -265,7 +271,8 @@ class Topology:
                         stack.append(c.peer)
                     else:
                         wanted.add(c.peer)
-        return peers.keys() - reached
+        # Every peer we reached is in our view (a peer that left made us walk afresh): equal sizes, no one is out.
+        return set() if len(reached) == len(peers) else peers.keys() - reached
 
     def forget(self, names: set[int]) -> list[PeerEntry]:
         gone = [self.peers.pop(name) for name in names if name in self.peers and name != self.ourself.name]
