@@ -116,17 +116,35 @@ def print_sim(results: list[dict]) -> None:
                 f"{r['peers']:,} peers",
                 _fmt(r["virtual_s"], " s"),
                 _fmt(r["wall_s"], " s"),
+                _fmt(r.get("cpu_s"), " s"),
                 _fmt(r["messages"]),
                 _fmt(r.get("changes")),
                 _fmt(r["gossip_bytes_per_peer"], " B"),
+                _fmt(r.get("gossip_bytes_per_peer_per_change"), " B"),
                 _fmt(r.get("full_topology_baseline_bytes_per_peer"), " B"),
                 _fmt(r.get("baseline_ratio"), "x"),
             ]
         )
     print(
         _table(
-            ["mesh", "converged (virtual)", "wall clock", *_GOSSIP_COLUMNS],
+            [
+                "mesh",
+                "converged (virtual)",
+                "wall clock",
+                "CPU",
+                *_GOSSIP_COLUMNS[:3],
+                "gossip/peer/change",
+                *_GOSSIP_COLUMNS[3:],
+            ],
             rows,
+        )
+    )
+    print(
+        "  wall clock and CPU: the simulator's own time to convergence; the whole size, with the changes"
+        " below: "
+        + ", ".join(
+            f"{r['peers']:,} peers {_fmt(r.get('total_wall_s'), ' s')} ({_fmt(r.get('total_cpu_s'), ' s')} CPU)"
+            for r in results
         )
     )
     print("\nOne change after convergence (bytes every peer sends on average, until the mesh is quiet again)")
@@ -774,7 +792,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--sim-sizes",
-        default="100,300,1000",
+        default="100,300,1000,3000",
         help="simulated mesh sizes, comma-separated ('' to skip)",
     )
     parser.add_argument("--agents", type=int, default=50, help="real agents in namespaces (0 to skip)")
