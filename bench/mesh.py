@@ -122,9 +122,7 @@ def sim_convergence(n: int, *, latency: float = 0.01, seed: int = 1, deadline: f
             {
                 "full_state_bytes": full,
                 "changes": announces,
-                "gossip_bytes_per_peer_per_change": round(
-                    result["gossip_bytes_per_peer"] / announces, 1
-                ),
+                "gossip_bytes_per_peer_per_change": round(result["gossip_bytes_per_peer"] / announces, 1),
                 "full_topology_baseline_bytes_per_peer": round(baseline, 1),
                 "baseline_ratio": round(baseline / result["gossip_bytes_per_peer"], 2),
                 "anti_entropy_bytes_per_peer_per_interval": round(
