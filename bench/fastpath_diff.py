@@ -624,7 +624,7 @@ def _perf_start(path: Path, seconds: float) -> subprocess.Popen | None:
     if shutil.which("perf") is None:
         return None
     return subprocess.Popen(
-        ["perf", "record", "-q", "-e", "cpu-clock", "-F", "2000", "-a", "-o", str(path), "--", "sleep", f"{seconds:g}"],
+        ["perf", "record", "-q", "-e", "cpu-clock", "-F", "4000", "-a", "-o", str(path), "--", "sleep", f"{seconds:g}"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -719,6 +719,7 @@ def main() -> int:
     )
     parser.add_argument("--hand-noudpcsum", action="store_true", help="also a hand-built VXLAN with noudpcsum")
     parser.add_argument("--perf", action="store_true", help="one profiled run per variant and test (perf record -a)")
+    parser.add_argument("--perf-seconds", type=float, default=10.0, help="length of each profiled run")
     parser.add_argument("--output", type=Path, default=RESULTS / "fastpath_diff.json")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -764,7 +765,7 @@ def main() -> int:
             for test in tests:
                 for v in variants:
                     data = world.tmp / f"perf-{v.name}-{test}.data"
-                    r = iperf(v, test, args.seconds, world.tmp, perf_to=data)
+                    r = iperf(v, test, args.perf_seconds, world.tmp, perf_to=data)
                     pids = {v.server_pid, r["client_pid"]}
                     profiles.setdefault(v.name, {})[test] = {**_strip(r), "perf": perf_summary(data, pids)}
                     log(f"  {v.name} {test}: {_line(r)} (profiled)")
@@ -929,7 +930,8 @@ def _print(report: dict, tests: list[str]) -> None:
         if not profiled:
             continue
         areas = sorted({a for p in profiled.values() for a in p.get("areas_pct", {})})
-        print(f"\n{test}: kernel time by area in one profiled run (% of the flow's non-idle samples)")
+        samples = ", ".join(f"{n.removeprefix('weft-')} {p.get('samples', 0)}" for n, p in profiled.items())
+        print(f"\n{test}: kernel time by area in one profiled run (% of the flow's non-idle samples: {samples})")
         names = list(profiled)
         rows = [[a] + [_f(profiled[n].get("areas_pct", {}).get(a, 0.0), ".1f") for n in names] for a in areas]
         rows.append(["user (iperf3)"] + [_f(profiled[n].get("user_pct"), ".1f") for n in names])

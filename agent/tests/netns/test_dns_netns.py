@@ -8,6 +8,7 @@ server's protocol and hostile packets with a table of its own (unit/test_dns_ser
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import time
@@ -243,6 +244,38 @@ def test_only_the_containers_own_host_answers_at_the_dns_address(lab: Lab) -> No
     assert any(f"packets {n}" in dropped1 for n in range(1, 100)), (
         dropped1
     )  # ...because h1 dropped the ARP requests on its way out
+
+
+def _dropped(h: Host, chain: str, match: str) -> int:
+    """Packets the DNS address guard's rule ``match`` (e.g. "ip daddr") dropped in ``chain`` on ``h``."""
+    for line in h.exec("nft", "list", "chain", "bridge", "weft_dns", chain).stdout.splitlines():
+        if line.strip().startswith(f"{match} {DNS_ADDRESS}"):
+            return int(re.search(r"packets (\d+)", line)[1])
+    raise AssertionError(f"{h.name}: no rule {match} {DNS_ADDRESS} in {chain}")
+
+
+def _send_to_dns_address_at(src: Container, dst: Container) -> None:
+    """Three pings from ``src`` to the DNS address, sent over the overlay to ``dst``'s MAC (a forged neighbour)."""
+    src.exec("ip", "neigh", "replace", DNS_ADDRESS, "lladdr", dst.mac(), "dev", "ethwe")
+    src.exec("ip", "route", "replace", f"{DNS_ADDRESS}/32", "dev", "ethwe")
+    src.exec("ping", "-n", "-q", "-c", "3", "-i", "0.2", "-W", "1", DNS_ADDRESS, check=False, timeout=20)
+
+
+def test_ip_packets_naming_the_dns_address_never_cross_the_overlay(lab: Lab) -> None:
+    """IP packets to the address, sent towards another host, are dropped on the way out of the sender's host; a host
+    that let them out (its own guard gone) would see them dropped on the way into the receiver's. Traffic that does
+    not name the address passes the same chains."""
+    h1, h2 = lab(2)
+    start([h1, h2])
+    c1, c2 = named(h1, "one"), named(h2, "two")
+    wait_until(lambda: c1.ping(c2), timeout=30, message="no path between the containers")
+    _send_to_dns_address_at(c1, c2)
+    assert _dropped(h1, "to_overlay", "ip daddr") == 3
+    assert _dropped(h2, "from_overlay", "ip daddr") == 0  # nothing reached h2
+    h2.exec("nft", "flush", "chain", "bridge", "weft_dns", "to_overlay")
+    _send_to_dns_address_at(c2, c1)
+    assert _dropped(h1, "from_overlay", "ip daddr") == 3
+    assert c1.ping(c2, count=3) and c2.ping(c1, count=3)
 
 
 def test_hostile_dns_packets_are_counted_and_change_nothing(lab: Lab) -> None:
