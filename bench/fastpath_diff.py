@@ -84,8 +84,8 @@ def run(*cmd: str, check: bool = True, timeout: float = 60.0, input: str | None 
     return proc.stdout
 
 
-def ns(netns: str, *cmd: str, **kw: object) -> str:
-    return run("ip", "netns", "exec", netns, *cmd, **kw)  # type: ignore[arg-type]
+def ns(netns: str, *cmd: str, check: bool = True, input: str | None = None) -> str:
+    return run("ip", "netns", "exec", netns, *cmd, check=check, input=input)
 
 
 def ip(netns: str, args: str) -> None:
@@ -774,6 +774,9 @@ def main() -> int:
     except KeyboardInterrupt:
         log("interrupted; cleaning up")
         return 130
+    except BenchError as exc:
+        log(f"failed: {exc}")
+        return 1
     finally:
         world.close()
     _print(report, tests)
