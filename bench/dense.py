@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
-import threading
 import time
 from collections.abc import Callable
 
@@ -83,7 +82,7 @@ def scenario(
             for h in hosts[1:]:
                 mesh._client(h).connect([h1.listen_addr])
             result["told_s"] = round(time.monotonic() - t0, 2)
-            knows_all, meshed = _watch(hosts, t0, timeout, poll, log)
+            _, knows_all, meshed = mesh.watch_formation(hosts, t0, timeout=timeout, poll=poll, log=log)
             result["agents_knowing_all"] = len(knows_all)
             result["agents_fully_connected"] = len(meshed)
             result["views_complete_s"] = round(max(knows_all.values()), 2) if len(knows_all) == n else None
@@ -118,49 +117,6 @@ def scenario(
         finally:
             result["loadavg_after"] = os.getloadavg()
     return result
-
-
-def _watch(
-    hosts: list[mesh.Host], t0: float, timeout: float, poll: float, log: Callable[[str], None]
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Poll each agent (a thread each, every ``poll`` s, until it knows every peer and has a connection to each)."""
-    n = len(hosts)
-    knows_all: dict[str, float] = {}
-    meshed: dict[str, float] = {}
-    stop = threading.Event()
-
-    def watch(h: mesh.Host) -> None:
-        client = mesh._client(h)
-        while not stop.is_set() and (h.name not in knows_all or h.name not in meshed):
-            try:
-                peers, established = mesh._mesh_gauges(client.request("GET", "/metrics"))
-                stamp = time.monotonic() - t0
-                if h.name not in knows_all and peers >= n and len(client.request("GET", "/status/peers")) == n:
-                    knows_all[h.name] = stamp
-                if h.name not in meshed and established >= n - 1:
-                    meshed[h.name] = stamp
-            except mesh.ApiError:
-                pass
-            stop.wait(poll)
-
-    threads = [threading.Thread(target=watch, args=(h,), daemon=True) for h in hosts]
-    for th in threads:
-        th.start()
-    last = t0
-    try:
-        while (len(knows_all) < n or len(meshed) < n) and time.monotonic() - t0 < timeout:
-            if mesh._dead(hosts):
-                break
-            if time.monotonic() - last >= 10:
-                last = time.monotonic()
-                progress = f"knowing all peers {len(knows_all)}/{n}, fully connected {len(meshed)}/{n}"
-                log(f"    t={last - t0:5.1f}s  {progress}")
-            time.sleep(0.1)
-    finally:
-        stop.set()
-        for th in threads:
-            th.join(15)
-    return knows_all, meshed
 
 
 def _until_quiet(hosts: list[mesh.Host], settle: float, timeout: float) -> float:

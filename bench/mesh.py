@@ -232,6 +232,66 @@ def _client(host: Host) -> Client:
     return Client(str(host.api_socket), timeout=10.0)
 
 
+def watch_formation(
+    hosts: list[Host],
+    t0: float,
+    *,
+    timeout: float,
+    poll: float,
+    log: Callable[[str], None],
+    api_up: dict[str, float] | None = None,
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Watch a mesh form: when (seconds from ``t0``) each agent's API first answered, its view listed every peer,
+    and it had a connection to each. A thread per agent polls it every ``poll`` seconds, so a busy agent delays
+    only its own answer; the watch ends when all are done, at ``timeout``, or when an agent exits. ``api_up``:
+    agents already known to answer."""
+    n = len(hosts)
+    api_up = dict(api_up or {})
+    knows_all: dict[str, float] = {}
+    meshed: dict[str, float] = {}
+    stop = threading.Event()
+
+    def watch(h: Host) -> None:
+        client = _client(h)
+        while not stop.is_set() and (h.name not in knows_all or h.name not in meshed):
+            try:
+                text = client.request("GET", "/metrics")
+                stamp = time.monotonic() - t0
+                api_up.setdefault(h.name, stamp)
+                peers, established = _mesh_gauges(text)
+                if (
+                    h.name not in knows_all
+                    and peers >= n
+                    and len(client.request("GET", "/status/peers")) == n  # what `weft status --json` lists
+                ):
+                    knows_all[h.name] = stamp
+                if h.name not in meshed and established >= n - 1:
+                    meshed[h.name] = stamp
+            except ApiError:
+                pass  # not up yet
+            stop.wait(poll)
+
+    watchers = [threading.Thread(target=watch, args=(h,), daemon=True) for h in hosts]
+    for w in watchers:
+        w.start()
+    last_report = t0
+    try:
+        while (len(knows_all) < n or len(meshed) < n) and time.monotonic() - t0 <= timeout and not _dead(hosts):
+            if time.monotonic() - last_report >= 10:
+                last_report = time.monotonic()
+                log(
+                    f"  t={last_report - t0:5.1f}s  APIs up {len(api_up)}/{n}  "
+                    f"knowing all peers {len(knows_all)}/{n}  fully connected {len(meshed)}/{n}"
+                )
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        deadline = time.monotonic() + 15  # the watchers are daemons: a saturated agent's answer is not awaited
+        for w in watchers:
+            w.join(max(0.0, deadline - time.monotonic()))
+    return dict(api_up), dict(knows_all), dict(meshed)
+
+
 def _dead(hosts: list[Host]) -> list[Host]:
     return [h for h in hosts if not h.agent_running()]
 
@@ -316,55 +376,10 @@ def real_agents(
         result["launch_s"] = round(time.monotonic() - t0, 2)
 
         api_up: dict[str, float] = {h.name: 0.0 for h in (hosts if scenario == "connect" else [h1])}
-        knows_all: dict[str, float] = {}
-        meshed: dict[str, float] = {}
-        stop = threading.Event()
-
-        def watch(h: Host) -> None:
-            """Poll one agent until it knows every peer and has a connection to each (one thread per agent,
-            so a busy agent delays only its own answer)."""
-            client = _client(h)
-            while not stop.is_set() and (h.name not in knows_all or h.name not in meshed):
-                try:
-                    text = client.request("GET", "/metrics")
-                    stamp = time.monotonic() - t0
-                    api_up.setdefault(h.name, stamp)
-                    peers, established = _mesh_gauges(text)
-                    if (
-                        h.name not in knows_all
-                        and peers >= n
-                        and len(client.request("GET", "/status/peers")) == n  # what `weft status --json` lists
-                    ):
-                        knows_all[h.name] = stamp
-                    if h.name not in meshed and established >= n - 1:
-                        meshed[h.name] = stamp
-                except ApiError:
-                    pass  # not up yet
-                stop.wait(poll)
-
-        watchers = [threading.Thread(target=watch, args=(h,), daemon=True) for h in hosts]
-        for w in watchers:
-            w.start()
-        last_report = t0
-        try:
-            while len(knows_all) < n or len(meshed) < n:
-                if time.monotonic() - t0 > timeout:
-                    break
-                dead = _dead(hosts)
-                if dead:
-                    result["error"] = f"{len(dead)} agent(s) exited, e.g. {dead[0].name}:\n{_log_tail(dead[0])}"
-                    break
-                if time.monotonic() - last_report >= 10:
-                    last_report = time.monotonic()
-                    log(
-                        f"  t={last_report - t0:5.1f}s  APIs up {len(api_up)}/{n}  "
-                        f"knowing all peers {len(knows_all)}/{n}  fully connected {len(meshed)}/{n}"
-                    )
-                time.sleep(0.1)
-        finally:
-            stop.set()
-            for w in watchers:
-                w.join(15)
+        api_up, knows_all, meshed = watch_formation(hosts, t0, timeout=timeout, poll=poll, log=log, api_up=api_up)
+        dead = _dead(hosts)
+        if dead:
+            result["error"] = f"{len(dead)} agent(s) exited, e.g. {dead[0].name}:\n{_log_tail(dead[0])}"
 
         cpu = {h.name: (_cpu_seconds(h.agent.pid) or 0.0) - cpu0[h.name] for h in hosts if h.agent is not None}
         result["all_apis_up_s"] = round(max(api_up.values()), 2) if len(api_up) == n else None
