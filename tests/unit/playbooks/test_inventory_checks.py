@@ -329,6 +329,10 @@ def test_datapath_workers_reach_the_agents_parser(tmp_path):
     rc, output, _recap, _tasks, _host_tmp = check_configure(tmp_path / "many", venv, weft_datapath_workers=17)
     assert rc == 2, output
     assert "datapath_workers: must be at most 16" in output
+    # A typo reaches the parser as typed, not as the 0 Jinja's int filter would make of it.
+    rc, output, _recap, _tasks, _host_tmp = check_configure(tmp_path / "typo", venv, weft_datapath_workers="four")
+    assert rc == 2, output
+    assert "datapath_workers: must be an integer" in output
     rc, output, _recap, _tasks, _host_tmp = check_configure(tmp_path / "two", venv, weft_datapath_workers=2)
     assert rc == 0, output
 
