@@ -314,6 +314,39 @@ def test_bridge_fdb_static_entries(overlay: tuple[str, NetDev]) -> None:
 
 
 @netns_test
+def test_fdb_apply_keeps_what_it_applied_equal_to_the_kernel(overlay: tuple[str, NetDev]) -> None:
+    """Programmings diff against what the last one applied rather than read the FDB: on a random walk of desired
+    states (peers moving between fast, sleeve and gone, flood lists growing and shrinking, warm-up's add-only passes),
+    what the agent believes the kernel holds is what a fresh read says, and an operator's entry on another port
+    stays."""
+    import random
+
+    from weft.datapath import fdb
+
+    _, nd = overlay
+    sh("ip", "-n", overlay[0], "link", "add", "op0", "type", "veth", "peer", "name", "op1")
+    sh("ip", "-n", overlay[0], "link", "set", "op0", "master", BR, "up")
+    nd.bridge_fdb_set(BR, "02:ee:00:00:00:01", "op0")
+    rng = random.Random(7)
+    peers = list(range(1, 13))
+    owner = {bytes([2, 0xAA, 0, 0, 0, p]): p for p in peers} | {bytes([2, 0xAB, 0, 0, 0, p]): p for p in peers}
+    have = fdb.read(nd, bridge=BR, vxlan=VX)
+    for step in range(25):
+        fast = {p: f"10.99.0.{p + 1 + (step % 3 == 0 and p % 4 == 0)}" for p in rng.sample(peers, rng.randint(0, 8))}
+        sleeve = frozenset(rng.sample([p for p in peers if p not in fast], rng.randint(0, 3)))
+        want = fdb.desired_state(fast_ips=fast, sleeve_peers=sleeve, owner=owner, ourself=0, vxlan=VX, tap=TAP)
+        delete = step % 5 != 1  # now and then a warm-up pass, which only adds
+        fdb.apply(nd, bridge=BR, vxlan=VX, tap=TAP, want=want, delete=delete, have=have)
+        kernel = fdb.read(nd, bridge=BR, vxlan=VX)
+        assert have == kernel, f"step {step}: applied state drifted from the kernel's"
+        if delete:
+            assert kernel.vxlan == want.vxlan and kernel.bridge == want.bridge | {"02:ee:00:00:00:01": "op0"}
+    assert fdb.apply(nd, bridge=BR, vxlan=VX, tap=TAP, want=want, delete=True, have=have) == 0, (
+        "a repeat changes nothing"
+    )
+
+
+@netns_test
 def test_route_mtu_and_delete_link(host: tuple[str, NetDev]) -> None:
     name, nd = host
     sh("ip", "-n", name, "link", "add", "d0", "mtu", "1400", "type", "veth", "peer", "name", "d1", "mtu", "1400")
@@ -535,6 +568,38 @@ def test_mac_watcher_follows_the_fdb(env: Env, overlay: tuple[str, NetDev]) -> N
     watcher.stop()  # idempotent
     assert all("02:dd:00:00:00:01" not in r for r in reports.seen)
     assert all(a != b for a, b in itertools.pairwise(reports.seen)), "reports only on change"
+
+
+@netns_test
+def test_mac_watcher_does_not_reread_for_the_overlay_ports_entries(env: Env, overlay: tuple[str, NetDev]) -> None:
+    """The agent's own programming (hundreds of entries on the VXLAN and TAP ports in a large mesh) wakes the watcher
+    for nothing: only changes on other ports make it read the FDB again."""
+    import time
+
+    name, nd = overlay
+    c1 = env.ns("c1")
+    a1 = attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1)
+    reads: list[frozenset[str]] = []
+
+    class Counting(MacWatcher):
+        def _read(self, nd: NetDev, fallback: frozenset[str]) -> frozenset[str]:
+            reads.append(macs := super()._read(nd, fallback))
+            return macs
+
+    watcher = Counting(BR, [VX, TAP], Reports(), settle=0.05, netns=name)
+    watcher.start()
+    try:
+        assert len(reads) == 1
+        for i in range(40):
+            mac = f"02:dd:00:00:00:{i:02x}"
+            nd.vxlan_fdb_add(VX, mac, "10.99.0.2")
+            nd.bridge_fdb_set(BR, mac, VX if i % 2 else TAP)
+        time.sleep(0.5)  # ten settle times: a wake-up would have read by now
+        assert len(reads) == 1, "entries on the overlay ports made the watcher read the FDB"
+        nd.bridge_fdb_set(BR, a1.mac, a1.host_ifname)
+        wait_until(lambda: a1.mac in watcher.current(), 10, 0.05, "a container port's entry was not seen")
+    finally:
+        watcher.stop()
 
 
 # -- all or nothing ----------------------------------------------------------------------------------------------

@@ -26,12 +26,16 @@ log = logging.getLogger(__name__)
 RTMGRP_LINK = 0x1
 RTMGRP_NEIGH = 0x4
 RTM_NEWLINK, RTM_DELLINK, RTM_NEWNEIGH, RTM_DELNEIGH = 16, 17, 28, 29
-NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid; the ndmsg family byte follows
+NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid; the ndmsg follows
+NDMSG = struct.Struct("=BxxxiHBB")  # family, padding, ifindex, state, flags, type
 RCVBUF = 4 << 20
 
 
-def _relevant(data: bytes) -> bool:
-    """Link changes and bridge FDB changes; IP neighbour churn (ARP/ND) is not ours."""
+def _relevant(data: bytes, ignored_ports: Collection[int] = ()) -> bool:
+    """Link changes and bridge FDB changes on a port other than ``ignored_ports`` (ifindexes); IP neighbour churn
+    (ARP/ND) is not ours, nor are the entries the agent itself writes on the overlay ports: in a mesh of a hundred
+    peers each programming changes hundreds of them, and re-reading the whole FDB for each burst was a good part of
+    the agent's CPU."""
     off = 0
     while off + NLMSG_HDR.size < len(data):
         length, kind, _, _, _ = NLMSG_HDR.unpack_from(data, off)
@@ -39,8 +43,10 @@ def _relevant(data: bytes) -> bool:
             break
         if kind in (RTM_NEWLINK, RTM_DELLINK):
             return True
-        if kind in (RTM_NEWNEIGH, RTM_DELNEIGH) and data[off + NLMSG_HDR.size] == socket.AF_BRIDGE:
-            return True
+        if kind in (RTM_NEWNEIGH, RTM_DELNEIGH) and off + NLMSG_HDR.size + NDMSG.size <= len(data):
+            family, ifindex, _, _, _ = NDMSG.unpack_from(data, off + NLMSG_HDR.size)
+            if family == socket.AF_BRIDGE and ifindex not in ignored_ports:
+                return True
         off += (length + 3) & ~3
     return False
 
@@ -70,6 +76,7 @@ class MacWatcher:
         self._wake: tuple[int, int] | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._ignored: frozenset[int] = frozenset()  # the excluded ports' ifindexes, as of the last read
 
     def start(self) -> None:
         """Start the thread; returns once the initial set is read (current() is valid), or raises why it cannot."""
@@ -150,6 +157,8 @@ class MacWatcher:
         try:
             if nd.link_index(self.bridge) is None:
                 return frozenset()  # no bridge (yet): nothing lives here; a link event will tell when it appears
+            # A port recreated under a new index comes with a link event, which always leads here.
+            self._ignored = frozenset(i for i in map(nd.link_index, self.exclude_ports) if i is not None)
             return frozenset(nd.local_macs(self.bridge, self.exclude_ports))
         except NetDevError as e:
             log.warning("cannot read the FDB of bridge %s, keeping the last set: %s", self.bridge, e)
@@ -184,8 +193,7 @@ class MacWatcher:
         ready, _, _ = select.select([self._wake[0]], [], [], seconds)
         return bool(ready)
 
-    @staticmethod
-    def _drain(sock: socket.socket) -> bool:
+    def _drain(self, sock: socket.socket) -> bool:
         """Read everything queued; True if any of it matters (an overrun counts: events were lost)."""
         relevant = False
         while True:
@@ -198,4 +206,4 @@ class MacWatcher:
                     raise
                 relevant = True
                 continue
-            relevant = relevant or _relevant(data)
+            relevant = relevant or _relevant(data, self._ignored)

@@ -47,6 +47,7 @@ PMTU_EVERY = 5  # probe rounds between path-MTU probe rounds, after one each for
 TICKS = 5  # passes per interval: probe rounds are due at random phases, a few in each pass
 TRAFFIC_EVERY = 2  # intervals between readings of the fast-path guard's per-peer counters (an nft call)
 KERNEL_SPACING = 0.5  # seconds between two programmings of the kernel's FDB in a burst of changes
+FDB_REREAD = 30.0  # seconds after which a programming reads the kernel's FDB again rather than trust what it applied
 E2E_HOLD = 10.0  # seconds a relayed peer that discovery is dialling waits for end-to-end keys
 SLEEVE_OVERHEAD = 80  # Ethernet, virtio header, sleeve header and AEAD tag, per datagram (upper bound)
 E2E_OVERHEAD = SLEEVE_OVERHEAD + 10  # the end-to-end form: 6 more header bytes, 4 more nonce bytes
@@ -100,6 +101,8 @@ class DataPlane:
         self._recompute_handle: asyncio.Handle | None = None
         self._kernel_handle: asyncio.Handle | None = None
         self._kernel_at = float("-inf")  # when the kernel was last programmed
+        self._fdb_have: fdb.FdbState | None = None  # what the kernel's FDB holds, as last read or applied
+        self._fdb_read_at = float("-inf")  # when it was last read
         self._relayed_since: dict[int, float] = {}  # relayed peers, since when
         self._e2e_handle: asyncio.TimerHandle | None = None
         # The peers the connection maker is dialling (they are about to be neighbours); set by the agent.
@@ -144,7 +147,7 @@ class DataPlane:
         self.nd.ensure_tap(self.tap, bridge=self.bridge, mtu=c.mtu, multi_queue=True)
         self._start_portguard()
         self._guard_fast_path_from_the_start()
-        self._adopted_fast = set(self.nd.vxlan_fdb(self.vxlan).get(fdb.ZERO_MAC, set()))
+        self._adopted_fast = set(self._read_fdb().vxlan.get(fdb.ZERO_MAC, set()))
         if self._adopted_fast:
             log.info("kept the kernel fast path to %d peer(s) from the last run", len(self._adopted_fast))
         self.sleeve = open_sleeve(
@@ -185,10 +188,11 @@ class DataPlane:
 
         assert self.nd is not None
         self.guard = FastGuard(self.config.vxlan_port, self.udp_port)
-        kept = self.guard.kept() | fdb.destinations(self.nd, self.vxlan)
+        have = self._read_fdb()
+        kept = self.guard.kept() | fdb.destinations(have)
         allowed = {ip for ip in kept if self._fast_permitted(ip)}
         self.guard.start(allowed)
-        purged = fdb.purge(self.nd, bridge=self.bridge, vxlan=self.vxlan, allowed=self._fast_permitted)
+        purged = fdb.purge(self.nd, bridge=self.bridge, vxlan=self.vxlan, allowed=self._fast_permitted, have=have)
         if kept - allowed or purged:
             log.info(
                 "encryption on: dropped the fast path to %d peer address(es) outside the trusted subnets (%s)",
@@ -229,6 +233,7 @@ class DataPlane:
         if self._recompute_handle is not None:
             self._recompute_handle.cancel()
         self._recompute()
+        self._fdb_have = None  # what is removed now is what the kernel holds, not what we last wrote
         self._program_kernel()
         after = set(self.guard.fast) if self.guard is not None else set()
         return len(before - after)
@@ -660,16 +665,25 @@ class DataPlane:
         self._kernel_at = time.monotonic()
         (want, delete), self._want = self._want, None
         self._sync_guard(want, before_fdb=True)
-        entries: dict[str, set[str]] | None = None  # the VXLAN entries, read once per programming
+        have: fdb.FdbState | None = None
         try:
-            _changes, entries = fdb.apply(
-                self.nd, bridge=self.bridge, vxlan=self.vxlan, tap=self.tap, want=want, delete=delete
-            )
+            have = self._fdb_have
+            if have is None or self._kernel_at - self._fdb_read_at >= FDB_REREAD:
+                have = self._read_fdb()
+            fdb.apply(self.nd, bridge=self.bridge, vxlan=self.vxlan, tap=self.tap, want=want, delete=delete, have=have)
         except Exception as exc:  # netlink refused one entry: say so, keep the rest working (and read them again)
             log.warning("could not program the kernel forwarding table: %s", exc)
-        self._sync_guard(want, before_fdb=False, entries=entries)
+            self._fdb_have = have = None
+        self._sync_guard(want, before_fdb=False, have=have)
 
-    def _sync_guard(self, want: fdb.FdbState, *, before_fdb: bool, entries: dict[str, set[str]] | None = None) -> None:
+    def _read_fdb(self) -> fdb.FdbState:
+        """Read what the kernel's FDB holds; later programmings diff against it (see FDB_REREAD)."""
+        assert self.nd is not None
+        self._fdb_have = fdb.read(self.nd, bridge=self.bridge, vxlan=self.vxlan)
+        self._fdb_read_at = time.monotonic()
+        return self._fdb_have
+
+    def _sync_guard(self, want: fdb.FdbState, *, before_fdb: bool, have: fdb.FdbState | None = None) -> None:
         """Keep the guard's sets equal to where the kernel sends fast traffic (and whose probes may cross).
 
         Before the FDB changes: drop what is no longer permitted and admit new fast peers, so no frame
@@ -683,14 +697,15 @@ class DataPlane:
                 wanted = {dst for dsts in want.vxlan.values() for dst in dsts}
                 self.guard.sync({ip for ip in self.guard.fast if self._fast_permitted(ip)} | wanted, probe)
             else:
+                if have is None:  # programming failed: what the kernel holds, not what we tried
+                    have = self._read_fdb()
                 if self.encrypting:
-                    fdb.purge(
-                        self.nd, bridge=self.bridge, vxlan=self.vxlan, allowed=self._fast_permitted, entries=entries
-                    )
-                sends_to = fdb.destinations(self.nd, self.vxlan, entries)
+                    fdb.purge(self.nd, bridge=self.bridge, vxlan=self.vxlan, allowed=self._fast_permitted, have=have)
+                sends_to = fdb.destinations(have)
                 self.guard.sync({ip for ip in sends_to if self._fast_permitted(ip)}, probe)
-        except Exception as exc:  # nft or netlink refused: say so; the next change tries again
+        except Exception as exc:  # nft or netlink refused: say so; the next change tries again, on a fresh read
             log.warning("could not update the fast-path guard: %s", exc)
+            self._fdb_have = None
 
     def _other_hop(self, dest: int, usable: set[int]) -> int | None:
         """A neighbour with a working sleeve that has its own route to ``dest`` (not through us)."""
