@@ -1,6 +1,6 @@
 """A dense mesh of real agents with the data plane on: N agents (100 by default) in network namespaces, each with a
-mesh secret, all running alone, then each told of h1 through its API at once (`weft connect`). Discovery makes a
-full mesh of them.
+mesh secret and one IPAM seed (h1's name, as the role gives every host the mesh's seed), all running alone, then
+each told of h1 through its API at once (`weft connect`). Discovery makes a full mesh of them.
 
 Figures per variant: the time until every agent's view lists all N peers and until every agent has N-1 connections
 (from the moment the first is told), the topology gossip each agent sent meanwhile, then, once the mesh has been
@@ -21,6 +21,8 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+
+from prometheus_client.parser import text_string_to_metric_families
 
 import mesh
 import restart
@@ -44,10 +46,31 @@ def _summary(values: list[float]) -> dict | None:
     }
 
 
-def _gossip_out(host: mesh.Host) -> float | None:
-    with contextlib.suppress(mesh.ApiError):
-        return mesh.metric_value(mesh._client(host).request("GET", "/metrics"), "weft_gossip_bytes", direction="out")
-    return None
+def _gossip_out(host: mesh.Host) -> dict[str, float]:
+    """Gossip bytes the agent has sent, by channel (topology, macs, ipam, dns...); empty if it does not answer."""
+    with contextlib.suppress(mesh.ApiError, OSError):
+        text = mesh._client(host).request("GET", "/metrics")
+        return {
+            s.labels["channel"]: s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name in ("weft_gossip_bytes", "weft_gossip_bytes_total") and s.labels.get("direction") == "out"
+        }
+    return {}
+
+
+def _gossip_since(before: dict[str, dict[str, float]], hosts: list[mesh.Host]) -> dict[str, dict[str, float]]:
+    """Each agent's gossip sent since ``before``, by channel."""
+    after = {h.name: _gossip_out(h) for h in hosts}
+    return {name: {ch: v - before.get(name, {}).get(ch, 0.0) for ch, v in sent.items()} for name, sent in after.items()}
+
+
+def _by_channel(sent: dict[str, dict[str, float]]) -> dict[str, dict | None]:
+    """The summary of the agents' totals, and of each channel's share."""
+    channels = sorted({ch for per in sent.values() for ch in per})
+    out: dict[str, dict | None] = {"total": _summary([sum(per.values()) for per in sent.values()])}
+    out.update((ch, _summary([per.get(ch, 0.0) for per in sent.values()])) for ch in channels)
+    return out
 
 
 def scenario(
@@ -72,12 +95,15 @@ def scenario(
         h1 = hosts[0]
         try:
             t = time.monotonic()
+            # One ring for all, as the role templates it (docs/ipam.md, "Seeds"): agents left to seed alone would
+            # each make a ring of their own and refuse each other's, logging it, for the whole run.
+            seed = ("--ipalloc-init", f"seed={h1.agent_name}")
             for h in hosts:
-                h.start_agent(*args, secrets=[secret])
+                h.start_agent(*args, *seed, secrets=[secret])
             mesh._wait_apis(hosts, timeout)
             result["agents_up_s"] = round(time.monotonic() - t, 1)
             log(f"    {n} agents running alone (started in {result['agents_up_s']} s); telling h2..h{n} of h1")
-            gossip0 = {h.name: _gossip_out(h) or 0.0 for h in hosts}
+            gossip0 = {h.name: _gossip_out(h) for h in hosts}
             t0 = time.monotonic()
             for h in hosts[1:]:
                 mesh._client(h).connect([h1.listen_addr])
@@ -93,12 +119,13 @@ def scenario(
             if dead:
                 result["error"] = f"{len(dead)} agent(s) exited, e.g. {dead[0].name}:\n{mesh._log_tail(dead[0])}"
                 return result
-            gossip = [(_gossip_out(h) or 0.0) - gossip0[h.name] for h in hosts]
-            result["gossip_bytes_per_agent"] = _summary(gossip)
+            gossip = _by_channel(_gossip_since(gossip0, hosts))
+            result["gossip_bytes_per_agent"] = gossip["total"]
+            result["gossip_bytes_per_agent_by_channel"] = gossip
             quiet_after = _until_quiet(hosts, settle, QUIET_LIMIT)
             result["quiet_after_s"] = round(quiet_after - t0, 1)
             cpu0 = {h.name: mesh._cpu_seconds(h.agent.pid) for h in hosts if h.agent is not None}
-            g0 = {h.name: _gossip_out(h) or 0.0 for h in hosts}
+            g0 = {h.name: _gossip_out(h) for h in hosts}
             w0 = time.monotonic()
             time.sleep(window)
             elapsed = time.monotonic() - w0
@@ -106,7 +133,9 @@ def scenario(
             pct = [100 * (cpu1[k] - cpu0[k]) / elapsed for k in cpu0 if cpu0[k] is not None and cpu1.get(k) is not None]
             result["settled_window_s"] = round(elapsed, 1)
             result["settled_cpu_pct"] = _summary(pct)
-            result["settled_gossip_bytes_per_agent"] = _summary([(_gossip_out(h) or 0.0) - g0[h.name] for h in hosts])
+            settled = _by_channel(_gossip_since(g0, hosts))
+            result["settled_gossip_bytes_per_agent"] = settled["total"]
+            result["settled_gossip_bytes_per_agent_by_channel"] = settled
             rss = [mesh._rss_kib(h.agent.pid) for h in hosts if h.agent is not None]
             result["rss_mib"] = _summary([r / 1024 for r in rss if r is not None])
             dead = mesh._dead(hosts)

@@ -266,6 +266,17 @@ _DENSE_ROWS = [
         "settled gossip per agent in the window, median / mean / max",
         lambda r: _summary_cell(r.get("settled_gossip_bytes_per_agent"), " B"),
     ),
+    (
+        "settled gossip per agent by channel (median)",
+        lambda r: (
+            ", ".join(
+                f"{ch} {_fmt(s['median'])} B"
+                for ch, s in (r.get("settled_gossip_bytes_per_agent_by_channel") or {}).items()
+                if ch != "total" and s
+            )
+            or "-"
+        ),
+    ),
     ("RSS per agent, median / mean / max", lambda r: _summary_cell(r.get("rss_mib"), " MiB")),
     ("mesh quiet (connection counts still) after", lambda r: _fmt(r.get("quiet_after_s"), " s")),
     (

@@ -158,6 +158,9 @@ class ControlConnection:
             if not messages:
                 messages = [HEARTBEAT]
             for msg in messages:
+                if self._writer.is_closing():  # the socket failed under a write: asyncio would drop (and log) the rest
+                    self.close("the connection was lost")
+                    return
                 body = pack(msg)
                 self._writer.write(frame(sealer.seal(body) if sealer else body))
             try:
