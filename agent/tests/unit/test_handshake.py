@@ -322,3 +322,38 @@ def test_capabilities_a_later_release_names_are_ignored_and_a_bad_list_is_refuse
     with pytest.raises(HandshakeError) as info:
         _parse_intro(pack({**intro, "caps": "e2e"}))
     assert info.value.reason == "malformed_intro"
+
+
+def test_a_connection_whose_peer_is_gone_stops_writing(caplog: pytest.LogCaptureFixture) -> None:
+    """Many messages queued for a peer whose socket has gone: the connection ends on the first failed write, rather
+    than go on writing into a dead transport (which asyncio drops, logging a warning for each)."""
+    from weft.mesh.connection import ConnectionSettings, ControlConnection
+    from weft.metrics import Metrics
+
+    async def main() -> str:
+        (r1, w1), (r2, w2) = await _streams()
+        session, _ = await asyncio.gather(
+            handshake(r1, w1, outbound=True, ourself=DIALER, secrets=[OLD], port=6783, advertise=None),
+            handshake(r2, w2, outbound=False, ourself=ACCEPTOR, secrets=[OLD], port=7000, advertise=None),
+        )
+        conn = ControlConnection(
+            r1,
+            w1,
+            session,
+            settings=ConnectionSettings(),
+            metrics=Metrics(),
+            on_message=lambda c, m: None,
+            on_sent=lambda ms: None,
+            outbound=True,
+            remote_address="10.0.0.2:7000",
+            secret=OLD,
+        )
+        w2.transport.abort()  # the peer is gone
+        for i in range(50):
+            conn.sender.send_unicast("ipam", DIALER.name, ACCEPTOR.name, b"x" * 100_000 + bytes([i]))
+        return await asyncio.wait_for(conn.run(), 10)
+
+    with caplog.at_level("WARNING", logger="asyncio"):
+        reason = asyncio.run(main())
+    assert "lost" in reason or "failed" in reason or "closed" in reason, reason
+    assert not [r for r in caplog.records if r.name == "asyncio"], "writes went on into a failed socket"
