@@ -944,6 +944,12 @@ def main() -> int:
         default=600.0,
         help="seconds to wait for complete views and the full mesh before measuring the mesh as it is",
     )
+    parser.add_argument(
+        "--dense-poll",
+        type=float,
+        default=0.5,
+        help="seconds between two looks at each agent while the mesh forms (every look renders its metrics)",
+    )
     parser.add_argument("--dense-output", type=Path, default=RESULTS / "dense.json", help="dense-mesh JSON")
     args = parser.parse_args()
     dp_scenarios = [s.strip() for s in args.datapath_scenarios.split(",") if s.strip()]
@@ -993,6 +999,7 @@ def main() -> int:
             settle=args.dense_settle,
             window=args.dense_window,
             timeout=args.dense_timeout,
+            poll=args.dense_poll,
             log=lambda line: print(line, flush=True),
         )
         print_dense(dn)

@@ -220,6 +220,43 @@ def test_the_kernel_is_programmed_at_once_then_at_most_twice_a_second_in_a_burst
     assert programmed == [100.0, 100.5]
 
 
+def test_a_burst_of_changes_recomputes_the_tables_at_once_then_at_most_ten_times_a_second(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each connection and path of a dense mesh forming changes the tables; they are rebuilt for the first change at
+    once and then at most once per RECOMPUTE_SPACING, each rebuild taking in every change since the last."""
+    metrics = Metrics()
+    plane = DataPlane(AgentConfig(), Router(PeerInfo(ME, "me", 1), VirtualScheduler(), metrics), metrics)
+    loop = _Loop()
+    plane._loop = loop  # type: ignore[assignment]
+    plane.sleeve, plane.nd = _Fwd(), object()  # type: ignore[assignment]
+    clock = [100.0]
+    monkeypatch.setattr(plane_module.time, "monotonic", lambda: clock[0])
+    built: list[float] = []
+    monkeypatch.setattr(plane, "_sync_neighbours", lambda now: built.append(now))
+
+    def soon() -> list:
+        return [fn for fn in loop.soon if fn.__name__ == "_recompute"]
+
+    def later() -> list:
+        return [(round(d, 3), fn) for d, fn in loop.later if fn.__name__ == "_recompute"]
+
+    plane._changed()
+    assert len(soon()) == 1 and later() == []
+    loop.soon.remove(soon()[0])
+    plane._recompute()
+    clock[0] = 100.03
+    for _ in range(50):  # a burst: one recomputation, when the spacing has passed
+        plane._changed()
+    assert soon() == [] and [d for d, _ in later()] == [round(plane_module.RECOMPUTE_SPACING - 0.03, 3)]
+    clock[0] = 100.1
+    later()[0][1]()
+    assert built == [100.0, 100.1]
+    clock[0] = 101.0
+    plane._changed()  # a change after a quiet while: at once again
+    assert len(soon()) == 1
+
+
 def test_peers_about_to_be_neighbours_get_no_end_to_end_keys_for_a_while() -> None:
     """A forming mesh relays every pair for a few seconds: keys are agreed only with the relayed peers the connection
     maker is not dialling, or after E2E_HOLD, or when an agreement is under way."""

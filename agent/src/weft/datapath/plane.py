@@ -47,6 +47,7 @@ PMTU_EVERY = 5  # probe rounds between path-MTU probe rounds, after one each for
 TICKS = 5  # passes per interval: probe rounds are due at random phases, a few in each pass
 TRAFFIC_EVERY = 2  # intervals between readings of the fast-path guard's per-peer counters (an nft call)
 KERNEL_SPACING = 0.5  # seconds between two programmings of the kernel's FDB in a burst of changes
+RECOMPUTE_SPACING = 0.1  # seconds between two recomputations of the forwarding tables in a burst of changes
 FDB_REREAD = 30.0  # seconds after which a programming reads the kernel's FDB again rather than trust what it applied
 E2E_HOLD = 10.0  # seconds a relayed peer that discovery is dialling waits for end-to-end keys
 SLEEVE_OVERHEAD = 80  # Ethernet, virtio header, sleeve header and AEAD tag, per datagram (upper bound)
@@ -99,6 +100,7 @@ class DataPlane:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
         self._recompute_handle: asyncio.Handle | None = None
+        self._recomputed_at = float("-inf")  # when the forwarding tables were last recomputed
         self._kernel_handle: asyncio.Handle | None = None
         self._kernel_at = float("-inf")  # when the kernel was last programmed
         self._fdb_have: fdb.FdbState | None = None  # what the kernel's FDB holds, as last read or applied
@@ -346,9 +348,18 @@ class DataPlane:
             st.heard_fast_seq, st.heard_fast_at = seq, now
 
     def _changed(self) -> None:
-        """Something the tables depend on changed: recompute soon, once for a burst of changes."""
+        """Something the tables depend on changed: recompute soon, once for a burst of changes.
+
+        The first change in a while is recomputed at once (next on the loop); in a burst (a dense mesh forming, each
+        connection and path changing the tables) at most once per RECOMPUTE_SPACING, as each recomputation builds
+        the tables for every peer.
+        """
         if self._loop is not None and self._recompute_handle is None and not self._stopped:
-            self._recompute_handle = self._loop.call_soon(self._recompute)
+            wait = self._recomputed_at + RECOMPUTE_SPACING - time.monotonic()
+            if wait > 0:
+                self._recompute_handle = self._loop.call_later(wait, self._recompute)
+            else:
+                self._recompute_handle = self._loop.call_soon(self._recompute)
 
     # -- heartbeats --------------------------------------------------------------------------------
 
@@ -553,6 +564,7 @@ class DataPlane:
         from weft.datapath.sleeve import Forwarding, Link
 
         now = time.monotonic()
+        self._recomputed_at = now
         self._sync_neighbours(now)
         routes = self.router.routes
         reachable = routes.reachable()
