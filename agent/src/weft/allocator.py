@@ -8,6 +8,9 @@ receive buffer is cut from the heap and shrunk in place. The holes between the r
 too small for the next buffer, so the heap grew by tens of KB per attach or peer restart, for good.
 A fixed threshold keeps those buffers in mmap, where freeing one returns it to the system at once.
 
+The C library is the process's own (``ctypes.CDLL(None)``): ``ctypes.util.find_library`` would import shutil and
+tempfile, most of a megabyte resident, to find a library that is loaded already.
+
 Starting frees much (import-time objects, the first netlink dumps, the config's parsing), but glibc keeps freed heap
 pages resident until something asks for them back: ``trim`` asks once the agent is up (about 1 MiB).
 """
@@ -15,7 +18,6 @@ pages resident until something asks for them back: ``trim`` asks once the agent 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 log = logging.getLogger(__name__)
@@ -26,7 +28,7 @@ MMAP_THRESHOLD = 128 * 1024  # glibc's default, kept fixed
 
 def _libc() -> ctypes.CDLL | None:
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        return ctypes.CDLL(None, use_errno=True)  # the process's own symbols: the C library it runs on
     except OSError:
         return None
 
@@ -44,10 +46,8 @@ def trim() -> bool:
 
 def fix_mmap_threshold() -> bool:
     """Pin glibc's mmap threshold; False (and nothing changed) on a C library without mallopt, e.g. musl."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         log.debug("no mallopt in this C library: leaving the allocator's settings alone")
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
