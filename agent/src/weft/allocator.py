@@ -8,6 +8,13 @@ receive buffer is cut from the heap and shrunk in place. The holes between the r
 too small for the next buffer, so the heap grew by tens of KB per attach or peer restart, for good.
 A fixed threshold keeps those buffers in mmap, where freeing one returns it to the system at once.
 
+Each thread that allocates while another holds the main arena's lock gets an arena of its own (up to 8 per core),
+each with its own free pages and fragmentation; the agent's threads (forwarding workers, the netlink thread, the
+loop's executor) allocate little and rarely at once, so ``limit_arenas`` caps them at two, before any thread starts.
+
+The C library is the process's own (``ctypes.CDLL(None)``): ``ctypes.util.find_library`` would import shutil and
+tempfile, most of a megabyte resident, to find a library that is loaded already.
+
 Starting frees much (import-time objects, the first netlink dumps, the config's parsing), but glibc keeps freed heap
 pages resident until something asks for them back: ``trim`` asks once the agent is up (about 1 MiB).
 """
@@ -15,18 +22,19 @@ pages resident until something asks for them back: ``trim`` asks once the agent 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 log = logging.getLogger(__name__)
 
+M_ARENA_MAX = -8  # glibc's mallopt parameter: the most arenas threads may share
+ARENA_MAX = 2
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter; setting it also turns off the dynamic adjustment
 MMAP_THRESHOLD = 128 * 1024  # glibc's default, kept fixed
 
 
 def _libc() -> ctypes.CDLL | None:
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        return ctypes.CDLL(None, use_errno=True)  # the process's own symbols: the C library it runs on
     except OSError:
         return None
 
@@ -44,12 +52,20 @@ def trim() -> bool:
 
 def fix_mmap_threshold() -> bool:
     """Pin glibc's mmap threshold; False (and nothing changed) on a C library without mallopt, e.g. musl."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         log.debug("no mallopt in this C library: leaving the allocator's settings alone")
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+
+
+def limit_arenas(arenas: int = ARENA_MAX) -> bool:
+    """Cap glibc's malloc arenas (before threads start: an arena made stays); False where there is no mallopt."""
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return mallopt(M_ARENA_MAX, arenas) == 1

@@ -157,9 +157,10 @@ def run(config_path: Path | None, **flags: object) -> None:
     logging.getLogger("weft").info("starting weft %s (config %s)", __version__, config_path or "none")
 
     from weft.agent import Agent
-    from weft.allocator import fix_mmap_threshold
+    from weft.allocator import fix_mmap_threshold, limit_arenas
 
     fix_mmap_threshold()  # before the data plane's netlink traffic starts: see weft.allocator
+    limit_arenas()  # before the agent's first thread
     try:
         agent = Agent(config, lambda: load_config(config_path, os.environ, flags), early_reloads)
         asyncio.run(agent.run())

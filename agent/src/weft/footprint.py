@@ -13,17 +13,25 @@ Most of an agent's resident memory is code: the modules it imports and the share
   :func:`keep_openssl_out` makes both unavailable to the agent's process, as in a Python built without OpenSSL:
   asyncio then has no TLS, dnspython no DNS over TLS, and hashlib and hmac use Python's own hashes. pyroute2 imports
   ``ssl`` for a probe the agent never runs, so it gets a module that says why it cannot.
+- pyroute2's rtnetlink socket module imports ``unittest.mock`` for one inert placeholder (the message queue of its
+  select-style ``IPRSocket``, which the agent does not use): that import is the whole ``unittest`` package with
+  argparse, difflib and pprint, about 1.5 MiB resident. :func:`pyroute2_package` has that module find, for the
+  length of its own import, a ``unittest.mock`` whose ``Mock`` is such a placeholder; the real ``unittest`` stays
+  importable, and a process that imported it before keeps it.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import sys
 import types
+from collections.abc import Sequence
 from typing import Any
 
 OPENSSL_MODULES = ("ssl", "_ssl", "_hashlib")
+IPRSOCKET = "pyroute2.netlink.rtnl.iprsocket"  # the one module of pyroute2 that imports unittest.mock
 
 
 def keep_openssl_out() -> list[str]:
@@ -64,6 +72,59 @@ class _LazyPackage(types.ModuleType):
         return getattr(self, name)
 
 
+class _Inert:
+    """Takes any call and any attribute and does nothing: what pyroute2 uses its ``mock.Mock()`` for."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Inert:
+        return self
+
+    def __getattr__(self, name: str) -> _Inert:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self
+
+
+class _UnittestStandIn:
+    """Runs pyroute2's iprsocket module with a stand-in ``unittest`` (its ``mock.Mock`` an :class:`_Inert`) in
+    ``sys.modules`` for the length of that module's import, unless the real ``unittest`` is imported already. (A
+    loader and a finder by their methods: ``importlib.abc`` would import ``importlib.resources`` and more.)"""
+
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        if "unittest" in sys.modules or "unittest.mock" in sys.modules:
+            self._loader.exec_module(module)
+            return
+        package, mock = types.ModuleType("unittest"), types.ModuleType("unittest.mock")
+        mock.Mock = _Inert  # type: ignore[attr-defined]
+        package.mock = mock  # type: ignore[attr-defined]
+        sys.modules["unittest"], sys.modules["unittest.mock"] = package, mock
+        try:
+            self._loader.exec_module(module)
+        finally:
+            for name, stand_in in (("unittest", package), ("unittest.mock", mock)):
+                if sys.modules.get(name) is stand_in:
+                    del sys.modules[name]
+
+
+class _IPRSocketFinder:
+    """Finds pyroute2's iprsocket module as the path finder does, with :class:`_UnittestStandIn` as its loader."""
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: types.ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname != IPRSOCKET:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _UnittestStandIn(spec.loader)
+        return spec
+
+
 def pyroute2_package() -> None:
     """Register the ``pyroute2`` package without running its ``__init__`` (unless it is imported already), so that
     importing one of its modules loads only what that module needs."""
@@ -75,6 +136,8 @@ def pyroute2_package() -> None:
     package = importlib.util.module_from_spec(spec)
     package.__class__ = _LazyPackage
     sys.modules["pyroute2"] = package
+    if IPRSOCKET not in sys.modules and not any(isinstance(f, _IPRSocketFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _IPRSocketFinder())  # see _UnittestStandIn
     if "ssl" in sys.modules and sys.modules["ssl"] is None:  # kept out: see keep_openssl_out
         sys.modules["ssl"] = _NoTLS("ssl")
         try:

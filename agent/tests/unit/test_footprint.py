@@ -55,6 +55,30 @@ def test_pyroute2_modules_load_without_the_package_init_which_still_runs_on_dema
     assert (same, ndb, kind) == ("True", "True", "module")
 
 
+def test_pyroute2_loads_without_unittest_which_stays_importable() -> None:
+    """pyroute2's rtnetlink imports unittest.mock for a placeholder the agent never uses (1.5 MiB resident)."""
+    out = python(
+        "import sys\n"
+        "import weft.datapath.netdev\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('unittest', 'argparse', 'difflib')))\n"
+        "from pyroute2.netlink.rtnl.iprsocket import NotLocal\n"
+        "NotLocal.msg_queue.put_nowait(0, b'')\n"  # what pyroute2's select-style socket does with it
+        "from unittest import mock\n"
+        "print(type(mock.Mock()).__name__, mock.Mock().anything.called)\n"
+    )
+    assert out.splitlines() == ["[]", "Mock False"]
+
+
+def test_a_process_that_imported_unittest_first_gives_pyroute2_the_real_mock() -> None:
+    out = python(
+        "import unittest.mock\n"
+        "import weft.datapath.netdev\n"
+        "from pyroute2.netlink.rtnl.iprsocket import NotLocal\n"
+        "print(type(NotLocal.msg_queue).__name__)\n"
+    )
+    assert out.split() == ["Mock"]
+
+
 def test_a_process_that_imported_pyroute2_first_keeps_it_whole() -> None:
     out = python(
         "import sys, pyroute2\n"

@@ -18,7 +18,6 @@ the same commands as the `nft` program, without a process started for each (an a
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import json
 import logging
 import re
@@ -39,6 +38,7 @@ FAMILY = "bridge"
 LOG_EVERY = 60.0  # seconds between log lines about one port
 FORGED_SIZE = 4096  # (port, MAC) pairs remembered for the log; past that, frames are still dropped and counted
 FORGED_TIMEOUT = "10m"
+SONAME = "libnftables.so.1"
 _PORT = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # names we can write into a ruleset unquoted-safe
 _MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 
@@ -80,9 +80,8 @@ class InProcessNft:
     @classmethod
     def load(cls) -> InProcessNft | None:
         """The runner, or None when libnftables cannot be loaded (run `nft` then)."""
-        name = ctypes.util.find_library("nftables") or "libnftables.so.1"
         try:
-            lib = ctypes.CDLL(name)
+            lib = ctypes.CDLL(cls._library())
             lib.nft_ctx_new.restype = ctypes.c_void_p
             lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
             lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
@@ -100,6 +99,18 @@ class InProcessNft:
         except (OSError, AttributeError):
             return None
         return cls(lib)
+
+    @staticmethod
+    def _library() -> str:
+        """The library's name: its soname, which the dynamic loader finds; else whatever ldconfig knows it as
+        (``ctypes.util`` imports shutil and tempfile and runs ldconfig: only when the soname is not there)."""
+        try:
+            ctypes.CDLL(SONAME)
+        except OSError:
+            from ctypes.util import find_library
+
+            return find_library("nftables") or SONAME
+        return SONAME
 
     def __call__(self, args: list[str], script: str | None = None) -> str:
         as_json = "-j" in args
