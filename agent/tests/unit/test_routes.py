@@ -228,3 +228,24 @@ def test_a_peer_off_the_sources_tree_gets_no_children() -> None:
     assert Routes(view(p[2], entries)).broadcast(p[0]) is None
     assert Routes(view(p[1], entries)).broadcast(p[0]) == []
     assert Routes(view(p[0], entries)).broadcast(p[0]) == [p[1]]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_children_across_a_bridge_are_those_of_the_walk_from_the_source(seed: int) -> None:
+    """Our children in a tree the source reaches us by a bridge are answered without walking it: the answer must
+    be the walk's, for every source, in graphs from trees (all bridges) to dense meshes (none)."""
+    rng = random.Random(seed)
+    n = rng.randrange(2, 40)
+    peers, edges = random_connected_graph(rng, n, extra=rng.choice([0, 1, 2, rng.randrange(0, n), 3 * n]))
+    reports = symmetric(edges, peers)
+    for _ in range(rng.randrange(3)):  # one-sided reports, and a peer on no tree, do not count
+        a, b = rng.sample(peers, 2)
+        reports[a].add(b)
+    reports[name(100)] = set(peers[:2])
+    for me in peers:
+        routes = Routes(view(me, entries_for(reports)))
+        for hop in routes.neighbours():
+            cut = {p: r - {me} if p == hop else r - {hop} if p == me else r for p, r in reports.items()}
+            assert (hop in routes._bridges) == (me not in distances(cut, hop)), "a bridge is a link with no way round"
+        for source in [*peers, name(100)]:
+            assert routes.broadcast(source) == routes._walk_children(source), (me - BASE, source - BASE)
