@@ -145,6 +145,38 @@ def test_following_next_hops_reaches_every_peer_by_a_shortest_path(seed: int) ->
             assert hops == dist[dest]
 
 
+def reference_next_hops(reports: dict[int, set[int]], me: int) -> dict[int, int]:
+    """The first hop to each peer: a plain BFS over symmetric links, each peer's links taken in order of name."""
+
+    def linked(node: int) -> list[int]:
+        return [p for p in sorted(reports.get(node, ())) if node in reports.get(p, ())]
+
+    hops = {n: n for n in linked(me)}
+    queue = deque(hops)
+    while queue:
+        node = queue.popleft()
+        for n in linked(node):
+            if n != me and n not in hops:
+                hops[n] = hops[node]
+                queue.append(n)
+    return hops
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_next_hops_break_ties_as_a_plain_bfs_does(seed: int) -> None:
+    """Among equally short paths the first hop is the one a plain BFS finds first: every figure of the simulator
+    depends on it."""
+    rng = random.Random(seed)
+    n = rng.randrange(2, 40)
+    peers, edges = random_connected_graph(rng, n, extra=rng.choice([0, 2, rng.randrange(0, n), 3 * n]))
+    reports = symmetric(edges, peers)
+    for _ in range(rng.randrange(4)):
+        a, b = rng.sample(peers, 2)
+        reports[a].add(b)
+    for me in peers:
+        assert Routes(view(me, entries_for(reports))).reachable() == reference_next_hops(reports, me)
+
+
 def test_routes_follow_changes_to_the_topology() -> None:
     rng = random.Random(7)
     peers = [name(i) for i in range(1, 13)]

@@ -112,25 +112,25 @@ class Routes:
         link to neighbour ``n`` is a bridge when no link joins the peers reached through ``n`` to those reached
         through another neighbour (each then has a second way to us).
         """
-        ourself = self._ourself
-        hops: dict[int, int] = {}
-        queue: deque[int] = deque()
-        for n in self._linked(ourself):
-            hops[n] = n
-            queue.append(n)
-        bridged = set(hops)
-        while queue:
-            node = queue.popleft()
+        ourself, reported = self._ourself, self._reported
+        order = self._linked(ourself)
+        hops = {n: n for n in order}
+        bridged = set(order)
+        for node in order:  # a queue that grows as the walk goes, and is never popped
             first = hops[node]
-            for n in self._linked(node):
+            for n in reported[node].established_order:
                 other = hops.get(n)
-                if other is None:
-                    if n != ourself:
-                        hops[n] = first
-                        queue.append(n)
-                elif other != first:
+                if other == first:
+                    continue  # reached the same way already: whether the link is symmetric changes nothing
+                entry = reported.get(n)
+                if entry is None or node not in entry.established:
+                    continue  # one-sided: not a link
+                if other is not None:
                     bridged.discard(other)
                     bridged.discard(first)
+                elif n != ourself:
+                    hops[n] = first
+                    order.append(n)
         return hops, bridged
 
     def unicast(self, dest: int) -> int | None:
