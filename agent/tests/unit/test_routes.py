@@ -145,6 +145,38 @@ def test_following_next_hops_reaches_every_peer_by_a_shortest_path(seed: int) ->
             assert hops == dist[dest]
 
 
+def reference_next_hops(reports: dict[int, set[int]], me: int) -> dict[int, int]:
+    """The first hop to each peer: a plain BFS over symmetric links, each peer's links taken in order of name."""
+
+    def linked(node: int) -> list[int]:
+        return [p for p in sorted(reports.get(node, ())) if node in reports.get(p, ())]
+
+    hops = {n: n for n in linked(me)}
+    queue = deque(hops)
+    while queue:
+        node = queue.popleft()
+        for n in linked(node):
+            if n != me and n not in hops:
+                hops[n] = hops[node]
+                queue.append(n)
+    return hops
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_next_hops_break_ties_as_a_plain_bfs_does(seed: int) -> None:
+    """Among equally short paths the first hop is the one a plain BFS finds first: every figure of the simulator
+    depends on it."""
+    rng = random.Random(seed)
+    n = rng.randrange(2, 40)
+    peers, edges = random_connected_graph(rng, n, extra=rng.choice([0, 2, rng.randrange(0, n), 3 * n]))
+    reports = symmetric(edges, peers)
+    for _ in range(rng.randrange(4)):
+        a, b = rng.sample(peers, 2)
+        reports[a].add(b)
+    for me in peers:
+        assert Routes(view(me, entries_for(reports))).reachable() == reference_next_hops(reports, me)
+
+
 def test_routes_follow_changes_to_the_topology() -> None:
     rng = random.Random(7)
     peers = [name(i) for i in range(1, 13)]
@@ -228,3 +260,24 @@ def test_a_peer_off_the_sources_tree_gets_no_children() -> None:
     assert Routes(view(p[2], entries)).broadcast(p[0]) is None
     assert Routes(view(p[1], entries)).broadcast(p[0]) == []
     assert Routes(view(p[0], entries)).broadcast(p[0]) == [p[1]]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_children_across_a_bridge_are_those_of_the_walk_from_the_source(seed: int) -> None:
+    """Our children in a tree the source reaches us by a bridge are answered without walking it: the answer must
+    be the walk's, for every source, in graphs from trees (all bridges) to dense meshes (none)."""
+    rng = random.Random(seed)
+    n = rng.randrange(2, 40)
+    peers, edges = random_connected_graph(rng, n, extra=rng.choice([0, 1, 2, rng.randrange(0, n), 3 * n]))
+    reports = symmetric(edges, peers)
+    for _ in range(rng.randrange(3)):  # one-sided reports, and a peer on no tree, do not count
+        a, b = rng.sample(peers, 2)
+        reports[a].add(b)
+    reports[name(100)] = set(peers[:2])
+    for me in peers:
+        routes = Routes(view(me, entries_for(reports)))
+        for hop in routes.neighbours():
+            cut = {p: r - {me} if p == hop else r - {hop} if p == me else r for p, r in reports.items()}
+            assert (hop in routes._bridges) == (me not in distances(cut, hop)), "a bridge is a link with no way round"
+        for source in [*peers, name(100)]:
+            assert routes.broadcast(source) == routes._walk_children(source), (me - BASE, source - BASE)

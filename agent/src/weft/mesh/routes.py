@@ -34,6 +34,7 @@ class Routes:
         self._graph_version = -1
         self._reported: dict[int, PeerEntry] = {}  # each peer's entry as of the last recalculation
         self._unicast: dict[int, int] = {}
+        self._bridges: set[int] = set()  # neighbours whose link to us is a bridge (see ``_children``)
         self._broadcast: dict[int, list[int] | None] = {}
         self.recalculations = 0
         self.listeners: list[Callable[[], None]] = []
@@ -70,7 +71,7 @@ class Routes:
         self._calculated_at = self._scheduler.now() if self._scheduler is not None else 0.0
         self._graph_version = self._topology.graph_version
         self._update_adjacency()
-        self._unicast = self._bfs_next_hops()
+        self._unicast, self._bridges = self._bfs_next_hops()
         self._broadcast = {}
         self.recalculations += 1
 
@@ -104,19 +105,33 @@ class Routes:
                 linked.append(p)
         return linked
 
-    def _bfs_next_hops(self) -> dict[int, int]:
-        hops: dict[int, int] = {}
-        queue: deque[int] = deque()
-        for n in self._linked(self._ourself):
-            hops[n] = n
-            queue.append(n)
-        while queue:
-            node = queue.popleft()
-            for n in self._linked(node):
-                if n != self._ourself and n not in hops:
-                    hops[n] = hops[node]
-                    queue.append(n)
-        return hops
+    def _bfs_next_hops(self) -> tuple[dict[int, int], set[int]]:
+        """Next hops by BFS from us, and which of our neighbours' links are bridges.
+
+        The walk reads every link of every peer we reach, so finding the bridges costs one lookup per link: the
+        link to neighbour ``n`` is a bridge when no link joins the peers reached through ``n`` to those reached
+        through another neighbour (each then has a second way to us).
+        """
+        ourself, reported = self._ourself, self._reported
+        order = self._linked(ourself)
+        hops = {n: n for n in order}
+        bridged = set(order)
+        for node in order:  # a queue that grows as the walk goes, and is never popped
+            first = hops[node]
+            for n in reported[node].established_order:
+                other = hops.get(n)
+                if other == first:
+                    continue  # reached the same way already: whether the link is symmetric changes nothing
+                entry = reported.get(n)
+                if entry is None or node not in entry.established:
+                    continue  # one-sided: not a link
+                if other is not None:
+                    bridged.discard(other)
+                    bridged.discard(first)
+                elif n != ourself:
+                    hops[n] = first
+                    order.append(n)
+        return hops, bridged
 
     def unicast(self, dest: int) -> int | None:
         """The neighbour to send to for ``dest``, or None if it is unreachable."""
@@ -144,6 +159,15 @@ class Routes:
     def _children(self, source: int) -> list[int] | None:
         if source != self._ourself and source not in self._unicast:
             return None  # not reachable from us: we are not on its tree
+        hop = self._unicast.get(source)
+        if hop in self._bridges:
+            # Every path from the source comes to us over that bridge, and reaches our other neighbours only
+            # through us: they are all our children, at no cost of a walk (a leaf, every peer of a tree).
+            return [n for n in self._linked(self._ourself) if n != hop]
+        return self._walk_children(source)
+
+    def _walk_children(self, source: int) -> list[int] | None:
+        """Our children in ``source``'s tree, by walking it from the source."""
         # A peer's parent is the first peer taken from the queue that links to it; only our neighbours can be our
         # children. The walk stops once we are taken (each of our neighbours has its parent then), or as soon as
         # all of them have one before that: none is ours (in a full mesh, right after the source's neighbours).
