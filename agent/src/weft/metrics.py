@@ -50,6 +50,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.discovery_window = Gauge(
+            "weft_discovery_dial_window",
+            "Discovered peers this agent dials at a time: halved when a handshake times out (this agent or its peers"
+            " too busy to finish one), grown by one with each that succeeds",
+            registry=r,
+        )
         self.gossip_dropped = Counter(
             "weft_gossip_dropped", "Gossip messages dropped, by reason", ["reason"], registry=r
         )

@@ -111,7 +111,8 @@ async def raw(connect: asyncio.Future | object, data: bytes, wait: float = 5.0) 
     """Send ``data`` and read until the server closes (or ``wait`` passes: then b"<open>")."""
     reader, writer = await connect  # type: ignore[misc]
     writer.write(data)
-    await writer.drain()
+    with contextlib.suppress(ConnectionError):  # the server may answer and close before it has read all of it
+        await writer.drain()
     try:
         return await asyncio.wait_for(reader.read(), wait)
     except TimeoutError:
@@ -147,8 +148,11 @@ async def test_a_kept_alive_connection_serves_requests_in_turn(api) -> None:
 @served(control_api)
 async def test_a_body_over_the_limit_is_a_413_and_not_read(api) -> None:
     _, path, metrics = api
-    status, _, body = await unix_request(path, "POST", "/connect", b"x" * 1001)
-    assert status == 413 and "1000-byte limit" in json.loads(body)["error"]
+    # One write: the server answers once it has the headers and closes, and a client sending the body after them
+    # (as http.client does) may find the connection closed under it.
+    over = b"POST /connect HTTP/1.1\r\nHost: x\r\nContent-Length: 1001\r\n\r\n" + b"x" * 1001
+    answer = await raw(asyncio.open_unix_connection(path), over)
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"1000-byte limit" in answer
     chunked = b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + b"200\r\n" + b"y" * 512 + b"\r\n"
     answer = await raw(asyncio.open_unix_connection(path), chunked * 1 + b"400\r\n" + b"z" * 1024 + b"\r\n0\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 413 ")

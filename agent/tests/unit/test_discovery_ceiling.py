@@ -216,13 +216,35 @@ def test_of_two_peers_that_discover_each_other_the_lower_name_dials_first() -> N
     assert rig.dials == []
 
 
-def test_discovered_peers_are_dialled_a_few_at_a_time() -> None:
+def test_discovered_peers_are_dialled_a_few_at_a_time_as_many_as_finish_their_handshakes() -> None:
+    """Twenty peers discovered at once: two dialled at first, one more at a time with each handshake that succeeds
+    (up to max_dialling), half as many after one times out (a busy peer, or a busy us), never fewer than one."""
     rig = Rig(limit=100)
     a = PEERS[0]
-    others = [PeerInfo(0x020000000200 + i, f"o{i}", 500 + i) for i in range(20)]
+    others = [PeerInfo(0x020000000200 + i, f"o{i}", 500 + i) for i in range(40)]
     via = rig.connect(a)
     rig.learn(via, entry(a, 5, ME, *others), *(entry(o, 1, a) for o in others))
-    assert len(rig.dials) == rig.maker.max_dialling == 8
-    first = rig.dials[0]
-    rig.maker.dial_finished(first, None, "no answer within 3s")  # one ends: the next one goes
-    assert len(rig.dials) == 9 and first not in rig.dials[8:]
+    by_address = {address(o): o for o in others}
+
+    def in_flight() -> list[str]:
+        return [d for d in rig.dials if (t := rig.maker.targets.get(d)) is not None and t.state == "connecting"]
+
+    def succeed(dial: str) -> None:
+        peer = by_address[dial]
+        rig.connect(peer)
+        rig.maker.dial_finished(dial, peer.name, None)
+
+    assert len(in_flight()) == 2 == rig.maker.window
+    for _ in range(12):  # each success: the window grows by one, so two more dials go out
+        succeed(in_flight()[0])
+    assert len(in_flight()) == rig.maker.max_dialling == 8, "the window stops at max_dialling"
+    rig.maker.dial_finished(in_flight()[0], None, "timeout: no handshake within 5s", timed_out=True)
+    assert rig.maker.window == 4 and len(in_flight()) == 7, "halved: no new dial until fewer than four are out"
+    for dial in in_flight()[:4]:
+        rig.maker.dial_finished(dial, None, "connection refused (is the agent running there?)")
+    assert rig.maker.window == 4 and len(in_flight()) == 4, "a refusal is no sign of load: the window stays"
+    for _ in range(3):
+        rig.maker.dial_finished(in_flight()[0], None, "short_handshake: closed", timed_out=True)
+    assert rig.maker.window == 1 and len(in_flight()) == 1, "never below one"
+    (family,) = rig.router.metrics.discovery_window.collect()
+    assert [s.value for s in family.samples] == [1], "the window shows in weft_discovery_dial_window"

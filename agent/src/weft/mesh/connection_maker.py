@@ -11,6 +11,12 @@ Discovery has a ceiling: at the connection limit, discovered targets are held ra
 still dialled: an operator asked for them), and a discovered peer that answers that it is at its own limit is not
 dialled again until its entry shows it lost a connection, or after ``full_hold`` seconds. Held targets show in the
 status with the reason and in ``weft_discovery_held{reason}``.
+
+Discovered peers are dialled a few at a time, and how many adapts as TCP's window does: it starts at two, grows by
+one with each handshake that succeeds, up to ``max_dialling``, and halves when one times out. A timeout means this
+agent or its peer is too busy to finish a handshake in time; more at once would only time out too, and each one
+lost costs both ends the work and a retry. A host joining a large mesh, or a hundred hosts joining each other on
+shared cores, then dial as fast as they can complete handshakes (``weft_discovery_dial_window``).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from weft.mesh.router import Router
 log = logging.getLogger(__name__)
 
 FULL_PEER = "the peer is at its connection limit"
+FIRST_WINDOW = 2  # discovered peers dialled at a time at first (see the module docstring)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -91,6 +98,8 @@ class ConnectionMaker:
         self.targets: dict[str, Target] = {}
         self._timer: Handle | None = None
         self._connected_since: dict[int, float] = {}
+        self.window = float(min(FIRST_WINDOW, max_dialling))  # discovered peers dialled at a time, for now
+        router.metrics.discovery_window.set(int(self.window))
         router.topology_listeners.append(self.check)
 
     # -- direct targets ---------------------------------------------------------------------------
@@ -140,12 +149,17 @@ class ConnectionMaker:
 
     # -- results from the transport ----------------------------------------------------------------
 
-    def dial_finished(self, address: str, peer: int | None, error: str | None, *, full: bool = False) -> None:
-        """The transport's answer to a dial: the peer it reached (if any), why it failed (if so), and whether the
-        peer said it is at its connection limit (``full``)."""
+    def dial_finished(
+        self, address: str, peer: int | None, error: str | None, *, full: bool = False, timed_out: bool = False
+    ) -> None:
+        """The transport's answer to a dial: the peer it reached (if any), why it failed (if so), whether the
+        peer said it is at its connection limit (``full``), and whether the dial or its handshake ran out of time
+        (``timed_out``: one end too busy)."""
         target = self.targets.get(address)
         if target is None:
             return
+        if not target.direct:
+            self._adapt_window(success=error is None, timed_out=timed_out)
         now = self._scheduler.now()
         if peer is not None:
             target.peer = peer
@@ -169,6 +183,14 @@ class ConnectionMaker:
             target.state = "retrying" if target.attempts < 3 else "failed"
             log.debug("dial %s failed (%s); next try in %.1fs", address, error, target.next_try - now)
         self.check()
+
+    def _adapt_window(self, *, success: bool, timed_out: bool) -> None:
+        """Grow the number of discovered peers dialled at a time by one on a success, halve it on a timeout."""
+        if success:
+            self.window = min(float(self.max_dialling), self.window + 1)
+        elif timed_out:
+            self.window = max(1.0, self.window / 2)
+        self._router.metrics.discovery_window.set(int(self.window))
 
     def connection_closed(self, peer: int, *, clean: bool = False) -> None:
         """A connection ended: retry its targets at once if it had lived long, or if the peer closed it in order
@@ -233,7 +255,7 @@ class ConnectionMaker:
         # Discovered peers are dialled a few at a time: a peer told of one member of a mesh of a hundred learns of
         # them all at once, and a hundred handshakes at once on every peer leave the CPU to none of them (they time
         # out, and are dialled again later); the rest wait for a dial to end (check runs then).
-        slots = self.max_dialling - sum(1 for t in self.targets.values() if t.state == "connecting" and not t.direct)
+        slots = int(self.window) - sum(1 for t in self.targets.values() if t.state == "connecting" and not t.direct)
         soonest: float | None = None
         held = {"own_limit": 0, "peer_full": 0}
         for target in sorted(self.targets.values(), key=lambda t: not t.direct):  # direct ones first

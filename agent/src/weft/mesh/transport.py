@@ -137,7 +137,7 @@ class ControlTransport:
                 self.settings.dial_timeout,
             )
         except TimeoutError:
-            self._dial_finished(address, None, f"no answer within {self.settings.dial_timeout:g}s")
+            self._dial_finished(address, None, f"no answer within {self.settings.dial_timeout:g}s", timed_out=True)
             return
         except ConnectionRefusedError:
             self._dial_finished(address, None, "connection refused (is the agent running there?)")
@@ -282,11 +282,15 @@ class ControlTransport:
             for listener in self.refusal_listeners:
                 listener(host)
         if outbound:
-            self._dial_finished(address, None, f"{reason}: {detail}", full=reason == "peer_full")
+            # The peer closing the connection mid-handshake is, mostly, its own handshake timeout.
+            timed_out = reason in ("timeout", "short_handshake")
+            self._dial_finished(address, None, f"{reason}: {detail}", full=reason == "peer_full", timed_out=timed_out)
 
-    def _dial_finished(self, address: str, peer: int | None, error: str | None, *, full: bool = False) -> None:
+    def _dial_finished(
+        self, address: str, peer: int | None, error: str | None, *, full: bool = False, timed_out: bool = False
+    ) -> None:
         if self.maker is not None:
-            self.maker.dial_finished(address, peer, error, full=full)
+            self.maker.dial_finished(address, peer, error, full=full, timed_out=timed_out)
 
     # -- secrets ----------------------------------------------------------------------------------
 
