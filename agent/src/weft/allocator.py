@@ -50,22 +50,22 @@ def trim() -> bool:
     return malloc_trim(0) == 1
 
 
-def fix_mmap_threshold() -> bool:
-    """Pin glibc's mmap threshold; False (and nothing changed) on a C library without mallopt, e.g. musl."""
+def _mallopt(param: int, value: int) -> bool:
+    """glibc's mallopt; False (and nothing changed) on a C library without it, e.g. musl."""
     mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is None:
         log.debug("no mallopt in this C library: leaving the allocator's settings alone")
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    return mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    return mallopt(param, value) == 1
+
+
+def fix_mmap_threshold() -> bool:
+    """Pin glibc's mmap threshold; False where there is no mallopt."""
+    return _mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def limit_arenas(arenas: int = ARENA_MAX) -> bool:
     """Cap glibc's malloc arenas (before threads start: an arena made stays); False where there is no mallopt."""
-    mallopt = getattr(_libc(), "mallopt", None)
-    if mallopt is None:
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return mallopt(M_ARENA_MAX, arenas) == 1
+    return _mallopt(M_ARENA_MAX, arenas)

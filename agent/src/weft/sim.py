@@ -140,7 +140,7 @@ class SimNetwork:
             dialer.maker.dial_finished(address, None, "no such host")
             return
         if frozenset((index, remote_index)) in self.blocked:
-            dialer.maker.dial_finished(address, None, "timed out", timed_out=True)
+            dialer.maker.dial_finished(address, None, "timed out")  # a connect that no answer came to: not load
             return
         acceptor = self.peers[remote_index]
         if remote_index != index and len(acceptor.router.connections) >= acceptor.router.conn_limit:

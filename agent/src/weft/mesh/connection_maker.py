@@ -13,10 +13,12 @@ dialled again until its entry shows it lost a connection, or after ``full_hold``
 status with the reason and in ``weft_discovery_held{reason}``.
 
 Discovered peers are dialled a few at a time, and how many adapts as TCP's window does: it starts at two, grows by
-one with each handshake that succeeds, up to ``max_dialling``, and halves when one times out. A timeout means this
-agent or its peer is too busy to finish a handshake in time; more at once would only time out too, and each one
-lost costs both ends the work and a retry. A host joining a large mesh, or a hundred hosts joining each other on
-shared cores, then dial as fast as they can complete handshakes (``weft_discovery_dial_window``).
+one with each handshake that succeeds, up to ``max_dialling``, and halves when one times out. A handshake timeout
+means this agent or its peer is too busy to finish one in time: more at once would only time out too, and each one
+lost costs both ends the work and a retry. A connect that times out does not count: the kernel accepts for a busy
+agent, so that is an address nothing answers at (common in a hybrid mesh). A host joining a large mesh, or a
+hundred hosts joining each other on shared cores, then dial as fast as they can complete handshakes
+(``weft_discovery_dial_window``).
 """
 
 from __future__ import annotations
@@ -153,8 +155,8 @@ class ConnectionMaker:
         self, address: str, peer: int | None, error: str | None, *, full: bool = False, timed_out: bool = False
     ) -> None:
         """The transport's answer to a dial: the peer it reached (if any), why it failed (if so), whether the
-        peer said it is at its connection limit (``full``), and whether the dial or its handshake ran out of time
-        (``timed_out``: one end too busy)."""
+        peer said it is at its connection limit (``full``), and whether its handshake ran out of time (``timed_out``:
+        one end too busy)."""
         target = self.targets.get(address)
         if target is None:
             return

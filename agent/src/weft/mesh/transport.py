@@ -137,7 +137,8 @@ class ControlTransport:
                 self.settings.dial_timeout,
             )
         except TimeoutError:
-            self._dial_finished(address, None, f"no answer within {self.settings.dial_timeout:g}s", timed_out=True)
+            # Not a sign of load (the kernel answers a connect for a busy agent): a host that is down or not routed.
+            self._dial_finished(address, None, f"no answer within {self.settings.dial_timeout:g}s")
             return
         except ConnectionRefusedError:
             self._dial_finished(address, None, "connection refused (is the agent running there?)")
