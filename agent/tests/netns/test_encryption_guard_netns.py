@@ -251,6 +251,24 @@ def test_sighup_on_one_host_drops_its_plaintext_connection_at_once(lab: Lab) -> 
     assert_no_leaks(capture_records(capture), {h1.ip: ack1, h2.ip: refused2})
 
 
+def test_a_reload_that_turns_encryption_on_removes_fast_entries_the_agent_did_not_write(lab: Lab) -> None:
+    """The agent programs the FDB against what it last wrote, not a fresh read; an entry put there behind its back
+    (a tool, a leftover) towards a peer outside the trusted subnets must still be gone when a reload that turns
+    encryption on is acknowledged: that reload reads the kernel, whatever was written since."""
+    h1, h2, _, _ = mesh_of_two(lab)
+    vxlan = "vxlan-6784"
+    planted = "02:aa:bb:cc:dd:ee"
+    h1.exec("bridge", "fdb", "append", "00:00:00:00:00:00", "dev", vxlan, "dst", h2.ip, "self", "permanent")
+    h1.exec("bridge", "fdb", "add", planted, "dev", vxlan, "dst", h2.ip, "self", "permanent")
+    assert planted in h1.exec("bridge", "fdb", "show", "dev", vxlan).stdout
+    seen = len(log_times(h1, "reloaded configuration"))
+    write_config(h1, SECRET)
+    h1.kill_agent(signal.SIGHUP, wait=False)
+    acknowledged(h1, "reloaded configuration", seen)
+    left = [line for line in h1.exec("bridge", "fdb", "show", "dev", vxlan).stdout.splitlines() if h2.ip in line]
+    assert not left, f"entries sending to {h2.ip} in clear outlived the reload: {left}"
+
+
 def test_restart_with_a_new_secret_keeps_nothing_in_clear(lab: Lab) -> None:
     h1, h2, c1, c2 = mesh_of_two(lab)
     with lab.capture("underlay", "udp") as capture:
