@@ -803,12 +803,12 @@ table inet {NFT_TABLE} {{
             too_long = ("meta", "l4proto", "udp", "ip", "length", ">", str(max_ip_len), "drop")
             self._nft_rule(host, "input", "ip", "saddr", peer.ip, *too_long)
 
-    def block_udp_port(self, a: Host | str, b: Host | str, port: int) -> None:
-        """Drop UDP to ``port`` between a and b (both ways); undone by :meth:`heal`."""
+    def block_udp_port(self, a: Host | str, b: Host | str, port: int, *, both_ways: bool = True) -> None:
+        """Drop UDP to ``port`` between a and b (from a to b only, unless ``both_ways``); undone by :meth:`heal`."""
         ha, hb = self._resolve(a), self._resolve(b)
-        for host, peer in ((ha, hb), (hb, ha)):
-            self._nft_rule(host, "output", "ip", "daddr", peer.ip, "udp", "dport", str(port), "drop")
-            self._nft_rule(host, "input", "ip", "saddr", peer.ip, "udp", "dport", str(port), "drop")
+        for src, dst in ((ha, hb), (hb, ha)) if both_ways else ((ha, hb),):
+            self._nft_rule(src, "output", "ip", "daddr", dst.ip, "udp", "dport", str(port), "drop")
+            self._nft_rule(dst, "input", "ip", "saddr", src.ip, "udp", "dport", str(port), "drop")
 
     def heal(self) -> None:
         """Remove every block (drops the nft table from each namespace)."""

@@ -6,6 +6,7 @@ import itertools
 import json
 import signal
 import sys
+import time
 
 import pytest
 from lab import HARNESS, Container, Host, Lab, metric_value, wait_until
@@ -199,6 +200,25 @@ def test_a_blocked_fast_path_falls_back_to_the_sleeve_and_recovers(lab: Lab) -> 
     wait_paths(h1, {"h2": "fast"})
     wait_paths(h2, {"h1": "fast"})
     assert a.ping(b, count=3)
+
+
+def test_a_fast_path_open_one_way_carries_that_way_and_the_sleeve_the_other(lab: Lab) -> None:
+    """Each end chooses its path from its own probes: when the underlay lets h2's VXLAN packets through to h1 but
+    not h1's to h2, h2 sends on the fast path and h1 on the sleeve, and h1 must take what h2 sends."""
+    hosts, cs = start_mesh(lab, 2, secret=False, containers=1)
+    h1, h2 = hosts
+    a, b = cs[0][0], cs[1][0]
+    lab.block_udp_port(h1, h2, 6784, both_ways=False)
+    wait_paths(h1, {"h2": "sleeve"}, timeout=30)
+    wait_paths(h2, {"h1": "fast"}, timeout=30)
+    dropped = metric_value(h1.metrics(), "weft_datapath_packets_dropped_total", reason="fast_unknown_sender")
+    wait_until(lambda: b.ping(a), timeout=10, message="no traffic over a path that is fast one way")
+    transfer(b, a, 10 * MB)
+    transfer(a, b, 10 * MB, port=5002)
+    assert datapaths(h1)["h2"]["path"] == "sleeve" and datapaths(h2)["h1"]["path"] == "fast"
+    time.sleep(1.1)  # the guard's counters are read at most once a second
+    after = metric_value(h1.metrics(), "weft_datapath_packets_dropped_total", reason="fast_unknown_sender")
+    assert after == dropped, f"h1's fast-path guard dropped {after - dropped} of h2's packets"
 
 
 # -- path MTU ----------------------------------------------------------------------------------

@@ -3,11 +3,14 @@
 The kernel VXLAN device listens on every address and decapsulates whatever arrives: without a guard,
 any host on the underlay could send frames into the bridge. The agent therefore owns one nftables table
 per VXLAN port (``inet weft_fast_<port>``) with a set of the underlay addresses the kernel currently
-sends fast traffic to. UDP to the VXLAN port from those addresses is accepted, fast-path probes
-(inner frames to 01:80:c2:00:00:0f, ethertype 0x88b5, which a bridge never forwards) from connected
-peers that may use the fast path are accepted so the path can be discovered, and everything else is
-dropped and counted. The same holds for what leaves towards the VXLAN port: nothing goes to an address
-outside the set except our own probes (sent from the sleeve's socket, source port = the listen port).
+sends fast traffic to, and a set of the connected peers that may use the fast path (no secret, or a trusted
+subnet). UDP to the VXLAN port from either set is accepted, and everything else is dropped and counted.
+Accepting from every peer that may use the fast path, not only from those we send to, matters because each
+end chooses its path from its own probes: a peer may start sending on the fast path a round before we do,
+or for good when the underlay lets its VXLAN packets through but not ours, and its frames must not be lost.
+What leaves towards the VXLAN port is held tighter: nothing goes to an address outside the fast set except
+our own probes (inner frames to 01:80:c2:00:00:0f, ethertype 0x88b5, which a bridge never forwards, sent from
+the sleeve's socket: source port = the listen port), so the path can be discovered.
 
 A third pair of sets holds the fast-path addresses again, with a packet counter per element, matched by a rule of
 its own that only counts unicast frames (to and from each peer): that is how the agent knows which fast paths carry
@@ -103,8 +106,8 @@ def render(vxlan_port: int, udp_port: int, fast: Iterable[str] = (), probe: Iter
         f"        udp dport {vxlan_port} {unicast} ip6 saddr @busy6\n"
         f"        udp dport {vxlan_port} ip saddr @fast4 accept\n"
         f"        udp dport {vxlan_port} ip6 saddr @fast6 accept\n"
-        f"        udp dport {vxlan_port} ip saddr @probe4 {is_probe} accept\n"
-        f"        udp dport {vxlan_port} ip6 saddr @probe6 {is_probe} accept\n"
+        f"        udp dport {vxlan_port} ip saddr @probe4 accept\n"
+        f"        udp dport {vxlan_port} ip6 saddr @probe6 accept\n"
         f'        udp dport {vxlan_port} counter name "unknown_sender" drop\n'
         "    }\n"
         "    chain output {\n"
@@ -143,7 +146,7 @@ class FastGuard:
         self._run = run or self._nft
         self._nft_path = "" if run is not None else find_nft()
         self.fast: set[str] = set()  # what the fast sets hold (we are their only writer)
-        self.probe: set[str] = set()  # connected peers whose probes may cross
+        self.probe: set[str] = set()  # connected peers that may use the fast path (we accept what they send)
         self._counts: dict[str, int] = {}  # the table's counters at the last reading
         self._base: dict[str, int] = {}  # what earlier incarnations of the table (this run) counted
         self._counted_at = -COUNTER_CACHE
