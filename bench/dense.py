@@ -17,6 +17,7 @@ Figures only: nothing here fails on a number.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import statistics
 import time
@@ -48,7 +49,7 @@ def _summary(values: list[float]) -> dict | None:
 
 def _gossip_out(host: mesh.Host) -> dict[str, float]:
     """Gossip bytes the agent has sent, by channel (topology, macs, ipam, dns...); empty if it does not answer."""
-    with contextlib.suppress(mesh.ApiError, OSError):
+    with contextlib.suppress(mesh.ApiError, OSError, http.client.HTTPException):
         text = mesh._client(host).request("GET", "/metrics")
         return {
             s.labels["channel"]: s.value
@@ -161,7 +162,7 @@ def _until_quiet(hosts: list[mesh.Host], settle: float, timeout: float) -> float
                 return time.monotonic()
             try:
                 now.append(mesh._mesh_gauges(mesh._client(h).request("GET", "/metrics"))[1])
-            except (mesh.ApiError, OSError):
+            except (mesh.ApiError, OSError, http.client.HTTPException):
                 now.append(-1)
         if now == before:
             break

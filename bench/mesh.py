@@ -6,6 +6,7 @@ Nothing here asserts on time: each function returns figures (plain dicts, JSON-r
 from __future__ import annotations
 
 import contextlib
+import http.client
 import math
 import os
 import random
@@ -267,8 +268,8 @@ def watch_formation(
                     knows_all[h.name] = stamp
                 if h.name not in meshed and established >= n - 1:
                     meshed[h.name] = stamp
-            except ApiError:
-                pass  # not up yet
+            except (ApiError, OSError, http.client.HTTPException):
+                pass  # not up yet, or too busy to hand over a whole answer in time: the next look counts
             stop.wait(poll)
 
     watchers = [threading.Thread(target=watch, args=(h,), daemon=True) for h in hosts]

@@ -231,13 +231,27 @@ def test_a_malformed_hello_is_refused(hello: bytes) -> None:
     assert run_against(bad).reason == "malformed_hello"
 
 
-def test_a_peer_hanging_up_mid_handshake_is_a_handshake_error() -> None:
+@pytest.mark.parametrize(
+    "sent",
+    [
+        MAGIC[:2],  # during the magic and versions
+        MAGIC + bytes([PROTOCOL_MIN, PROTOCOL_MAX]),  # during the hello
+        MAGIC + bytes([PROTOCOL_MIN, PROTOCOL_MAX]) + struct.pack(">I", 40) + b"\x80",  # half-way through the hello
+    ],
+)
+def test_a_peer_hanging_up_mid_handshake_is_a_short_handshake_whatever_the_stage(sent: bytes) -> None:
+    """A peer that gives up (its own handshake timeout, a refusal) is not one that sent something malformed."""
+
     async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readexactly(len(MAGIC) + 2)  # read what we sent, so closing is a clean end of stream
-        writer.write(MAGIC[:2])
+        writer.write(sent)
+        with contextlib.suppress(TimeoutError):  # read all it sends, so closing is a clean end of stream
+            while await asyncio.wait_for(reader.read(65536), 0.2):
+                pass
         writer.close()
 
-    assert run_against(hang_up).reason == "short_handshake"
+    error = run_against(hang_up)
+    assert error.reason == "short_handshake", error
+    assert "closed the connection" in error.detail
 
 
 # -- what is on the wire -----------------------------------------------------------------------------

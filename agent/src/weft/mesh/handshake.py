@@ -100,7 +100,7 @@ async def handshake(
 ) -> Session:
     """Run our side of the handshake. Raises HandshakeError (or asyncio/OSError on I/O trouble)."""
     writer.write(MAGIC + bytes([PROTOCOL_MIN, PROTOCOL_MAX]))
-    header = await _read(reader, len(MAGIC) + 2, "short_handshake")
+    header = await _read(reader, len(MAGIC) + 2, "magic and versions")
     if header[:4] != MAGIC:
         raise HandshakeError("bad_magic", "not a Weft peer (bad magic)")
     their_min, their_max = header[4], header[5]
@@ -160,18 +160,22 @@ async def handshake(
     return Session(version, their_intro, conn_id ^ their_intro.conn_id, sealer, opener, secret_index, data_keys)
 
 
-async def _read(reader: asyncio.StreamReader, n: int, reason: str) -> bytes:
+async def _read(reader: asyncio.StreamReader, n: int, stage: str) -> bytes:
+    """``n`` bytes of the handshake. A close before they arrive is ``short_handshake`` at any stage: mostly the peer's
+    own handshake timeout or a refusal, not something malformed (and the dialler's window counts it as a timeout)."""
     try:
         return await reader.readexactly(n)
     except asyncio.IncompleteReadError:
-        raise HandshakeError(reason, "the peer closed the connection during the handshake") from None
+        raise HandshakeError("short_handshake", f"the peer closed the connection during the {stage}") from None
 
 
 async def _read_frame(reader: asyncio.StreamReader, limit: int, reason: str) -> bytes:
-    (length,) = FRAME_HEADER.unpack(await _read(reader, FRAME_HEADER.size, reason))
+    """One length-prefixed frame; ``reason`` is the failure if its length is over ``limit``."""
+    stage = reason.removeprefix("malformed_")
+    (length,) = FRAME_HEADER.unpack(await _read(reader, FRAME_HEADER.size, stage))
     if length > limit:
         raise HandshakeError(reason, f"handshake frame of {length} bytes is over the {limit}-byte limit")
-    return await _read(reader, length, reason)
+    return await _read(reader, length, stage)
 
 
 async def refuse_full(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, secrets: list[bytes]) -> None:
@@ -183,7 +187,7 @@ async def refuse_full(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     read before we return, so closing afterwards is orderly.
     """
     writer.write(MAGIC + bytes([PROTOCOL_MIN, PROTOCOL_MAX]))
-    await _read(reader, len(MAGIC) + 2, "short_handshake")
+    await _read(reader, len(MAGIC) + 2, "magic and versions")
     hello: dict = {"enc": bool(secrets), "full": True}
     if secrets:
         key = EphemeralKey()
