@@ -178,11 +178,15 @@ class ControlTransport:
         if task is not None:  # so stop() can end it like the connections we dialled
             self._tasks.add(task)
         try:
-            if full:  # say why, so the dialler stops dialling us (a discovered peer) rather than retrying
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(
-                        refuse_full(reader, writer, secrets=list(self._secrets())), self.settings.handshake_timeout
-                    )
+            if full:
+                # Say "full" only when established connections fill the limit: the dialler then holds a discovered
+                # peer until it has room, which can be long. Handshakes in progress fill it only for a moment (a
+                # dense mesh forming, near the limit, has many), so then the dialler just tries again later.
+                if len(self.router.connections) >= self.router.conn_limit:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(
+                            refuse_full(reader, writer, secrets=list(self._secrets())), self.settings.handshake_timeout
+                        )
                 writer.close()
                 return
             await self._serve(reader, writer, outbound=False, address=join_host_port(peer[0], peer[1]))
