@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import random
 
 import pytest
 
 from weft.mesh import topology as topology_module
-from weft.mesh.codec import DecodeError, pack
+from weft.mesh.codec import DecodeError, pack, unpack
 from weft.mesh.peer import PeerInfo
 from weft.mesh.topology import ConnectionSummary, PeerEntry, Topology, TopologyUpdate
 
@@ -366,3 +367,60 @@ def test_a_known_header_does_not_let_a_malformed_entry_through_unread() -> None:
     for bad in ([A, "a", True, 5, []], [A, "a", 7, -1, []], [A, "a", 7]):
         with pytest.raises(DecodeError):
             TopologyUpdate.decode(pack([bad]), view.knows)
+
+
+def _reading_all_then_skipping(payload: bytes, known) -> dict:
+    """What decoding a full state means: read it whole, skip the entries ``known`` has, check and keep the rest."""
+    raw = unpack(payload, "topology")
+    if not isinstance(raw, list):
+        raise DecodeError("topology", "not a list")
+    entries: dict = {}
+    for item in raw:
+        if topology_module._known(item, known):
+            continue
+        e = PeerEntry.from_wire(item)
+        if e.name not in entries or e.beats(entries[e.name]):
+            entries[e.name] = e
+    return entries
+
+
+def test_a_full_state_read_as_a_stream_takes_and_refuses_exactly_what_reading_it_whole_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A full state is read entry by entry, and a known entry's connections are skipped unread. Over malformed
+    updates, every truncation and thousands of corruptions of a real one, the outcome (the entries, or a DecodeError)
+    is the one reading the whole payload first gives, with one difference: what is well-formed msgpack but cannot be
+    made into Python values (text that is not UTF-8, a map keyed by a list) inside a known entry's connections is
+    skipped with them (their structure is still checked), where the whole read refused it."""
+    monkeypatch.setattr(topology_module, "MEMO_MAX_BYTES", 0)  # every payload is a full state
+    view = Topology(ME)
+    view.merge(update(entry(A, 5, peers=(ME.name, B)), entry(B, 3, peers=(A,))))
+    valid = update(
+        entry(A, 5, peers=(ME.name, B)), entry(B, 4, peers=(A, C)), entry(C, 1, peers=(B,)), entry(A, 2)
+    ).encode()
+    rng = random.Random(7)
+    payloads = [pack(raw) for raw in MALFORMED.values()] + [valid[:cut] for cut in range(len(valid) + 1)]
+    payloads += [b"", b"\xc1", b"\x92\x01", valid + b"\x00", pack({"a": 1}), pack([[A, "a", 7, 5, [1, 2]], 5])]
+    for _ in range(5000):
+        corrupted = bytearray(valid)
+        for _ in range(rng.randrange(1, 4)):
+            corrupted[rng.randrange(len(corrupted))] = rng.randrange(256)
+        payloads.append(bytes(corrupted))
+    outcomes = collections.Counter()
+    for payload in payloads:
+        try:
+            expected = _reading_all_then_skipping(payload, view.knows)
+        except DecodeError as whole:
+            try:
+                streamed = TopologyUpdate.decode(payload, view.knows)
+            except DecodeError:
+                outcomes["refused"] += 1
+                continue
+            assert "UnicodeDecodeError" in str(whole) or "TypeError" in str(whole), (payload, whole)
+            assert A not in streamed.entries
+            outcomes["known text skipped"] += 1
+            continue
+        assert TopologyUpdate.decode(payload, view.knows).entries == expected, payload
+        outcomes["taken"] += 1
+    assert outcomes["refused"] > 100 and outcomes["taken"] > 100, outcomes
+    assert set(TopologyUpdate.decode(valid, view.knows).entries) == {B, C}

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from weft.mesh.codec import DecodeError, expect, expect_uint, pack, unpack
+from weft.mesh.codec import MAX_MESSAGE, DecodeError, expect, expect_uint, pack, unpack
 from weft.mesh.peer import NAME_BITS, PeerInfo
 from weft.safetext import refuse_control
 
@@ -132,13 +132,9 @@ class TopologyUpdate:
             if memo is not None:
                 _decoded.move_to_end(payload)
                 return cls(dict(memo))
-        skip = None if small else known  # what is kept for others to share is whole
-        raw = unpack(payload, KIND)
-        expect(raw, list, KIND, "update")
+        items = _unknown_items(payload, known) if not small and known is not None else _items(payload)
         entries: dict[int, PeerEntry] = {}
-        for item in raw:
-            if skip is not None and _known(item, skip):
-                continue
+        for item in items:
             entry = PeerEntry.from_wire(item)
             mine = entries.get(entry.name)
             if mine is None or entry.beats(mine):
@@ -279,6 +275,46 @@ class Topology:
         for entry in gone:
             self._graph_changed(entry.name, entry, None)
         return gone
+
+
+def _items(payload: bytes) -> list:
+    raw = unpack(payload, KIND)
+    return expect(raw, list, KIND, "update")
+
+
+def _unknown_items(payload: bytes, known: Callable[[int, int, int], bool]) -> list:
+    """The raw entries of a full state that ``known`` does not already have, read as a stream: each entry's header
+    first, and the connections of a known one skipped unread (no lists, no strings made), as most of a neighbour's
+    full state is known to its receiver. Malformed msgpack, or a payload that is not one list of entries, is refused
+    as :func:`unpack` would."""
+    if len(payload) > MAX_MESSAGE:
+        raise DecodeError(KIND, f"{len(payload)} bytes is over the {MAX_MESSAGE}-byte limit")
+    stream = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=max(len(payload), 1))
+    stream.feed(payload)
+    items: list = []
+    try:
+        try:
+            count = stream.read_array_header()
+        except ValueError:  # the payload is msgpack, but not a list
+            return _items(payload)
+        for _ in range(count):
+            try:
+                fields = stream.read_array_header()
+            except ValueError:  # not a list: read whole, and refused as such
+                items.append(stream.unpack())
+                continue
+            head = [stream.unpack() for _ in range(min(fields, 4))]
+            if fields == 5 and _known([*head, None], known):
+                stream.skip()
+                continue
+            items.append(head + [stream.unpack() for _ in range(fields - len(head))])
+        if stream.tell() != len(payload):
+            raise DecodeError(KIND, "malformed msgpack (ExtraData)")
+    except DecodeError:
+        raise
+    except Exception as exc:  # msgpack raises several exception types on hostile input
+        raise DecodeError(KIND, f"malformed msgpack ({exc.__class__.__name__})") from None
+    return items
 
 
 def _known(item: object, known: Callable[[int, int, int], bool]) -> bool:
