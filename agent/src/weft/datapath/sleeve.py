@@ -715,9 +715,9 @@ class _Worker:
             for st in t.own_children:
                 self._send_plain(st, plain, _SLEEVE_TX)
             return
-        if owner not in fwd.sleeve_peers:
-            self._drop("fast_path")
-            return
+        # A frame for a peer on the fast path still comes here for a moment when the path has just turned fast: the
+        # tables change at once, the kernel's FDB a little later (KERNEL_SPACING). It goes over the sleeve, as it
+        # would have a moment before, rather than being lost.
         mtu = fwd.frame_mtu.get(owner)
         if mtu is not None and (n - VNET_LEN - ETH_LEN > mtu or buf[base + 1]):
             size = icmp.ip_size(view[base : base + n])
