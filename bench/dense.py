@@ -16,6 +16,7 @@ Figures only: nothing here fails on a number.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import http.client
 import os
@@ -60,9 +61,16 @@ def _gossip_out(host: mesh.Host) -> dict[str, float]:
     return {}
 
 
+def _gossip_of(hosts: list[mesh.Host]) -> dict[str, dict[str, float]]:
+    """Every agent's gossip sent so far, asked of all at once: a saturated agent takes seconds to answer, and asking
+    a hundred of them one after the other took longer than the run."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(hosts))) as pool:
+        return dict(zip((h.name for h in hosts), pool.map(_gossip_out, hosts), strict=True))
+
+
 def _gossip_since(before: dict[str, dict[str, float]], hosts: list[mesh.Host]) -> dict[str, dict[str, float]]:
     """Each agent's gossip sent since ``before``, by channel."""
-    after = {h.name: _gossip_out(h) for h in hosts}
+    after = _gossip_of(hosts)
     return {name: {ch: v - before.get(name, {}).get(ch, 0.0) for ch, v in sent.items()} for name, sent in after.items()}
 
 
@@ -104,7 +112,7 @@ def scenario(
             mesh._wait_apis(hosts, timeout)
             result["agents_up_s"] = round(time.monotonic() - t, 1)
             log(f"    {n} agents running alone (started in {result['agents_up_s']} s); telling h2..h{n} of h1")
-            gossip0 = {h.name: _gossip_out(h) for h in hosts}
+            gossip0 = _gossip_of(hosts)
             t0 = time.monotonic()
             for h in hosts[1:]:
                 mesh._client(h).connect([h1.listen_addr])
@@ -126,7 +134,7 @@ def scenario(
             quiet_after = _until_quiet(hosts, settle, QUIET_LIMIT)
             result["quiet_after_s"] = round(quiet_after - t0, 1)
             cpu0 = {h.name: mesh._cpu_seconds(h.agent.pid) for h in hosts if h.agent is not None}
-            g0 = {h.name: _gossip_out(h) for h in hosts}
+            g0 = _gossip_of(hosts)
             w0 = time.monotonic()
             time.sleep(window)
             elapsed = time.monotonic() - w0
