@@ -204,7 +204,8 @@ def test_a_blocked_fast_path_falls_back_to_the_sleeve_and_recovers(lab: Lab) -> 
 
 def test_a_fast_path_open_one_way_carries_that_way_and_the_sleeve_the_other(lab: Lab) -> None:
     """Each end chooses its path from its own probes: when the underlay lets h2's VXLAN packets through to h1 but
-    not h1's to h2, h2 sends on the fast path and h1 on the sleeve, and h1 must take what h2 sends."""
+    not h1's to h2, h2 sends on the fast path and h1 on the sleeve, and h1 must take what h2 sends. (Unicast: b's
+    ARP request teaches a where b is. Floods from h1's side do not cross in this state yet; docs/datapath.md.)"""
     hosts, cs = start_mesh(lab, 2, secret=False, containers=1)
     h1, h2 = hosts
     a, b = cs[0][0], cs[1][0]
