@@ -206,7 +206,17 @@ def pair(lab: Lab) -> tuple[Host, Host]:
         timeout=30,
         message="no mesh",
     )
+    # Both ends on the fast path before containers talk: while one end has turned fast and the other not yet, the
+    # floods of the sleeve end (its containers' ARP requests) do not cross (docs/datapath.md, "Paths").
+    wait_until(
+        lambda: all(fast_towards(h, other) for h, other in ((h1, h2), (h2, h1))), timeout=30, message="no fast path"
+    )
     return h1, h2
+
+
+def fast_towards(h: Host, other: Host) -> bool:
+    rows = api(h).status()["connections"]
+    return any(r.get("nickname") == other.name and (r.get("datapath") or {}).get("path") == "fast" for r in rows)
 
 
 def namespace(lab: Lab, host: Host, suffix: str) -> str:
