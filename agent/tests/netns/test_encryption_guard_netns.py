@@ -334,6 +334,31 @@ for line in sys.stdin:
     outsider.exec(sys.executable, "-c", script, target.ip, input=lines)
 
 
+FORGE = r"""
+import socket, struct, sys
+src, dst, dst_mac = sys.argv[1], sys.argv[2], bytes.fromhex(sys.argv[3])
+port, count = int(sys.argv[4]), int(sys.argv[5])
+payload = bytes.fromhex(sys.stdin.read().strip())
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("eth0", 0))
+src_mac = s.getsockname()[4]
+udp = struct.pack(">HHHH", 40000, port, 8 + len(payload), 0) + payload
+ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0, socket.inet_aton(src), socket.inet_aton(dst))
+words = sum(struct.unpack(">10H", ip))
+words = (words & 0xFFFF) + (words >> 16)
+ip = ip[:10] + struct.pack(">H", ~((words & 0xFFFF) + (words >> 16)) & 0xFFFF) + ip[12:]
+for _ in range(count):
+    s.send(dst_mac + src_mac + b"\x08\x00" + ip + udp)
+"""
+
+
+def forge_from(host: Host, target: Host, payload: bytes, port: int, *, count: int) -> None:
+    """UDP from ``host``'s address to ``target``, written on the wire below ``host``'s own firewall (a packet
+    socket): what another machine that took ``host``'s address would send."""
+    target_mac = target.exec("cat", "/sys/class/net/eth0/address").stdout.strip().replace(":", "")
+    host.exec(sys.executable, "-c", FORGE, host.ip, target.ip, target_mac, str(port), str(count), input=payload.hex())
+
+
 def neighbour(c: Container, ip: str) -> str | None:
     rows = json.loads(c.exec("ip", "-j", "neigh", "show", ip, "dev", "ethwe").stdout or "[]")
     return rows[0].get("lladdr") if rows else None
@@ -390,6 +415,34 @@ def test_frames_from_outside_the_mesh_reach_no_container(lab: Lab, mode: str) ->
     assert grew["auth"] + grew["unknown_peer"] + grew["malformed"] >= 180, f"sleeve drops not counted: {grew}"
     assert c1.ping(c2, count=3), "the mesh stopped working"
     assert datapaths(h1)["h2"]["path"] == path
+
+
+def test_plaintext_in_the_name_of_a_peer_that_does_not_trust_us_reaches_no_container(lab: Lab) -> None:
+    """h1 trusts h2's subnet, h2 does not trust h1's: the pair stays encrypted, and h2 never sends h1 plaintext. VXLAN
+    from h2's address is then not h2's (here sent from h2's namespace, as a host that took its address would): h1's
+    guard lets its probes cross, as they may before h2's first heartbeat says what it trusts, and drops the rest."""
+    h1, h2 = lab(2)
+    h1.start_agent("--trusted-subnet", "10.99.0.0/16", peers=[h2], secrets=[SECRET])
+    h2.start_agent(peers=[h1], secrets=[SECRET])
+    for h in (h1, h2):
+        h.wait_ready()
+    c1, c2 = h1.add_container("10.32.1.1/16"), h2.add_container("10.32.2.1/16")
+    wait_path(h1, "h2", "sleeve")
+    wait_until(lambda: c1.ping(c2), timeout=20, message="containers cannot ping each other")
+    watch = c1.popen("tcpdump", "-n", "-l", "-i", "ethwe", "ether", "src", ATTACKER_MAC.hex(":"))
+    wait_until(lambda: "listening on" in watch.read_log(), timeout=10, message="tcpdump did not start")
+    before = drops(h1, "fast_unknown_sender")
+    c1_mac = bytes.fromhex(c1.mac().replace(":", ""))
+    frame = arp(c1_mac, 2, ATTACKER_MAC, c2.ip, c1_mac, c1.ip)  # "c2 is at the attacker's MAC", to c1
+    forge_from(h2, h1, vxlan(frame), VXLAN_PORT, count=30)
+    time.sleep(2)
+    watch.send_signal(signal.SIGINT)
+    watch.wait(10)
+    seen = [line for line in watch.read_log().splitlines() if ATTACKER_MAC.hex(":") in line]
+    assert not seen, f"plaintext in the name of a peer that requires encryption reached a container: {seen[:5]}"
+    assert neighbour(c1, c2.ip) == c2.mac()
+    assert drops(h1, "fast_unknown_sender") - before >= 30
+    assert datapaths(h1)["h2"]["path"] == "sleeve" and c1.ping(c2, count=3)
 
 
 # -- the guard's table across restarts ------------------------------------------------------------------

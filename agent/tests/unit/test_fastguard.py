@@ -35,14 +35,17 @@ class FakeNft:
 
 
 def test_the_ruleset_admits_fast_peers_and_probes_and_drops_the_rest() -> None:
-    text = render(6784, 6783, ["10.0.0.2", "fd00::2"], ["10.0.0.3"])
+    text = render(6784, 6783, ["10.0.0.2", "fd00::2"], ["10.0.0.3", "10.0.0.4"], ["10.0.0.4"])
     assert text.startswith("table inet weft_fast_6784 {}\ndelete table inet weft_fast_6784\n")  # atomic replace
     assert "set fast4 { type ipv4_addr; elements = { 10.0.0.2 }; }" in text
     assert "set fast6 { type ipv6_addr; elements = { fd00::2 }; }" in text
-    assert "set probe4 { type ipv4_addr; elements = { 10.0.0.3 }; }" in text
+    assert "set probe4 { type ipv4_addr; elements = { 10.0.0.3, 10.0.0.4 }; }" in text
     assert "udp dport 6784 ip saddr @fast4 accept" in text
-    # Whatever a peer that may use the fast path sends is taken (it may choose the fast path before we do)...
-    assert "udp dport 6784 ip saddr @probe4 accept\n" in text
+    # Probes cross from the peers whose subnet we trust; all a peer may send us in clear (both ends trust each
+    # other) is taken, as it may choose the fast path before we do...
+    assert "udp dport 6784 ip saddr @probe4 @th,128,48 0x0180c200000f @th,224,16 0x88b5 accept\n" in text
+    assert "set peer4 { type ipv4_addr; elements = { 10.0.0.4 }; }" in text
+    assert "udp dport 6784 ip saddr @peer4 accept\n" in text
     # ...but only our own probes go to it until we send it fast traffic.
     assert "udp sport 6783 udp dport 6784 ip daddr @probe4 @th,128,48 0x0180c200000f @th,224,16 0x88b5 accept" in text
     assert 'udp dport 6784 counter name "unknown_sender" drop' in text
@@ -90,6 +93,10 @@ def test_set_changes_are_diffs_and_nothing_runs_when_nothing_changes() -> None:
     )
     guard.sync(["10.0.0.1", "10.0.0.2"], ["10.0.0.2"])
     assert len(nft.scripts) == 2
+    guard.sync(["10.0.0.1", "10.0.0.2"], ["10.0.0.2"], ["10.0.0.2"])
+    assert nft.scripts[-1] == "add element inet weft_fast_6784 peer4 { 10.0.0.2 }\n"
+    guard.sync(["10.0.0.1", "10.0.0.2"], ["10.0.0.2"])
+    assert nft.scripts[-1] == "delete element inet weft_fast_6784 peer4 { 10.0.0.2 }\n"
     guard.sync(["fd00::1"], [])
     assert nft.scripts[-1] == (
         "add element inet weft_fast_6784 fast6 { fd00::1 }\n"

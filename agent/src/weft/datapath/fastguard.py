@@ -3,14 +3,17 @@
 The kernel VXLAN device listens on every address and decapsulates whatever arrives: without a guard,
 any host on the underlay could send frames into the bridge. The agent therefore owns one nftables table
 per VXLAN port (``inet weft_fast_<port>``) with a set of the underlay addresses the kernel currently
-sends fast traffic to, and a set of the connected peers that may use the fast path (no secret, or a trusted
-subnet). UDP to the VXLAN port from either set is accepted, and everything else is dropped and counted.
-Accepting from every peer that may use the fast path, not only from those we send to, matters because each
-end chooses its path from its own probes: a peer may start sending on the fast path a round before we do,
-or for good when the underlay lets its VXLAN packets through but not ours, and its frames must not be lost.
-What leaves towards the VXLAN port is held tighter: nothing goes to an address outside the fast set except
-our own probes (inner frames to 01:80:c2:00:00:0f, ethertype 0x88b5, which a bridge never forwards, sent from
-the sleeve's socket: source port = the listen port), so the path can be discovered.
+sends fast traffic to, a set of the connected peers that may send us fast traffic (no secret, or both ends
+trusting each other's subnet), and a set of the connected peers whose fast-path probes may cross (no secret, or
+we trust their subnet: their trust of ours is not known before their first heartbeat). UDP to the VXLAN port
+from the first two is accepted, probes (inner frames to 01:80:c2:00:00:0f, ethertype 0x88b5, which a bridge
+never forwards) from the third, and everything else is dropped and counted. Accepting from every peer that may
+use the fast path, not only from those we send to, matters because each end chooses its path from its own
+probes: a peer may start sending on the fast path a round before we do, or for good when the underlay lets its
+VXLAN packets through but not ours, and its frames must not be lost. A peer that does not trust our subnet never
+sends us plaintext, so what comes in its name is not accepted. What leaves towards the VXLAN port is held
+tighter: nothing goes to an address outside the fast set except our own probes (sent from the sleeve's socket:
+source port = the listen port), so the path can be discovered.
 
 A third pair of sets holds the fast-path addresses again, with a packet counter per element, matched by a rule of
 its own that only counts unicast frames (to and from each peer): that is how the agent knows which fast paths carry
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 TABLE_PREFIX = "weft_fast_"
 FAST_SETS = ("fast4", "fast6")
 PROBE_SETS = ("probe4", "probe6")
+PEER_SETS = ("peer4", "peer6")  # connected peers that may send us fast traffic (both ends trust, or no secret)
 BUSY_SETS = ("busy4", "busy6")  # the fast sets again, counting the unicast frames to and from each address
 # Counter name in nftables -> reason label of weft_datapath_packets_dropped_total.
 COUNTERS = {"unknown_sender": "fast_unknown_sender", "unknown_dest": "fast_unknown_dest"}
@@ -76,10 +80,12 @@ def _elements(ips: Iterable[str], version: int) -> list[str]:
     return sorted(ip for ip in ips if _family(ip) == version)
 
 
-def render(vxlan_port: int, udp_port: int, fast: Iterable[str] = (), probe: Iterable[str] = ()) -> str:
+def render(
+    vxlan_port: int, udp_port: int, fast: Iterable[str] = (), probe: Iterable[str] = (), peers: Iterable[str] = ()
+) -> str:
     """The whole table, replaced in one transaction (the first line makes the delete always succeed)."""
     table = table_name(vxlan_port)
-    fast, probe = list(fast), list(probe)
+    fast, probe, peers = list(fast), list(probe), list(peers)
     is_probe = f"@th,128,48 0x{GROUP.hex()} @th,224,16 0x{ETHERTYPE:04x}"  # inner dst MAC and ethertype
 
     def define(name: str, kind: str, ips: list[str], counter: bool) -> str:
@@ -88,7 +94,7 @@ def render(vxlan_port: int, udp_port: int, fast: Iterable[str] = (), probe: Iter
 
     sets = "".join(
         define(name, kind, _elements(ips, version), counter=names == BUSY_SETS)
-        for names, ips in ((FAST_SETS, fast), (PROBE_SETS, probe), (BUSY_SETS, fast))
+        for names, ips in ((FAST_SETS, fast), (PROBE_SETS, probe), (BUSY_SETS, fast), (PEER_SETS, peers))
         for name, kind, version in ((names[0], "ipv4_addr", 4), (names[1], "ipv6_addr", 6))
     )
     unicast = "@th,128,8 & 0x1 == 0x0"  # the inner frame's destination MAC is a unicast one
@@ -106,8 +112,10 @@ def render(vxlan_port: int, udp_port: int, fast: Iterable[str] = (), probe: Iter
         f"        udp dport {vxlan_port} {unicast} ip6 saddr @busy6\n"
         f"        udp dport {vxlan_port} ip saddr @fast4 accept\n"
         f"        udp dport {vxlan_port} ip6 saddr @fast6 accept\n"
-        f"        udp dport {vxlan_port} ip saddr @probe4 accept\n"
-        f"        udp dport {vxlan_port} ip6 saddr @probe6 accept\n"
+        f"        udp dport {vxlan_port} ip saddr @peer4 accept\n"
+        f"        udp dport {vxlan_port} ip6 saddr @peer6 accept\n"
+        f"        udp dport {vxlan_port} ip saddr @probe4 {is_probe} accept\n"
+        f"        udp dport {vxlan_port} ip6 saddr @probe6 {is_probe} accept\n"
         f'        udp dport {vxlan_port} counter name "unknown_sender" drop\n'
         "    }\n"
         "    chain output {\n"
@@ -146,7 +154,8 @@ class FastGuard:
         self._run = run or self._nft
         self._nft_path = "" if run is not None else find_nft()
         self.fast: set[str] = set()  # what the fast sets hold (we are their only writer)
-        self.probe: set[str] = set()  # connected peers that may use the fast path (we accept what they send)
+        self.probe: set[str] = set()  # connected peers whose probes may cross
+        self.peers: set[str] = set()  # connected peers that may send us fast traffic
         self._counts: dict[str, int] = {}  # the table's counters at the last reading
         self._base: dict[str, int] = {}  # what earlier incarnations of the table (this run) counted
         self._counted_at = -COUNTER_CACHE
@@ -175,29 +184,30 @@ class FastGuard:
 
     def start(self, fast: Iterable[str]) -> None:
         """Put the table in place, atomically, admitting ``fast`` (what the kernel may still send to)."""
-        self._load(set(fast), set())
+        self._load(set(fast), set(), set())
 
-    def _load(self, fast: set[str], probe: set[str]) -> None:
+    def _load(self, fast: set[str], probe: set[str], peers: set[str]) -> None:
         if self._loaded:  # the counters start again from zero: keep what they counted so far
             self._base = self.dropped(fresh=True)
-        self._run(script=render(self.vxlan_port, self.udp_port, fast, probe))
+        self._run(script=render(self.vxlan_port, self.udp_port, fast, probe, peers))
         self._loaded = True
-        self.fast, self.probe = fast, probe
+        self.fast, self.probe, self.peers = fast, probe, peers
         self._counts = {}
 
     def admit(self, fast: Iterable[str]) -> None:
         """Add fast-path addresses (before the kernel starts sending to them)."""
-        self._apply(self.fast | set(fast), self.probe)
+        self._apply(self.fast | set(fast), self.probe, self.peers)
 
-    def sync(self, fast: Iterable[str], probe: Iterable[str]) -> None:
-        """Make the sets exactly ``fast`` and ``probe``, changing only what differs."""
-        self._apply(set(fast), set(probe))
+    def sync(self, fast: Iterable[str], probe: Iterable[str], peers: Iterable[str] = ()) -> None:
+        """Make the sets exactly ``fast``, ``probe`` and ``peers``, changing only what differs."""
+        self._apply(set(fast), set(probe), set(peers))
 
-    def _apply(self, fast: set[str], probe: set[str]) -> None:
+    def _apply(self, fast: set[str], probe: set[str], peers: set[str]) -> None:
         script = (
             render_changes(self.table, FAST_SETS, fast - self.fast, self.fast - fast)
             + render_changes(self.table, BUSY_SETS, fast - self.fast, self.fast - fast)
             + render_changes(self.table, PROBE_SETS, probe - self.probe, self.probe - probe)
+            + render_changes(self.table, PEER_SETS, peers - self.peers, self.peers - peers)
         )
         if not script:
             return
@@ -205,9 +215,9 @@ class FastGuard:
             self._run(script=script)
         except GuardError as exc:  # someone removed or changed our table: put it back as it should be
             log.warning("the fast-path guard's table %s was changed outside weft (%s); restoring it", self.table, exc)
-            self._load(fast, probe)
+            self._load(fast, probe, peers)
             return
-        self.fast, self.probe = fast, probe
+        self.fast, self.probe, self.peers = fast, probe, peers
 
     def traffic(self) -> dict[str, int]:
         """Unicast frames the fast path carried to and from each fast-path address so far, from the busy sets'

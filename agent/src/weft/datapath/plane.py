@@ -320,6 +320,7 @@ class DataPlane:
             elif msg.get("t") == "pm":
                 st.max_rx_size = max(st.max_rx_size, size)
             elif msg.get("t") == "hb":
+                trusted_us = st.peer_trusts
                 st.on_heartbeat(
                     now,
                     bool(msg.get("tr")),
@@ -332,6 +333,8 @@ class DataPlane:
                 elif not st.answered:  # a new connection: the far end hears from us now, not at our next round
                     st.answered = True
                     self._heartbeat(st, now, report_size=False, ask=False)
+                if st.peer_trusts != trusted_us and st.encrypted:  # the guard takes its fast traffic, or no longer
+                    self._changed()
         except DecodeError as exc:
             self.metrics.decode_errors.labels(exc.kind).inc()
             log.debug("bad data-path control message from %s: %s", format_name(peer), exc)
@@ -704,17 +707,18 @@ class DataPlane:
         if self.guard is None or self.nd is None:
             return
         probe = {st.ip for st in self.paths.values() if self._fast_permitted(st.ip)}
+        peers = {st.ip for st in self.paths.values() if st.fast_allowed() and self._fast_permitted(st.ip)}
         try:
             if before_fdb:
                 wanted = {dst for dsts in want.vxlan.values() for dst in dsts}
-                self.guard.sync({ip for ip in self.guard.fast if self._fast_permitted(ip)} | wanted, probe)
+                self.guard.sync({ip for ip in self.guard.fast if self._fast_permitted(ip)} | wanted, probe, peers)
             else:
                 if have is None:  # programming failed: what the kernel holds, not what we tried
                     have = self._read_fdb()
                 if self.encrypting:
                     fdb.purge(self.nd, bridge=self.bridge, vxlan=self.vxlan, allowed=self._fast_permitted, have=have)
                 sends_to = fdb.destinations(have)
-                self.guard.sync({ip for ip in sends_to if self._fast_permitted(ip)}, probe)
+                self.guard.sync({ip for ip in sends_to if self._fast_permitted(ip)}, probe, peers)
         except Exception as exc:  # nft or netlink refused: say so; the next change tries again, on a fresh read
             log.warning("could not update the fast-path guard: %s", exc)
             self._fdb_have = None
