@@ -81,7 +81,7 @@ class InProcessNft:
     def load(cls) -> InProcessNft | None:
         """The runner, or None when libnftables cannot be loaded (run `nft` then)."""
         try:
-            lib = ctypes.CDLL(cls._library())
+            lib = cls._open()
             lib.nft_ctx_new.restype = ctypes.c_void_p
             lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
             lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
@@ -101,16 +101,15 @@ class InProcessNft:
         return cls(lib)
 
     @staticmethod
-    def _library() -> str:
-        """The library's name: its soname, which the dynamic loader finds; else whatever ldconfig knows it as
+    def _open() -> ctypes.CDLL:
+        """The library by its soname, which the dynamic loader finds; else by whatever ldconfig knows it as
         (``ctypes.util`` imports shutil and tempfile and runs ldconfig: only when the soname is not there)."""
         try:
-            ctypes.CDLL(SONAME)
+            return ctypes.CDLL(SONAME)
         except OSError:
             from ctypes.util import find_library
 
-            return find_library("nftables") or SONAME
-        return SONAME
+            return ctypes.CDLL(find_library("nftables") or SONAME)
 
     def __call__(self, args: list[str], script: str | None = None) -> str:
         as_json = "-j" in args
