@@ -55,7 +55,7 @@ def _sender(workers: int, sink_addr: tuple[str, int]) -> tuple[Sleeve, Kernel]:
         Forwarding(
             links={2: Link(2, sink_addr, link_keys(1, 2), 1472, 1)},
             next_hop={2: 2},
-            sleeve_peers=frozenset({2}),
+            flood_origins=frozenset({2}),
             mac_owner={mac_of(2): 2},
             local_macs=frozenset({mac_of(1)}),
         )

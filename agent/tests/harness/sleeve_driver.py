@@ -5,7 +5,7 @@
 CONFIG: {"ourself": 1, "tap": "sleeve0", "listen": ["0.0.0.0", 6783], "workers": 1, "stats_file": "/tmp/h1.json",
          "links": [{"peer": 2, "addr": ["10.98.0.2", 6783], "keys": {"send": HEX, "receive": HEX} | null,
                     "datagram_size": 1472, "epoch": 1}],
-         "next_hop": {"2": 2}, "sleeve_peers": [2], "bcast_children": {"1": [2], "2": []},
+         "next_hop": {"2": 2}, "flood_origins": [2], "bcast_children": {"1": [2], "2": []},
          "mac_owner": {"02:32:00:00:00:02": 2}, "local_macs": ["02:32:00:00:00:01"], "frame_mtu": {"2": 1376},
          "control_pad": 1200,
          "pairs": [{"peer": 3, "kid": 7, "keys": {"send": HEX, "receive": HEX}, "send": true, "datagram_size": 1472}]}
@@ -49,7 +49,7 @@ def forwarding(cfg: dict[str, Any]) -> Forwarding:
     return Forwarding(
         links=links,
         next_hop={int(k): v for k, v in cfg.get("next_hop", {}).items()},
-        sleeve_peers=frozenset(cfg.get("sleeve_peers", ())),
+        flood_origins=frozenset(cfg.get("flood_origins", ())),
         bcast_children={int(k): tuple(v) for k, v in cfg.get("bcast_children", {}).items()},
         mac_owner={mac(k): v for k, v in cfg.get("mac_owner", {}).items()},
         local_macs=frozenset(mac(m) for m in cfg.get("local_macs", ())),

@@ -232,7 +232,7 @@ class Mesh:
         return Forwarding(
             links=links,
             next_hop=next_hop,
-            sleeve_peers=frozenset(next_hop),
+            flood_origins=frozenset(next_hop),
             bcast_children=children,
             mac_owner={n.mac: n.index for n in self.nodes.values() if n is not node},
             local_macs=frozenset({node.mac}),

@@ -265,7 +265,7 @@ class Net:
                 if e2e and keys and o != me and o not in host.addrs
             ],
             "next_hop": next_hop,
-            "sleeve_peers": sorted(next_hop),
+            "flood_origins": sorted(next_hop),
             "bcast_children": _bcast_children(me, hosts),
             "mac_owner": {h.mac: h.index for h in self.hosts if h is not host},
             "local_macs": [host.mac],

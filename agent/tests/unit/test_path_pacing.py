@@ -204,7 +204,7 @@ def test_the_kernel_is_programmed_at_once_then_at_most_twice_a_second_in_a_burst
     clock = [100.0]
     monkeypatch.setattr(plane_module.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(fdb, "read", lambda *a, **k: fdb.FdbState())
-    monkeypatch.setattr(fdb, "apply", lambda *a, **k: (programmed.append(clock[0]), 0)[1])
+    monkeypatch.setattr(fdb, "apply", lambda *a, **k: (programmed.append(clock[0]), 1)[1])  # each changes an entry
     monkeypatch.setattr(plane, "_sync_guard", lambda *a, **k: None)
 
     plane._recompute()
@@ -218,6 +218,35 @@ def test_the_kernel_is_programmed_at_once_then_at_most_twice_a_second_in_a_burst
     clock[0] = 100.5
     loop.later.pop()[1]()
     assert programmed == [100.0, 100.5]
+
+
+def test_a_programming_that_changed_nothing_does_not_hold_back_the_next(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recomputation that leaves the kernel's entries as they are (a neighbour told how our floods reach it, a
+    trust change) must not make the next real change (a path turning fast) wait out KERNEL_SPACING."""
+    metrics = Metrics()
+    plane = DataPlane(AgentConfig(), Router(PeerInfo(ME, "me", 1), VirtualScheduler(), metrics), metrics)
+    loop = _Loop()
+    plane._loop = loop  # type: ignore[assignment]
+    plane.sleeve, plane.nd = _Fwd(), object()  # type: ignore[assignment]
+    clock = [100.0]
+    changes = [1]
+    monkeypatch.setattr(plane_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(fdb, "read", lambda *a, **k: fdb.FdbState())
+    monkeypatch.setattr(fdb, "apply", lambda *a, **k: changes[0])
+    monkeypatch.setattr(plane, "_sync_guard", lambda *a, **k: None)
+
+    plane._recompute()
+    loop.soon.pop()()  # the first reads the FDB and changes it
+    clock[0], changes[0] = 100.6, 0
+    plane._recompute()
+    loop.soon.pop()()  # changes nothing
+    clock[0], changes[0] = 100.7, 1
+    plane._recompute()
+    assert [fn.__name__ for fn in loop.soon] == ["_program_kernel"] and loop.later == [], "held back by a no-op"
+    loop.soon.pop()()
+    clock[0] = 100.8
+    plane._recompute()
+    assert loop.soon == [] and len(loop.later) == 1, "a real change still spaces the next"
 
 
 def test_a_burst_of_changes_recomputes_the_tables_at_once_then_at_most_ten_times_a_second(

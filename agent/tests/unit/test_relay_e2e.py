@@ -386,7 +386,7 @@ def wire_up(a: Host, b: Host, c: Host, *, c_size: int = 1472, pair_size: int = 1
         Forwarding(
             links={B: Link(B, b.addr, link_keys(A, B), 1472, 1, e2e=True)},
             next_hop={B: B, C: B},
-            sleeve_peers=frozenset({B, C}),
+            flood_origins=frozenset({B, C}),
             mac_owner={MAC_C: C},
             local_macs=frozenset({MAC_A}),
             pairs=(Pair(C, 0x1234, PAIR_A, True, pair_size),),
@@ -399,14 +399,14 @@ def wire_up(a: Host, b: Host, c: Host, *, c_size: int = 1472, pair_size: int = 1
                 C: Link(C, c.addr, link_keys(B, C), c_size, 1, e2e=True),
             },
             next_hop={A: A, C: C},
-            sleeve_peers=frozenset({A, C}),
+            flood_origins=frozenset({A, C}),
         )
     )
     c.sleeve.update(
         Forwarding(
             links={B: Link(B, b.addr, link_keys(C, B), 1472, 1, e2e=True)},
             next_hop={A: B, B: B},
-            sleeve_peers=frozenset({A, B}),
+            flood_origins=frozenset({A, B}),
             local_macs=frozenset({MAC_C}),
             pairs=(Pair(A, 0x1234, SessionKeys(PAIR_A.receive, PAIR_A.send), True, 1472),),
         )

@@ -71,7 +71,7 @@ def test_a_frame_for_a_peer_that_just_turned_fast_still_crosses_over_the_sleeve(
     for that peer meanwhile goes over the sleeve rather than being lost (a lost ping in the tests showed it)."""
     with mesh() as m:
         a, b = pair(m)
-        a.sleeve.update(dataclasses.replace(m.forwarding(a), sleeve_peers=frozenset()))
+        a.sleeve.update(dataclasses.replace(m.forwarding(a), flood_origins=frozenset()))
         sent = send(a, b, b"sent while the kernel still points at the TAP")
         assert receive(b) == [sent]
         assert not a.totals().dropped and not b.totals().dropped

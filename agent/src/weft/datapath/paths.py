@@ -69,6 +69,9 @@ class PathState:
     answered: bool = False  # we answered this connection's first heartbeat (the far end need not wait a round)
     remote_uid: int = 0  # the peer's run: its probe sequence starts again when it restarts
     peer_trusts: bool = False
+    # Whether the peer's kernel floods to us over the fast path (its heartbeats' "kf"); None: it never said (an
+    # older version). Its broadcasts and multicasts that come over the sleeve reach our containers only if not.
+    peer_floods: bool | None = None
     # The trust of the peer's previous run, while a fast path is held across its restart (assume_fast_until) and
     # until the new run's first heartbeat says what it trusts now: the kernel keeps forwarding, and the first
     # word of the new run (which may be "no") decides.
@@ -119,8 +122,9 @@ class PathState:
             return self.heard_fast_seq
         return 0
 
-    def on_heartbeat(self, now: float, trusts: bool, fast_seq: int, max_size: int) -> None:
+    def on_heartbeat(self, now: float, trusts: bool, fast_seq: int, max_size: int, floods: bool | None = None) -> None:
         self.peer_trusts = trusts
+        self.peer_floods = floods  # every heartbeat of a version that knows says it: None is an older one
         self.held_trust = False
         if fast_seq > self.fast_acked or (fast_seq and fast_seq == self.fast_acked):
             self.fast_acked = fast_seq

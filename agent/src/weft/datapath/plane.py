@@ -15,7 +15,7 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from weft.datapath import fdb
@@ -117,6 +117,12 @@ class DataPlane:
         self._hello: set[int] = set()  # new connections: a heartbeat goes out as soon as the sleeve has their keys
         self.encrypting = encrypting  # a mesh secret is set: plaintext only inside the trusted subnets
         self._next_hop: dict[int, int] = {}  # the sleeve's next hop per peer, as of the last recomputation
+        # Where the kernel floods (the all-zero FDB entry's addresses), as last applied or read, and the neighbours
+        # told so in their heartbeats ("kf"): those in the fast set the kernel already floods to. A neighbour takes our
+        # broadcasts from the sleeve unless told; it is told only once the kernel floods to it, and told otherwise as
+        # soon as the path leaves the fast set, so a change of path duplicates a flood for a moment, never loses it.
+        self._kernel_floods: frozenset[str] = frozenset()
+        self._told_floods: frozenset[int] = frozenset()
         self.e2e = EndToEnd(
             self.ourself,
             router.ourself.uid,
@@ -150,6 +156,7 @@ class DataPlane:
         self._start_portguard()
         self._guard_fast_path_from_the_start()
         self._adopted_fast = set(self._read_fdb().vxlan.get(fdb.ZERO_MAC, set()))
+        self._kernel_floods = frozenset(self._adopted_fast)
         if self._adopted_fast:
             log.info("kept the kernel fast path to %d peer(s) from the last run", len(self._adopted_fast))
         self.sleeve = open_sleeve(
@@ -320,12 +327,14 @@ class DataPlane:
             elif msg.get("t") == "pm":
                 st.max_rx_size = max(st.max_rx_size, size)
             elif msg.get("t") == "hb":
-                trusted_us = st.peer_trusts
+                trusted_us, floods = st.peer_trusts, st.peer_floods
+                kf = msg.get("kf")
                 st.on_heartbeat(
                     now,
                     bool(msg.get("tr")),
                     _uint(msg.get("fs", 0)),
                     _uint(msg.get("mx", 0)),
+                    kf if isinstance(kf, bool) else None,
                 )
                 if msg.get("rq") is True:  # it asks for an answer: its rounds, at its own pace, are its evidence
                     st.echoes = st.answered = True
@@ -334,6 +343,8 @@ class DataPlane:
                     st.answered = True
                     self._heartbeat(st, now, report_size=False, ask=False)
                 if st.peer_trusts != trusted_us and st.encrypted:  # the guard takes its fast traffic, or no longer
+                    self._changed()
+                if st.peer_floods != floods:  # its broadcasts come from the kernel now, or from the sleeve
                     self._changed()
         except DecodeError as exc:
             self.metrics.decode_errors.labels(exc.kind).inc()
@@ -436,7 +447,13 @@ class DataPlane:
         neighbour answers at once (``rq``), which an answer never asks, so two peers never ping-pong."""
         if self.sleeve is None:
             return
-        hb = {"t": "hb", "tr": st.we_trust, "fs": st.heard_fast(now, self.dead), "mx": 0}
+        hb = {
+            "t": "hb",
+            "tr": st.we_trust,
+            "fs": st.heard_fast(now, self.dead),
+            "mx": 0,
+            "kf": st.peer in self._told_floods,
+        }
         if report_size:
             hb["mx"], st.max_rx_size = st.max_rx_size, 0
         if ask:
@@ -593,6 +610,7 @@ class DataPlane:
             self.e2e.update({}, now)
         pairs = self.e2e.pairs()
         sleeve_peers = frozenset(n for n in next_hop if n not in fast_ips)
+        told = frozenset(n for n, ip in fast_ips.items() if n in self.paths and ip in self._kernel_floods)
         links = {
             n: Link(n, st.udp_addr, st.keys, st.datagram_size(), st.epoch, st.e2e and st.keys is not None)
             for n, st in self.paths.items()
@@ -603,8 +621,8 @@ class DataPlane:
             if tree is None:  # routes are being recalculated: flood to every neighbour
                 tree = list(self.paths)
             children[origin] = tuple(n for n in tree if n in usable)
-        if not sleeve_peers:
-            children[self.ourself] = ()  # every peer hears our floods from the kernel
+        if not sleeve_peers and told.issuperset(n for n in fast_ips if n in self.paths):
+            children[self.ourself] = ()  # every neighbour hears our floods from the kernel, and knows it
         frame_mtu = {n: st.frame_mtu(self.config.mtu, SLEEVE_OVERHEAD) for n, st in self.paths.items()}
         for dest, hop in relayed.items():
             frame_mtu[dest] = frame_mtu.get(hop, self.config.mtu)
@@ -616,7 +634,7 @@ class DataPlane:
             Forwarding(
                 links=links,
                 next_hop=next_hop,
-                sleeve_peers=sleeve_peers,
+                flood_origins=self._flood_origins(next_hop, fast_ips),
                 bcast_children=children,
                 mac_owner=dict(self.macs.owner),
                 local_macs=self.macs.local,
@@ -625,6 +643,7 @@ class DataPlane:
             )
         )
         self.e2e.after_update(now)
+        self._tell_floods(told, now)
         for name in self._hello:  # the sleeve has their keys now: heartbeats need not wait for the next round
             if name in self.paths:
                 self._heartbeat(self.paths[name], now, report_size=False)  # asks: the new run answers at once
@@ -650,6 +669,31 @@ class DataPlane:
             else:
                 self._kernel_handle = self._loop.call_soon(self._program_kernel)
         self.metrics.mac_conflicts.set(len(self.macs.conflicts))
+
+    def _flood_origins(self, next_hop: Mapping[int, int], fast_ips: Mapping[int, str]) -> frozenset[int]:
+        """The origins whose broadcasts this host takes from the sleeve: those whose kernel does not flood to it.
+
+        A neighbour says in its heartbeats whether its kernel floods to us; the two ends choose their paths apart
+        (each from its own probes), so our own choice is no guide to theirs. An older neighbour does not say: it
+        floods from the kernel while we are on its fast path. A neighbour that says it does, but whose plaintext our
+        guard would not take, is heard from the sleeve: its kernel's floods are dropped here.
+        """
+
+        def kernel_floods(origin: int) -> bool:
+            st = self.paths.get(origin)
+            if st is None or st.peer_floods is None:
+                return origin in fast_ips
+            accepted = origin in fast_ips or (st.fast_allowed() and self._fast_permitted(st.ip))
+            return st.peer_floods and accepted
+
+        return frozenset(n for n in next_hop if not kernel_floods(n))
+
+    def _tell_floods(self, told: frozenset[int], now: float) -> None:
+        """Neighbours whose floods from us changed path hear it now, not at their next round."""
+        changed, self._told_floods = told ^ self._told_floods, told
+        for name in changed:
+            if name in self.paths:
+                self._heartbeat(self.paths[name], now, report_size=False, ask=False)
 
     def _agree_with(self, relayed: dict[int, int], now: float) -> dict[int, int]:
         """The relayed peers to agree end-to-end keys with: not yet those the connection maker is dialling (a mesh
@@ -677,19 +721,31 @@ class DataPlane:
             self._kernel_handle = None
         if self._want is None or self.nd is None or self._stopped:
             return
-        self._kernel_at = time.monotonic()
+        last, self._kernel_at = self._kernel_at, time.monotonic()
         (want, delete), self._want = self._want, None
         self._sync_guard(want, before_fdb=True)
         have: fdb.FdbState | None = None
+        worked = True
         try:
             have = self._fdb_have
             if have is None or self._kernel_at - self._fdb_read_at >= FDB_REREAD:
                 have = self._read_fdb()
-            fdb.apply(self.nd, bridge=self.bridge, vxlan=self.vxlan, tap=self.tap, want=want, delete=delete, have=have)
+            else:
+                worked = False
+            if fdb.apply(
+                self.nd, bridge=self.bridge, vxlan=self.vxlan, tap=self.tap, want=want, delete=delete, have=have
+            ):
+                worked = True
         except Exception as exc:  # netlink refused one entry: say so, keep the rest working (and read them again)
             log.warning("could not program the kernel forwarding table: %s", exc)
             self._fdb_have = have = None
         self._sync_guard(want, before_fdb=False, have=have)
+        if not worked:  # nothing to read nor change: the next change, a path turning fast, need not wait for spacing
+            self._kernel_at = last
+        floods = self._fdb_have.vxlan.get(fdb.ZERO_MAC, set()) if self._fdb_have is not None else set()
+        if floods != self._kernel_floods:  # neighbours the kernel now floods to (or no longer) are told so
+            self._kernel_floods = frozenset(floods)
+            self._changed()
 
     def _read_fdb(self) -> fdb.FdbState:
         """Read what the kernel's FDB holds; later programmings diff against it (see FDB_REREAD)."""

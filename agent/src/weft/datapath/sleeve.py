@@ -102,7 +102,7 @@ class Pair:
 class Forwarding:
     links: Mapping[int, Link] = field(default_factory=dict)
     next_hop: Mapping[int, int] = field(default_factory=dict)
-    sleeve_peers: frozenset[int] = frozenset()
+    flood_origins: frozenset[int] = frozenset()  # whose broadcasts from the sleeve reach our containers
     bcast_children: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
     mac_owner: Mapping[bytes, int] = field(default_factory=dict)
     local_macs: frozenset[bytes] = frozenset()
@@ -877,7 +877,7 @@ class _Worker:
             if origin == self.ourself:
                 self._drop("loop")
                 return
-            if origin in fwd.sleeve_peers:
+            if origin in fwd.flood_origins:
                 self.stats.bytes[_SLEEVE_RX] += m
                 self._to_tap(plain)
             for child in fwd.bcast_children.get(origin, ()):
