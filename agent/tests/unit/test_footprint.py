@@ -39,6 +39,20 @@ def test_the_agent_imports_no_web_framework_no_model_library_and_no_metrics_libr
     assert out.split() == []
 
 
+def test_a_handshake_key_needs_no_key_serialization_nor_bcrypt() -> None:
+    """cryptography's serialization package brings its SSH key support, bcrypt and every key type (0.8 MiB resident
+    in the agent); a handshake needs the raw X25519 bytes alone."""
+    out = python(
+        "import sys\n"
+        "from weft.mesh.crypto import EphemeralKey\n"
+        "a, b = EphemeralKey(), EphemeralKey()\n"
+        "assert len(a.public) == 32 and a.exchange(b.public) == b.exchange(a.public)\n"
+        "gone = ('bcrypt', 'cryptography.hazmat.primitives.serialization')\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith(gone))))\n"
+    )
+    assert out.split() == []
+
+
 def test_pyroute2_modules_load_without_the_package_init_which_still_runs_on_demand() -> None:
     out = python(
         "import sys\n"

@@ -18,7 +18,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 SECRET_ID_LEN = 8
 PUBLIC_KEY_LEN = 32
@@ -31,7 +30,8 @@ class SealError(Exception):
 class EphemeralKey:
     def __init__(self) -> None:
         self._private = X25519PrivateKey.generate()
-        self.public = self._private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        # The raw form without the serialization package, whose SSH support imports bcrypt and every key type
+        self.public = self._private.public_key().public_bytes_raw()
 
     def exchange(self, peer_public: bytes) -> bytes:
         return self._private.exchange(X25519PublicKey.from_public_bytes(peer_public))
