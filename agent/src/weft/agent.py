@@ -22,6 +22,7 @@ from weft.mesh.connection_maker import ConnectionMaker, Target
 from weft.mesh.handshake import PROTOCOL_MAX, PROTOCOL_MIN
 from weft.mesh.peer import PeerInfo, format_name, parse_name, random_name, random_uid
 from weft.mesh.router import Router
+from weft.mesh.stalls import LoopStalls
 from weft.mesh.transport import ConnectionSettings, ControlTransport
 from weft.metrics import Metrics
 from weft.sdnotify import notify
@@ -49,6 +50,8 @@ class Agent:
         self._reload_pending = False
         self._reload_config = reload_config
         self.metrics = Metrics()
+        self.stalls = LoopStalls()  # how late the loop runs: handshake deadlines do not count it
+        self.metrics.add_loop_lag(self.stalls.lag)
         self.store = Store(config.state_dir)
         self.secrets = read_secrets(config.secret_files)
         self.ourself = PeerInfo(self._peer_name(), config.nickname or socket.gethostname(), random_uid())
@@ -83,6 +86,7 @@ class Agent:
         if files != files_before:
             log.debug("open-file limit raised from %d to %d", files_before, files)
         scheduler = AsyncioScheduler(loop)
+        self.stalls.start(loop)
         c = self.config
         self.router = Router(
             self.ourself, scheduler, self.metrics, gossip_interval=c.gossip_interval, conn_limit=c.conn_limit
@@ -102,6 +106,7 @@ class Agent:
             lambda: self.secrets,
             listen=c.listen_host_port(),
             advertise=c.advertise,
+            stalls=self.stalls,
         )
         self.maker = ConnectionMaker(
             self.router,
@@ -218,6 +223,7 @@ class Agent:
             self.dataplane.stop()
         await self.transport.stop()
         await api.stop()
+        self.stalls.stop()
         self.store.close()
 
     def stop(self) -> None:

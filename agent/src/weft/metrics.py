@@ -202,6 +202,19 @@ class Metrics:
 
         self.registry.register(collect)
 
+    def add_loop_lag(self, lag: Callable[[], float]) -> None:
+        """Export how late the agent's event loop ran lately (weft.mesh.stalls), read when scraped."""
+        name = "weft_event_loop_lag_seconds"
+        about = (
+            "The most the agent's event loop ran late in the last 10 s: a host too busy to give the agent its turn"
+            " (handshake deadlines do not count that time)"
+        )
+
+        def collect() -> Iterator[Family]:
+            yield Family(name, "gauge", about, [Sample(name, {}, round(lag(), 3))])
+
+        self.registry.register(collect)
+
     def render(self) -> bytes:
         return self.registry.render()
 

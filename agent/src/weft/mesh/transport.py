@@ -18,6 +18,7 @@ from weft.mesh.connection_maker import ConnectionMaker
 from weft.mesh.handshake import HandshakeError, handshake, refuse_full
 from weft.mesh.peer import format_name
 from weft.mesh.router import Router
+from weft.mesh.stalls import LoopStalls, within
 from weft.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,11 @@ log = logging.getLogger(__name__)
 SOURCE_SHARE = 2
 SOURCE_PENDING = 8
 SOURCES_TRACKED = 4096  # per-source buckets kept, least recently seen dropped first
+# A handshake's deadline does not count the time this agent's own loop ran late (a starved host), up to this many
+# times handshake_timeout in all. A target whose handshakes we dial keep timing out gets twice the time with each
+# (a live but slow peer is reached at last), up to 2**SLOW_STEPS times; one that succeeds is back to the start.
+STALL_ALLOWANCE = 12
+SLOW_STEPS = 3
 
 # Handshake failures that mean the remote sent something malformed (also counted as decode errors).
 _MALFORMED = {"bad_magic", "short_handshake", "malformed_hello", "malformed_intro"}
@@ -82,6 +88,7 @@ class ControlTransport:
         *,
         listen: tuple[str, int],
         advertise: str | None,
+        stalls: LoopStalls | None = None,
     ) -> None:
         self.router = router
         self.metrics = metrics
@@ -90,7 +97,9 @@ class ControlTransport:
         self.listen = listen
         self.advertise = advertise
         self.maker: ConnectionMaker | None = None
+        self.stalls = stalls
         self.pending: dict[int, PendingConnection] = {}
+        self._slow: OrderedDict[str, int] = OrderedDict()  # address we dial -> handshakes timed out in a row
         self._bucket = _TokenBucket(settings.accept_rate, settings.accept_burst)
         self._per_source = _SourceLimits(settings.accept_rate, settings.accept_burst)
         # A flood of connections is counted per connection but logged once per episode.
@@ -152,6 +161,10 @@ class ControlTransport:
             return
         await self._serve(reader, writer, outbound=True, address=address)
 
+    def handshake_timeout(self, address: str) -> float:
+        """The deadline of our next handshake with ``address``: doubled for each of its last ones that timed out."""
+        return self.settings.handshake_timeout * 2 ** min(self._slow.get(address, 0), SLOW_STEPS)
+
     def _local_addr(self) -> tuple[str, int] | None:
         """Dial from the address we listen on, so peers see (and gossip) the address that answers."""
         host = self.listen[0]
@@ -207,8 +220,9 @@ class ControlTransport:
         source = "" if outbound else host_of(address)
         self.pending[key] = PendingConnection(address, outbound, time.monotonic(), source)
         secrets = list(self._secrets())
+        timeout = self.handshake_timeout(address) if outbound else self.settings.handshake_timeout
         try:
-            session = await asyncio.wait_for(
+            session = await within(
                 handshake(
                     reader,
                     writer,
@@ -218,15 +232,19 @@ class ControlTransport:
                     port=self.listen[1],
                     advertise=self.advertise,
                 ),
-                self.settings.handshake_timeout,
+                timeout,
+                self.stalls,
+                most=STALL_ALLOWANCE * self.settings.handshake_timeout,
             )
         except HandshakeError as exc:
             self._handshake_failed(writer, address, outbound, exc.reason, exc.detail)
             return
         except TimeoutError:
-            self._handshake_failed(
-                writer, address, outbound, "timeout", f"no handshake within {self.settings.handshake_timeout:g}s"
-            )
+            if outbound:
+                self._slow[address] = self._slow.pop(address, 0) + 1  # most recent last
+                while len(self._slow) > SOURCES_TRACKED:
+                    self._slow.popitem(last=False)
+            self._handshake_failed(writer, address, outbound, "timeout", f"no handshake within {timeout:g}s")
             return
         except (OSError, asyncio.IncompleteReadError) as exc:
             self._handshake_failed(writer, address, outbound, "io", str(exc) or exc.__class__.__name__)
@@ -234,6 +252,7 @@ class ControlTransport:
         finally:
             self.pending.pop(key, None)
 
+        self._slow.pop(address, None)
         intro = session.intro
         if outbound:
             remote_address = address
