@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 
 import pytest
@@ -193,3 +194,47 @@ def test_a_peer_whose_handshakes_time_out_gets_twice_the_time_at_each_try_then_t
                 st.stop()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("aware", [True, False])
+def test_a_connection_outlives_a_stall_of_its_own_loop_longer_than_the_read_timeout(aware: bool) -> None:
+    """Both ends heartbeat every 0.05 s and give up after 0.5 s of silence; the loop is held for 1 s. The heartbeats
+    that came meanwhile are read before the silence is judged: the connection stays. Counted by the wall clock, both
+    ends would call it dead at once (the ``aware=False`` case shows that they do)."""
+    from weft.mesh.connection import ControlConnection
+    from weft.mesh.handshake import handshake
+
+    async def main() -> list[str | None]:
+        loop = asyncio.get_running_loop()
+        stalls = LoopStalls(tick=0.01)
+        stalls.start(loop)
+        a, b = socket.socketpair()
+        (r1, w1), (r2, w2) = await asyncio.open_connection(sock=a), await asyncio.open_connection(sock=b)
+        sessions = await asyncio.gather(
+            handshake(r1, w1, outbound=True, ourself=A, secrets=[b"k" * 32], port=6783, advertise=None),
+            handshake(r2, w2, outbound=False, ourself=B, secrets=[b"k" * 32], port=6783, advertise=None),
+        )
+        settings = ConnectionSettings(heartbeat_interval=0.05, read_timeout=0.5)
+        conns = [
+            ControlConnection(
+                r, w, s, settings=settings, metrics=Metrics(), on_message=lambda c, m: None, on_sent=lambda ms: None,
+                outbound=out, remote_address="127.0.0.1:6783", secret=b"k" * 32, stalls=stalls if aware else None,
+            )
+            for (r, w), s, out in (((r1, w1), sessions[0], True), ((r2, w2), sessions[1], False))
+        ]  # fmt: skip
+        runs = [asyncio.ensure_future(c.run()) for c in conns]
+        await asyncio.sleep(0.2)
+        time.sleep(1.0)  # the host gives the agent no turn for a second
+        await asyncio.sleep(0.5)
+        reasons = [c.close_reason for c in conns]
+        for c in conns:
+            c.close("test over")
+        await asyncio.gather(*runs)
+        stalls.stop()
+        return reasons
+
+    reasons = asyncio.run(main())
+    if aware:
+        assert reasons == [None, None], reasons
+    else:
+        assert any(r and "read timeout" in r for r in reasons), reasons

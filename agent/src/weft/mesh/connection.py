@@ -17,11 +17,13 @@ from weft.mesh.codec import MAX_MESSAGE, DecodeError, expect, pack, unpack
 from weft.mesh.crypto import SealError
 from weft.mesh.gossip import GossipSender
 from weft.mesh.handshake import Session, frame, read_frame
+from weft.mesh.stalls import Deadline, LoopStalls
 from weft.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT = {"t": "hb"}
+READ_STALL_ALLOWANCE = 3  # a peer's silence is judged by our loop's on-time seconds, within 3 x read_timeout in all
 
 
 @dataclass
@@ -51,9 +53,11 @@ class ControlConnection:
         outbound: bool,
         remote_address: str,
         secret: bytes | None,
+        stalls: LoopStalls | None = None,
     ) -> None:
         self._settings = settings
         self._metrics = metrics
+        self._stalls = stalls  # the time our own loop ran late is not silence from the peer
         self._on_message = on_message
         self._on_sent = on_sent
         self._reader = reader
@@ -110,9 +114,12 @@ class ControlConnection:
         opener = self._session.opener
         while True:
             try:
-                # asyncio.timeout, not wait_for: on 3.11, wait_for swallows a cancel that comes as the read completes,
-                # and the loop would outlive its connection (the agent then hung on SIGTERM).
-                async with asyncio.timeout(settings.read_timeout):
+                # A timeout, not wait_for: on 3.11, wait_for swallows a cancel that comes as the read completes, and
+                # the loop would outlive its connection (the agent then hung on SIGTERM). After a stall of our own
+                # (a starved host), what the peer sent meanwhile is read before its silence is judged.
+                async with Deadline(
+                    settings.read_timeout, self._stalls, most=READ_STALL_ALLOWANCE * settings.read_timeout
+                ):
                     body = await read_frame(self._reader, MAX_MESSAGE + 64)
             except TimeoutError:
                 self.close(f"nothing heard for {settings.read_timeout:g}s (read timeout)")

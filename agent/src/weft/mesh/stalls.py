@@ -69,23 +69,50 @@ class LoopStalls:
         return max(recent, now - self._due)
 
 
+class Deadline:
+    """``async with Deadline(seconds, stalls, most=...)``: TimeoutError once ``seconds`` have passed that the loop
+    ran on time, and at ``most`` seconds in all however late it runs. Without ``stalls``, ``asyncio.timeout``.
+
+    Built on ``asyncio.timeout`` with no deadline of its own: a timer looks at the loop's stalls when the deadline
+    comes, and either moves on to the new one or lets the timeout expire. One timer per wait, as a plain timeout.
+    """
+
+    __slots__ = ("_handle", "_most", "_seconds", "_stalled", "_stalls", "_start", "_timeout")
+
+    def __init__(self, seconds: float, stalls: LoopStalls | None, *, most: float = float("inf")) -> None:
+        self._seconds, self._stalls, self._most = seconds, stalls, max(seconds, most)
+        self._timeout = asyncio.timeout(None if stalls is not None else seconds)
+        self._handle: asyncio.TimerHandle | None = None
+        self._start = self._stalled = 0.0
+
+    async def __aenter__(self) -> Deadline:
+        await self._timeout.__aenter__()
+        if self._stalls is not None:
+            loop = asyncio.get_running_loop()
+            self._start, self._stalled = loop.time(), self._stalls.stalled()
+            self._handle = loop.call_at(self._start + self._seconds, self._check)
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool | None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        return await self._timeout.__aexit__(kind, exc, tb)  # type: ignore[arg-type]
+
+    def _check(self) -> None:
+        assert self._stalls is not None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        due = min(self._start + self._seconds + self._stalls.stalled() - self._stalled, self._start + self._most)
+        if now >= due:
+            self._handle = None
+            self._timeout.reschedule(now)  # expires now: the task is cancelled, the exit raises TimeoutError
+        else:
+            self._handle = loop.call_at(due, self._check)
+
+
 async def within(aw: Awaitable[T], timeout: float, stalls: LoopStalls | None, *, most: float) -> T:
     """``aw``'s result, or TimeoutError once ``timeout`` seconds have passed that the loop ran on time (and at
     ``most`` seconds in all, however late it runs). Without ``stalls``, a plain deadline."""
-    if stalls is None:
-        return await asyncio.wait_for(aw, timeout)
-    loop = asyncio.get_running_loop()
-    task = asyncio.ensure_future(aw)
-    start, stalled = loop.time(), stalls.stalled()
-    try:
-        while True:
-            deadline = min(start + timeout + stalls.stalled() - stalled, start + max(timeout, most))
-            now = loop.time()
-            if now >= deadline:
-                raise TimeoutError
-            await asyncio.wait((task,), timeout=deadline - now)
-            if task.done():
-                return task.result()
-    finally:
-        if not task.done():
-            task.cancel()
+    async with Deadline(timeout, stalls, most=most):
+        return await aw

@@ -272,6 +272,7 @@ class ControlTransport:
             outbound=outbound,
             remote_address=remote_address,
             secret=secret,
+            stalls=self.stalls,
         )
         # The secrets may have changed (a reload) while this handshake ran with the old ones.
         refused = self.stale_reason(conn) or self.router.add_connection(conn)
