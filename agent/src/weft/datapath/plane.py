@@ -120,7 +120,7 @@ class DataPlane:
         # Where the kernel floods (the all-zero FDB entry's addresses), as last applied or read, and the neighbours
         # told so in their heartbeats ("kf"): those in the fast set the kernel already floods to. A neighbour takes our
         # broadcasts from the sleeve unless told; it is told only once the kernel floods to it, and told otherwise as
-        # soon as the path leaves the fast set, so a change of path duplicates a flood for a moment, never loses it.
+        # soon as the path leaves the fast set, so a change of path duplicates a flood for a moment rather than lose it.
         self._kernel_floods: frozenset[str] = frozenset()
         self._told_floods: frozenset[int] = frozenset()
         self.e2e = EndToEnd(
