@@ -190,19 +190,25 @@ class _Fwd:
         return True
 
 
-def test_the_kernel_is_programmed_at_once_then_at_most_twice_a_second_in_a_burst(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A hundred connections coming up one after the other each change the tables; the FDB is programmed for the first
-    at once and then at most once per KERNEL_SPACING (each programming is a round of netlink requests)."""
+def _timed_plane(monkeypatch: pytest.MonkeyPatch) -> tuple[DataPlane, _Loop, list[float]]:
+    """A plane on a recording loop, with a fake sleeve and netlink, whose monotonic clock is the list's one number."""
     metrics = Metrics()
     plane = DataPlane(AgentConfig(), Router(PeerInfo(ME, "me", 1), VirtualScheduler(), metrics), metrics)
     loop = _Loop()
     plane._loop = loop  # type: ignore[assignment]
     plane.sleeve, plane.nd = _Fwd(), object()  # type: ignore[assignment]
-    programmed: list[float] = []
     clock = [100.0]
     monkeypatch.setattr(plane_module.time, "monotonic", lambda: clock[0])
+    return plane, loop, clock
+
+
+def test_the_kernel_is_programmed_at_once_then_at_most_twice_a_second_in_a_burst(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hundred connections coming up one after the other each change the tables; the FDB is programmed for the first
+    at once and then at most once per KERNEL_SPACING (each programming is a round of netlink requests)."""
+    plane, loop, clock = _timed_plane(monkeypatch)
+    programmed: list[float] = []
     monkeypatch.setattr(fdb, "read", lambda *a, **k: fdb.FdbState())
     monkeypatch.setattr(fdb, "apply", lambda *a, **k: (programmed.append(clock[0]), 1)[1])  # each changes an entry
     monkeypatch.setattr(plane, "_sync_guard", lambda *a, **k: None)
@@ -223,14 +229,8 @@ def test_the_kernel_is_programmed_at_once_then_at_most_twice_a_second_in_a_burst
 def test_a_programming_that_changed_nothing_does_not_hold_back_the_next(monkeypatch: pytest.MonkeyPatch) -> None:
     """A recomputation that leaves the kernel's entries as they are (a neighbour told how our floods reach it, a
     trust change) must not make the next real change (a path turning fast) wait out KERNEL_SPACING."""
-    metrics = Metrics()
-    plane = DataPlane(AgentConfig(), Router(PeerInfo(ME, "me", 1), VirtualScheduler(), metrics), metrics)
-    loop = _Loop()
-    plane._loop = loop  # type: ignore[assignment]
-    plane.sleeve, plane.nd = _Fwd(), object()  # type: ignore[assignment]
-    clock = [100.0]
+    plane, loop, clock = _timed_plane(monkeypatch)
     changes = [1]
-    monkeypatch.setattr(plane_module.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(fdb, "read", lambda *a, **k: fdb.FdbState())
     monkeypatch.setattr(fdb, "apply", lambda *a, **k: changes[0])
     monkeypatch.setattr(plane, "_sync_guard", lambda *a, **k: None)
@@ -254,13 +254,7 @@ def test_a_burst_of_changes_recomputes_the_tables_at_once_then_at_most_ten_times
 ) -> None:
     """Each connection and path of a dense mesh forming changes the tables; they are rebuilt for the first change at
     once and then at most once per RECOMPUTE_SPACING, each rebuild taking in every change since the last."""
-    metrics = Metrics()
-    plane = DataPlane(AgentConfig(), Router(PeerInfo(ME, "me", 1), VirtualScheduler(), metrics), metrics)
-    loop = _Loop()
-    plane._loop = loop  # type: ignore[assignment]
-    plane.sleeve, plane.nd = _Fwd(), object()  # type: ignore[assignment]
-    clock = [100.0]
-    monkeypatch.setattr(plane_module.time, "monotonic", lambda: clock[0])
+    plane, loop, clock = _timed_plane(monkeypatch)
     built: list[float] = []
     monkeypatch.setattr(plane, "_sync_neighbours", lambda now: built.append(now))
 
