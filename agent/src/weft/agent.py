@@ -362,6 +362,7 @@ class Agent:
             "targets": self.maker.status(),
             "mac_conflicts": self.dataplane.mac_conflicts() if self.dataplane is not None else [],
             "end_to_end": self.dataplane.end_to_end_status() if self.dataplane is not None else [],
+            "loop_lag_s": round(self.stalls.lag(), 3),
             "ipam": self.ipam.status(),
             "dns": self.dns.status() if self.dns is not None else {"enabled": False},
         }

@@ -95,3 +95,18 @@ def test_the_commands_that_talk_to_the_agent_import_none_of_its_modules() -> Non
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == []
+
+
+def test_the_status_summary_says_when_the_agent_runs_late_and_only_then() -> None:
+    """An agent whose host starves it says so where operators look first; an older agent's status has no such
+    field, and an agent that keeps time shows no line."""
+    from weft.api.render import summary
+
+    base = {
+        "version": "0", "protocol": "weft 1..1", "name": "02:00:00:00:00:01", "nickname": "h1",
+        "encryption": "disabled", "secrets": 0, "discovery": True, "connections": [], "targets": [], "peers": [],
+    }  # fmt: skip
+    late = summary({**base, "loop_lag_s": 12.34})
+    assert "EventLoop: ran 12.3s late lately: this host gives the agent too little CPU" in late
+    assert "EventLoop" not in summary({**base, "loop_lag_s": 0.02})
+    assert "EventLoop" not in summary(base)

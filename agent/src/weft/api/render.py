@@ -19,6 +19,9 @@ def _escaped(render: Callable[[dict], str]) -> Callable[[dict], str]:
     return wrapper
 
 
+LATE_LOOP = 1.0  # seconds: an event loop this late (weft_event_loop_lag_seconds) is worth a line in the summary
+
+
 def _field(label: str, value: object) -> str:
     return f"{label:>15}: {value}"
 
@@ -66,6 +69,10 @@ def summary(s: dict) -> str:
     if sealed:
         plural = "s" if len(sealed) != 1 else ""
         lines.append(_field("EndToEnd", f"{len(sealed)} relayed peer{plural} sealed end to end"))
+    lag = s.get("loop_lag_s", 0.0)  # absent from an older agent's status
+    if lag >= LATE_LOOP:
+        late = f"ran {lag:.1f}s late lately: this host gives the agent too little CPU (deadlines allow for it)"
+        lines.append(_field("EventLoop", late))
     for conflict in s.get("mac_conflicts", []):  # absent from an older agent's status
         claimants = ", ".join(conflict["peers"])
         lines.append(_field("MACConflict", f"{conflict['mac']} claimed by {claimants}; owner {conflict['owner']}"))
