@@ -101,6 +101,13 @@ weft:
       type: str
       returned: success
       sample: enabled
+    loop_lag_s:
+      description:
+        - The most the agent's event loop ran late in the last 10 seconds (C(weft_event_loop_lag_seconds)). From
+          a second on, the host gives the agent too little CPU; handshake and read deadlines allow for it.
+      type: float
+      returned: success, from agents that report it
+      sample: 0.004
     peers:
       description: Every peer in this agent's view of the mesh (itself included), with the connections each reports.
       type: list
