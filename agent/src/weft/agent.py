@@ -50,7 +50,7 @@ class Agent:
         self._reload_pending = False
         self._reload_config = reload_config
         self.metrics = Metrics()
-        self.stalls = LoopStalls()  # how late the loop runs: handshake deadlines do not count it
+        self.stalls = LoopStalls()  # how late the loop runs: handshake and read deadlines do not count it
         self.metrics.add_loop_lag(self.stalls.lag)
         self.store = Store(config.state_dir)
         self.secrets = read_secrets(config.secret_files)

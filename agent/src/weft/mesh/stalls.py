@@ -1,11 +1,12 @@
-"""How late this process's event loop runs: the time a handshake's deadline does not count.
+"""How late this process's event loop runs: the time handshake and read deadlines do not count.
 
-A handshake has a deadline so that a peer that stops answering does not hold a slot for long. On a starved host
-(every core busy, this agent given a sliver of one) the loop itself runs seconds late: when the deadline fires, the
-peer's answer is already there, unread, and every handshake with this host fails, with every peer, for as long as
-that lasts. A hundred agents on two cores showed it: the host all of them were told of answered in 6 to 14 s, and
-a fifth of them never got in. A tick every ``TICK`` seconds measures how late the loop runs; :func:`within` keeps a
-deadline by the time the loop ran on time, up to a ceiling.
+A handshake has a deadline so that a peer that stops answering does not hold a slot for long, and a connection one
+so that a silent peer is noticed. On a starved host (every core busy, this agent given a sliver of one) the loop
+itself runs seconds late: when a deadline fires, the peer's answer is already there, unread, and every handshake
+with this host fails, and its connections end, for as long as that lasts. A hundred agents on two cores showed it:
+the host all of them were told of ran its loop 6 to more than 20 s late, and most of the mesh never formed. A tick
+every ``TICK`` seconds measures how late the loop runs; :class:`Deadline` keeps a deadline by the time the loop ran
+on time, up to a ceiling.
 """
 
 from __future__ import annotations
