@@ -56,10 +56,8 @@ def test_a_peer_that_does_not_answer_still_times_out_and_a_loop_that_never_keeps
         stalls = LoopStalls(tick=0.01)
         stalls.start(loop)
         try:
-            started = loop.time()
             with pytest.raises(TimeoutError):
                 await within(loop.create_future(), 0.1, stalls, most=10.0)
-            assert loop.time() - started < 5.0, "an on-time loop waits about the timeout"
             with pytest.raises(TimeoutError):  # held for longer than the ceiling: no second stage in time
                 await within(_two_stages(0.4), 0.1, stalls, most=0.3)
         finally:
@@ -198,7 +196,7 @@ def test_a_peer_whose_handshakes_time_out_gets_twice_the_time_at_each_try_then_t
 
 @pytest.mark.parametrize("aware", [True, False])
 def test_a_connection_outlives_a_stall_of_its_own_loop_longer_than_the_read_timeout(aware: bool) -> None:
-    """Both ends heartbeat every 0.05 s and give up after 0.5 s of silence; the loop is held for 1 s. The heartbeats
+    """Both ends heartbeat every 0.05 s and give up after 0.8 s of silence; the loop is held for 1.6 s. The heartbeats
     that came meanwhile are read before the silence is judged: the connection stays. Counted by the wall clock, both
     ends would call it dead at once (the ``aware=False`` case shows that they do)."""
     from weft.mesh.connection import ControlConnection
@@ -214,7 +212,7 @@ def test_a_connection_outlives_a_stall_of_its_own_loop_longer_than_the_read_time
             handshake(r1, w1, outbound=True, ourself=A, secrets=[b"k" * 32], port=6783, advertise=None),
             handshake(r2, w2, outbound=False, ourself=B, secrets=[b"k" * 32], port=6783, advertise=None),
         )
-        settings = ConnectionSettings(heartbeat_interval=0.05, read_timeout=0.5)
+        settings = ConnectionSettings(heartbeat_interval=0.05, read_timeout=0.8)
         conns = [
             ControlConnection(
                 r, w, s, settings=settings, metrics=Metrics(), on_message=lambda c, m: None, on_sent=lambda ms: None,
@@ -224,7 +222,7 @@ def test_a_connection_outlives_a_stall_of_its_own_loop_longer_than_the_read_time
         ]  # fmt: skip
         runs = [asyncio.ensure_future(c.run()) for c in conns]
         await asyncio.sleep(0.2)
-        time.sleep(1.0)  # the host gives the agent no turn for a second
+        time.sleep(1.6)  # the host gives the agent no turn for twice the read timeout
         await asyncio.sleep(0.5)
         reasons = [c.close_reason for c in conns]
         for c in conns:
