@@ -177,6 +177,11 @@ def test_a_neighbours_floods_are_taken_from_the_sleeve_unless_it_says_its_kernel
     plane._loop.run()  # type: ignore[union-attr]
     assert sleeve.fwd.flood_origins == {C, D}
 
+    for junk in ("yes", 1, None, [True], "x" * 100_000):  # not a bool: taken as not said, as from an older version
+        _hear(plane, A, kf=junk)
+        plane._loop.run()  # type: ignore[union-attr]
+        assert plane.paths[A].peer_floods is None and sleeve.fwd.flood_origins == {C, D}
+
 
 def test_what_the_kernel_floods_to_after_a_restart_counts_as_told(plane: DataPlane) -> None:
     """The last run's all-zero entry keeps flooding while the path is held fast: the first heartbeat says so."""

@@ -213,6 +213,11 @@ class DataPlane:
         """May frames to and from ``ip`` cross unencrypted? Always without a secret, else only if trusted."""
         return not self.encrypting or trusted(ip, self.trusted)
 
+    def _sends_us_plaintext(self, st: PathState) -> bool:
+        """May this neighbour send us unencrypted frames (the guard's peer set takes its VXLAN)? Both ends trust each
+        other's subnet, or there is no secret."""
+        return st.fast_allowed() and self._fast_permitted(st.ip)
+
     def _matching_connections(self) -> dict[int, Conn]:
         """The connections whose encryption matches ours: one that does not is being closed (a reload)."""
         return {n: c for n, c in self.router.connections.items() if c.encrypted == self.encrypting}
@@ -683,7 +688,7 @@ class DataPlane:
             st = self.paths.get(origin)
             if st is None or st.peer_floods is None:
                 return origin in fast_ips
-            accepted = origin in fast_ips or (st.fast_allowed() and self._fast_permitted(st.ip))
+            accepted = origin in fast_ips or self._sends_us_plaintext(st)
             return st.peer_floods and accepted
 
         return frozenset(n for n in next_hop if not kernel_floods(n))
@@ -724,23 +729,20 @@ class DataPlane:
         last, self._kernel_at = self._kernel_at, time.monotonic()
         (want, delete), self._want = self._want, None
         self._sync_guard(want, before_fdb=True)
-        have: fdb.FdbState | None = None
-        worked = True
+        have = self._fdb_have
+        read = have is None or self._kernel_at - self._fdb_read_at >= FDB_REREAD
+        changed = 1  # a failure counts as work: the next pass reads the kernel again
         try:
-            have = self._fdb_have
-            if have is None or self._kernel_at - self._fdb_read_at >= FDB_REREAD:
+            if read or have is None:
                 have = self._read_fdb()
-            else:
-                worked = False
-            if fdb.apply(
+            changed = fdb.apply(
                 self.nd, bridge=self.bridge, vxlan=self.vxlan, tap=self.tap, want=want, delete=delete, have=have
-            ):
-                worked = True
+            )
         except Exception as exc:  # netlink refused one entry: say so, keep the rest working (and read them again)
             log.warning("could not program the kernel forwarding table: %s", exc)
             self._fdb_have = have = None
         self._sync_guard(want, before_fdb=False, have=have)
-        if not worked:  # nothing to read nor change: the next change, a path turning fast, need not wait for spacing
+        if not read and not changed:  # nothing read nor changed: the next change (a path turning fast) need not wait
             self._kernel_at = last
         floods = self._fdb_have.vxlan.get(fdb.ZERO_MAC, set()) if self._fdb_have is not None else set()
         if floods != self._kernel_floods:  # neighbours the kernel now floods to (or no longer) are told so
@@ -763,7 +765,7 @@ class DataPlane:
         if self.guard is None or self.nd is None:
             return
         probe = {st.ip for st in self.paths.values() if self._fast_permitted(st.ip)}
-        peers = {st.ip for st in self.paths.values() if st.fast_allowed() and self._fast_permitted(st.ip)}
+        peers = {st.ip for st in self.paths.values() if self._sends_us_plaintext(st)}
         try:
             if before_fdb:
                 wanted = {dst for dsts in want.vxlan.values() for dst in dsts}
