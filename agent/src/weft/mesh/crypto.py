@@ -11,9 +11,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.bindings._rust import openssl as rust_openssl
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -27,14 +30,34 @@ class SealError(Exception):
     """A sealed message did not authenticate: wrong key, tampered, replayed or reordered."""
 
 
+def x25519_functions(rust: Any) -> tuple[Callable[[], X25519PrivateKey], Callable[[bytes], X25519PublicKey]]:
+    """How to make a key pair and read a peer's public key: cryptography's own functions behind
+    ``X25519PrivateKey.generate`` and ``X25519PublicKey.from_public_bytes``, found in its Rust module ``rust``.
+
+    Those two class methods import cryptography's whole OpenSSL backend module, its cffi bindings built name by name
+    (about 1.1 MiB resident in the agent), only to ask whether OpenSSL runs in FIPS mode, which does not allow
+    X25519. This asks that question itself. The class methods are used as they are where OpenSSL is in FIPS mode
+    (they refuse with cryptography's own error) or where another release of cryptography lays its module out
+    otherwise."""
+    try:
+        if not rust.is_fips_enabled():
+            return rust.x25519.generate_key, rust.x25519.from_public_bytes
+    except AttributeError:
+        pass
+    return X25519PrivateKey.generate, X25519PublicKey.from_public_bytes
+
+
+_new_key, _public_key = x25519_functions(rust_openssl)
+
+
 class EphemeralKey:
     def __init__(self) -> None:
-        self._private = X25519PrivateKey.generate()
+        self._private = _new_key()
         # The raw form without the serialization package, whose SSH support imports bcrypt and every key type
         self.public = self._private.public_key().public_bytes_raw()
 
     def exchange(self, peer_public: bytes) -> bytes:
-        return self._private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+        return self._private.exchange(_public_key(peer_public))
 
 
 def secret_id(secret: bytes, public: bytes) -> bytes:
