@@ -47,10 +47,41 @@ def test_a_handshake_key_needs_no_key_serialization_nor_bcrypt() -> None:
         "from weft.mesh.crypto import EphemeralKey\n"
         "a, b = EphemeralKey(), EphemeralKey()\n"
         "assert len(a.public) == 32 and a.exchange(b.public) == b.exchange(a.public)\n"
-        "gone = ('bcrypt', 'cryptography.hazmat.primitives.serialization')\n"
+        "gone = ('bcrypt', 'cryptography.hazmat.primitives.serialization', 'cryptography.hazmat.backends')\n"
         "print(' '.join(sorted(m for m in sys.modules if m.startswith(gone))))\n"
+        "from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey\n"
+        "c = X25519PrivateKey.generate()\n"  # a key of the public API agrees with ours, both ways
+        "c_pub = c.public_key().public_bytes_raw()\n"
+        "print(a.exchange(c_pub) == c.exchange(X25519PublicKey.from_public_bytes(a.public)))\n"
     )
-    assert out.split() == []
+    gone, agrees = out.splitlines()
+    assert gone.split() == []  # the OpenSSL backend module is 1.1 MiB of cffi bindings built name by name
+    assert agrees == "True"
+
+
+def test_x25519_falls_back_to_the_public_api_in_fips_mode_or_on_another_layout() -> None:
+    """Where OpenSSL runs in FIPS mode the public class methods refuse X25519 with cryptography's own error, and a
+    release of cryptography without these functions gets the class methods too: a handshake never runs on a guess."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+    from weft.mesh.crypto import x25519_functions
+
+    class Fips:
+        x25519 = object()
+
+        @staticmethod
+        def is_fips_enabled() -> bool:
+            return True
+
+    public = (X25519PrivateKey.generate, X25519PublicKey.from_public_bytes)
+    assert x25519_functions(Fips) == public
+    assert x25519_functions(object()) == public  # no such functions at all
+    from cryptography.hazmat.bindings._rust import openssl
+
+    new_key, read_public = x25519_functions(openssl)
+    assert (new_key, read_public) != public
+    key = new_key()
+    assert read_public(key.public_key().public_bytes_raw()).public_bytes_raw() == key.public_key().public_bytes_raw()
 
 
 def test_pyroute2_modules_load_without_the_package_init_which_still_runs_on_demand() -> None:
@@ -100,6 +131,50 @@ def test_a_process_that_imported_pyroute2_first_keeps_it_whole() -> None:
         "print('pyroute2.ndb.main' in sys.modules, type(sys.modules['pyroute2']).__name__)\n"
     )
     assert out.split() == ["True", "module"]
+
+
+def test_the_data_planes_imports_leave_shutil_tempfile_and_ctypes_util_unrun_until_used() -> None:
+    """pyroute2 imports them for tools the agent never runs (about 0.6 MiB with bz2 and lzma); whoever uses them
+    later gets the module, run then, as an import would have given it."""
+    out = python(
+        "import sys\n"
+        "import weft.datapath.netdev, weft.datapath.fastguard, weft.datapath.portguard, weft.datapath.plane\n"
+        "import weft.agent\n"
+        "names = ('shutil', 'tempfile', 'ctypes.util', 'bz2', 'lzma')\n"
+        "print(' '.join(f'{n}={type(sys.modules[n]).__name__}' for n in names if n in sys.modules))\n"
+        "from weft.datapath.fastguard import find_nft\n"
+        "print(find_nft())\n"
+        "import shutil, ctypes.util\n"
+        "from tempfile import *\n"  # __all__ runs it too
+        "print(shutil.which('sh'), ctypes.util.find_library('c'), callable(mkdtemp), 'lzma' in sys.modules)\n"
+        "print(type(shutil).__name__, type(sys.modules['tempfile']).__name__, shutil.rmtree.__module__)\n"
+    )
+    before, nft, used, after = out.splitlines()
+    assert before == "shutil=_Deferred tempfile=_Deferred ctypes.util=_Deferred"  # neither bz2 nor lzma
+    assert nft.endswith("/nft")
+    assert used.split()[1:] == ["libc.so.6", "True", "True"] and used.split()[0].endswith("/sh")
+    assert after == "module module shutil"
+
+
+def test_a_deferred_module_runs_once_when_threads_race_to_it() -> None:
+    out = python(
+        "import sys, threading\n"
+        "from weft.footprint import defer\n"
+        "print(defer(['textwrap', 'sys', 'no_such_module_here']))\n"
+        "import textwrap\n"
+        "seen = []\n"  # a class its code defines: a second run would make another
+        "ts = [threading.Thread(target=lambda: seen.append(textwrap.TextWrapper)) for _ in range(8)]\n"
+        "[t.start() for t in ts]; [t.join() for t in ts]\n"
+        "print(len(set(seen)), seen[0] is textwrap.TextWrapper, type(textwrap).__name__)\n"
+        "try:\n"
+        "    textwrap.no_such_name\n"
+        "except AttributeError as exc:\n"
+        "    print('AttributeError', exc)\n"
+    )
+    deferred, raced, missing = out.splitlines()
+    assert deferred == "['textwrap']"  # imported already or not installed: left as they are
+    assert raced == "1 True module"
+    assert missing.startswith("AttributeError") and "no_such_name" in missing
 
 
 def test_the_metrics_text_is_prometheus_text_with_labels_escaped() -> None:
