@@ -1,7 +1,7 @@
 """The agent's memory footprint: code it would import but never run, kept out of its process.
 
 Most of an agent's resident memory is code: the modules it imports and the shared libraries they map
-(docs/memory.md has the figures). Two imports cost much and bring nothing the agent uses:
+(docs/memory.md has the figures). Some imports cost much and bring nothing the agent uses:
 
 - pyroute2's package ``__init__`` imports every netlink family it implements (IPDB, NDB, nftables, WireGuard,
   devlink, 9P, ...), about 5 MiB resident; the agent uses rtnetlink alone. :func:`pyroute2_package` lets its
@@ -18,6 +18,10 @@ Most of an agent's resident memory is code: the modules it imports and the share
   argparse, difflib and pprint, about 1.5 MiB resident. :func:`pyroute2_package` has that module find, for the
   length of its own import, a ``unittest.mock`` whose ``Mock`` is such a placeholder; the real ``unittest`` stays
   importable, and a process that imported it before keeps it.
+- pyroute2's modules import ``shutil`` (with bz2, lzma and fnmatch), ``tempfile`` and ``ctypes.util`` for tools the
+  agent does not run: its tool probes and its netns helpers' libc lookup. :func:`pyroute2_package` defers them
+  (:func:`defer`): the import binds them, and their code runs the first time something asks them for a name.
+  About 0.6 MiB resident.
 """
 
 from __future__ import annotations
@@ -26,12 +30,16 @@ import importlib
 import importlib.machinery
 import importlib.util
 import sys
+import threading
 import types
 from collections.abc import Sequence
 from typing import Any
 
 OPENSSL_MODULES = ("ssl", "_ssl", "_hashlib")
 IPRSOCKET = "pyroute2.netlink.rtnl.iprsocket"  # the one module of pyroute2 that imports unittest.mock
+# What pyroute2 imports for tools the agent does not run (its TLS and tool probes, its netns helpers' libc lookup):
+# shutil with bz2, lzma and fnmatch, tempfile, and ctypes.util, which imports both.
+PYROUTE2_DEFERRED = ("shutil", "tempfile", "ctypes.util")
 
 
 def keep_openssl_out() -> list[str]:
@@ -52,24 +60,65 @@ class _NoTLS(types.ModuleType):
         raise ImportError(f"ssl.{name}: this process runs without TLS (weft.footprint.keep_openssl_out)")
 
 
-class _LazyPackage(types.ModuleType):
+class _Deferred(types.ModuleType):
+    """A module whose code runs the first time a name is asked of it: importing it only binds it.
+
+    The module object is the one in ``sys.modules`` and in every importer's namespace, so once it has run it is the
+    module as imported the usual way. A thread that asks while another runs it waits for it."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") and name != "__all__":
+            raise AttributeError(name)
+        with _RUNNING:
+            if isinstance(self, _Deferred):  # not run meanwhile by another thread
+                if self.__dict__.get("_weft_running"):
+                    raise AttributeError(name)  # its own code asks for a name it has not defined yet
+                spec = self.__spec__
+                assert spec is not None and spec.loader is not None
+                self.__dict__["_weft_running"] = True
+                try:
+                    spec.loader.exec_module(self)
+                finally:
+                    del self.__dict__["_weft_running"]
+                self.__class__ = types.ModuleType
+        return getattr(self, name)
+
+
+_RUNNING = threading.RLock()
+
+
+class _LazyPackage(_Deferred):
     """A package whose ``__init__`` runs when a name is first asked of the package itself (not of its modules)."""
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or self.__dict__.get("_weft_initialising"):
-            raise AttributeError(name)
-        if importlib.util.find_spec(f"{self.__name__}.{name}") is not None:
+        if (
+            not name.startswith("__")
+            and not self.__dict__.get("_weft_running")
+            and importlib.util.find_spec(f"{self.__name__}.{name}") is not None
+        ):
             # `from package import module` asks the package first: a module of it is imported, as it would be.
             return importlib.import_module(f"{self.__name__}.{name}")
-        self.__dict__["_weft_initialising"] = True
-        spec = self.__spec__
-        assert spec is not None and spec.loader is not None
-        try:
-            spec.loader.exec_module(self)  # the real __init__, in this very module object
-        finally:
-            del self.__dict__["_weft_initialising"]
-        self.__class__ = types.ModuleType
-        return getattr(self, name)
+        return super().__getattr__(name)
+
+
+def defer(names: Sequence[str]) -> list[str]:
+    """Register the modules ``names`` as :class:`_Deferred`, unless imported already; returns those deferred.
+    A dotted name's parent package is imported (as an import of it would)."""
+    deferred = []
+    for name in names:
+        if name in sys.modules:
+            continue
+        parent, _, child = name.rpartition(".")
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            continue  # not installed: an import of it says so
+        module = importlib.util.module_from_spec(spec)
+        module.__class__ = _Deferred
+        sys.modules[name] = module
+        if parent:
+            setattr(sys.modules[parent], child, module)
+        deferred.append(name)
+    return deferred
 
 
 class _Inert:
@@ -136,6 +185,7 @@ def pyroute2_package() -> None:
     package = importlib.util.module_from_spec(spec)
     package.__class__ = _LazyPackage
     sys.modules["pyroute2"] = package
+    defer(PYROUTE2_DEFERRED)
     if IPRSOCKET not in sys.modules and not any(isinstance(f, _IPRSocketFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _IPRSocketFinder())  # see _UnittestStandIn
     if "ssl" in sys.modules and sys.modules["ssl"] is None:  # kept out: see keep_openssl_out

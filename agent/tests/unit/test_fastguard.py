@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -130,7 +131,24 @@ def test_drops_are_read_from_the_counters_and_survive_a_reload_of_the_table() ->
     assert guard.dropped(fresh=True) == {"fast_unknown_sender": 8, "fast_unknown_dest": 2}
 
 
-def test_without_nft_the_error_says_to_install_nftables(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fastguard.shutil, "which", lambda name: None)
+def test_without_nft_the_error_says_to_install_nftables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(fastguard, "_NFT_PATHS", (str(tmp_path / "sbin" / "nft"),))
     with pytest.raises(GuardError, match=r"install it \(apt install nftables\)"):
         FastGuard(6784, 6783)
+
+
+def test_nft_is_found_on_path_first_then_where_distributions_put_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    on_path, sbin, plain = tmp_path / "bin", tmp_path / "sbin", tmp_path / "plain"
+    for d in (on_path, sbin, plain):
+        d.mkdir()
+        (d / "nft").write_text("#!/bin/sh\n")
+    (on_path / "nft").chmod(0o755)
+    (sbin / "nft").chmod(0o755)
+    monkeypatch.setattr(fastguard, "_NFT_PATHS", (str(sbin / "nft"),))
+    monkeypatch.setenv("PATH", f"{plain}:{on_path}")  # a file that is not executable is passed over
+    assert fastguard.find_nft() == str(on_path / "nft")
+    monkeypatch.setenv("PATH", str(plain))
+    assert fastguard.find_nft() == str(sbin / "nft")
