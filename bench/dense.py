@@ -6,6 +6,8 @@ Figures per variant: the time until every agent's view lists all N peers and unt
 (from the moment the first is told), the topology gossip each agent sent meanwhile, then, once the mesh has been
 quiet for ``settle`` seconds, the CPU each agent uses over ``window`` seconds (utime + stime from /proc/PID/stat:
 the settled cost of heartbeats, probes and anti-entropy) and its RSS. Nothing polls the agents during the window.
+Next to them, the sum of the agents' CPU and the CPU the whole machine was busy for in the window (from
+/proc/stat): the first cannot exceed the second.
 
 With ``baseline=REV[,REV...]`` the same runs first against the agent of each git revision (``git archive``, first
 on PYTHONPATH, as the restart benchmark does), so every variant comes from one run on one machine. The machine's
@@ -135,13 +137,18 @@ def scenario(
             result["quiet_after_s"] = round(quiet_after - t0, 1)
             cpu0 = {h.name: mesh._cpu_seconds(h.agent.pid) for h in hosts if h.agent is not None}
             g0 = _gossip_of(hosts)
+            busy0 = _machine_busy_seconds()
             w0 = time.monotonic()
             time.sleep(window)
             elapsed = time.monotonic() - w0
+            busy1 = _machine_busy_seconds()
             cpu1 = {h.name: mesh._cpu_seconds(h.agent.pid) for h in hosts if h.agent is not None}
             pct = [100 * (cpu1[k] - cpu0[k]) / elapsed for k in cpu0 if cpu0[k] is not None and cpu1.get(k) is not None]
             result["settled_window_s"] = round(elapsed, 1)
             result["settled_cpu_pct"] = _summary(pct)
+            # A cross-check of the per-agent figures: their sum cannot exceed what the whole machine was busy for.
+            result["settled_agents_cpu_cores"] = round(sum(pct) / 100, 2)
+            result["settled_machine_busy_cores"] = round((busy1 - busy0) / elapsed, 2)
             settled = _by_channel(_gossip_since(g0, hosts))
             result["settled_gossip_bytes_per_agent"] = settled["total"]
             result["settled_gossip_bytes_per_agent_by_channel"] = settled
@@ -155,6 +162,13 @@ def scenario(
         finally:
             result["loadavg_after"] = os.getloadavg()
     return result
+
+
+def _machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (all but idle and iowait) since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def _until_quiet(hosts: list[mesh.Host], settle: float, timeout: float) -> float:
