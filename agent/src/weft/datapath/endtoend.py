@@ -90,7 +90,7 @@ class Session:
         return self.keys.kid
 
 
-@dataclass
+@dataclass(slots=True)
 class _PeerState:
     peer: int
     uid: int | None

@@ -53,7 +53,7 @@ def trusted(ip: str, subnets: list[ipaddress.IPv4Network | ipaddress.IPv6Network
     return any(address in net for net in subnets)
 
 
-@dataclass
+@dataclass(slots=True)
 class PathState:
     """What we know of the paths to one direct neighbour (one control connection)."""
 

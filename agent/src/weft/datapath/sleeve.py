@@ -76,7 +76,7 @@ _CONTROL_TX, _CONTROL_RX = ("control", "tx"), ("control", "rx")
 _TRANSIT_TX, _TRANSIT_RX = ("transit", "tx"), ("transit", "rx")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Link:
     peer: int  # 48-bit peer name of a direct neighbour
     addr: tuple[str, int]  # its UDP endpoint
@@ -86,7 +86,7 @@ class Link:
     e2e: bool = False  # the neighbour reads end-to-end datagrams and passes them on (its handshake said so)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Pair:
     """End-to-end keys agreed with a peer that is not a neighbour (endtoend.py). A peer may have several at once
     (the current keys, and the ones before or after a rekey): all open, at most one seals."""

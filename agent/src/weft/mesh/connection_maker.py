@@ -50,7 +50,7 @@ def _discovered_address(text: str) -> str | None:
         return None
 
 
-@dataclass
+@dataclass(slots=True)
 class Target:
     address: str
     origin: str  # "config", "api" (weft connect) or "discovered"

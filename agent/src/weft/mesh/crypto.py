@@ -66,13 +66,13 @@ def secret_id(secret: bytes, public: bytes) -> bytes:
     return hmac.new(secret, b"weft secret id" + public, hashlib.sha256).digest()[:SECRET_ID_LEN]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SessionKeys:
     send: bytes
     receive: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LinkKeys:
     """Both directions of one connection: the control stream's keys and the data path's keys."""
 
