@@ -18,6 +18,9 @@ Most of an agent's resident memory is code: the modules it imports and the share
   argparse, difflib and pprint, about 1.5 MiB resident. :func:`pyroute2_package` has that module find, for the
   length of its own import, a ``unittest.mock`` whose ``Mock`` is such a placeholder; the real ``unittest`` stays
   importable, and a process that imported it before keeps it.
+- pyroute2's config and process modules import ``multiprocessing`` (with pickle, about 0.4 MiB) for its netns
+  helpers, which the agent does not use: they get, for the length of their import, one whose ``Pipe``, ``Queue`` and
+  ``Process`` import the real one when called.
 - pyroute2's modules import ``shutil`` (with bz2, lzma and fnmatch), ``tempfile`` and ``ctypes.util`` for tools the
   agent does not run: its tool probes and its netns helpers' libc lookup. :func:`pyroute2_package` defers them
   (:func:`defer`): the import binds them, and their code runs the first time something asks them for a name.
@@ -32,7 +35,7 @@ import importlib.util
 import sys
 import threading
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 OPENSSL_MODULES = ("ssl", "_ssl", "_hashlib")
@@ -133,44 +136,79 @@ class _Inert:
         return self
 
 
-class _UnittestStandIn:
-    """Runs pyroute2's iprsocket module with a stand-in ``unittest`` (its ``mock.Mock`` an :class:`_Inert`) in
-    ``sys.modules`` for the length of that module's import, unless the real ``unittest`` is imported already. (A
-    loader and a finder by their methods: ``importlib.abc`` would import ``importlib.resources`` and more.)"""
+def _unittest_stand_in() -> dict[str, types.ModuleType]:
+    """``unittest`` and ``unittest.mock`` whose ``Mock`` is an :class:`_Inert`: what pyroute2's iprsocket uses."""
+    package, mock = types.ModuleType("unittest"), types.ModuleType("unittest.mock")
+    mock.Mock = _Inert  # type: ignore[attr-defined]
+    package.mock = mock  # type: ignore[attr-defined]
+    return {"unittest": package, "unittest.mock": mock}
 
-    def __init__(self, loader: Any) -> None:
+
+def _multiprocessing_stand_in() -> dict[str, types.ModuleType]:
+    """A ``multiprocessing`` whose ``Pipe``, ``Queue`` and ``Process`` import the real one when called.
+
+    pyroute2's config reads the three when imported, and its process module calls ``Process``: both only for its
+    netns helpers (a child process per namespace), which the agent does not use."""
+    stand_in = types.ModuleType("multiprocessing")
+
+    def late(name: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return getattr(importlib.import_module("multiprocessing"), name)(*args, **kwargs)
+
+        call.__name__ = call.__qualname__ = name
+        return call
+
+    for name in ("Pipe", "Queue", "Process"):
+        setattr(stand_in, name, late(name))
+    return {"multiprocessing": stand_in}
+
+
+# pyroute2's modules that import, for what the agent never runs, a module that costs much: each runs with stand-ins.
+STAND_INS: dict[str, Callable[[], dict[str, types.ModuleType]]] = {
+    IPRSOCKET: _unittest_stand_in,  # the whole unittest package with argparse, difflib and pprint: 1.5 MiB
+    "pyroute2.config": _multiprocessing_stand_in,  # multiprocessing with pickle: 0.4 MiB
+    "pyroute2.process": _multiprocessing_stand_in,
+}
+
+
+class _WithStandIns:
+    """Runs a module with its stand-ins in ``sys.modules`` for the length of its import, unless one of the real
+    modules is imported already. (A loader and a finder by their methods: ``importlib.abc`` would import
+    ``importlib.resources`` and more.)"""
+
+    def __init__(self, loader: Any, stand_ins: Callable[[], dict[str, types.ModuleType]]) -> None:
         self._loader = loader
+        self._stand_ins = stand_ins
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
         return self._loader.create_module(spec)
 
     def exec_module(self, module: types.ModuleType) -> None:
-        if "unittest" in sys.modules or "unittest.mock" in sys.modules:
+        stand_ins = self._stand_ins()
+        if any(name in sys.modules for name in stand_ins):
             self._loader.exec_module(module)
             return
-        package, mock = types.ModuleType("unittest"), types.ModuleType("unittest.mock")
-        mock.Mock = _Inert  # type: ignore[attr-defined]
-        package.mock = mock  # type: ignore[attr-defined]
-        sys.modules["unittest"], sys.modules["unittest.mock"] = package, mock
+        sys.modules.update(stand_ins)
         try:
             self._loader.exec_module(module)
         finally:
-            for name, stand_in in (("unittest", package), ("unittest.mock", mock)):
+            for name, stand_in in stand_ins.items():
                 if sys.modules.get(name) is stand_in:
                     del sys.modules[name]
 
 
-class _IPRSocketFinder:
-    """Finds pyroute2's iprsocket module as the path finder does, with :class:`_UnittestStandIn` as its loader."""
+class _StandInFinder:
+    """Finds the modules of :data:`STAND_INS` as the path finder does, with :class:`_WithStandIns` as loader."""
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: types.ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname != IPRSOCKET:
+        stand_ins = STAND_INS.get(fullname)
+        if stand_ins is None:
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is not None and spec.loader is not None:
-            spec.loader = _UnittestStandIn(spec.loader)
+            spec.loader = _WithStandIns(spec.loader, stand_ins)
         return spec
 
 
@@ -186,8 +224,8 @@ def pyroute2_package() -> None:
     package.__class__ = _LazyPackage
     sys.modules["pyroute2"] = package
     defer(PYROUTE2_DEFERRED)
-    if IPRSOCKET not in sys.modules and not any(isinstance(f, _IPRSocketFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _IPRSocketFinder())  # see _UnittestStandIn
+    if not any(isinstance(f, _StandInFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _StandInFinder())  # see STAND_INS
     if "ssl" in sys.modules and sys.modules["ssl"] is None:  # kept out: see keep_openssl_out
         sys.modules["ssl"] = _NoTLS("ssl")
         try:

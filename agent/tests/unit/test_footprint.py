@@ -124,6 +124,32 @@ def test_a_process_that_imported_unittest_first_gives_pyroute2_the_real_mock() -
     assert out.split() == ["Mock"]
 
 
+def test_pyroute2_loads_without_multiprocessing_which_its_helpers_still_get_when_called() -> None:
+    """pyroute2's config and process modules import multiprocessing (with pickle, 0.4 MiB) for netns helpers the
+    agent never runs; called, they get the real thing, and so does anyone who imports it."""
+    out = python(
+        "import sys\n"
+        "import weft.datapath.netdev\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('multiprocessing', 'pickle')))\n"
+        "from pyroute2 import config\n"
+        "reader, writer = config.MpPipe()\n"
+        "writer.send('through a real pipe'); print(reader.recv())\n"
+        "import multiprocessing\n"
+        "print(isinstance(multiprocessing.Process, type), config.MpProcess.__name__)\n"
+    )
+    assert out.splitlines() == ["[]", "through a real pipe", "True Process"]
+
+
+def test_a_process_that_imported_multiprocessing_first_gives_pyroute2_the_real_one() -> None:
+    out = python(
+        "import multiprocessing\n"
+        "import weft.datapath.netdev\n"
+        "from pyroute2 import config, process\n"
+        "print(config.MpProcess is multiprocessing.Process, process.multiprocessing is multiprocessing)\n"
+    )
+    assert out.split() == ["True", "True"]
+
+
 def test_a_process_that_imported_pyroute2_first_keeps_it_whole() -> None:
     out = python(
         "import sys, pyroute2\n"
