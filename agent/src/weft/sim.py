@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from weft.mesh.clock import VirtualScheduler
 from weft.mesh.connection_maker import ConnectionMaker
 from weft.mesh.gossip import GossipSender
+from weft.mesh.handshake import CAPABILITIES
 from weft.mesh.peer import PeerInfo, format_name
 from weft.mesh.router import Router
 from weft.metrics import Metrics
@@ -41,7 +42,7 @@ class SimConn:
         self.remote_ip: str | None = None  # no socket, no data path
         self.data_keys = None
         self.secret = None
-        self.caps: frozenset[str] = frozenset()
+        self.caps = net.caps  # what the remote peer reads beyond protocol 1 (handshake.CAPABILITIES)
         self.info = "simulated"
         self.other: SimConn | None = None
         self.closed = False
@@ -99,6 +100,8 @@ class SimNetwork:
     blocked: set[frozenset[int]] = field(default_factory=set)
     messages: int = 0
     conn_limit: int = 1000  # each peer's; a peer at its limit refuses a dial as the transport does (``full``)
+    # What every peer says it reads beyond protocol 1: the agent's own (an empty set: peers of an older release).
+    caps: frozenset[str] = frozenset(CAPABILITIES)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)

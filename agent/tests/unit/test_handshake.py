@@ -127,7 +127,7 @@ def test_same_secret_gives_both_ends_matching_session_keys() -> None:
     assert dialer.intro.port == 7000 and dialer.intro.advertise is None
     assert dialer.conn_uid == acceptor.conn_uid
     assert dialer.version == acceptor.version == PROTOCOL_MAX
-    assert dialer.intro.caps == acceptor.intro.caps == {"e2e"}  # each end reads end-to-end datagrams
+    assert dialer.intro.caps == acceptor.intro.caps == {"e2e", "digest"}  # all this release reads
 
 
 def test_each_connection_gets_fresh_keys() -> None:

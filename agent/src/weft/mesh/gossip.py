@@ -35,10 +35,27 @@ class Gossiper(Protocol):
         """A message addressed to us alone."""
 
 
+class Digester(Protocol):
+    """A channel that repairs a neighbour from a summary of what it holds rather than from its full state: in a
+    settled mesh, anti-entropy then costs the summary (a few bytes a peer) instead of the whole state."""
+
+    def digest(self) -> bytes:
+        """A summary of everything we hold, for a neighbour to compare with its own."""
+
+    def compare(self, payload: bytes) -> tuple[GossipData | None, bool]:
+        """A neighbour's digest against what we hold: what we have that it lacks (None if nothing), and whether it
+        has something we lack. Raises DecodeError on a malformed digest."""
+
+
 # Wire message types (the "t" field of a control message).
 GOSSIP = "g"
 BROADCAST = "gb"
 UNICAST = "gu"
+DIGEST = "gd"  # only to a neighbour whose handshake named DIGEST_CAPABILITY
+DIGEST_CAPABILITY = "digest"
+
+
+REPAIR = 1  # the third part of a repair's key in GossipSender (a full state's is 0)
 
 
 class GossipSender:
@@ -52,6 +69,17 @@ class GossipSender:
 
     def send(self, channel: str, data: GossipData) -> None:
         self._put((GOSSIP, channel, 0), data)
+
+    def send_repair(self, channel: str, data: GossipData) -> None:
+        """What a neighbour's digest showed it lacks: gossip it merges as any, but not a full state it would answer
+        in kind (it told us what it holds)."""
+        self._put((GOSSIP, channel, REPAIR), data)
+
+    def send_digest(self, channel: str, digest: bytes, *, reply: bool) -> None:
+        """Our digest (the latest replaces one still pending). ``reply``: an answer to the neighbour's, which it
+        answers with what we lack and nothing more."""
+        self._pending[(DIGEST, channel, reply)] = digest
+        self._wake()
 
     def send_broadcast(self, channel: str, source: int, data: GossipData | bytes) -> None:
         """``bytes``: a broadcast on a channel we do not have, passed on as it came."""
@@ -82,7 +110,12 @@ class GossipSender:
         for key, data in pending.items():
             kind, channel = key[0], key[1]
             if kind == GOSSIP:
-                messages.append({"t": GOSSIP, "ch": channel, "d": data.encode()})  # type: ignore[union-attr]
+                message = {"t": GOSSIP, "ch": channel, "d": data.encode()}  # type: ignore[union-attr]
+                if key[2] == REPAIR:
+                    message["rp"] = True
+                messages.append(message)
+            elif kind == DIGEST:
+                messages.append({"t": DIGEST, "ch": channel, "d": data, "re": key[2]})
             elif kind == BROADCAST:
                 payload = data if isinstance(data, bytes) else data.encode()
                 messages.append({"t": BROADCAST, "ch": channel, "src": key[2], "d": payload})
@@ -138,9 +171,10 @@ class Relay(Protocol):
 class GossipChannel:
     """A named channel: how a gossiper sends. Receiving is the router's job."""
 
-    def __init__(self, name: str, relay: Relay, gossiper: Gossiper) -> None:
+    def __init__(self, name: str, relay: Relay, gossiper: Gossiper, digester: Digester | None = None) -> None:
         self.name = name
         self.gossiper = gossiper
+        self.digester = digester  # None: anti-entropy sends the full state
         self._relay = relay
 
     def broadcast(self, data: GossipData) -> None:

@@ -27,6 +27,7 @@ from weft.mesh.crypto import (
     derive_session_keys,
     secret_id,
 )
+from weft.mesh.gossip import DIGEST_CAPABILITY
 from weft.mesh.peer import NAME_BITS, PeerInfo
 from weft.safetext import refuse_control
 
@@ -38,8 +39,8 @@ MAX_SECRETS = 16
 FRAME_HEADER = struct.Struct(">I")
 # What this release reads beyond protocol 1, named in the introduction (an older peer ignores the key, and sends
 # none): "e2e" = end-to-end data-path datagrams (opened when for us, passed on unopened otherwise) and the relayed
-# key agreement that sets them up.
-CAPABILITIES = ("e2e",)
+# key agreement that sets them up; "digest" = anti-entropy by digest (gossip.DIGEST), answered with what we lack.
+CAPABILITIES = ("e2e", DIGEST_CAPABILITY)
 MAX_CAPS = 32
 
 

@@ -13,11 +13,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from weft.mesh.clock import Handle, Scheduler
-from weft.mesh.codec import DecodeError, expect_uint, field
+from weft.mesh.codec import DecodeError, expect, expect_uint, field, pack, unpack
 from weft.mesh.gossip import (
     BROADCAST,
+    DIGEST,
+    DIGEST_CAPABILITY,
     GOSSIP,
     UNICAST,
+    Digester,
     GossipChannel,
     GossipData,
     Gossiper,
@@ -26,6 +29,7 @@ from weft.mesh.gossip import (
 )
 from weft.mesh.peer import NAME_BITS, PeerInfo, format_name
 from weft.mesh.routes import Routes
+from weft.mesh.topology import KIND as TOPOLOGY_KIND
 from weft.mesh.topology import ConnectionSummary, PeerEntry, Topology, TopologyUpdate
 from weft.metrics import Metrics
 
@@ -99,7 +103,8 @@ class Router:
         self._announced_at = float("-inf")
         self._changed_handle: Handle | None = None
         self._gossip_handle: Handle | None = None
-        self._topology_channel = self.new_channel(TOPOLOGY, _TopologyGossiper(self))
+        topology_gossiper = _TopologyGossiper(self)
+        self._topology_channel = self.new_channel(TOPOLOGY, topology_gossiper, topology_gossiper)
         self.metrics.peers.set(1)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -113,8 +118,8 @@ class Router:
                 handle.cancel()
         self.routes.stop()
 
-    def new_channel(self, name: str, gossiper: Gossiper) -> GossipChannel:
-        channel = GossipChannel(name, self, gossiper)
+    def new_channel(self, name: str, gossiper: Gossiper, digester: Digester | None = None) -> GossipChannel:
+        channel = GossipChannel(name, self, gossiper, digester)
         self.channels[name] = channel
         return channel
 
@@ -241,14 +246,14 @@ class Router:
         """
         try:
             kind = field(msg, "t", str, "message")
-            if kind not in (GOSSIP, BROADCAST, UNICAST):
+            if kind not in (GOSSIP, BROADCAST, UNICAST, DIGEST):
                 raise DecodeError("message", f"unknown message type {kind[:MAX_CHANNEL_NAME]!r}")
             channel_name = field(msg, "ch", str, "message")
             payload = field(msg, "d", bytes, "message")
             if len(channel_name) > MAX_CHANNEL_NAME:
                 raise DecodeError("message", "channel name too long")
             self._count_bytes(channel_name, "in", len(payload))
-            if kind != GOSSIP:
+            if kind in (BROADCAST, UNICAST):
                 source = expect_uint(field(msg, "src", int, "message"), NAME_BITS, "message", "src")
             if kind == UNICAST:
                 dest = expect_uint(field(msg, "dst", int, "message"), NAME_BITS, "message", "dst")
@@ -264,8 +269,15 @@ class Router:
                 else:
                     self.metrics.gossip_dropped.labels("unknown_channel").inc()
                 return
-            if kind == GOSSIP:
-                if conn.remote.name not in self._full_state_sent and self.connections.get(conn.remote.name) is conn:
+            if kind == DIGEST:
+                self._on_digest(conn, channel, payload, reply=msg.get("re") is True)
+            elif kind == GOSSIP:
+                repair = msg.get("rp") is True  # what our digest showed we lack: not a full state
+                if (
+                    not repair
+                    and conn.remote.name not in self._full_state_sent
+                    and self.connections.get(conn.remote.name) is conn
+                ):
                     self._send_full_state(conn)  # they took us for new: answer in kind
                 delta = channel.gossiper.on_gossip(payload)
                 if delta is not None:
@@ -279,6 +291,18 @@ class Router:
         except DecodeError as exc:
             self.metrics.decode_errors.labels(exc.kind).inc()
             log.warning("dropped a malformed message from %s: %s", conn.remote.label(), exc)
+
+    def _on_digest(self, conn: Conn, channel: GossipChannel, payload: bytes, *, reply: bool) -> None:
+        """A neighbour's digest: send it what it lacks; if it holds something we lack, answer with our own digest
+        (unless this is its answer to ours), so that it sends us that in turn."""
+        if channel.digester is None:
+            self.metrics.gossip_dropped.labels("unknown_channel").inc()
+            return
+        missing, lacking = channel.digester.compare(payload)
+        if missing is not None:
+            conn.sender.send_repair(channel.name, missing)
+        if lacking and not reply:
+            conn.sender.send_digest(channel.name, channel.digester.digest(), reply=True)
 
     # -- gossip out -----------------------------------------------------------------------------
 
@@ -346,18 +370,27 @@ class Router:
         self._gossip_handle = self.scheduler.call_later(self.gossip_interval * jitter, self._periodic_gossip)
 
     def _periodic_gossip(self) -> None:
-        """Anti-entropy: full state to a few random neighbours, repairing anything a delta missed."""
+        """Anti-entropy with a few random neighbours, repairing anything a delta missed: a channel's digest to a
+        neighbour that reads digests (each end then sends the other what it lacks), its full state otherwise."""
         self._schedule_periodic_gossip()
         if not self.connections:
             return
         fanout = min(len(self.connections), self._fanout())
-        chosen = self.rng.sample(sorted(self.connections), fanout)
+        chosen = [self.connections[name] for name in self.rng.sample(sorted(self.connections), fanout)]
         for channel in self.channels.values():
-            data = channel.gossiper.gossip()
-            if data is None:
-                continue
-            for name in chosen:
-                self.connections[name].sender.send(channel.name, data)
+            digest: bytes | None = None
+            data: GossipData | None = None
+            for conn in chosen:
+                if channel.digester is not None and DIGEST_CAPABILITY in conn.caps:
+                    if digest is None:
+                        digest = channel.digester.digest()
+                    conn.sender.send_digest(channel.name, digest, reply=False)
+                    continue
+                if data is None:
+                    data = channel.gossiper.gossip()
+                    if data is None:
+                        break
+                conn.sender.send(channel.name, data)
 
     # -- views ----------------------------------------------------------------------------------
 
@@ -408,6 +441,25 @@ class _TopologyGossiper:
 
     def on_gossip_unicast(self, source: int, payload: bytes) -> None:
         return None
+
+    def digest(self) -> bytes:
+        """Every entry's header, ``[name, uid, version]``: about 20 bytes a peer where its entry is 25 a connection."""
+        return pack([[e.name, e.uid, e.version] for e in self._router.topology.peers.values()])
+
+    def compare(self, payload: bytes) -> tuple[TopologyUpdate | None, bool]:
+        topology = self._router.topology
+        theirs: dict[int, tuple[int, int]] = {}
+        for item in expect(unpack(payload, TOPOLOGY_KIND), list, TOPOLOGY_KIND, "digest"):
+            if not isinstance(item, list) or len(item) != 3:
+                raise DecodeError(TOPOLOGY_KIND, "an entry of a digest is not [name, uid, version]")
+            name = expect_uint(item[0], NAME_BITS, TOPOLOGY_KIND, "name")
+            uid = expect_uint(item[1], 64, TOPOLOGY_KIND, "uid")
+            version = expect_uint(item[2], 64, TOPOLOGY_KIND, "version")
+            theirs[name] = (version, uid)
+        absent = (-1, -1)
+        missing = {n: e for n, e in topology.peers.items() if (e.version, e.uid) > theirs.get(n, absent)}
+        lacking = any(not topology.knows(n, uid, version) for n, (version, uid) in theirs.items())
+        return (TopologyUpdate(missing) if missing else None), lacking
 
     def _merge(self, payload: bytes) -> TopologyUpdate | None:
         router = self._router
