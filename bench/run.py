@@ -263,6 +263,10 @@ _DENSE_ROWS = [
         lambda r: _summary_cell(r.get("settled_cpu_pct"), "%"),
     ),
     (
+        "the agents' CPU summed / the machine busy, in the window (cores)",
+        lambda r: f"{_fmt(r.get('settled_agents_cpu_cores'))} / {_fmt(r.get('settled_machine_busy_cores'))}",
+    ),
+    (
         "settled gossip per agent in the window, median / mean / max",
         lambda r: _summary_cell(r.get("settled_gossip_bytes_per_agent"), " B"),
     ),
@@ -313,6 +317,13 @@ def print_dense(report: dict) -> None:
             rows.append([f"{name}: {label}", f"<= {limit:g}{unit}", _fmt(value, unit), met])
     print(_table(["figure", "target", "measured", "met"], rows))
     for name, r in variants.items():
+        summed, busy = r.get("settled_agents_cpu_cores"), r.get("settled_machine_busy_cores")
+        if summed is not None and busy is not None and summed > 1.1 * busy:
+            print(
+                f"\n  {name}: the agents' CPU sums to {summed:g} cores where the machine was busy for {busy:g}: the"
+                " kernel's per-process\n  figures overstate each agent's CPU on this saturated machine; at most"
+                f" {100 * busy / n:.2f}% a core each were there to be had"
+            )
         if "error" in r:
             print(f"\n  {name} ERROR: {r['error']}")
 
