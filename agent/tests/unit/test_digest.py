@@ -166,3 +166,24 @@ def test_a_digest_on_a_channel_without_digests_is_dropped_and_counted() -> None:
         peer.router.handle_message(conn, {"t": DIGEST, "ch": channel, "d": msgpack.packb([])})
         assert peer.router.metrics.gossip_dropped.labels("unknown_channel").value == dropped + 1
     assert conn.sender.take() == []
+
+
+def test_a_neighbour_that_floods_digests_gets_one_answer_a_second() -> None:
+    """An empty digest asks for everything we hold: a neighbour repeating it must not make us send it again and
+    again."""
+    net = settled(4)
+    peer = net.peers[0]
+    conn = next(iter(peer.router.connections.values()))
+    conn.sender.take()
+    dropped = peer.router.metrics.gossip_dropped.labels("digest_too_soon").value
+    for _ in range(100):
+        peer.router.handle_message(conn, {"t": DIGEST, "ch": TOPOLOGY, "d": msgpack.packb([])})
+    (answer,) = conn.sender.take()
+    assert (answer["t"], answer["rp"]) == (GOSSIP, True)
+    assert len(msgpack.unpackb(answer["d"])) == 4  # every entry, once
+    assert peer.router.metrics.gossip_dropped.labels("digest_too_soon").value == dropped + 99
+    net.scheduler.call_later(1.5, lambda: None)  # virtual time moves from event to event
+    net.scheduler.run_until(lambda: False, net.scheduler.now() + 1.5)
+    conn.sender.take()
+    peer.router.handle_message(conn, {"t": DIGEST, "ch": TOPOLOGY, "d": msgpack.packb([])})
+    assert [m["t"] for m in conn.sender.take()] == [GOSSIP]  # a second later, answered again

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 TOPOLOGY = "topology"
 MAX_CHANNEL_NAME = 64
+DIGEST_SPACING = 1.0  # seconds: the least time between two digests of one kind we answer from one neighbour
 
 
 class Conn(Protocol):
@@ -90,6 +91,7 @@ class Router:
         self._unreachable_since: dict[int, float] = {}
         self._gc_handle: Handle | None = None
         self._full_state_sent: set[int] = set()  # peers whose current connection has had our full state
+        self._digests_answered: dict[tuple[int, str, bool], float] = {}  # (peer, channel, reply): when, lately
         self._seen_payloads = SeenPayloads()  # broadcasts on channels we do not have, passed on lately
         self.rng = rng or random.Random()
         self.connections: dict[int, Conn] = {}
@@ -172,6 +174,8 @@ class Router:
             return
         del self.connections[name]
         self._full_state_sent.discard(name)
+        for key in [k for k in self._digests_answered if k[0] == name]:
+            del self._digests_answered[key]
         self.metrics.terminations.inc()
         log.info("connection to %s ended: %s", conn.remote.label(), reason)
         self._local_connections_changed()
@@ -298,6 +302,13 @@ class Router:
         if channel.digester is None:
             self.metrics.gossip_dropped.labels("unknown_channel").inc()
             return
+        # A digest costs its sender a few bytes and may cost us the whole state: one of each kind per neighbour and
+        # channel in DIGEST_SPACING is plenty (a neighbour turns to us at most once a round, 24 s at the least).
+        key, now = (conn.remote.name, channel.name, reply), self.scheduler.now()
+        if now - self._digests_answered.get(key, float("-inf")) < DIGEST_SPACING:
+            self.metrics.gossip_dropped.labels("digest_too_soon").inc()
+            return
+        self._digests_answered[key] = now
         missing, lacking = channel.digester.compare(payload)
         if missing is not None:
             conn.sender.send_repair(channel.name, missing)
@@ -380,17 +391,17 @@ class Router:
         for channel in self.channels.values():
             digest: bytes | None = None
             data: GossipData | None = None
+            asked = False  # for the full state (which may be None: nothing to say)
             for conn in chosen:
                 if channel.digester is not None and DIGEST_CAPABILITY in conn.caps:
                     if digest is None:
                         digest = channel.digester.digest()
                     conn.sender.send_digest(channel.name, digest, reply=False)
                     continue
-                if data is None:
-                    data = channel.gossiper.gossip()
-                    if data is None:
-                        break
-                conn.sender.send(channel.name, data)
+                if not asked:
+                    data, asked = channel.gossiper.gossip(), True
+                if data is not None:
+                    conn.sender.send(channel.name, data)
 
     # -- views ----------------------------------------------------------------------------------
 
