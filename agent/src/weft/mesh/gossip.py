@@ -71,8 +71,8 @@ class GossipSender:
         self._put((GOSSIP, channel, 0), data)
 
     def send_repair(self, channel: str, data: GossipData) -> None:
-        """What a neighbour's digest showed it lacks: gossip it merges as any, but not a full state it would answer
-        in kind (it told us what it holds)."""
+        """Gossip sent without taking the neighbour for new (what its digest showed it lacks, or anti-entropy's full
+        state): it merges it as any, but does not answer with its own full state."""
         self._put((GOSSIP, channel, REPAIR), data)
 
     def send_digest(self, channel: str, digest: bytes, *, reply: bool) -> None:

@@ -276,7 +276,7 @@ class Router:
             if kind == DIGEST:
                 self._on_digest(conn, channel, payload, reply=msg.get("re") is True)
             elif kind == GOSSIP:
-                repair = msg.get("rp") is True  # what our digest showed we lack: not a full state
+                repair = msg.get("rp") is True  # they did not take us for new (a repair, anti-entropy)
                 if (
                     not repair
                     and conn.remote.name not in self._full_state_sent
@@ -401,7 +401,9 @@ class Router:
                 if not asked:
                     data, asked = channel.gossiper.gossip(), True
                 if data is not None:
-                    conn.sender.send(channel.name, data)
+                    # Not a full state for a peer taken for new: flagged so, a neighbour that knows the flag does
+                    # not answer with all of its own (an older one ignores it, and answers once a connection).
+                    conn.sender.send_repair(channel.name, data)
 
     # -- views ----------------------------------------------------------------------------------
 
