@@ -249,6 +249,29 @@ def test_a_programming_that_changed_nothing_does_not_hold_back_the_next(monkeypa
     assert loop.soon == [] and len(loop.later) == 1, "a real change still spaces the next"
 
 
+def test_a_neighbour_leaving_the_fast_path_is_programmed_at_once_whatever_the_spacing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A held fast path dropped because the peer now disagrees on secrets: the kernel must stop sending it our frames
+    in clear now, not after the rest of KERNEL_SPACING (a frame crossed in clear 0.33 s after the log said so)."""
+    plane, loop, clock = _timed_plane(monkeypatch)
+    held = {7: "10.0.0.7"}
+    monkeypatch.setattr(plane, "_held_fast", lambda: dict(held))
+    monkeypatch.setattr(plane, "_fast_permitted", lambda ip: True)
+    monkeypatch.setattr(fdb, "read", lambda *a, **k: fdb.FdbState())
+    monkeypatch.setattr(fdb, "apply", lambda *a, **k: 1)
+    monkeypatch.setattr(plane, "_sync_guard", lambda *a, **k: None)
+
+    plane._recompute()
+    loop.soon.pop()()  # programmed, with 7 on the fast path
+    clock[0] = 100.1
+    plane._recompute()  # another change soon after: it waits for the spacing
+    assert loop.soon == [] and len(loop.later) == 1
+    held.clear()  # the peer at 10.0.0.7 disagrees on secrets now
+    plane._recompute()
+    assert [fn.__name__ for fn in loop.soon] == ["_program_kernel"], "the fast path's end waited for the spacing"
+
+
 def test_a_burst_of_changes_recomputes_the_tables_at_once_then_at_most_ten_times_a_second(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -103,6 +103,7 @@ class DataPlane:
         self._recomputed_at = float("-inf")  # when the forwarding tables were last recomputed
         self._kernel_handle: asyncio.Handle | None = None
         self._kernel_at = float("-inf")  # when the kernel was last programmed
+        self._fast_wanted: frozenset[int] = frozenset()  # the neighbours the last recomputation wanted on the fast path
         self._fdb_have: fdb.FdbState | None = None  # what the kernel's FDB holds, as last read or applied
         self._fdb_read_at = float("-inf")  # when it was last read
         self._relayed_since: dict[int, float] = {}  # relayed peers, since when
@@ -663,12 +664,19 @@ class DataPlane:
         )
         warming = now - self._started_at < WARMUP_AFTER * self.interval
         self._want = (want, not warming)
+        # A neighbour leaving the fast path (its peer disagrees on secrets now, or stopped trusting us) must stop
+        # getting our traffic in clear at once: such a programming is not held back by the spacing below.
+        leaving = bool(self._fast_wanted - fast_ips.keys())
+        self._fast_wanted = frozenset(fast_ips)
+        if leaving and self._kernel_handle is not None and self._loop is not None:
+            self._kernel_handle.cancel()
+            self._kernel_handle = None
         if self._kernel_handle is None and self._loop is not None:
             # Next, not now: the sleeve's tables are already in place, and heartbeats that came meanwhile (a path
             # coming up) are handled before the netlink work, which takes a while, rather than after it. In a burst
             # (a hundred connections coming up one after the other) at most once per KERNEL_SPACING: each pass reads
             # the whole FDB, tens of milliseconds with a hundred peers.
-            wait = self._kernel_at + KERNEL_SPACING - time.monotonic()
+            wait = 0.0 if leaving else self._kernel_at + KERNEL_SPACING - time.monotonic()
             if wait > 0:
                 self._kernel_handle = self._loop.call_later(wait, self._program_kernel)
             else:
