@@ -76,6 +76,7 @@ def test_x25519_falls_back_to_the_public_api_in_fips_mode_or_on_another_layout()
     public = (X25519PrivateKey.generate, X25519PublicKey.from_public_bytes)
     assert x25519_functions(Fips) == public
     assert x25519_functions(object()) == public  # no such functions at all
+    assert x25519_functions(None) == public  # no such module at all
     from cryptography.hazmat.bindings._rust import openssl
 
     new_key, read_public = x25519_functions(openssl)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.bindings._rust import openssl as rust_openssl
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -46,6 +45,11 @@ def x25519_functions(rust: Any) -> tuple[Callable[[], X25519PrivateKey], Callabl
         pass
     return X25519PrivateKey.generate, X25519PublicKey.from_public_bytes
 
+
+try:
+    from cryptography.hazmat.bindings._rust import openssl as rust_openssl
+except ImportError:  # a release of cryptography laid out otherwise: the class methods (see x25519_functions)
+    rust_openssl = None
 
 _new_key, _public_key = x25519_functions(rust_openssl)
 
