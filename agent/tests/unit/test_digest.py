@@ -150,6 +150,21 @@ def test_a_malformed_digest_is_counted_and_changes_nothing(payload: bytes) -> No
     assert conn.sender.take() == []
 
 
+def test_a_digest_a_thousand_times_larger_than_the_mesh_is_refused_unread() -> None:
+    """100,000 headers where a mesh of 100 sends 100: refused at the array's header, counted, nothing answered."""
+    net = settled(3)
+    peer = net.peers[0]
+    conn = next(iter(peer.router.connections.values()))
+    conn.sender.take()
+    huge = msgpack.packb([[0x030000000000 + i, 1, 1] for i in range(100_000)])
+    assert len(huge) < 16 * 1024 * 1024  # one frame carries it
+    errors = peer.router.metrics.decode_errors.labels("topology").value
+    peer.router.handle_message(conn, {"t": DIGEST, "ch": TOPOLOGY, "d": huge})
+    assert peer.router.metrics.decode_errors.labels("topology").value == errors + 1
+    assert conn.sender.take() == []
+    assert len(peer.router.topology.peers) == 3
+
+
 def test_a_digest_on_a_channel_without_digests_is_dropped_and_counted() -> None:
     net = settled(3)
     peer = net.peers[0]

@@ -22,12 +22,13 @@ def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def unpack(data: bytes, kind: str) -> Any:
-    """Decode one msgpack object with hard limits; anything malformed becomes DecodeError(kind)."""
+def unpack(data: bytes, kind: str, *, most: int = -1) -> Any:
+    """Decode one msgpack object with hard limits; anything malformed becomes DecodeError(kind). ``most``: no array
+    may hold more items (refused at its header, before they are read)."""
     if len(data) > MAX_MESSAGE:
         raise DecodeError(kind, f"{len(data)} bytes is over the {MAX_MESSAGE}-byte limit")
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, max_array_len=most)
     except Exception as exc:  # msgpack raises several exception types on hostile input
         raise DecodeError(kind, f"malformed msgpack ({exc.__class__.__name__})") from None
 

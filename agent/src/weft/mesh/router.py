@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 TOPOLOGY = "topology"
 MAX_CHANNEL_NAME = 64
+MAX_DIGEST_PEERS = 1 << 16  # peers a topology digest may name (the simulator runs 3,000)
 DIGEST_SPACING = 1.0  # seconds: the least time between two digests of one kind we answer from one neighbour
 
 
@@ -462,7 +463,9 @@ class _TopologyGossiper:
     def compare(self, payload: bytes) -> tuple[TopologyUpdate | None, bool]:
         topology = self._router.topology
         theirs: dict[int, tuple[int, int]] = {}
-        for item in expect(unpack(payload, TOPOLOGY_KIND), list, TOPOLOGY_KIND, "digest"):
+        # Entries are three numbers each: a digest of more peers than a mesh holds (a 16 MiB frame can carry some
+        # 700,000) is refused at its header, before a Python object is made for each.
+        for item in expect(unpack(payload, TOPOLOGY_KIND, most=MAX_DIGEST_PEERS), list, TOPOLOGY_KIND, "digest"):
             if not isinstance(item, list) or len(item) != 3:
                 raise DecodeError(TOPOLOGY_KIND, "an entry of a digest is not [name, uid, version]")
             name = expect_uint(item[0], NAME_BITS, TOPOLOGY_KIND, "name")
