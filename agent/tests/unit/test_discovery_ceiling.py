@@ -35,6 +35,7 @@ class Conn:
         self.conn_uid = remote.uid
         self.encrypted = False
         self.sender = GossipSender(lambda: None)
+        self.caps: frozenset[str] = frozenset()  # an older peer: full states, no digests
 
     def close(self, reason: str) -> None:
         pass

@@ -43,6 +43,9 @@ class _Routes:
     def broadcast(self, source: int) -> list[int] | None:
         return sorted(self.plane.paths) if source == ME else []
 
+    def spacing(self, least: float) -> float:
+        return least
+
 
 class _Handle:
     def __init__(self, fn: Callable[[], None]) -> None:

@@ -371,11 +371,11 @@ class DataPlane:
         """Something the tables depend on changed: recompute soon, once for a burst of changes.
 
         The first change in a while is recomputed at once (next on the loop); in a burst (a dense mesh forming, each
-        connection and path changing the tables) at most once per RECOMPUTE_SPACING, as each recomputation builds
-        the tables for every peer.
+        connection and path changing the tables) at most once per RECOMPUTE_SPACING, or in a large mesh as the
+        routes pace their passes (``Routes.spacing``), as each recomputation builds the tables for every peer.
         """
         if self._loop is not None and self._recompute_handle is None and not self._stopped:
-            wait = self._recomputed_at + RECOMPUTE_SPACING - time.monotonic()
+            wait = self._recomputed_at + self.router.routes.spacing(RECOMPUTE_SPACING) - time.monotonic()
             if wait > 0:
                 self._recompute_handle = self._loop.call_later(wait, self._recompute)
             else:

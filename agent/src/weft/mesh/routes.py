@@ -13,12 +13,17 @@ from collections.abc import Callable
 from weft.mesh.clock import Handle, Scheduler
 from weft.mesh.topology import PeerEntry, Topology
 
+# Links a second that passes over the whole graph (a recalculation of routes, the broadcast trees, what to dial) may
+# walk in a burst of changes. Each such pass reads every link; at a fixed rate, a mesh of 100 in full mesh (9,900
+# links) spent a few percent of a core on each, a hundred agents on two cores twice what the machine had.
+WALK_RATE = 20_000
+
 
 class Routes:
-    """Routes over a topology, recalculated on a timer: at most once per ``interval`` while the graph changes.
+    """Routes over a topology, recalculated on a timer: at most once per :meth:`spacing` while the graph changes.
 
     With a scheduler, a change of the graph schedules one recalculation (at once after a quiet spell, else
-    ``interval`` after the last one), and every reader gets the tables of the last recalculation: a mesh that is
+    :meth:`spacing` after the last one), and every reader gets the tables of the last recalculation: a mesh that is
     forming changes its graph hundreds of times a second, and recalculating for each change, or flooding gossip
     until the graph stops changing, costs far more than routes a fraction of a second old. ``listeners`` are
     called after each recalculation. Without a scheduler (tests, tools), routes follow every change at once.
@@ -33,6 +38,7 @@ class Routes:
         self._ourself = topology.ourself.name
         self._graph_version = -1
         self._reported: dict[int, PeerEntry] = {}  # each peer's entry as of the last recalculation
+        self._links = 0  # established connections the reported entries list, all told
         self._unicast: dict[int, int] = {}
         self._bridges: set[int] = set()  # neighbours whose link to us is a bridge (see ``_children``)
         self._broadcast: dict[int, list[int] | None] = {}
@@ -48,7 +54,13 @@ class Routes:
         if self._timer is not None or self._scheduler is None:
             return
         now = self._scheduler.now()
-        self._timer = self._scheduler.call_later(max(0.0, self._calculated_at + self._interval - now), self._on_timer)
+        self._timer = self._scheduler.call_later(max(0.0, self._calculated_at + self.spacing() - now), self._on_timer)
+
+    def spacing(self, least: float | None = None) -> float:
+        """Seconds between two passes over the whole graph in a burst of changes: ``least`` (our ``interval`` by
+        default), or longer in a large mesh, so that passes walk at most ``WALK_RATE`` links a second. Deterministic
+        (the graph's size, not a measured time), so the simulator's peers pace as the agents do."""
+        return max(self._interval if least is None else least, self._links / WALK_RATE)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -85,12 +97,18 @@ class Routes:
         """
         peers, reported = self._topology.peers, self._reported
         dirty, self._topology.dirty = self._topology.dirty, set()
+        links = self._links
         for name in dirty:
+            old = reported.get(name)
+            if old is not None:
+                links -= len(old.established)
             entry = peers.get(name)
             if entry is None:
                 reported.pop(name, None)
             else:
                 reported[name] = entry  # immutable: its established connections are as they were reported
+                links += len(entry.established)
+        self._links = links
 
     def _linked(self, node: int) -> list[int]:
         """``node``'s neighbours over symmetric connections (both ends report each other), in order."""
