@@ -251,25 +251,29 @@ class Router:
             listener()
 
     def _collect_garbage(self) -> None:
-        """Forget peers that stayed unreachable for ``gc_grace``.
+        """Forget peers that stayed unreachable for ``gc_grace``, or for twice the spacing of announcements in a large
+        mesh, where that is longer.
 
         The grace absorbs ordering: a peer's entry can arrive a moment before the entry of the
         neighbour that connects it to us, and forgetting it then would lose it until the next full
         gossip.
         """
         now = self.scheduler.now()
+        # A peer's entry can reach us before the announcement of the connection that links it (the hub it joined
+        # by announces within its budget, 3.5 s at 100 peers): forgetting it meanwhile loses it until its next.
+        grace = max(self.gc_grace, 2 * self.announce_spacing())
         unreachable = self.topology.unreachable()
         self._unreachable_since = {n: self._unreachable_since.get(n, now) for n in unreachable}
         # The slack absorbs float rounding: the timer below, set for since + grace, can fire a hair before it, and
         # would then set itself again for a delay too small to move the clock (an endless loop on a virtual one).
-        expired = {n for n, since in self._unreachable_since.items() if now - since >= self.gc_grace - 1e-6}
+        expired = {n for n, since in self._unreachable_since.items() if now - since >= grace - 1e-6}
         for entry in self.topology.forget(expired):
             del self._unreachable_since[entry.name]
             log.info("forgetting unreachable peer %s(%s)", format_name(entry.name), entry.nickname)
             for listener in self.peer_gone_listeners:
                 listener(entry)
         if self._unreachable_since and self._gc_handle is None:
-            wait = self.gc_grace - (now - min(self._unreachable_since.values()))
+            wait = grace - (now - min(self._unreachable_since.values()))
             self._gc_handle = self.scheduler.call_later(max(wait, 0.0), self._gc_timer)
 
     def _gc_timer(self) -> None:
