@@ -205,4 +205,3 @@ def test_in_a_full_mesh_what_a_repair_brings_is_not_passed_on_to_every_neighbour
         if m["ch"] == TOPOLOGY and m["t"] == BROADCAST and names & set(TopologyUpdate.decode(m["d"]).entries)
     ]
     assert not passed_on, f"{len(passed_on)} broadcasts of the repaired entries"
-
