@@ -16,7 +16,7 @@ from weft.mesh.clock import VirtualScheduler
 from weft.mesh.gossip import BROADCAST, DIGEST, GOSSIP
 from weft.mesh.peer import PeerInfo
 from weft.mesh.router import ANNOUNCE_BUDGET, TOPOLOGY
-from weft.mesh.routes import WALK_RATE, Routes
+from weft.mesh.routes import MAX_WALK_SPACING, WALK_RATE, Routes
 from weft.mesh.topology import ConnectionSummary, PeerEntry, Topology, TopologyUpdate
 from weft.sim import SimConn, SimNetwork, SimPeer, chain_of_strangers
 
@@ -205,3 +205,23 @@ def test_in_a_full_mesh_what_a_repair_brings_is_not_passed_on_to_every_neighbour
         if m["ch"] == TOPOLOGY and m["t"] == BROADCAST and names & set(TopologyUpdate.decode(m["d"]).entries)
     ]
     assert not passed_on, f"{len(passed_on)} broadcasts of the repaired entries"
+
+
+def test_a_neighbour_that_floods_our_view_with_fake_peers_cannot_stall_our_announcements_or_keep_them() -> None:
+    """An authenticated neighbour sends a full state of 20,000 made-up peers that link to nothing (600 KB, a fraction
+    of one frame). They are unreachable: they must not count towards the announcement budget (that would space our
+    announcements an hour apart), and must be forgotten within a bounded grace, as before."""
+    net = settled(20)
+    peer, liar = net.peers[3], net.peers[4]
+    fakes = {0x030000000000 + i: PeerEntry(0x030000000000 + i, f"f{i}", i + 1, 1, ()) for i in range(20_000)}
+    sent = _sent_to(net, peer)
+    liar.router.connections[peer.info.name].sender.send(TOPOLOGY, TopologyUpdate(fakes))
+    run(net, 0.1)
+    # Passed on as it came, in one message a neighbour: not one for each made-up peer
+    assert len([m for m in sent if m["ch"] == TOPOLOGY]) <= 2 * (len(net.peers) - 1)
+    assert len(peer.router.topology.peers) > 20_000  # taken in, for now: unreachable is not proof of a lie
+    assert peer.router.announce_spacing() <= router_module.MAX_ANNOUNCE_SPACING
+    assert peer.router.announce_spacing() < 1.0  # it counts the 20 peers that hear it
+    assert peer.router.routes.spacing() <= MAX_WALK_SPACING
+    run(net, 2 * router_module.MAX_ANNOUNCE_SPACING + 1.0)
+    assert len(peer.router.topology.peers) == 20, "the fake peers are still held"

@@ -44,6 +44,7 @@ MAX_DIGEST_PEERS = 1 << 16  # peers a topology digest may name (the simulator ru
 # Bytes a second of announcements (our entry, broadcast) each peer receives from all the others in a burst of changes:
 # a forming mesh of 100 sent 29 MB per agent without it, each entry decoded once by every agent (see announce_spacing)
 ANNOUNCE_BUDGET = 64 * 1024
+MAX_ANNOUNCE_SPACING = 10.0  # seconds; also bounds the grace before unreachable peers are forgotten (twice this)
 DIGEST_SPACING = 1.0  # seconds: the least time between two digests of one kind we answer from one neighbour
 
 
@@ -223,8 +224,16 @@ class Router:
         """Seconds between two announcements of our entry in a burst, so that all peers' announcements together
         cost each peer at most ``ANNOUNCE_BUDGET`` bytes a second: every peer receives, decodes and passes on each
         one. A mesh of 100 in full mesh (entries of 2.3 KB) spaces them 3.5 s apart; up to about 40 peers the
-        ``announce_interval`` is the longer."""
-        return len(self.topology.peers) * len(self.topology.our_entry.packed()) / ANNOUNCE_BUDGET
+        ``announce_interval`` is the longer. Only peers we reach count, and never more than ``MAX_ANNOUNCE_SPACING``:
+        a neighbour that fills our view with made-up peers cannot hold our announcements back for an hour."""
+        hearing = self.routes.reachable_count() + 1  # who our announcements reach: made-up entries do not count
+        return min(MAX_ANNOUNCE_SPACING, hearing * len(self.topology.our_entry.packed()) / ANNOUNCE_BUDGET)
+
+    def announce_pending(self) -> None:
+        """Announce our entry now if an announcement is waiting (for the spacing or the budget)."""
+        if self._announce_handle is not None:
+            self._announce_handle.cancel()
+            self._announce()
 
     def _announce(self) -> None:
         self._announce_handle = None
@@ -482,8 +491,9 @@ class _TopologyGossiper:
 
     def on_gossip(self, payload: bytes) -> TopologyUpdate | None:
         """Merge a neighbour's full state or repair, and pass on what it told us that was new: each entry down its
-        own peer's broadcast tree, as if that peer's broadcast had reached us this way. Returns None: nothing is
-        broadcast as our own news.
+        own peer's broadcast tree, as if that peer's broadcast had reached us this way. Entries of peers on no tree
+        in our view (not reachable yet, or made up) go in one message as our own news, to every neighbour, as all of
+        them once did: one message whatever their number. Returns None: the passing on is done.
 
         As our own news, each new entry went to every neighbour: in a forming full mesh, where every peer is a leaf
         of every other's tree, each entry a repair carried went to every neighbour from every peer it repaired,
@@ -495,15 +505,22 @@ class _TopologyGossiper:
         if delta is None:
             return None
         router = self._router
+        ourself = router.ourself.name
+        ours: dict[int, PeerEntry] = {}  # entries of peers on no tree we know: our own news, one message
         passed_on = 0
         for name, entry in delta.entries.items():
-            if name != router.ourself.name:
+            if name == ourself:
+                continue
+            if router.routes.broadcast(name) is None:
+                ours[name] = entry
+            else:
                 passed_on += router.relay_broadcast(TOPOLOGY, name, TopologyUpdate({name: entry}), None)
-        if passed_on and router._announce_handle is not None:
-            # Our own entry changed too and waits to be announced: announce it now, so nobody holds the entries
-            # we passed on without the connection that links them to us (they would be forgotten as unreachable).
-            router._announce_handle.cancel()
-            router._announce()
+        if ours:
+            passed_on += router.relay_broadcast(TOPOLOGY, ourself, TopologyUpdate(ours), None)
+        if passed_on:
+            # If our own entry changed too and waits to be announced, it goes now, so nobody holds the entries we
+            # passed on without the connection that links them to us (they would be forgotten as unreachable).
+            router.announce_pending()
         return None
 
     def on_gossip_broadcast(self, source: int, payload: bytes) -> TopologyUpdate | None:

@@ -17,6 +17,7 @@ from weft.mesh.topology import PeerEntry, Topology
 # walk in a burst of changes. Each such pass reads every link; at a fixed rate, a mesh of 100 in full mesh (9,900
 # links) spent a few percent of a core on each, a hundred agents on two cores twice what the machine had.
 WALK_RATE = 20_000
+MAX_WALK_SPACING = 5.0  # seconds: routes never older than this in a burst, however many links a view holds
 
 
 class Routes:
@@ -60,7 +61,7 @@ class Routes:
         """Seconds between two passes over the whole graph in a burst of changes: ``least`` (our ``interval`` by
         default), or longer in a large mesh, so that passes walk at most ``WALK_RATE`` links a second. Deterministic
         (the graph's size, not a measured time), so the simulator's peers pace as the agents do."""
-        return max(self._interval if least is None else least, self._links / WALK_RATE)
+        return max(self._interval if least is None else least, min(MAX_WALK_SPACING, self._links / WALK_RATE))
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -159,6 +160,11 @@ class Routes:
     def reachable(self) -> dict[int, int]:
         self._refresh()
         return dict(self._unicast)
+
+    def reachable_count(self) -> int:
+        """How many peers we reach (as of the last recalculation), without a copy of the table."""
+        self._refresh()
+        return len(self._unicast)
 
     def neighbours(self) -> set[int]:
         """Peers we share a symmetric, established connection with."""
