@@ -9,6 +9,8 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import replace
+from itertools import pairwise
+from random import Random
 
 import pytest
 
@@ -18,7 +20,7 @@ from weft.datapath.endtoend import EndToEnd
 from weft.datapath.sleeve import Forwarding, Link, Pair, Sleeve, _Tables
 from weft.datapath.tap import VNET_LEN
 from weft.datapath.udp import open_udp
-from weft.mesh.codec import unpack
+from weft.mesh.codec import pack, unpack
 from weft.mesh.crypto import SessionKeys
 from weft.metrics import Metrics
 
@@ -138,6 +140,10 @@ class Mesh:
         self.metrics = {n: Metrics() for n in (A, B, C)}
         self.uids = dict(UID)
         self.wire: list[tuple[int, int, dict]] = []  # every agreement message sent: (from, to, map)
+        self.heartbeats: list[tuple[float, int, int, dict]] = []  # end-to-end heartbeats sent: (when, from, to, map)
+        self.traffic: dict[int, dict[int, int]] = {A: {}, B: {}, C: {}}  # the sleeves' per-pair frame counts
+        self.cut: set[int] = set()  # peers whose messages are lost (their agent hangs, or the route drops them)
+        self.old: set[int] = set()  # peers whose heartbeats never ask (an older version)
         self.e2e = {n: self.make(n) for n in (A, B, C)}
 
     def make(self, name: int) -> EndToEnd:
@@ -151,7 +157,13 @@ class Mesh:
                 return True
 
             def send_pair(self, peer: int, kid: int, payload: bytes) -> bool:
-                mesh.queue.append(("pair", peer, name, (kid, payload)))
+                msg = unpack(payload, "test")
+                if name in mesh.old:
+                    msg.pop("rq", None)
+                    payload = pack(msg)
+                mesh.heartbeats.append((mesh.now, name, peer, msg))
+                if name not in mesh.cut and peer not in mesh.cut:
+                    mesh.queue.append(("pair", peer, name, (kid, payload)))
                 return True
 
             def route(self, dst: int) -> tuple[int, int] | None:
@@ -166,7 +178,9 @@ class Mesh:
             def changed(self) -> None:
                 pass
 
-        return EndToEnd(name, self.uids[name], lambda: [SECRET], self.metrics[name], Io(), interval=1.0, dead=3.0)
+        return EndToEnd(
+            name, self.uids[name], lambda: [SECRET], self.metrics[name], Io(), interval=1.0, dead=3.0, rng=Random(name)
+        )
 
     def run(self) -> None:
         while self.queue:
@@ -188,9 +202,13 @@ class Mesh:
         for e in self.e2e.values():
             e.after_update(self.now)
         self.run()
-        for e in self.e2e.values():
-            e.tick(self.now)
+        for name, e in self.e2e.items():
+            e.tick(self.now, self.traffic[name])
         self.run()
+
+    def asks(self, frm: int, since: float = 0.0) -> list[float]:
+        """When ``frm`` sent a heartbeat that asked for an answer."""
+        return [t for t, f, _, m in self.heartbeats if f == frm and m.get("rq") and t > since]
 
     def events(self, name: int) -> dict[str, float]:
         samples = (s for m in self.metrics[name].e2e_agreements.collect() for s in m.samples)
@@ -273,6 +291,62 @@ def test_the_initiator_agrees_new_keys_in_time_and_the_old_ones_open_a_moment_lo
     for _ in range(5):
         mesh.step()
     assert first not in {p.kid for p in mesh.e2e[A].pairs()}
+
+
+def test_a_quiet_pair_heartbeats_every_ten_intervals_and_keeps_sealing_end_to_end() -> None:
+    """A hub relays for every pair of its spokes: heartbeats every interval for each pair were most of its work."""
+    mesh = Mesh()
+    for _ in range(10):
+        mesh.step()
+    assert mesh.e2e[A].sealing(C) and mesh.e2e[C].sealing(A)
+    start = mesh.now
+    for _ in range(100):
+        mesh.step()
+        assert mesh.e2e[A].sealing(C) and mesh.e2e[C].sealing(A), f"a quiet pair stopped sealing at {mesh.now}"
+    for side in (A, C):
+        asks = mesh.asks(side, since=start)
+        assert 10 <= len(asks) <= 14, asks  # 7.5 to 10 s apart, not every second
+        assert all(7.0 <= b - a <= 10.0 for a, b in pairwise(asks)), asks
+    sent = [h for h in mesh.heartbeats if h[0] > start]
+    assert len(sent) <= 60, f"{len(sent)} heartbeats in 100 s of a quiet pair (every interval: 200)"
+    (row,) = mesh.e2e[A].status(mesh.now)
+    assert row["heartbeat_every_s"] == 10.0 and row["sealing"] == "end-to-end"
+
+
+def test_traffic_brings_heartbeats_every_interval_at_once_and_a_silent_peer_is_found_in_seconds() -> None:
+    mesh = Mesh()
+    for _ in range(30):
+        mesh.step()
+    assert mesh.e2e[A].status(mesh.now)[0]["heartbeat_every_s"] == 10.0
+    mesh.traffic[A][C] = 5  # frames cross the pair
+    before = mesh.now
+    mesh.step()
+    assert mesh.asks(A, since=before) == [mesh.now], "frames on a quiet pair must bring a round at once"
+    for _ in range(5):
+        mesh.traffic[A][C] += 5
+        mesh.step()
+    assert len(mesh.asks(A, since=before)) == 6 and mesh.e2e[A].sealing(C)
+    # C goes silent (its agent hangs): with frames crossing, A is back to hop by hop within a few seconds,
+    # not the thirty a quiet pair allows.
+    mesh.cut.add(C)
+    silent = mesh.now
+    while mesh.e2e[A].sealing(C):
+        mesh.traffic[A][C] += 5
+        mesh.step()
+        assert mesh.now - silent <= 4.0, "A kept sealing for a peer that stopped answering"
+
+
+def test_a_peer_that_never_asks_gets_a_heartbeat_every_interval() -> None:
+    """An older version sends one every interval and counts us gone after three missed: we must not slow down."""
+    mesh = Mesh()
+    mesh.old.add(C)
+    for _ in range(10):
+        mesh.step()
+    start = mesh.now
+    for _ in range(30):
+        mesh.step()
+        assert mesh.e2e[A].sealing(C)
+    assert len(mesh.asks(A, since=start)) == 30
 
 
 # -- the forwarding decision --------------------------------------------------------------------------------------
@@ -442,6 +516,8 @@ def test_the_middle_sleeve_passes_sealed_frames_on_unopened_and_the_far_end_open
     assert stats.bytes[("transit", "tx")] > 40_000 and stats.bytes[("relay", "tx")] == 0
     assert b.worker._e2e_reasm.pending() == 0 and b.worker._recut_reasm.pending() == 0
     assert not b.dropped() and not c.dropped()
+    # The pair's frame counters, which pace its heartbeats: the frame counts at both ends, the control message not.
+    assert a.sleeve.pair_traffic() == {C: 1} and c.sleeve.pair_traffic() == {A: 1} and b.sleeve.pair_traffic() == {}
 
 
 def test_a_relay_whose_next_link_is_smaller_cuts_again_without_opening(line) -> None:

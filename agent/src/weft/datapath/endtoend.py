@@ -6,10 +6,14 @@ as sealed data-path CONTROL maps along the data's own route; each relay passes t
 the capability, and lowers the message's datagram size to its next link's, so an agreement that completes proves
 the whole route reads the end-to-end form and tells both ends what datagram size fits every hop.
 
-Then both ends send each other an end-to-end heartbeat every interval, sealed with the new keys and carried like
-data: the initiator's keys are confirmed by the response, the responder's by the first heartbeat that opens under
-them (so a replayed init leaves keys that are never used), and a side seals frames end to end only while the
-peer's heartbeats say they hear it. Until then, and whenever that stops, frames go hop by hop as before.
+Then both ends send each other end-to-end heartbeats, sealed with the new keys and carried like data: the
+initiator's keys are confirmed by the response, the responder's by the first heartbeat that opens under them (so a
+replayed init leaves keys that are never used), and a side seals frames end to end only while the peer's heartbeats
+say they hear it. Until then, and whenever that stops, frames go hop by hop as before. Heartbeats come in rounds
+paced as the direct paths' are (paths.py): each asks the peer to answer at once (``rq``), every interval while the
+pair carries frames, is new, or the peer never asks (an older version, which expects one every interval), and
+every ``IDLE_EVERY`` intervals otherwise, each side judging the pair by its own rounds. A hub relaying for a
+hundred quiet spokes then passes on a tenth of what it did.
 
 Keys are agreed again when either side restarts (its uid in the topology changes), when the route's first hop or
 its datagram size changes, every REKEY_AFTER seconds (by the initiator), and when the peer falls silent; they are
@@ -20,7 +24,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -38,6 +43,7 @@ from weft.datapath.agreement import (
     parse,
     respond,
 )
+from weft.datapath.paths import BUSY_FOR, FIRST_ROUNDS, IDLE_EVERY, JITTER
 from weft.mesh.codec import DecodeError, expect, pack, unpack
 from weft.mesh.peer import format_name
 
@@ -84,6 +90,8 @@ class Session:
     heard_at: float | None = None
     peer_hears: bool = False
     answered: bool = False
+    rounds: int = 0  # our heartbeats that asked for an answer, under these keys
+    asks: bool = False  # the peer's heartbeats ask for answers: it paces its own rounds (not an older version)
 
     @property
     def kid(self) -> int:
@@ -105,6 +113,10 @@ class _PeerState:
     offered_at: float = 0.0
     tries: int = 0
     sending: bool = False
+    pace_s: float = 0.0  # seconds between our heartbeat rounds (0: none yet)
+    next_round: float = 0.0
+    traffic_mark: int = 0  # the sleeve's count of frames sealed or opened with this peer's keys, when last read
+    last_traffic: float | None = None
 
     def sessions(self) -> list[Session]:
         return [s for s in (self.current, self.pending, self.previous) if s is not None]
@@ -121,6 +133,7 @@ class EndToEnd:
         *,
         interval: float,
         dead: float,
+        rng: random.Random | None = None,
     ) -> None:
         self.ourself = ourself
         self.uid = uid
@@ -133,6 +146,7 @@ class EndToEnd:
         self._guard = ReplayGuard()
         self._seq = itertools.count(1)
         self._hello: set[int] = set()  # peers with new keys: a heartbeat goes as soon as the sleeve has them
+        self._rng = rng or random.Random()  # the jitter of heartbeat rounds
 
     # -- from the controller ------------------------------------------------------------------------
 
@@ -164,11 +178,13 @@ class EndToEnd:
         for peer in self._hello:
             ps = self._peers.get(peer)
             if ps is not None and ps.current is not None and ps.current.heard_at is None:
-                self._heartbeat(ps, ps.current, now)
+                self._round(ps, ps.current, now)
         self._hello.clear()
 
-    def tick(self, now: float) -> None:
-        """Once an interval: heartbeats, retries, rekeys, and the end of keys that outlived their use."""
+    def tick(self, now: float, traffic: Mapping[int, int] | None = None) -> None:
+        """Once an interval: the heartbeat rounds due, retries, rekeys, and the end of keys that outlived their use.
+        ``traffic``: the sleeve's per-peer count of frames sealed or opened end to end (``Sleeve.pair_traffic``)."""
+        traffic = traffic or {}
         secrets = self._secrets()
         for ps in list(self._peers.values()):
             for session in ps.sessions():
@@ -183,15 +199,19 @@ class EndToEnd:
                 ps.pending = None  # never confirmed: the init was a replay, or the initiator moved on
                 ps.want = ps.want or ps.current is None  # then agree from this side
                 self._io.changed()
+            count = traffic.get(ps.peer, 0)
+            if count != ps.traffic_mark:
+                ps.traffic_mark, ps.last_traffic = count, now
             cur = ps.current
             if cur is not None and not ps.want:
                 last = cur.heard_at if cur.heard_at is not None else cur.created
-                if now - last > LOST_AFTER * self._dead:
+                if now - last > LOST_AFTER * self._dead_for(ps):
                     ps.want = True  # the peer lost its keys, or the route stopped carrying them
                 elif cur.keys.initiator and now - cur.created > REKEY_AFTER:
                     ps.want = True
-            if ps.current is not None:  # a responder's pending keys wait for the initiator to speak first
-                self._heartbeat(ps, ps.current, now)
+            # A responder's pending keys wait for the initiator to speak first.
+            if ps.current is not None and self._due(ps, ps.current, now):
+                self._round(ps, ps.current, now)
             self._refresh(ps, now)
             self._drive(ps, now)
         self._metrics.e2e_peers.set(sum(1 for ps in self._peers.values() if ps.sending))
@@ -238,6 +258,7 @@ class EndToEnd:
                     "initiator": cur.keys.initiator if cur is not None else None,
                     "keys_age": round(now - cur.created, 1) if cur is not None else None,
                     "datagram_size": (min(cur.send_size, ps.hop_size) if cur and cur.send_size else ps.hop_size),
+                    "heartbeat_every_s": ps.pace_s or None,
                 }
             )
         return rows
@@ -282,9 +303,12 @@ class EndToEnd:
             size = msg.get("ds")
             if isinstance(size, int) and not isinstance(size, bool) and 0 < size <= 0xFFFF:
                 session.send_size = size
-            if not session.answered:  # the peer hears from us now, not at our next round
+            if msg.get("rq") is True:  # its round: answer now, so its evidence comes at its own pace
+                session.asks = session.answered = True
+                self._heartbeat(ps, session, now, ask=False)
+            elif not session.answered:  # the peer hears from us now, not at our next round
                 session.answered = True
-                self._heartbeat(ps, session, now)
+                self._heartbeat(ps, session, now, ask=False)
         self._refresh(ps, now)
 
     # -- the agreement ------------------------------------------------------------------------------
@@ -386,10 +410,36 @@ class EndToEnd:
 
     # -- heartbeats and the sealing decision ----------------------------------------------------------
 
-    def _heartbeat(self, ps: _PeerState, session: Session, now: float) -> None:
-        hears = session.heard_at is not None and now - session.heard_at <= self._dead
-        payload = pack({"t": HEARTBEAT, "rx": hears, "ds": session.back_size})
-        self._io.send_pair(ps.peer, session.kid, payload)
+    def _dead_for(self, ps: _PeerState) -> float:
+        """Silence after which the peer counts as not hearing us: as many of our rounds as ``dead`` is intervals."""
+        return self._dead * max(ps.pace_s, self._interval) / self._interval
+
+    def _due(self, ps: _PeerState, cur: Session, now: float) -> bool:
+        """Choose the time between our rounds to ``ps``; True if one is due now. Idle only once the peer paces
+        itself, the first rounds under these keys are done, and frames are sealed end to end; speeding up brings a
+        round at once, and what was still fresh at the slow pace counts from now at the fast one."""
+        busy = ps.last_traffic is not None and now - ps.last_traffic <= BUSY_FOR * self._interval
+        idle = cur.asks and cur.rounds >= FIRST_ROUNDS and ps.sending and not busy
+        pace = self._interval * IDLE_EVERY if idle else self._interval
+        if pace < ps.pace_s:
+            if cur.heard_at is not None and now - cur.heard_at <= self._dead_for(ps):
+                cur.heard_at = now
+            ps.next_round = now
+        ps.pace_s = pace
+        return now >= ps.next_round
+
+    def _round(self, ps: _PeerState, session: Session, now: float) -> None:
+        """A heartbeat that asks the peer to answer at once."""
+        session.rounds += 1
+        ps.next_round = now + max(ps.pace_s, self._interval) * self._rng.uniform(1 - JITTER, 1.0)
+        self._heartbeat(ps, session, now, ask=True)
+
+    def _heartbeat(self, ps: _PeerState, session: Session, now: float, *, ask: bool) -> None:
+        hears = session.heard_at is not None and now - session.heard_at <= self._dead_for(ps)
+        msg: dict[str, Any] = {"t": HEARTBEAT, "rx": hears, "ds": session.back_size}
+        if ask:
+            msg["rq"] = True
+        self._io.send_pair(ps.peer, session.kid, pack(msg))
 
     def _refresh(self, ps: _PeerState, now: float) -> None:
         cur = ps.current
@@ -398,7 +448,7 @@ class EndToEnd:
             and cur.confirmed
             and cur.peer_hears
             and cur.heard_at is not None
-            and now - cur.heard_at <= self._dead
+            and now - cur.heard_at <= self._dead_for(ps)
         )
         if sending != ps.sending:
             ps.sending = sending

@@ -395,7 +395,7 @@ class DataPlane:
             self._sync_neighbours(now)
             self._poll_portguard(now)
             if self.encrypting:
-                self.e2e.tick(now)
+                self.e2e.tick(now, self.sleeve.pair_traffic() if self.sleeve is not None else {})
         self._note_traffic(now)
         if self._pass(now, full=full) or (full and self._warming_up_ended(now)):
             self._changed()

@@ -169,7 +169,7 @@ class _LinkState:
 class _PairState:
     """A Pair plus its AEADs, send counter and replay window, kept while (peer, kid, keys) stay the same."""
 
-    __slots__ = ("counter", "dsize", "keys", "kid", "opener", "pair", "peer", "route", "sealer", "window")
+    __slots__ = ("counter", "dsize", "keys", "kid", "opener", "pair", "peer", "route", "sealer", "traffic", "window")
 
     def __init__(self, pair: Pair, me: bytes, prev: _PairState | None) -> None:
         self.pair = pair
@@ -177,6 +177,7 @@ class _PairState:
         self.kid = pair.kid
         self.keys = pair.keys
         self.route = me + peer_bytes(pair.peer)  # the header's origin|dst for what we send
+        self.traffic = prev.traffic if prev is not None else 0  # frames sealed or opened with these keys, ever
         if prev is not None and prev.keys == pair.keys:
             self.sealer, self.opener = prev.sealer, prev.opener
             self.counter, self.window = prev.counter, prev.window
@@ -365,6 +366,13 @@ class Sleeve:
     def traffic(self) -> dict[int, int]:
         """Unicast frames (not control messages nor floods) each link carried, either way: which paths are in use."""
         return {peer: st.traffic for peer, st in self._tables.states.items()}
+
+    def pair_traffic(self) -> dict[int, int]:
+        """Frames sealed or opened end to end, per peer (all its key sets): which pairs carry traffic."""
+        out: dict[int, int] = {}
+        for st in self._tables.pair_rx.values():
+            out[st.peer] = out.get(st.peer, 0) + st.traffic
+        return out
 
     def send_control(self, peer: int, payload: bytes, *, pad_to: int = 0) -> bool:
         """Seal ``payload`` for the neighbour ``peer`` as one DF datagram of at least ``pad_to`` bytes."""
@@ -742,6 +750,7 @@ class _Worker:
     def _send_pair(self, pst: _PairState, st: _LinkState, plain: memoryview) -> None:
         """Seal ``plain`` with the pair's keys and send it end to end through the neighbour ``st``."""
         st.traffic += 1
+        pst.traffic += 1
         nonce = E2E_NONCE.pack(pst.kid, next(pst.counter))
         view = self._seal_view
         m = len(plain)
@@ -927,6 +936,7 @@ class _Worker:
             return
         if kind == FRAME:
             self.stats.bytes[_SLEEVE_RX] += m
+            pst.traffic += 1
             hop = self._rt.by_addr.get(self._cur_addr)  # the neighbour it came through carries traffic
             if hop is not None:
                 hop.traffic += 1
