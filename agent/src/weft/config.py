@@ -236,7 +236,8 @@ class AgentConfig:
     max_backoff: float = field(default=30.0, metadata=_kind(_real(gt=0)))
     conn_limit: int = field(default=100, metadata=_kind(_integer(ge=1)))
     accept_rate: float = field(default=20.0, metadata=_kind(_real(gt=0)))
-    accept_burst: int = field(default=20, metadata=_kind(_integer(ge=1)))
+    # A whole mesh of conn_limit peers (re)starting together is let in at once; floods are held to accept_rate.
+    accept_burst: int = field(default=100, metadata=_kind(_integer(ge=1)))
     # Per API listener (the socket and the metrics address)
     api_conn_limit: int = field(default=64, metadata=_kind(_integer(ge=1)))
     # An API connection idle (or a metrics request unanswered) this long

@@ -33,7 +33,7 @@ class ConnectionSettings:
     handshake_timeout: float = 5.0
     dial_timeout: float = 3.0
     accept_rate: float = 20.0  # inbound connections per second, sustained
-    accept_burst: int = 20
+    accept_burst: int = 100  # a mesh of a hundred peers told of one at once: each let in at the first try
 
 
 class ControlConnection:
