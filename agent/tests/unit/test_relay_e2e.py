@@ -16,7 +16,7 @@ import pytest
 
 from weft.datapath import wire
 from weft.datapath.agreement import AgreementError, ReplayGuard, complete, initiate, parse, respond
-from weft.datapath.endtoend import EndToEnd
+from weft.datapath.endtoend import MAX_OFFERS, EndToEnd
 from weft.datapath.sleeve import Forwarding, Link, Pair, Sleeve, _Tables
 from weft.datapath.tap import VNET_LEN
 from weft.datapath.udp import open_udp
@@ -227,8 +227,9 @@ def test_two_peers_behind_a_relay_agree_keys_and_seal_end_to_end_and_the_relay_h
     assert pa.kid == pc.kid and pa.keys.send == pc.keys.receive
     assert pa.datagram_size == 1400, "A's datagrams must fit B's smaller link to C"
     assert pc.datagram_size == 1472
-    # Both sent an init at once: the lower name's went on (C answered it), A let C's pass.
-    assert mesh.events(B)["passed_on"] >= 3 and mesh.events(A)["completed"] == 1 and mesh.events(A)["crossed"] == 1
+    # One init and its response crossed the relay: the lower name (A) started, C waited for it and answered.
+    assert mesh.events(B)["passed_on"] == 2 and mesh.events(A)["completed"] == 1 and "crossed" not in mesh.events(A)
+    assert [m["t"] for frm, _, m in mesh.wire if frm == C] == ["kr"], "C sent an init of its own"
     # Every relayed message went A -> B -> C or C -> B -> A: the relay passed each on once, lowering the size.
     passed = [m for frm, to, m in mesh.wire if frm == B]
     assert passed and all(m["h"] == 1 for m in passed)
@@ -347,6 +348,84 @@ def test_a_peer_that_never_asks_gets_a_heartbeat_every_interval() -> None:
         mesh.step()
         assert mesh.e2e[A].sealing(C)
     assert len(mesh.asks(A, since=start)) == 30
+
+
+def agree_through_a_hub(peers: int, steps: int) -> tuple[dict[int, EndToEnd], dict[int, list[float]], list[int]]:
+    """The lowest-named spoke and ``peers`` others behind one hub, stepped a second at a time: each spoke's keys
+    manager, when each sent its inits, and how many inits the lowest had in flight at each step."""
+    hub, spokes = 0x020000000100, [0x020000000200 + i for i in range(peers + 1)]
+    first, rest = spokes[0], spokes[1:]
+    queue: deque = deque()
+    inits: dict[int, list[float]] = {s: [] for s in spokes}
+    clock = [0.0]
+
+    def make(name: int) -> EndToEnd:
+        class Io:
+            def send_hop(self, peer: int, payload: bytes) -> bool:
+                msg = unpack(payload, "test")
+                if msg["t"] == "ki":
+                    inits[name].append(clock[0])
+                queue.append(("hop", msg))
+                return True
+
+            def send_pair(self, peer: int, kid: int, payload: bytes) -> bool:
+                queue.append(("pair", (peer, name, kid, payload)))
+                return True
+
+            def route(self, dst: int) -> tuple[int, int] | None:
+                return hub, 1472
+
+            def peer_uid(self, peer: int) -> int | None:
+                return peer & 0xFFFF
+
+            def changed(self) -> None:
+                pass
+
+        return EndToEnd(
+            name, name & 0xFFFF, lambda: [SECRET], Metrics(), Io(), interval=1.0, dead=3.0, rng=Random(name)
+        )
+
+    e2e = {s: make(s) for s in spokes}
+    in_flight = []
+    for _ in range(steps):
+        clock[0] = now = clock[0] + 1.0
+        e2e[first].update(dict.fromkeys(rest, hub), now)
+        for s in rest:
+            e2e[s].update({first: hub}, now)
+        in_flight.append(sum(1 for p in e2e[first]._peers.values() if p.offer is not None))
+        while queue:  # the hub passes each message on to its destination
+            kind, body = queue.popleft()
+            if kind == "hop":
+                e2e[parse(body).dst].on_hop_message(hub, body, now)
+            else:
+                dst, src, kid, payload = body
+                e2e[dst].on_pair_message(src, kid, payload, now)
+            for e in e2e.values():
+                e.after_update(now)
+        for e in e2e.values():
+            e.tick(now)
+    return e2e, inits, in_flight
+
+
+def test_a_spoke_agrees_with_forty_peers_behind_its_hub_in_turns_one_init_per_pair() -> None:
+    """A hub carries every agreement of its spokes: each pair's single init and response, a bounded number at once."""
+    e2e, inits, in_flight = agree_through_a_hub(40, steps=8)
+    first, *rest = e2e
+    assert all(e2e[first].sealing(s) and e2e[s].sealing(first) for s in rest)
+    assert max(in_flight) <= MAX_OFFERS, in_flight
+    assert len(inits[first]) == len(rest), "one init per pair: none retried, none crossed"
+    assert not any(inits[s] for s in rest), "the higher names waited for the lower's init"
+
+
+def test_a_higher_name_left_waiting_starts_the_agreement_itself() -> None:
+    """The lowest spoke's turns reach 48 peers by the time the others have waited a dead interval: the last twelve
+    send their own inits, and the lowest answers them."""
+    e2e, inits, in_flight = agree_through_a_hub(60, steps=10)
+    first, *rest = e2e
+    assert all(e2e[first].sealing(s) and e2e[s].sealing(first) for s in rest)
+    started = [s for s in rest if inits[s]]
+    assert 0 < len(started) < len(rest) and all(min(inits[s]) >= 4.0 for s in started), started
+    assert max(in_flight) <= MAX_OFFERS
 
 
 # -- the forwarding decision --------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from weft.datapath.agreement import (
     parse,
     respond,
 )
-from weft.datapath.paths import BUSY_FOR, FIRST_ROUNDS, IDLE_EVERY, JITTER
+from weft.datapath.paths import BUSY_FOR, IDLE_EVERY, JITTER
 from weft.mesh.codec import DecodeError, expect, pack, unpack
 from weft.mesh.peer import format_name
 
@@ -56,7 +56,8 @@ log = logging.getLogger(__name__)
 AGREEMENT_TYPES = (INIT, "kr")  # data-path control map types this module takes
 HEARTBEAT = "eh"
 REKEY_AFTER = 300.0  # seconds: the initiator agrees new keys this often
-RETRY_MAX = 30.0  # seconds between unanswered inits, at most (they double from one interval)
+RETRY_MAX = 30.0  # seconds between unanswered inits, at most (they double from one dead interval)
+MAX_OFFERS = 16  # first inits in flight at once: a host that learns of a hundred relayed peers agrees in turns
 LOST_AFTER = 4  # dead intervals without a heartbeat from the peer before keys are agreed again
 PENDING_FOR = 2  # dead intervals a responder's unconfirmed keys wait for the initiator's first heartbeat
 
@@ -113,6 +114,7 @@ class _PeerState:
     offered_at: float = 0.0
     tries: int = 0
     sending: bool = False
+    since: float = 0.0  # when keys were first wanted with none held: the higher name waits for the lower's init
     pace_s: float = 0.0  # seconds between our heartbeat rounds (0: none yet)
     next_round: float = 0.0
     traffic_mark: int = 0  # the sleeve's count of frames sealed or opened with this peer's keys, when last read
@@ -147,12 +149,14 @@ class EndToEnd:
         self._seq = itertools.count(1)
         self._hello: set[int] = set()  # peers with new keys: a heartbeat goes as soon as the sleeve has them
         self._rng = rng or random.Random()  # the jitter of heartbeat rounds
+        self._offers = 0  # inits in flight, as of the last pass (see MAX_OFFERS)
 
     # -- from the controller ------------------------------------------------------------------------
 
     def update(self, relayed: dict[int, int], now: float) -> None:
         """The peers reached only through relays now (peer -> first hop): agree keys with those whose route reads
         end-to-end datagrams; drop the keys of every other peer."""
+        self._offers = sum(1 for ps in self._peers.values() if ps.offer is not None)
         for peer in [p for p in self._peers if p not in relayed]:
             self._drop(peer, "it is no longer reached through a relay")
         for peer, via in relayed.items():
@@ -164,10 +168,10 @@ class EndToEnd:
             uid = self._io.peer_uid(peer)
             ps = self._peers.get(peer)
             if ps is None:
-                ps = self._peers[peer] = _PeerState(peer, uid, via, route[1])
+                ps = self._peers[peer] = _PeerState(peer, uid, via, route[1], since=now)
             elif ps.uid != uid:
                 self._forget_keys(ps, "the peer restarted")
-                ps.uid, ps.via, ps.hop_size, ps.want = uid, via, route[1], True
+                ps.uid, ps.via, ps.hop_size, ps.want, ps.since = uid, via, route[1], True, now
             elif (ps.via, ps.hop_size) != route:
                 # The route changed, and what fits it may too: agree over the new one now, not after a backoff.
                 ps.via, ps.hop_size, ps.want, ps.offer, ps.tries = via, route[1], True, None, 0
@@ -186,6 +190,7 @@ class EndToEnd:
         ``traffic``: the sleeve's per-peer count of frames sealed or opened end to end (``Sleeve.pair_traffic``)."""
         traffic = traffic or {}
         secrets = self._secrets()
+        self._offers = sum(1 for ps in self._peers.values() if ps.offer is not None)
         for ps in list(self._peers.values()):
             for session in ps.sessions():
                 if session.keys.secret not in secrets:
@@ -317,12 +322,26 @@ class EndToEnd:
         self._metrics.e2e_agreements.labels(event).inc()
 
     def _retry_after(self, tries: int) -> float:
-        return min(RETRY_MAX, self._interval * 2 ** max(0, tries - 1))
+        """From one dead interval, doubling: through a busy relay an answer can take seconds, and a retry too soon
+        replaces the offer the answer is for (it is then refused, and the relay carried both for nothing)."""
+        return min(RETRY_MAX, self._dead * 2 ** max(0, tries - 1))
 
     def _drive(self, ps: _PeerState, now: float) -> None:
-        """Send an init if keys are wanted and none is in flight (or the one in flight went unanswered)."""
+        """Send an init if keys are wanted and none is in flight (or the one in flight went unanswered).
+
+        A first agreement with a peer is the lower name's to start: the higher waits a dead interval for its init
+        (both sending one made every hub carry two per pair, one of them refused as crossed). And at most
+        MAX_OFFERS first inits are in flight at once: a spoke that learns of a hundred peers behind its hub agrees
+        with them in turns rather than all at once, so the hub's backlog never outgrows the retries' patience."""
         if not ps.want or (ps.offer is not None and now - ps.offered_at < self._retry_after(ps.tries)):
             return
+        if ps.offer is None:
+            fresh = ps.current is None and ps.pending is None
+            if fresh and self.ourself > ps.peer and now - ps.since < self._dead:
+                return
+            if self._offers >= MAX_OFFERS:
+                return
+            self._offers += 1
         secrets = self._secrets()
         route = self._io.route(ps.peer)
         if not secrets or route is None:
@@ -416,10 +435,10 @@ class EndToEnd:
 
     def _due(self, ps: _PeerState, cur: Session, now: float) -> bool:
         """Choose the time between our rounds to ``ps``; True if one is due now. Idle only once the peer paces
-        itself, the first rounds under these keys are done, and frames are sealed end to end; speeding up brings a
-        round at once, and what was still fresh at the slow pace counts from now at the fast one."""
+        itself (its round asked us) and frames are sealed end to end; speeding up brings a round at once, and what
+        was still fresh at the slow pace counts from now at the fast one."""
         busy = ps.last_traffic is not None and now - ps.last_traffic <= BUSY_FOR * self._interval
-        idle = cur.asks and cur.rounds >= FIRST_ROUNDS and ps.sending and not busy
+        idle = cur.asks and ps.sending and not busy
         pace = self._interval * IDLE_EVERY if idle else self._interval
         if pace < ps.pace_s:
             if cur.heard_at is not None and now - cur.heard_at <= self._dead_for(ps):
