@@ -336,7 +336,14 @@ def test_fdb_apply_keeps_what_it_applied_equal_to_the_kernel(overlay: tuple[str,
         sleeve = frozenset(rng.sample([p for p in peers if p not in fast], rng.randint(0, 3)))
         want = fdb.desired_state(fast_ips=fast, sleeve_peers=sleeve, owner=owner, ourself=0, vxlan=VX, tap=TAP)
         delete = step % 5 != 1  # now and then a warm-up pass, which only adds
-        fdb.apply(nd, bridge=BR, vxlan=VX, tap=TAP, want=want, delete=delete, have=have)
+        if step % 2:  # as the agent programs it: every entry of the pass in one hand-over to netlink's thread
+            nd.batch(
+                lambda want=want, delete=delete: fdb.apply(
+                    nd, bridge=BR, vxlan=VX, tap=TAP, want=want, delete=delete, have=have
+                )
+            )
+        else:
+            fdb.apply(nd, bridge=BR, vxlan=VX, tap=TAP, want=want, delete=delete, have=have)
         kernel = fdb.read(nd, bridge=BR, vxlan=VX)
         assert have == kernel, f"step {step}: applied state drifted from the kernel's"
         if delete:
@@ -344,6 +351,9 @@ def test_fdb_apply_keeps_what_it_applied_equal_to_the_kernel(overlay: tuple[str,
     assert fdb.apply(nd, bridge=BR, vxlan=VX, tap=TAP, want=want, delete=True, have=have) == 0, (
         "a repeat changes nothing"
     )
+    worker = nd.batch(threading.current_thread)
+    assert worker is not threading.current_thread() and worker.name.startswith("weft-netlink")
+    assert nd.batch(nd.batch, nd.link, BR).name == BR, "a batch within a batch runs in place"
 
 
 @netns_test

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+from fake_netdev import InlineNetDev
 
 from weft.config import AgentConfig
 from weft.datapath import fdb
@@ -99,7 +100,7 @@ def plane(monkeypatch: pytest.MonkeyPatch) -> DataPlane:
     metrics = Metrics()
     p = DataPlane(AgentConfig(), Router(PeerInfo(ME, "me", 1), VirtualScheduler(), metrics), metrics)
     p._loop = _Loop()  # type: ignore[assignment]
-    p.sleeve, p.nd = _Sleeve(), object()  # type: ignore[assignment]
+    p.sleeve, p.nd = _Sleeve(), InlineNetDev()  # type: ignore[assignment]
     monkeypatch.setattr(p.router, "routes", _Routes(p))
     monkeypatch.setattr(p, "_sync_neighbours", lambda now: None)
     monkeypatch.setattr(p, "_sync_guard", lambda *a, **k: None)

@@ -8,6 +8,7 @@ import random
 from collections.abc import Callable
 
 import pytest
+from fake_netdev import InlineNetDev
 
 from weft.config import AgentConfig
 from weft.datapath import fdb
@@ -196,7 +197,7 @@ def _timed_plane(monkeypatch: pytest.MonkeyPatch) -> tuple[DataPlane, _Loop, lis
     plane = DataPlane(AgentConfig(), Router(PeerInfo(ME, "me", 1), VirtualScheduler(), metrics), metrics)
     loop = _Loop()
     plane._loop = loop  # type: ignore[assignment]
-    plane.sleeve, plane.nd = _Fwd(), object()  # type: ignore[assignment]
+    plane.sleeve, plane.nd = _Fwd(), InlineNetDev()  # type: ignore[assignment]
     clock = [100.0]
     monkeypatch.setattr(plane_module.time, "monotonic", lambda: clock[0])
     return plane, loop, clock

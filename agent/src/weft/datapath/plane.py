@@ -511,16 +511,20 @@ class DataPlane:
                     self._kept_for(st),
                 )
             self._changed()
-        for name, conn in conns.items():
+        new = {
+            name: conn
+            for name, conn in conns.items()
+            if conn.remote_ip is not None and (name not in self.paths or self.paths[name].epoch != conn.conn_uid)
+        }
+        if not new:
+            return
+        assert self.nd is not None
+        route_mtus = self.nd.batch(self._route_mtus, {conn.remote_ip for conn in new.values()})
+        for name, conn in new.items():
             st = self.paths.get(name)
             ip = conn.remote_ip
-            if ip is None or (st is not None and st.epoch == conn.conn_uid):
-                continue
-            assert self.nd is not None
-            try:
-                route_mtu = self.nd.route_mtu(ip)
-            except Exception:  # no route right now: the heartbeat will fail and say so
-                route_mtu = 1500
+            assert ip is not None
+            route_mtu = route_mtus[ip]
             ended_at, before = self._ended.pop(name, (0.0, None))
             if st is None and before is not None and before.ip == ip and now - ended_at <= self._kept_for(before):
                 st = before  # a reconnection (a re-key or a restart): what the paths proved still holds
@@ -551,6 +555,18 @@ class DataPlane:
             self.paths[name].choose(now, self._dead(fresh), self.config.mtu, self.config.vxlan_port, self.udp_port)
             self._hello.add(name)
             self._changed()
+
+    def _route_mtus(self, ips: set[str]) -> dict[str, int]:
+        """The MTU towards each address (1500 where there is no route right now: the heartbeat will fail and say so).
+        Run as one batch on the netlink thread: a dense mesh forming brings dozens of new neighbours at once."""
+        assert self.nd is not None
+        out = {}
+        for ip in ips:
+            try:
+                out[ip] = self.nd.route_mtu(ip)
+            except Exception:
+                out[ip] = 1500
+        return out
 
     def _kept_for(self, st: PathState) -> float:
         """How long a closed connection's path state is kept: the fast path's grace, else a re-key's moment."""
@@ -740,12 +756,19 @@ class DataPlane:
         have = self._fdb_have
         read = have is None or self._kernel_at - self._fdb_read_at >= FDB_REREAD
         changed = 1  # a failure counts as work: the next pass reads the kernel again
-        try:
-            if read or have is None:
-                have = self._read_fdb()
-            changed = fdb.apply(
-                self.nd, bridge=self.bridge, vxlan=self.vxlan, tap=self.tap, want=want, delete=delete, have=have
+        nd = self.nd
+
+        def program(current: fdb.FdbState | None) -> tuple[fdb.FdbState, int]:
+            if current is None:
+                current = fdb.read(nd, bridge=self.bridge, vxlan=self.vxlan)
+            return current, fdb.apply(
+                nd, bridge=self.bridge, vxlan=self.vxlan, tap=self.tap, want=want, delete=delete, have=current
             )
+
+        try:  # one hand-over to the netlink thread for the read and every entry changed
+            have, changed = nd.batch(program, None if read else have)
+            if read:
+                self._fdb_have, self._fdb_read_at = have, time.monotonic()
         except Exception as exc:  # netlink refused one entry: say so, keep the rest working (and read them again)
             log.warning("could not program the kernel forwarding table: %s", exc)
             self._fdb_have = have = None
@@ -759,8 +782,9 @@ class DataPlane:
 
     def _read_fdb(self) -> fdb.FdbState:
         """Read what the kernel's FDB holds; later programmings diff against it (see FDB_REREAD)."""
-        assert self.nd is not None
-        self._fdb_have = fdb.read(self.nd, bridge=self.bridge, vxlan=self.vxlan)
+        nd = self.nd
+        assert nd is not None
+        self._fdb_have = nd.batch(lambda: fdb.read(nd, bridge=self.bridge, vxlan=self.vxlan))
         self._fdb_read_at = time.monotonic()
         return self._fdb_have
 
