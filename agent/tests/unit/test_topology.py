@@ -424,3 +424,28 @@ def test_a_full_state_read_as_a_stream_takes_and_refuses_exactly_what_reading_it
         outcomes["taken"] += 1
     assert outcomes["refused"] > 100 and outcomes["taken"] > 100, outcomes
     assert set(TopologyUpdate.decode(valid, view.knows).entries) == {B, C}
+
+
+def test_a_connection_read_before_is_taken_as_it_was_and_a_look_alike_is_still_checked() -> None:
+    """A new version of an entry repeats almost all its connections: those are not checked and built again. But only
+    exactly the same values are taken so: 1 for True, or a changed address, is read (and refused) as any other."""
+    conns = tuple(ConnectionSummary(0x0200000000A0 + i, f"10.99.0.{i}:6783", i % 2 == 0, True) for i in range(99))
+    first = PeerEntry.from_wire(PeerEntry(5, "h5", 7, 9, conns).to_wire())
+    newer = PeerEntry(5, "h5", 7, 10, (*conns, ConnectionSummary(0x0200000000FF, "10.99.0.200:6783", True, False)))
+    second = PeerEntry.from_wire(newer.to_wire())
+    assert second == newer and all(a is b for a, b in zip(first.connections, second.connections[:99], strict=True))
+    wire = newer.to_wire()
+    wire[4][0] = [wire[4][0][0], wire[4][0][1], 1, 1]  # ints where the seen connection had booleans
+    with pytest.raises(DecodeError, match="outbound"):
+        PeerEntry.from_wire(wire)
+    wire = newer.to_wire()
+    wire[4][1] = [wire[4][1][0], "10.99.0.1:6783\x1b[2J", False, True]  # a terminal escape after a seen address
+    with pytest.raises(DecodeError, match="control"):
+        PeerEntry.from_wire(wire)
+
+
+def test_made_up_connections_cannot_grow_the_memory_of_seen_ones_without_bound() -> None:
+    for k in range(5):
+        many = [[0x020000010000 + k * 20_000 + i, f"10.1.{i >> 8}.{i & 255}:6783", True, True] for i in range(20_000)]
+        PeerEntry.from_wire([0x020000000005, "h5", 7, 9 + k, many])
+        assert len(topology_module._SEEN_CONNECTIONS) <= topology_module.SEEN_CONNECTIONS_MAX

@@ -83,22 +83,42 @@ class PeerEntry:
         nickname = _printable(expect(raw[1], str, KIND, "nickname")[:MAX_NICKNAME], "nickname")
         uid = expect_uint(raw[2], 64, KIND, "uid")
         version = expect_uint(raw[3], 64, KIND, "version")
+        seen = _SEEN_CONNECTIONS
         conns = []
         for c in expect(raw[4], list, KIND, "connections"):
-            expect(c, list, KIND, "connection")
-            if len(c) != 4:
-                raise DecodeError(KIND, "connection must have 4 fields")
-            peer = expect_uint(c[0], NAME_BITS, KIND, "connection peer")
-            address = expect(c[1], str, KIND, "connection address")
-            if len(address) > MAX_ADDRESS:
-                raise DecodeError(KIND, "connection address too long")
-            _printable(address, "connection address")
-            conns.append(
-                ConnectionSummary(
-                    peer, address, expect(c[2], bool, KIND, "outbound"), expect(c[3], bool, KIND, "established")
-                )
-            )
+            # A new version of an entry repeats all but one or two of its connections: one read before is taken as
+            # it was, without checking and building it again (exact types only, so 1 is never taken for True).
+            if type(c) is list and len(c) == 4 and type(c[1]) is str and type(c[2]) is bool and type(c[3]) is bool:
+                known = seen.get((c[0], c[1], c[2], c[3])) if type(c[0]) is int else None
+                if known is not None:
+                    conns.append(known)
+                    continue
+            conns.append(_connection(c))
         return cls(name, nickname, uid, version, tuple(conns))
+
+
+SEEN_CONNECTIONS_MAX = 16_384  # every connection of a full mesh of 128 peers, in about 1.5 MiB at most
+_SEEN_CONNECTIONS: dict[tuple[int, str, bool, bool], ConnectionSummary] = {}
+
+
+def _connection(c: object) -> ConnectionSummary:
+    """One connection of an entry, checked; remembered for the next version of the entry."""
+    expect(c, list, KIND, "connection")
+    assert isinstance(c, list)
+    if len(c) != 4:
+        raise DecodeError(KIND, "connection must have 4 fields")
+    peer = expect_uint(c[0], NAME_BITS, KIND, "connection peer")
+    address = expect(c[1], str, KIND, "connection address")
+    if len(address) > MAX_ADDRESS:
+        raise DecodeError(KIND, "connection address too long")
+    _printable(address, "connection address")
+    summary = ConnectionSummary(
+        peer, address, expect(c[2], bool, KIND, "outbound"), expect(c[3], bool, KIND, "established")
+    )
+    if len(_SEEN_CONNECTIONS) >= SEEN_CONNECTIONS_MAX:  # made-up peers cannot grow it without bound
+        _SEEN_CONNECTIONS.clear()
+    _SEEN_CONNECTIONS[(summary.peer, summary.address, summary.outbound, summary.established)] = summary
+    return summary
 
 
 @dataclass(slots=True)
