@@ -257,9 +257,10 @@ def test_an_acceptor_says_full_only_when_established_connections_fill_its_limit(
     """Handshakes in progress count towards the limit, but a dialler refused for them is not told "full": that would
     hold a discovered peer for as long as full_hold while its room is a moment away (a dense mesh forming near the
     limit). Over real sockets on 127.0.0.1, against the real transport and router."""
+    from transport_rig import listening
+
     from weft.mesh.clock import AsyncioScheduler
     from weft.mesh.connection import ConnectionSettings
-    from weft.mesh.transport import ControlTransport
 
     async def dial(port: int, who: PeerInfo) -> BaseException | tuple:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -276,47 +277,41 @@ def test_an_acceptor_says_full_only_when_established_connections_fill_its_limit(
         metrics = Metrics()
         router = Router(ME, AsyncioScheduler(asyncio.get_running_loop()), metrics, conn_limit=2)
         settings = ConnectionSettings(heartbeat_interval=0.2, read_timeout=5.0, handshake_timeout=5.0)
-        transport = ControlTransport(router, metrics, settings, lambda: [], listen=("127.0.0.1", 0), advertise=None)
-        await transport.start()
-        router.start()
-        assert transport._server is not None
-        port = transport._server.sockets[0].getsockname()[1]
         silent, kept = [], []
-        try:
-            # Two connections that never speak: pending handshakes fill the limit of two.
-            for _ in range(2):
-                silent.append(await asyncio.open_connection("127.0.0.1", port))
-            for _ in range(100):
-                if len(transport.pending) == 2:
-                    break
-                await asyncio.sleep(0.01)
-            refused = await dial(port, PEERS[0])
-            assert isinstance(refused, BaseException), refused
-            assert getattr(refused, "reason", None) != "peer_full", refused
-            assert metrics.registry.get_sample_value("weft_connections_refused_total", {"reason": "conn_limit"}) == 1
-            for _, writer in silent:
-                writer.close()
-            for _ in range(100):
-                if not transport.pending:
-                    break
-                await asyncio.sleep(0.01)
-            # Two peers established: now the limit is full, and a third dialler hears so.
-            for peer in PEERS[1:3]:
-                outcome = await dial(port, peer)
-                assert isinstance(outcome, tuple), outcome
-                kept.append(outcome[1])
-            for _ in range(100):
-                if len(router.connections) == 2:
-                    break
-                await asyncio.sleep(0.01)
-            full = await dial(port, PEERS[3])
-            assert isinstance(full, HandshakeError) and full.reason == "peer_full", full
-        finally:
-            for writer in kept:
-                writer.close()
-            router.stop()
-            await transport.stop()
-            transport._server.close()
-            await transport._server.wait_closed()
+        async with listening(router, metrics, settings) as (transport, port):
+            try:
+                # Two connections that never speak: pending handshakes fill the limit of two.
+                for _ in range(2):
+                    silent.append(await asyncio.open_connection("127.0.0.1", port))
+                for _ in range(100):
+                    if len(transport.pending) == 2:
+                        break
+                    await asyncio.sleep(0.01)
+                refused = await dial(port, PEERS[0])
+                assert isinstance(refused, BaseException), refused
+                assert getattr(refused, "reason", None) != "peer_full", refused
+                assert (
+                    metrics.registry.get_sample_value("weft_connections_refused_total", {"reason": "conn_limit"}) == 1
+                )
+                for _, writer in silent:
+                    writer.close()
+                for _ in range(100):
+                    if not transport.pending:
+                        break
+                    await asyncio.sleep(0.01)
+                # Two peers established: now the limit is full, and a third dialler hears so.
+                for peer in PEERS[1:3]:
+                    outcome = await dial(port, peer)
+                    assert isinstance(outcome, tuple), outcome
+                    kept.append(outcome[1])
+                for _ in range(100):
+                    if len(router.connections) == 2:
+                        break
+                    await asyncio.sleep(0.01)
+                full = await dial(port, PEERS[3])
+                assert isinstance(full, HandshakeError) and full.reason == "peer_full", full
+            finally:
+                for writer in kept:
+                    writer.close()
 
     asyncio.run(main())
