@@ -16,7 +16,7 @@ import pytest
 
 from weft.datapath import wire
 from weft.datapath.agreement import AgreementError, ReplayGuard, complete, initiate, parse, respond
-from weft.datapath.endtoend import MAX_OFFERS, EndToEnd
+from weft.datapath.endtoend import IN_FLIGHT_TRIES, MAX_OFFERS, EndToEnd
 from weft.datapath.sleeve import Forwarding, Link, Pair, Sleeve, _Tables
 from weft.datapath.tap import VNET_LEN
 from weft.datapath.udp import open_udp
@@ -350,9 +350,12 @@ def test_a_peer_that_never_asks_gets_a_heartbeat_every_interval() -> None:
     assert len(mesh.asks(A, since=start)) == 30
 
 
-def agree_through_a_hub(peers: int, steps: int) -> tuple[dict[int, EndToEnd], dict[int, list[float]], list[int]]:
+def agree_through_a_hub(
+    peers: int, steps: int, silent: int = 0
+) -> tuple[dict[int, EndToEnd], dict[int, list[float]], list[int]]:
     """The lowest-named spoke and ``peers`` others behind one hub, stepped a second at a time: each spoke's keys
-    manager, when each sent its inits, and how many inits the lowest had in flight at each step."""
+    manager, when each sent its inits, and how many inits the lowest had in flight at each step. The first
+    ``silent`` of the others never get a message (the hub cannot pass it on to them: older agents)."""
     hub, spokes = 0x020000000100, [0x020000000200 + i for i in range(peers + 1)]
     first, rest = spokes[0], spokes[1:]
     queue: deque = deque()
@@ -386,17 +389,21 @@ def agree_through_a_hub(peers: int, steps: int) -> tuple[dict[int, EndToEnd], di
         )
 
     e2e = {s: make(s) for s in spokes}
+    for s in rest[:silent]:
+        e2e[s].update = lambda relayed, now: None  # type: ignore[method-assign]  # nor send any
     in_flight = []
     for _ in range(steps):
         clock[0] = now = clock[0] + 1.0
         e2e[first].update(dict.fromkeys(rest, hub), now)
         for s in rest:
             e2e[s].update({first: hub}, now)
-        in_flight.append(sum(1 for p in e2e[first]._peers.values() if p.offer is not None))
+        in_flight.append(sum(1 for p in e2e[first]._peers.values() if p.offer and p.tries <= IN_FLIGHT_TRIES))
         while queue:  # the hub passes each message on to its destination
             kind, body = queue.popleft()
             if kind == "hop":
-                e2e[parse(body).dst].on_hop_message(hub, body, now)
+                dst = parse(body).dst
+                if dst not in rest[:silent]:
+                    e2e[dst].on_hop_message(hub, body, now)
             else:
                 dst, src, kid, payload = body
                 e2e[dst].on_pair_message(src, kid, payload, now)
@@ -415,6 +422,16 @@ def test_a_spoke_agrees_with_forty_peers_behind_its_hub_in_turns_one_init_per_pa
     assert max(in_flight) <= MAX_OFFERS, in_flight
     assert len(inits[first]) == len(rest), "one init per pair: none retried, none crossed"
     assert not any(inits[s] for s in rest), "the higher names waited for the lower's init"
+
+
+def test_peers_that_never_answer_do_not_keep_the_others_waiting_for_a_turn() -> None:
+    """Twenty peers behind the hub cannot answer (older agents: the hub does not pass inits on to them). Their inits,
+    unanswered after a retry, stop counting against the sixteen in flight: the last four get theirs in turn."""
+    e2e, _, in_flight = agree_through_a_hub(20, steps=15, silent=20)
+    first, *rest = e2e
+    tried = [s for s in rest if e2e[first]._peers[s].tries > 0]
+    assert len(tried) == 20, f"inits went to {len(tried)} of 20 peers: the unanswered ones held every turn"
+    assert max(in_flight) <= MAX_OFFERS
 
 
 def test_a_higher_name_left_waiting_starts_the_agreement_itself() -> None:

@@ -58,6 +58,7 @@ HEARTBEAT = "eh"
 REKEY_AFTER = 300.0  # seconds: the initiator agrees new keys this often
 RETRY_MAX = 30.0  # seconds between unanswered inits, at most (they double from one dead interval)
 MAX_OFFERS = 16  # first inits in flight at once: a host that learns of a hundred relayed peers agrees in turns
+IN_FLIGHT_TRIES = 2  # an init counts as in flight for its first send and first retry (see _in_flight)
 LOST_AFTER = 4  # dead intervals without a heartbeat from the peer before keys are agreed again
 PENDING_FOR = 2  # dead intervals a responder's unconfirmed keys wait for the initiator's first heartbeat
 
@@ -156,7 +157,7 @@ class EndToEnd:
     def update(self, relayed: dict[int, int], now: float) -> None:
         """The peers reached only through relays now (peer -> first hop): agree keys with those whose route reads
         end-to-end datagrams; drop the keys of every other peer."""
-        self._offers = sum(1 for ps in self._peers.values() if ps.offer is not None)
+        self._offers = self._in_flight()
         for peer in [p for p in self._peers if p not in relayed]:
             self._drop(peer, "it is no longer reached through a relay")
         for peer, via in relayed.items():
@@ -190,7 +191,7 @@ class EndToEnd:
         ``traffic``: the sleeve's per-peer count of frames sealed or opened end to end (``Sleeve.pair_traffic``)."""
         traffic = traffic or {}
         secrets = self._secrets()
-        self._offers = sum(1 for ps in self._peers.values() if ps.offer is not None)
+        self._offers = self._in_flight()
         for ps in list(self._peers.values()):
             for session in ps.sessions():
                 if session.keys.secret not in secrets:
@@ -320,6 +321,11 @@ class EndToEnd:
 
     def _count(self, event: str) -> None:
         self._metrics.e2e_agreements.labels(event).inc()
+
+    def _in_flight(self) -> int:
+        """Inits awaiting a timely answer: sent once or retried once. One still unanswered after that (a peer that
+        cannot answer, such as an older agent behind the relay) no longer holds a turn from the others."""
+        return sum(1 for ps in self._peers.values() if ps.offer is not None and ps.tries <= IN_FLIGHT_TRIES)
 
     def _retry_after(self, tries: int) -> float:
         """From one dead interval, doubling: through a busy relay an answer can take seconds, and a retry too soon
