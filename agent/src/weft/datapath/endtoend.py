@@ -11,9 +11,9 @@ initiator's keys are confirmed by the response, the responder's by the first hea
 replayed init leaves keys that are never used), and a side seals frames end to end only while the peer's heartbeats
 say they hear it. Until then, and whenever that stops, frames go hop by hop as before. Heartbeats come in rounds
 paced as the direct paths' are (paths.py): each asks the peer to answer at once (``rq``), every interval while the
-pair carries frames, is new, or the peer never asks (an older version, which expects one every interval), and
-every ``IDLE_EVERY`` intervals otherwise, each side judging the pair by its own rounds. A hub relaying for a
-hundred quiet spokes then passes on a tenth of what it did.
+pair carries frames, until the peer's own rounds show it paces itself, or while it never asks (an older version,
+which expects one every interval), and every ``IDLE_EVERY`` intervals otherwise, each side judging the pair by its
+own rounds. A hub relaying for a hundred quiet spokes then passes on a tenth of what it did.
 
 Keys are agreed again when either side restarts (its uid in the topology changes), when the route's first hop or
 its datagram size changes, every REKEY_AFTER seconds (by the initiator), and when the peer falls silent; they are
@@ -92,7 +92,6 @@ class Session:
     heard_at: float | None = None
     peer_hears: bool = False
     answered: bool = False
-    rounds: int = 0  # our heartbeats that asked for an answer, under these keys
     asks: bool = False  # the peer's heartbeats ask for answers: it paces its own rounds (not an older version)
 
     @property
@@ -455,7 +454,6 @@ class EndToEnd:
 
     def _round(self, ps: _PeerState, session: Session, now: float) -> None:
         """A heartbeat that asks the peer to answer at once."""
-        session.rounds += 1
         ps.next_round = now + max(ps.pace_s, self._interval) * self._rng.uniform(1 - JITTER, 1.0)
         self._heartbeat(ps, session, now, ask=True)
 
