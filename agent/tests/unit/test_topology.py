@@ -449,3 +449,8 @@ def test_made_up_connections_cannot_grow_the_memory_of_seen_ones_without_bound()
         many = [[0x020000010000 + k * 20_000 + i, f"10.1.{i >> 8}.{i & 255}:6783", True, True] for i in range(20_000)]
         PeerEntry.from_wire([0x020000000005, "h5", 7, 9 + k, many])
         assert len(topology_module._SEEN_CONNECTIONS) <= topology_module.SEEN_CONNECTIONS_MAX
+    # Nor can long addresses make each remembered one large: those are read every time, never remembered.
+    topology_module._SEEN_CONNECTIONS.clear()
+    long = [[0x020000030000 + i, "x" * 250 + f"{i}:6783", True, True] for i in range(1000)]
+    entry = PeerEntry.from_wire([0x020000000005, "h5", 7, 20, long])
+    assert len(entry.connections) == 1000 and not topology_module._SEEN_CONNECTIONS

@@ -97,7 +97,8 @@ class PeerEntry:
         return cls(name, nickname, uid, version, tuple(conns))
 
 
-SEEN_CONNECTIONS_MAX = 16_384  # every connection of a full mesh of 128 peers, in about 1.5 MiB at most
+SEEN_CONNECTIONS_MAX = 16_384  # every connection of a full mesh of 128 peers
+SEEN_ADDRESS_MAX = 64  # longer addresses (names, not host:port) are read every time: the table stays small (~4 MiB)
 _SEEN_CONNECTIONS: dict[tuple[int, str, bool, bool], ConnectionSummary] = {}
 
 
@@ -115,9 +116,10 @@ def _connection(c: object) -> ConnectionSummary:
     summary = ConnectionSummary(
         peer, address, expect(c[2], bool, KIND, "outbound"), expect(c[3], bool, KIND, "established")
     )
-    if len(_SEEN_CONNECTIONS) >= SEEN_CONNECTIONS_MAX:  # made-up peers cannot grow it without bound
-        _SEEN_CONNECTIONS.clear()
-    _SEEN_CONNECTIONS[(summary.peer, summary.address, summary.outbound, summary.established)] = summary
+    if len(address) <= SEEN_ADDRESS_MAX:  # a neighbour sending 300-character addresses cannot make it hold more
+        if len(_SEEN_CONNECTIONS) >= SEEN_CONNECTIONS_MAX:  # nor made-up peers grow it without bound
+            _SEEN_CONNECTIONS.clear()
+        _SEEN_CONNECTIONS[(summary.peer, summary.address, summary.outbound, summary.established)] = summary
     return summary
 
 
