@@ -85,8 +85,7 @@ class Mesh:
                 self.frames[name] += 3
             full = self.plane._ticks % TICKS == 0
             self.plane._ticks += 1
-            self.plane._note_traffic(self.now)
-            self.plane._pass(self.now, full=full)
+            self.plane._probe_pass(self.now, full=full)
 
     def rounds(self, since: float) -> collections.Counter[int]:
         return collections.Counter(p for t, p in self.asked if t > since)

@@ -18,7 +18,9 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-TICK = 0.1  # seconds between two looks at the loop: ten callbacks a second
+# Seconds between two looks at the loop. Deadlines are seconds long, and a stall that matters to one spans a look;
+# ten looks a second were a few percent of a settled agent's CPU.
+TICK = 0.5
 WINDOW = 10.0  # the lag reported is the most the loop ran late over this long
 
 
