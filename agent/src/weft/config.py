@@ -228,8 +228,8 @@ class AgentConfig:
         default=None, metadata=_kind(_optional(_integer(ge=1, le=MAX_DATAPATH_WORKERS)))
     )
     # Tuning; the defaults suit data centres and clouds alike.
-    heartbeat_interval: float = field(default=5.0, metadata=_kind(_real(gt=0)))
-    read_timeout: float = field(default=20.0, metadata=_kind(_real(gt=0)))
+    heartbeat_interval: float = field(default=10.0, metadata=_kind(_real(gt=0)))
+    read_timeout: float = field(default=30.0, metadata=_kind(_real(gt=0)))
     handshake_timeout: float = field(default=5.0, metadata=_kind(_real(gt=0)))
     dial_timeout: float = field(default=3.0, metadata=_kind(_real(gt=0)))
     gossip_interval: float = field(default=30.0, metadata=_kind(_real(gt=0)))

@@ -140,6 +140,25 @@ def test_partition_keeps_both_sides_working_and_heals(lab: Lab) -> None:
     print(f"re-merged {time.monotonic() - healed:.2f}s after the heal")
 
 
+def test_a_peer_that_stops_answering_is_dropped_by_keepalive_long_before_the_read_timeout(lab: Lab) -> None:
+    """A host that goes silent (down, or its path cut) is noticed by the kernels' TCP keepalive, about 20 s, even
+    with heartbeats and a read timeout that would take ten minutes: the agents pay nothing for that watch."""
+    h1, h2 = lab(2)
+    slow = {"WEFT_HEARTBEAT_INTERVAL": "300", "WEFT_READ_TIMEOUT": "600"}
+    h1.start_agent(env=slow)
+    h2.start_agent(peers=[h1], env=slow)
+    wait_until(lambda: established(h1) == {"h2"} and established(h2) == {"h1"}, timeout=10)
+    lab.partition([h1], [h2])
+    wait_until(
+        lambda: established(h1) == set() and established(h2) == set(),
+        timeout=90,
+        message="a connection to a peer that stopped answering outlived keepalive",
+    )
+    for h in (h1, h2):
+        assert "host stopped answering (TCP gave up" in h.agent_log(), h.agent_log()[-2000:]
+        assert "read timeout" not in h.agent_log()
+
+
 def test_a_peer_with_the_wrong_secret_never_joins(lab: Lab) -> None:
     h1, h2, h3 = lab(3)
     h1.start_agent(secrets=["right-secret"])

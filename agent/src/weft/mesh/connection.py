@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from weft.mesh.codec import MAX_MESSAGE, DecodeError, expect, pack, unpack
 from weft.mesh.crypto import SealError
@@ -26,10 +28,18 @@ HEARTBEAT = {"t": "hb"}
 READ_STALL_ALLOWANCE = 3  # a peer's silence is judged by our loop's on-time seconds, within 3 x read_timeout in all
 
 
+# A peer whose kernel stops answering (its host down, the path cut) is noticed by TCP keepalive after this long, with
+# no work for either agent: the kernels probe an idle connection and answer. The agents' own heartbeats then come less
+# often (every connection's heartbeat costs both agents a wakeup, a seal, an open and a parse: with a hundred
+# neighbours, a third of a settled agent's CPU at one every 5 s) and catch what keepalive cannot: a stuck agent.
+KEEPALIVE_AFTER = 20.0
+
+
 @dataclass
 class ConnectionSettings:
-    heartbeat_interval: float = 5.0
-    read_timeout: float = 20.0
+    # 10 s: an older agent, whose read timeout is 20 s, still hears from us twice within it.
+    heartbeat_interval: float = 10.0
+    read_timeout: float = 30.0
     handshake_timeout: float = 5.0
     dial_timeout: float = 3.0
     accept_rate: float = 20.0  # inbound connections per second, sustained
@@ -70,6 +80,7 @@ class ControlConnection:
         self.encrypted = session.encrypted
         self.data_keys = session.data_keys  # the data path's keys for this link (None without a secret)
         self.caps = session.intro.caps  # what the peer reads beyond the protocol version (handshake.CAPABILITIES)
+        _keep_alive(writer.get_extra_info("socket"), KEEPALIVE_AFTER)
         peername = writer.get_extra_info("peername")
         self.remote_ip: str | None = peername[0] if peername else None  # the underlay address we see
         self.secret = secret  # the mesh secret this session was keyed with (rotation closes stale ones)
@@ -121,8 +132,11 @@ class ControlConnection:
                     settings.read_timeout, self._stalls, most=READ_STALL_ALLOWANCE * settings.read_timeout
                 ):
                     body = await read_frame(self._reader, MAX_MESSAGE + 64)
-            except TimeoutError:
-                self.close(f"nothing heard for {settings.read_timeout:g}s (read timeout)")
+            except TimeoutError as exc:
+                if exc.errno is not None:  # the socket's ETIMEDOUT: keepalive or unacknowledged data, not our deadline
+                    self.close(f"the peer's host stopped answering (TCP gave up after about {KEEPALIVE_AFTER:g}s)")
+                else:
+                    self.close(f"nothing heard for {settings.read_timeout:g}s (read timeout)")
                 return
             except asyncio.IncompleteReadError:
                 self.closed_by_peer = self.close_reason is None
@@ -175,3 +189,24 @@ class ControlConnection:
             except OSError as exc:
                 self.close(f"write failed: {exc}")
                 return
+
+
+def _keep_alive(sock: Any, after: float) -> None:
+    """TCP keepalive on a control connection: an idle one is probed after a quarter of ``after``, every quarter, and
+    given up after three unanswered probes; data unacknowledged for ``after`` ends it too (TCP_USER_TIMEOUT).
+    Best effort: a transport without a socket (a test's pipe) or a kernel without an option keeps the heartbeats.
+    ``sock`` is what the stream's transport hands out (asyncio's wrapper of the socket)."""
+    if sock is None:
+        return
+    step = max(1, int(after / 4))
+    options = [
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), step),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), step),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), 3),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), int(after * 1000)),
+    ]
+    for level, option, value in options:
+        if option is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(level, option, value)
