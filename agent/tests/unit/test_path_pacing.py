@@ -161,6 +161,89 @@ def test_a_path_that_turns_busy_is_not_taken_down_by_its_idle_silence() -> None:
     assert mesh.plane.paths[name].path == SLEEVE
 
 
+class _Wire:
+    """The sleeve of one of two planes: what it sends is read by the other plane at once, unless the wire is cut."""
+
+    def __init__(self, me: int) -> None:
+        self.me = me
+        self.other: DataPlane | None = None
+        self.now = 0.0
+        self.up = True
+        self.asks = 0
+
+    def send_control(self, to: int, payload: bytes, *, pad_to: int = 0) -> bool:
+        if unpack(payload, "test").get("rq"):
+            self.asks += 1
+        if self.up and self.other is not None:
+            self.other._on_control(self.me, ("10.0.0.1", 6783), payload, max(60, pad_to), self.now)
+        return True
+
+    def send_raw(self, addr: tuple[str, int], data: bytes) -> bool:
+        return True
+
+    def traffic(self) -> dict[int, int]:
+        return {}
+
+
+def _two_planes() -> tuple[list[DataPlane], list[_Wire], Callable[[float], None]]:
+    """Two data planes that are each other's only neighbour, over sealed idle paths, and a ``run(seconds)``."""
+    names = (ME, peer(0))
+    planes, wires = [], []
+    for i, name in enumerate(names):
+        metrics = Metrics()
+        plane = DataPlane(AgentConfig(), Router(PeerInfo(name, f"h{i}", 1), VirtualScheduler(), metrics), metrics)
+        plane._rng = random.Random(i)
+        wire = _Wire(name)
+        plane.sleeve = wire  # type: ignore[assignment]
+        other = names[1 - i]
+        plane.paths[other] = PathState(other, "10.0.0.2", ("10.0.0.2", 6783), KEYS, 1, False, 1500)
+        plane.paths[other].next_round = plane._rng.uniform(0, 1.0)
+        planes.append(plane)
+        wires.append(wire)
+    wires[0].other, wires[1].other = planes[1], planes[0]
+    clock = [0.0]
+
+    def run(seconds: float) -> None:
+        step = planes[0].interval / TICKS
+        for _ in range(round(seconds / step)):
+            clock[0] = round(clock[0] + step, 9)
+            for plane, wire in zip(planes, wires, strict=True):
+                wire.now = clock[0]
+                full = plane._ticks % TICKS == 0
+                plane._ticks += 1
+                plane._probe_pass(clock[0], full=full)
+
+    return planes, wires, run
+
+
+def test_of_two_idle_peers_one_runs_the_rounds_and_the_other_answers() -> None:
+    """Each side hears the other once a round either way, so an idle sealed pair needs one round per pace, not one
+    from each side: half the heartbeats of a settled mesh."""
+    planes, wires, run = _two_planes()
+    run(20.0)  # first rounds, then the idle pace
+    before = [w.asks for w in wires]
+    run(300.0)
+    asks = [w.asks - b for w, b in zip(wires, before, strict=True)]
+    assert all(p.paths[n].path == SLEEVE for p, n in zip(planes, (peer(0), ME), strict=True))
+    # One side's rounds: every 7.5 to 10 s over 300 s is 30 to 40; both sides' would be 60 to 80.
+    assert sum(asks) <= 300 / (IDLE_EVERY * 0.75) + 4, f"both sides kept running rounds: {asks}"
+
+
+def test_the_side_that_answered_takes_over_the_rounds_when_the_other_stops() -> None:
+    """A peer whose rounds stop coming (it left them to us, or its sends to us are lost) gets ours at once: the path
+    is never left without a round for longer than one of ours."""
+    planes, wires, run = _two_planes()
+    run(60.0)
+    leader = max(range(2), key=lambda i: wires[i].asks)
+    follower = 1 - leader
+    before = wires[follower].asks
+    wires[leader].up = False  # the leader's datagrams are lost from now on: no more asks reach the follower
+    run(30.0)
+    assert wires[follower].asks - before >= 2, "the follower did not take over the rounds"
+    follower_plane, leader_name = planes[follower], (ME, peer(0))[leader]
+    assert follower_plane.paths[leader_name].path is None, "a path that stopped answering stayed up"
+
+
 class _Loop:
     """The calls a data plane schedules, kept: call_soon runs next, call_later at a time."""
 

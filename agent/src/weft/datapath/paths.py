@@ -92,6 +92,8 @@ class PathState:
     echoes: bool = False  # the peer answers a heartbeat that asks (rq): it may be probed at our own pace
     pace_s: float = 0.0  # seconds between our probe rounds to it, as last chosen
     next_round: float = 0.0  # when our next probe round to it is due
+    asked_at: float | None = None  # when the peer's last round (a heartbeat that asks) reached us
+    turn_at: float = 0.0  # when our last round was due (sent, or left to the peer's: see covered_by_peer)
     last_traffic: float | None = None  # when frames last crossed this path (either way)
     traffic_mark: tuple[int, int] = (0, 0)  # the sleeve's and the fast path's counters for it, at the last look
 
@@ -206,6 +208,27 @@ class PathState:
 
     def round_done(self, now: float, rng: random.Random) -> None:
         self.ticks += 1
+        self.turn_at = now
+        self.next_round = now + self.pace_s * rng.uniform(1 - JITTER, 1.0)
+
+    def covered_by_peer(self, interval: float) -> bool:
+        """Whether our round due now can be left out: the path is idle and sealed with no fast path to probe, and the
+        peer's own round has asked us since our last turn. Its ask told us we hear it, and our answer told it it hears
+        us: a second round the other way would say the same again. Of two peers, the first to run a round then keeps
+        running them and the other answers, so an idle pair costs two datagrams a round instead of four. A round
+        left out counts as our turn, so if the peer leaves its next one to us, ours goes out."""
+        return (
+            self.echoes
+            and self.pace_s > interval
+            and self.encrypted
+            and not self.fast_allowed()
+            and self.asked_at is not None
+            and self.asked_at > self.turn_at
+        )
+
+    def round_covered(self, now: float, rng: random.Random) -> None:
+        """Our round was left out (``covered_by_peer``): the next is due a pace from now."""
+        self.turn_at = now
         self.next_round = now + self.pace_s * rng.uniform(1 - JITTER, 1.0)
 
     def dead_after(self, dead_rounds: int, interval: float) -> float:

@@ -346,6 +346,7 @@ class DataPlane:
                 )
                 if msg.get("rq") is True:  # it asks for an answer: its rounds, at its own pace, are its evidence
                     st.echoes = st.answered = True
+                    st.asked_at = now
                     self._heartbeat(st, now, ask=False)
                 elif not st.answered:  # a new connection: the far end hears from us now, not at our next round
                     st.answered = True
@@ -433,7 +434,10 @@ class DataPlane:
         changed = False
         for st in paths:
             due = st.pace(now, self.interval, DEAD_AFTER)
-            if due:
+            if due and st.covered_by_peer(self.interval):
+                st.round_covered(now, self._rng)
+                heapq.heappush(self._rounds, (st.next_round, st.peer))
+            elif due:
                 self._round(st, now)
             elif not full:
                 continue
