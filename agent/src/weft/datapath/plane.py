@@ -53,6 +53,7 @@ FDB_REREAD = 30.0  # seconds after which a programming reads the kernel's FDB ag
 E2E_HOLD = 10.0  # seconds a relayed peer that discovery is dialling waits for end-to-end keys
 SLEEVE_OVERHEAD = 80  # Ethernet, virtio header, sleeve header and AEAD tag, per datagram (upper bound)
 E2E_OVERHEAD = SLEEVE_OVERHEAD + 10  # the end-to-end form: 6 more header bytes, 4 more nonce bytes
+PORTGUARD_POLL_EVERY = 5  # intervals between reads of the port guard's counters (about a millisecond each)
 GUARD_RESYNC = 10  # intervals between re-reads of the attach state for the port guard (events may be missed)
 
 
@@ -1080,7 +1081,7 @@ class DataPlane:
         self._guard_ticks += 1
         if self._guard_ticks % GUARD_RESYNC == 0:
             self._guard_ports()
-        if self.portguard is not None:
+        if self.portguard is not None and self._guard_ticks % PORTGUARD_POLL_EVERY == 0:
             self.portguard.poll(now)
 
 

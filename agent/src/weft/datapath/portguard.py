@@ -6,10 +6,10 @@ allowed (port, MAC) pairs, filled from the static FDB entries attach puts on eac
 before the bridge learns or forwards it, and counted. A port the table does not know yet (a veth that came up an
 instant before its static entry) drops everything, so the guard fails closed.
 
-The forged pairs go into a dynamic set with per-element counters. The agent reads the table once per data-plane
-tick and logs a line per port at most once a minute, naming the port and the forged MAC. The table stays when the
-agent stops (containers stay guarded while it restarts) and is replaced in one transaction when it starts;
-`weft reset` removes it.
+The forged pairs go into a dynamic set with per-element counters. The agent reads the table every five data-plane
+intervals (a read costs about a millisecond) and logs a line per port at most once a minute, naming the port and the
+forged MAC. The table stays when the agent stops (containers stay guarded while it restarts) and is replaced in one
+transaction when it starts; `weft reset` removes it.
 
 The agent drives nftables through libnftables in its own process (:class:`InProcessNft`) when the library is there:
 the same commands as the `nft` program, without a process started for each (an attach waited for one).
