@@ -148,6 +148,7 @@ class Agent:
             )
             self.transport.refusal_listeners.append(self.dataplane.address_refused)
             self.dataplane.dialling = self.maker.dialling
+            self.dataplane.view_settles_in = self.router.view_settles_in
 
         try:
             await self.transport.start()

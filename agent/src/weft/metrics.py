@@ -46,7 +46,8 @@ class Metrics:
         self.discovery_held = Gauge(
             "weft_discovery_held",
             "Discovered peers not dialled, by reason: own_limit (this agent is at conn_limit), peer_full (the peer"
-            " said it is at its own)",
+            " said it is at its own), view_settling (this agent's view of the mesh is still growing: dialled once it"
+            " settles)",
             ["reason"],
             registry=r,
         )

@@ -12,7 +12,7 @@ from weft.mesh.connection_maker import FULL_PEER, ConnectionMaker
 from weft.mesh.gossip import GOSSIP, GossipSender
 from weft.mesh.handshake import HandshakeError, handshake, refuse_full
 from weft.mesh.peer import PeerInfo
-from weft.mesh.router import TOPOLOGY, Router
+from weft.mesh.router import TOPOLOGY, VIEW_HOLD_MAX, VIEW_QUIET, Router
 from weft.mesh.topology import ConnectionSummary, PeerEntry, TopologyUpdate
 from weft.metrics import Metrics
 from weft.sim import SimNetwork
@@ -87,14 +87,14 @@ def test_at_the_limit_discovered_peers_are_held_and_direct_ones_still_dialled() 
     rig.learn(via, entry(a, 5, ME, b, c, d), entry(c, 1, a), entry(d, 1, a))  # c and d: discovered targets
     assert rig.dials == []
     assert rig.state(c) == ("held", "connection limit (2) reached: not dialling discovered peers")
-    assert held(rig.router.metrics) == {"own_limit": 2.0, "peer_full": 0.0}
+    assert held(rig.router.metrics) == {"own_limit": 2.0, "peer_full": 0.0, "view_settling": 0.0}
 
     other = rig.router.connections[b.name]
     rig.router.remove_connection(other, "gone")  # a place is free: one discovered peer is dialled, the other waits
     rig.maker.connection_closed(b.name)
     rig.run(rig.clock.now() + 1.0)
     assert sorted(rig.dials) in ([address(c)], [address(d)])
-    assert held(rig.router.metrics) == {"own_limit": 1.0, "peer_full": 0.0}
+    assert held(rig.router.metrics) == {"own_limit": 1.0, "peer_full": 0.0, "view_settling": 0.0}
 
     rig.maker.connect([address(PEERS[5])])  # an operator's target: dialled whatever the limit
     assert rig.dials[-1] == address(PEERS[5])
@@ -225,6 +225,7 @@ def test_discovered_peers_are_dialled_a_few_at_a_time_as_many_as_finish_their_ha
     others = [PeerInfo(0x020000000200 + i, f"o{i}", 500 + i) for i in range(40)]
     via = rig.connect(a)
     rig.learn(via, entry(a, 5, ME, *others), *(entry(o, 1, a) for o in others))
+    rig.run(rig.clock.now() + VIEW_QUIET)  # forty peers new at once: dialled once the view settles
     by_address = {address(o): o for o in others}
 
     def in_flight() -> list[str]:
@@ -315,3 +316,49 @@ def test_an_acceptor_says_full_only_when_established_connections_fill_its_limit(
                     writer.close()
 
     asyncio.run(main())
+
+
+def test_a_view_filling_in_holds_discovery_until_it_settles() -> None:
+    """Forty peers new at once (a mesh forming, or this host joining a large one): none is dialled until no peer has
+    been new for VIEW_QUIET seconds, so the peers that spread the view get the CPU first; then the dials go out as
+    usual, and the status says why they waited."""
+    rig = Rig(limit=100)
+    a = PEERS[0]
+    others = [PeerInfo(0x020000000200 + i, f"o{i}", 500 + i) for i in range(40)]
+    via = rig.connect(a)
+    payload = TopologyUpdate({e.name: e for e in (entry(a, 5, ME, *others), *(entry(o, 1, a) for o in others))})
+    learned = rig.clock.now()
+    rig.router.handle_message(via, {"t": GOSSIP, "ch": TOPOLOGY, "d": payload.encode()})
+    rig.run(learned + VIEW_QUIET * 0.9)
+    assert rig.dials == [], "dialled while the view was still filling in"
+    assert held(rig.router.metrics)["view_settling"] == 40
+    rig.run(learned + VIEW_QUIET + 0.1)
+    assert len(rig.dials) == rig.maker.window == 2, "the view settled: the dials go out as usual"
+    assert held(rig.router.metrics)["view_settling"] == 0
+
+
+def test_a_view_that_keeps_growing_holds_discovery_no_longer_than_the_cap() -> None:
+    """Ten peers new at once, then one more every second: the view never goes quiet, and the dials start anyway
+    VIEW_HOLD_MAX after the burst began."""
+    rig = Rig(limit=100)
+    a = PEERS[0]
+    others = [PeerInfo(0x020000000200 + i, f"o{i}", 500 + i) for i in range(40)]
+    via = rig.connect(a)
+    start = rig.clock.now()
+    for i in range(10, len(others)):
+        payload = TopologyUpdate({a.name: entry(a, i, ME, *others[:i]), **{o.name: entry(o, 1, a) for o in others[:i]}})
+        rig.router.handle_message(via, {"t": GOSSIP, "ch": TOPOLOGY, "d": payload.encode()})
+        rig.run(start + i - 9.0)
+        if rig.dials:
+            break
+    waited = rig.clock.now() - start
+    assert rig.dials, "never dialled"
+    assert VIEW_HOLD_MAX - 1.0 <= waited <= VIEW_HOLD_MAX + 1.0, f"dialled after {waited:.1f}s"
+
+
+def test_a_peer_or_two_joining_a_settled_view_are_dialled_at_once() -> None:
+    rig = Rig(limit=100)
+    a, b, c = PEERS[0], PEERS[1], PEERS[2]
+    via = rig.connect(a)
+    rig.learn(via, entry(a, 5, ME, b, c), entry(b, 1, a), entry(c, 1, a))
+    assert sorted(rig.dials) == sorted([address(b), address(c)])

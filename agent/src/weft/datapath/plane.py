@@ -111,8 +111,11 @@ class DataPlane:
         self._fdb_read_at = float("-inf")  # when it was last read
         self._relayed_since: dict[int, float] = {}  # relayed peers, since when
         self._e2e_handle: asyncio.TimerHandle | None = None
+        self._e2e_at = 0.0  # when it fires (time.monotonic)
         # The peers the connection maker is dialling (they are about to be neighbours); set by the agent.
         self.dialling: Callable[[], set[int]] = set
+        # Seconds until the mesh view settles (Router.view_settles_in): first agreements wait for it; set by the agent.
+        self.view_settles_in: Callable[[], float] = float
         self._want: tuple[fdb.FdbState, bool] | None = None  # kernel state to program next, and whether to delete
         self._started_at = 0.0
         self._stopped = False
@@ -764,18 +767,30 @@ class DataPlane:
                 self._heartbeat(self.paths[name], now, report_size=False, ask=False)
 
     def _agree_with(self, relayed: dict[int, int], now: float) -> dict[int, int]:
-        """The relayed peers to agree end-to-end keys with: not yet those the connection maker is dialling (a mesh
-        forming relays every pair for a few seconds, and agreeing keys for each, then dropping them, was a quarter of
-        its relays' CPU), unless keys are under way already or the peer has been relayed for E2E_HOLD seconds."""
+        """The relayed peers to agree end-to-end keys with: none new while our view of the mesh fills in
+        (``view_settles_in``: a hundred hosts agreeing keys through their hub as they appeared left it too little CPU
+        to tell them of each other), and not yet those the connection maker is dialling (a mesh forming relays every
+        pair for a few seconds, and agreeing keys for each, then dropping them, was a quarter of its relays' CPU),
+        unless keys are under way already or the peer has been relayed for E2E_HOLD seconds. Frames go hop by hop
+        meanwhile, as they do until any agreement completes."""
         since = {d: self._relayed_since.get(d, now) for d in relayed}
         self._relayed_since = since
         dialling = self.dialling()
+        settling = self.view_settles_in()
         agree = {
-            d: hop for d, hop in relayed.items() if d not in dialling or self.e2e.knows(d) or now - since[d] >= E2E_HOLD
+            d: hop
+            for d, hop in relayed.items()
+            if self.e2e.knows(d) or (not settling and (d not in dialling or now - since[d] >= E2E_HOLD))
         }
-        held = [since[d] + E2E_HOLD for d in relayed if d not in agree]
-        if held and self._e2e_handle is None and self._loop is not None:
-            self._e2e_handle = self._loop.call_later(max(0.0, min(held) - now), self._e2e_due)
+        held = [max(now + settling, since[d] + E2E_HOLD if d in dialling else 0.0) for d in relayed if d not in agree]
+        if held and self._loop is not None:
+            at = min(held)
+            if self._e2e_handle is not None and self._e2e_at > at + 0.01:
+                self._e2e_handle.cancel()  # due sooner now (the view settled before a dialled peer's hold ends)
+                self._e2e_handle = None
+            if self._e2e_handle is None:
+                self._e2e_at = at
+                self._e2e_handle = self._loop.call_later(max(0.0, at - now), self._e2e_due)
         return agree
 
     def _e2e_due(self) -> None:

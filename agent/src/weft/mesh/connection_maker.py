@@ -259,7 +259,10 @@ class ConnectionMaker:
         # out, and are dialled again later); the rest wait for a dial to end (check runs then).
         slots = int(self.window) - sum(1 for t in self.targets.values() if t.state == "connecting" and not t.direct)
         soonest: float | None = None
-        held = {"own_limit": 0, "peer_full": 0}
+        held = {"own_limit": 0, "peer_full": 0, "view_settling": 0}
+        # While our view still grows, discovered peers wait for it to settle (Router.view_settles_in): the peers
+        # that tell us of the others need the CPU first.
+        settling = self._router.view_settles_in()
         for target in sorted(self.targets.values(), key=lambda t: not t.direct):  # direct ones first
             if target.state == "connecting":
                 continue
@@ -280,6 +283,10 @@ class ConnectionMaker:
                 continue  # dialled when a connection ends (check runs then)
             if target.next_try <= now:
                 if not target.direct:
+                    if settling > 0:
+                        held["view_settling"] += 1
+                        soonest = _sooner(soonest, now + settling)
+                        continue
                     if slots <= 0:
                         continue
                     slots -= 1
