@@ -482,7 +482,10 @@ class Router:
             return 0.0
         now = self.scheduler.now()
         settled_at = min(self._view_grew_at + VIEW_QUIET, self._view_growing_since + VIEW_HOLD_MAX)
-        return max(0.0, settled_at - now)
+        # A timer set for ``settled_at`` can fire a hair before it (float rounding): what is left then counts as
+        # settled, or the caller would wait again for a delay too small to move a virtual clock, and loop.
+        left = settled_at - now
+        return left if left > 1e-6 else 0.0
 
     def _view_grew(self, new: int) -> None:
         now = self.scheduler.now()
