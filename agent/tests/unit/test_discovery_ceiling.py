@@ -376,3 +376,34 @@ def test_a_hold_a_rounding_error_from_its_end_counts_as_over() -> None:
     assert rig.router.view_settles_in() == VIEW_QUIET
     rig.router._view_grew_at = rig.clock.now() - VIEW_QUIET + 1e-12
     assert rig.router.view_settles_in() == 0.0
+
+
+def test_a_neighbour_feeding_made_up_peers_keeps_no_discovered_peer_waiting_past_the_cap() -> None:
+    """A neighbour (holding the secret) that gossips eight made-up peers every 4.9 s keeps our view growing for as
+    long as it likes: a real peer discovered meanwhile is still dialled within VIEW_HOLD_MAX, and so is one
+    discovered after the attack has run for minutes (each burst holds at most the cap; the hold's end dials)."""
+    rig = Rig(limit=100)
+    a, real, late = PEERS[0], PEERS[1], PEERS[2]
+    via = rig.connect(a)
+    fake = iter(PeerInfo(0x020000100000 + i, f"fake{i}", 9000 + i) for i in range(10_000))
+
+    def feed_until(until: float) -> None:
+        while rig.clock.now() < until:
+            made_up = [entry(next(fake), 1, a) for _ in range(8)]
+            payload = TopologyUpdate({e.name: e for e in made_up})
+            rig.router.handle_message(via, {"t": GOSSIP, "ch": TOPOLOGY, "d": payload.encode()})
+            rig.run(min(until, rig.clock.now() + 4.9))
+
+    def discover(peer: PeerInfo, version: int) -> float:
+        payload = TopologyUpdate({a.name: entry(a, version, ME, peer), peer.name: entry(peer, 1, a)})
+        rig.router.handle_message(via, {"t": GOSSIP, "ch": TOPOLOGY, "d": payload.encode()})
+        return rig.clock.now()
+
+    feed_until(12.0)
+    found = discover(real, 5)
+    feed_until(found + VIEW_HOLD_MAX + 1.0)
+    assert address(real) in rig.dials, "a real peer stayed undialled past the cap while made-up peers came"
+    feed_until(300.0)
+    found = discover(late, 6)
+    feed_until(found + VIEW_HOLD_MAX + 1.0)
+    assert address(late) in rig.dials, "after minutes of made-up peers, a real one stayed undialled past the cap"
