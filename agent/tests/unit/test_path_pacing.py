@@ -355,6 +355,42 @@ def test_a_neighbour_leaving_the_fast_path_is_programmed_at_once_whatever_the_sp
     assert [fn.__name__ for fn in loop.soon] == ["_program_kernel"], "the fast path's end waited for the spacing"
 
 
+def test_the_kernel_waits_for_a_filling_view_but_a_neighbour_leaving_the_fast_path_does_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hundred hosts told of one at once: each programmed an FDB entry per peer as it learnt of it, and starved the
+    hub that tells them of each other. The FDB waits while the view fills in; taking a peer off the fast path never."""
+    plane, loop, clock = _timed_plane(monkeypatch)
+    settling = [3.0]
+    plane.view_settles_in = lambda: settling[0]
+    held = {7: "10.0.0.7"}
+    programmed: list[float] = []
+    monkeypatch.setattr(plane, "_held_fast", lambda: dict(held))
+    monkeypatch.setattr(plane, "_fast_permitted", lambda ip: True)
+    monkeypatch.setattr(fdb, "read", lambda *a, **k: fdb.FdbState())
+    monkeypatch.setattr(fdb, "apply", lambda *a, **k: (programmed.append(clock[0]), 1)[1])
+    monkeypatch.setattr(plane, "_sync_guard", lambda *a, **k: None)
+
+    plane._recompute()
+    assert loop.soon == [] and [d for d, _ in loop.later] == [3.0], "programmed while the view fills in"
+    clock[0], settling[0] = 102.0, 2.5  # the view grew meanwhile: its settling moved on
+    loop.later.pop()[1]()
+    assert programmed == [] and [d for d, _ in loop.later] == [2.5], "the timer found the view still filling in"
+    clock[0], settling[0] = 104.5, 0.0
+    loop.later.pop()[1]()
+    assert programmed == [104.5]
+
+    settling[0] = 4.0  # a new burst
+    clock[0] = 110.0
+    plane._recompute()
+    assert loop.soon == [] and len(loop.later) == 1
+    held.clear()  # the peer at 10.0.0.7 disagrees on secrets now: in clear no longer, whatever the view
+    plane._recompute()
+    assert [fn.__name__ for fn in loop.soon] == ["_program_kernel"]
+    loop.soon.pop()()
+    assert programmed == [104.5, 110.0], "the fast path's end waited for the view"
+
+
 def test_a_burst_of_changes_recomputes_the_tables_at_once_then_at_most_ten_times_a_second(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

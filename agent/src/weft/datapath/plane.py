@@ -106,6 +106,7 @@ class DataPlane:
         self._recomputed_at = float("-inf")  # when the forwarding tables were last recomputed
         self._kernel_handle: asyncio.Handle | None = None
         self._kernel_at = float("-inf")  # when the kernel was last programmed
+        self._kernel_urgent = False  # the next programming takes something away from the fast path: it waits for nothing
         self._fast_wanted: frozenset[int] = frozenset()  # the neighbours the last recomputation wanted on the fast path
         self._fdb_have: fdb.FdbState | None = None  # what the kernel's FDB holds, as last read or applied
         self._fdb_read_at = float("-inf")  # when it was last read
@@ -255,6 +256,7 @@ class DataPlane:
             self._recompute_handle.cancel()
         self._recompute()
         self._fdb_have = None  # what is removed now is what the kernel holds, not what we last wrote
+        self._kernel_urgent = True
         self._program_kernel()
         after = set(self.guard.fast) if self.guard is not None else set()
         return len(before - after)
@@ -726,15 +728,18 @@ class DataPlane:
         # getting our traffic in clear at once: such a programming is not held back by the spacing below.
         leaving = bool(self._fast_wanted - fast_ips.keys())
         self._fast_wanted = frozenset(fast_ips)
-        if leaving and self._kernel_handle is not None and self._loop is not None:
-            self._kernel_handle.cancel()
-            self._kernel_handle = None
+        if leaving:
+            self._kernel_urgent = True
+            if self._kernel_handle is not None and self._loop is not None:
+                self._kernel_handle.cancel()
+                self._kernel_handle = None
         if self._kernel_handle is None and self._loop is not None:
             # Next, not now: the sleeve's tables are already in place, and heartbeats that came meanwhile (a path
             # coming up) are handled before the netlink work, which takes a while, rather than after it. In a burst
             # (a hundred connections coming up one after the other) at most once per KERNEL_SPACING: each pass reads
-            # the whole FDB, tens of milliseconds with a hundred peers.
-            wait = 0.0 if leaving else self._kernel_at + KERNEL_SPACING - time.monotonic()
+            # the whole FDB, tens of milliseconds with a hundred peers. While our view of the mesh fills in, not
+            # until it settles (see _program_kernel).
+            wait = 0.0 if leaving else max(self._kernel_at + KERNEL_SPACING - time.monotonic(), self.view_settles_in())
             if wait > 0:
                 self._kernel_handle = self._loop.call_later(wait, self._program_kernel)
             else:
@@ -798,12 +803,23 @@ class DataPlane:
         self._changed()
 
     def _program_kernel(self) -> None:
-        """The FDBs and the fast-path guard, to what the last recomputation wants (several coalesce into one)."""
+        """The FDBs and the fast-path guard, to what the last recomputation wants (several coalesce into one).
+
+        Held while our view of the mesh fills in (``view_settles_in``), unless it takes a neighbour off the fast path
+        (that must stop at once). A hundred hosts told of one at once each programmed an FDB entry for every peer's MAC
+        as they learnt of it, about a third of what they ran in the first seconds, and the hub that tells them of each
+        other got that much less of two cores. Frames for MACs the bridge has no entry for yet are flooded to the
+        sleeve, which forwards them by owner: slower, never lost."""
         if self._kernel_handle is not None:
             self._kernel_handle.cancel()
             self._kernel_handle = None
         if self._want is None or self.nd is None or self._stopped:
             return
+        settling = 0.0 if self._kernel_urgent else self.view_settles_in()
+        if settling > 0 and self._loop is not None:
+            self._kernel_handle = self._loop.call_later(settling, self._program_kernel)
+            return
+        self._kernel_urgent = False
         last, self._kernel_at = self._kernel_at, time.monotonic()
         (want, delete), self._want = self._want, None
         self._sync_guard(want, before_fdb=True)
