@@ -106,7 +106,7 @@ class DataPlane:
         self._recomputed_at = float("-inf")  # when the forwarding tables were last recomputed
         self._kernel_handle: asyncio.Handle | None = None
         self._kernel_at = float("-inf")  # when the kernel was last programmed
-        self._kernel_urgent = False  # the next programming takes something away from the fast path: it waits for nothing
+        self._kernel_urgent = False  # the next programming takes a peer off the fast path: it waits for nothing
         self._fast_wanted: frozenset[int] = frozenset()  # the neighbours the last recomputation wanted on the fast path
         self._fdb_have: fdb.FdbState | None = None  # what the kernel's FDB holds, as last read or applied
         self._fdb_read_at = float("-inf")  # when it was last read
