@@ -229,6 +229,14 @@ def _mesh_gauges(metrics_text: str) -> tuple[float, float]:
     return peers, established
 
 
+def _view_changed_at(metrics_text: str) -> float | None:
+    """``weft_peers_changed_timestamp_seconds`` (Unix time), or None from an agent that does not report it."""
+    for line in metrics_text.splitlines():
+        if line.startswith("weft_peers_changed_timestamp_seconds "):
+            return float(line.split()[1])
+    return None
+
+
 def _client(host: Host) -> Client:
     return Client(str(host.api_socket), timeout=10.0)
 
@@ -241,12 +249,16 @@ def watch_formation(
     poll: float,
     log: Callable[[str], None],
     api_up: dict[str, float] | None = None,
+    view_changed: dict[str, float] | None = None,
 ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     """Watch a mesh form: when (seconds from ``t0``) each agent's API first answered, its view listed every peer,
     and it had a connection to each. A thread per agent polls it every ``poll`` seconds, so a busy agent delays
     only its own answer; the watch ends when all are done, at ``timeout``, or when an agent exits. ``api_up``:
-    agents already known to answer."""
+    agents already known to answer. ``view_changed`` is filled with when each complete view became complete by the
+    agent's own record (``weft_peers_changed_timestamp_seconds``, seconds from ``t0``), where it keeps one: exact,
+    where the poll's figure is late by up to ``poll`` and by the answer's wait."""
     n = len(hosts)
+    wall0 = time.time() - (time.monotonic() - t0)  # t0 as Unix time, which the agents' record is in
     api_up = dict(api_up or {})
     knows_all: dict[str, float] = {}
     meshed: dict[str, float] = {}
@@ -266,6 +278,9 @@ def watch_formation(
                     and len(client.request("GET", "/status/peers")) == n  # what `weft status --json` lists
                 ):
                     knows_all[h.name] = stamp
+                    changed = _view_changed_at(text)
+                    if view_changed is not None and changed is not None:
+                        view_changed[h.name] = changed - wall0
                 if h.name not in meshed and established >= n - 1:
                     meshed[h.name] = stamp
             except (ApiError, OSError, http.client.HTTPException):

@@ -248,7 +248,11 @@ def _mb(s: dict | None) -> dict | None:
 
 
 _DENSE_ROWS = [
-    ("every view lists all peers (from the first `connect`)", lambda r: _fmt(r.get("views_complete_s"), " s")),
+    (
+        "every view lists all peers (from the first `connect`; by the agents' record, else polled)",
+        lambda r: f"{_fmt(r.get('views_complete_s'), ' s')} ({r.get('views_complete_from', 'polls')})",
+    ),
+    ("every view seen listing all peers by a poll", lambda r: _fmt(r.get("views_seen_complete_s"), " s")),
     ("full mesh formed (every agent has N-1 connections)", lambda r: _fmt(r.get("full_mesh_s"), " s")),
     (
         "agents knowing all / fully connected",

@@ -13,6 +13,11 @@ class Metrics:
         self.registry = Registry()
         r = self.registry
         self.peers = Gauge("weft_peers", "Peers in this agent's view of the mesh, itself included", registry=r)
+        self.peers_changed = Gauge(
+            "weft_peers_changed_timestamp_seconds",
+            "When this agent's view of the mesh last gained or lost a peer (Unix time)",
+            registry=r,
+        )
         self.connections = Gauge(
             "weft_connections", "Control connections by state and encryption", ["state", "encrypted"], registry=r
         )

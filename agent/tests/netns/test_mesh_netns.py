@@ -52,10 +52,12 @@ def write_secret(host: Host, name: str, value: str) -> Path:
 
 def test_five_hosts_told_only_of_the_first_discover_a_full_mesh(lab: Lab) -> None:
     hosts = lab(5)
+    started = time.time()
     hosts[0].start_agent(secrets=["mesh-secret-1"])
     for h in hosts[1:]:
         h.start_agent(peers=[hosts[0]], secrets=["mesh-secret-1"])
     wait_until(lambda: full_mesh(hosts), timeout=10, message="five hosts did not form a full mesh")
+    complete = time.time()
 
     s = hosts[4].status()
     assert s["encryption"] == "enabled"
@@ -63,6 +65,8 @@ def test_five_hosts_told_only_of_the_first_discover_a_full_mesh(lab: Lab) -> Non
     assert {t["origin"] for t in s["targets"]} >= {"config"}
     metrics = hosts[4].metrics()
     assert metric_value(metrics, "weft_peers") == 5
+    # When the view became complete, as Unix time: between the agents' start and the moment we saw it whole.
+    assert started <= metric_value(metrics, "weft_peers_changed_timestamp_seconds") <= complete + 0.5
     assert metric_value(metrics, "weft_connections", state="established", encrypted="yes") == 4
     assert metric_value(metrics, "weft_gossip_bytes_total", channel="topology", direction="in") > 0
     assert metric_value(metrics, "weft_gossip_bytes_total", channel="topology", direction="out") > 0

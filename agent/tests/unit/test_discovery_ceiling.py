@@ -337,6 +337,25 @@ def test_a_view_filling_in_holds_discovery_until_it_settles() -> None:
     assert held(rig.router.metrics)["view_settling"] == 0
 
 
+def test_the_view_records_when_it_last_gained_a_peer_not_when_gossip_last_came() -> None:
+    """What ``weft_peers_changed_timestamp_seconds`` reports: the moment the view became what it is (a mesh watched
+    from outside could only say when someone last looked)."""
+    rig = Rig(limit=100)
+    a = PEERS[0]
+    others = [PeerInfo(0x020000000200 + i, f"o{i}", 500 + i) for i in range(12)]
+    via = rig.connect(a)
+    rig.run(rig.clock.now() + 3.0)
+    payload = TopologyUpdate({e.name: e for e in (entry(a, 5, ME, *others), *(entry(o, 1, a) for o in others))})
+    learned = rig.clock.now()
+    rig.router.handle_message(via, {"t": GOSSIP, "ch": TOPOLOGY, "d": payload.encode()})
+    assert rig.router.view_changed_at == learned
+    rig.run(learned + 4.0)
+    again = TopologyUpdate({a.name: entry(a, 6, ME, *others)})  # news of a known peer: the view is the same
+    rig.router.handle_message(via, {"t": GOSSIP, "ch": TOPOLOGY, "d": again.encode()})
+    rig.run(learned + 8.0)
+    assert len(rig.router.topology.peers) == 14 and rig.router.view_changed_at == learned
+
+
 def test_a_view_that_keeps_growing_holds_discovery_no_longer_than_the_cap() -> None:
     """Ten peers new at once, then one more every second: the view never goes quiet, and the dials start anyway
     VIEW_HOLD_MAX after the burst began."""

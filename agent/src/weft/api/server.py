@@ -12,6 +12,7 @@ import ipaddress
 import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -181,7 +182,9 @@ class ApiServer:
         served = self.served
         metrics = served.metrics
         served.ipam.update_metrics()
-        metrics.peers.set(len(served.router.topology.peers))
+        router = served.router
+        metrics.peers.set(len(router.topology.peers))
+        metrics.peers_changed.set(time.time() - (router.scheduler.now() - router.view_changed_at))
         counts: dict[tuple[str, str], int] = {}
         for row in served.transport.status():
             key = (row["state"], "yes" if row["encrypted"] else "no")

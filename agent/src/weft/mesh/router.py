@@ -124,6 +124,8 @@ class Router:
         self._view_grew_at = float("-inf")  # when a peer last became new to our view
         self._view_growing_since = float("-inf")  # when the current burst of new peers began
         self._view_burst = 0  # peers new to our view in the current burst
+        self._view_size = 1
+        self.view_changed_at = scheduler.now()  # when our view last gained or lost a peer (scheduler time)
         topology_gossiper = _TopologyGossiper(self)
         self._topology_channel = self.new_channel(TOPOLOGY, topology_gossiper, topology_gossiper)
         self.metrics.peers.set(1)
@@ -266,6 +268,7 @@ class Router:
         self._changed_handle = None
         self._listeners_told_at = self.scheduler.now()
         self._collect_garbage()
+        self._note_view_size()
         self.metrics.peers.set(len(self.topology.peers))
         for listener in self.topology_listeners:
             listener()
@@ -493,6 +496,14 @@ class Router:
             self._view_growing_since, self._view_burst = now, 0
         self._view_grew_at = now
         self._view_burst += new
+        self._note_view_size()
+
+    def _note_view_size(self) -> None:
+        """Keep ``view_changed_at``: exact for peers gossip brings (the moment they are merged), at the next
+        topology pass for the rest (a peer forgotten, a neighbour's entry made by our own connection)."""
+        size = len(self.topology.peers)
+        if size != self._view_size:
+            self._view_size, self.view_changed_at = size, self.scheduler.now()
 
     def peers_status(self) -> list[dict]:
         return [
