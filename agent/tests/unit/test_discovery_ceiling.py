@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import random
 
 from weft.mesh.clock import VirtualScheduler
@@ -354,6 +355,27 @@ def test_the_view_records_when_it_last_gained_a_peer_not_when_gossip_last_came()
     rig.router.handle_message(via, {"t": GOSSIP, "ch": TOPOLOGY, "d": again.encode()})
     rig.run(learned + 8.0)
     assert len(rig.router.topology.peers) == 14 and rig.router.view_changed_at == learned
+
+
+def test_while_the_view_fills_in_its_listeners_hear_of_it_at_most_once_a_second() -> None:
+    """The data plane's tables and the connection maker walk the whole view each time they hear of a change: a spoke
+    of a forming mesh, its view growing in many small steps, tells them once a second until it settles."""
+    rig = Rig(limit=100)
+    a = PEERS[0]
+    others = [PeerInfo(0x020000000200 + i, f"o{i}", 500 + i) for i in range(40)]
+    via = rig.connect(a)
+    rig.run(rig.clock.now() + 6.0)
+    told: list[float] = []
+    rig.router.topology_listeners.append(lambda: told.append(rig.clock.now()))
+    start = rig.clock.now()
+    for step in range(10, 41, 3):  # a new peer or three every 0.2 s for 2 s
+        known = {o.name: entry(o, 1, a) for o in others[:step]}
+        payload = TopologyUpdate({a.name: entry(a, step, ME, *others[:step]), **known})
+        rig.router.handle_message(via, {"t": GOSSIP, "ch": TOPOLOGY, "d": payload.encode()})
+        rig.run(rig.clock.now() + 0.2)
+    rig.run(start + 3.0)
+    gaps = [b - a for a, b in itertools.pairwise(told)]
+    assert told and len(told) <= 3 and all(g >= 0.999 for g in gaps), told
 
 
 def test_a_view_that_keeps_growing_holds_discovery_no_longer_than_the_cap() -> None:

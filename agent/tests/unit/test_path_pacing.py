@@ -422,6 +422,26 @@ def test_a_burst_of_changes_recomputes_the_tables_at_once_then_at_most_ten_times
     assert len(soon()) == 1
 
 
+def test_while_the_view_fills_in_the_tables_are_rebuilt_at_most_once_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spoke of a forming mesh learns of the others in a dozen steps within seconds; rebuilding every table for
+    each was a tenth of what it ran then, while the hub telling it of them waited for the CPU."""
+    plane, loop, clock = _timed_plane(monkeypatch)
+    settling = [4.0]
+    plane.view_settles_in = lambda: settling[0]
+    monkeypatch.setattr(plane, "_sync_neighbours", lambda now: None)
+    plane._recompute()
+    clock[0] = 100.2
+    plane._changed()
+    assert [round(d, 3) for d, fn in loop.later if fn.__name__ == "_recompute"] == [
+        round(plane_module.FILLING_SPACING - 0.2, 3)
+    ]
+    loop.later.clear()
+    plane._recompute_handle = None
+    settling[0] = 0.0  # settled: back to RECOMPUTE_SPACING
+    plane._changed()
+    assert [fn.__name__ for fn in loop.soon][-1:] == ["_recompute"], "held after the view settled"
+
+
 def test_peers_about_to_be_neighbours_get_no_end_to_end_keys_for_a_while() -> None:
     """A forming mesh relays every pair for a few seconds: keys are agreed only with the relayed peers the connection
     maker is not dialling, or after E2E_HOLD, or when an agreement is under way."""

@@ -54,6 +54,9 @@ DIGEST_SPACING = 1.0  # seconds: the least time between two digests of one kind 
 VIEW_BURST = 8
 VIEW_QUIET = 5.0
 VIEW_HOLD_MAX = 15.0
+# Meanwhile the topology's listeners (the data plane's tables, the connection maker) are told at most this often: each
+# pass walks the whole view, and a spoke's view grows in a dozen steps in the first seconds of a forming mesh.
+VIEW_FILLING_SPACING = 1.0
 
 
 class Conn(Protocol):
@@ -258,10 +261,13 @@ class Router:
     def _topology_changed(self) -> None:
         """Tell the topology's listeners, once for a burst of changes: ``update_delay`` after the first, and in a
         large mesh no more often than ``routes.spacing`` allows (the listeners walk the whole view: what to dial, who
-        is gone, the data plane's tables)."""
+        is gone, the data plane's tables), nor while the view fills in than VIEW_FILLING_SPACING."""
         if self._changed_handle is None:
             now = self.scheduler.now()
-            at = max(now + self.update_delay, self._listeners_told_at + self.routes.spacing(self.update_delay))
+            spacing = self.routes.spacing(self.update_delay)
+            if self.view_settles_in() > 0:
+                spacing = max(spacing, VIEW_FILLING_SPACING)
+            at = max(now + self.update_delay, self._listeners_told_at + spacing)
             self._changed_handle = self.scheduler.call_later(at - now, self._after_topology_change)
 
     def _after_topology_change(self) -> None:
