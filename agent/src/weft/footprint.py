@@ -43,6 +43,11 @@ IPRSOCKET = "pyroute2.netlink.rtnl.iprsocket"  # the one module of pyroute2 that
 # What pyroute2 imports for tools the agent does not run (its TLS and tool probes, its netns helpers' libc lookup):
 # shutil with bz2, lzma and fnmatch, tempfile, and ctypes.util, which imports both.
 PYROUTE2_DEFERRED = ("shutil", "tempfile", "ctypes.util")
+# pyroute2's traffic-control package imports a module for every queueing discipline and classifier it knows (22, which
+# import its actions and ematches: 36 modules, about 0.6 MiB); the agent sets up no traffic control. Its modules under
+# these names load deferred (:class:`_DeferringFinder`): bound by the package's import, run when first used.
+PYROUTE2_TC = "pyroute2.netlink.rtnl.tcmsg."
+PYROUTE2_TC_DEFERRED = ("sched_", "cls_")
 
 
 def keep_openssl_out() -> list[str]:
@@ -212,6 +217,39 @@ class _StandInFinder:
         return spec
 
 
+class _DeferringLoader:
+    """Creates a module as its loader would, as a :class:`_Deferred`: its code runs when a name is first asked of
+    it (then through this loader's ``exec_module``, which runs it for real)."""
+
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        if module.__dict__.get("_weft_running"):  # asked for a name: _Deferred runs it now
+            self._loader.exec_module(module)
+        else:
+            module.__class__ = _Deferred
+
+
+class _DeferringFinder:
+    """Finds pyroute2's traffic-control modules (:data:`PYROUTE2_TC_DEFERRED`) as the path finder does, with
+    :class:`_DeferringLoader` as loader. (:func:`defer` cannot: finding a module of a package runs the package's
+    ``__init__``, which here imports them all.)"""
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: types.ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if not fullname.startswith(PYROUTE2_TC) or not fullname[len(PYROUTE2_TC) :].startswith(PYROUTE2_TC_DEFERRED):
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _DeferringLoader(spec.loader)
+        return spec
+
+
 def pyroute2_package() -> None:
     """Register the ``pyroute2`` package without running its ``__init__`` (unless it is imported already), so that
     importing one of its modules loads only what that module needs."""
@@ -226,6 +264,8 @@ def pyroute2_package() -> None:
     defer(PYROUTE2_DEFERRED)
     if not any(isinstance(f, _StandInFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _StandInFinder())  # see STAND_INS
+    if not any(isinstance(f, _DeferringFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _DeferringFinder())  # see PYROUTE2_TC_DEFERRED
     if "ssl" in sys.modules and sys.modules["ssl"] is None:  # kept out: see keep_openssl_out
         sys.modules["ssl"] = _NoTLS("ssl")
         try:

@@ -183,6 +183,27 @@ def test_the_data_planes_imports_leave_shutil_tempfile_and_ctypes_util_unrun_unt
     assert after == "module module shutil"
 
 
+def test_pyroute2s_traffic_control_modules_load_unrun_until_a_message_needs_them() -> None:
+    """The agent sets up no traffic control; pyroute2 imports a module per queueing discipline and classifier (and
+    their actions: about 0.6 MiB). They are bound, not run, and a tc message that needs one still gets it whole."""
+    out = python(
+        "import sys\n"
+        "import weft.footprint as f\n"
+        "f.pyroute2_package()\n"
+        "import weft.datapath.netdev\n"
+        "tc = [n for n in sys.modules if n.startswith('pyroute2.netlink.rtnl.tcmsg.')]\n"
+        "print(len(tc), sorted({type(sys.modules[n]).__name__ for n in tc}))\n"
+        "print(any('.act_' in n or '.em_' in n for n in sys.modules))\n"
+        "from pyroute2.netlink.rtnl.tcmsg import plugins\n"
+        "htb = plugins['htb']\n"
+        "print(type(htb).__name__, callable(htb.options.encode), type(htb).__name__)\n"
+    )
+    loaded, actions, used = out.splitlines()
+    assert loaded.startswith("22 ") and loaded.endswith("['_Deferred']"), loaded
+    assert actions == "False"
+    assert used == "_Deferred True module"
+
+
 def test_a_deferred_module_runs_once_when_threads_race_to_it() -> None:
     out = python(
         "import sys, threading\n"
