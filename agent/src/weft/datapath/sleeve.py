@@ -76,6 +76,7 @@ _CONTROL_TX, _CONTROL_RX = ("control", "tx"), ("control", "rx")
 _TRANSIT_TX, _TRANSIT_RX = ("transit", "tx"), ("transit", "rx")
 
 
+
 @dataclass(frozen=True, slots=True)
 class Link:
     peer: int  # 48-bit peer name of a direct neighbour
@@ -507,14 +508,14 @@ class _Worker:
         self._cur_addr: tuple[str, int] = ("", 0)
         # Preallocated buffers: TAP frames are read after room for counter + inner header, so the plaintext
         # (kind, origin, dst, vnet header, frame) is contiguous without a copy.
-        self._tap_buf = bytearray(CLEN + ILEN + MAX_READ)
+        self._tap_buf = wire.preallocated(CLEN + ILEN + MAX_READ)
         self._tap_view = memoryview(self._tap_buf)
         self._tap_iov = [self._tap_view[CLEN + ILEN :]]
-        self._rx_view = memoryview(bytearray(1 << 16))
+        self._rx_view = memoryview(wire.preallocated(1 << 16))
         self._rx_iov = [self._rx_view]
-        self._seal_view = memoryview(bytearray(wire.MAX_MESSAGE))
-        self._open_view = memoryview(bytearray(wire.MAX_MESSAGE))
-        self._out = bytearray(wire.MAX_MESSAGE + wire.MAX_SEGMENTS * HLEN)
+        self._seal_view = memoryview(wire.preallocated(wire.MAX_MESSAGE))
+        self._open_view = memoryview(wire.preallocated(wire.MAX_MESSAGE))
+        self._out = wire.preallocated(wire.MAX_MESSAGE + wire.MAX_SEGMENTS * HLEN)
         self._out_view = memoryview(self._out)
         links, pairs, recuts = partials
         dropped = self.stats.dropped
