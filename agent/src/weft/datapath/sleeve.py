@@ -76,7 +76,6 @@ _CONTROL_TX, _CONTROL_RX = ("control", "tx"), ("control", "rx")
 _TRANSIT_TX, _TRANSIT_RX = ("transit", "tx"), ("transit", "rx")
 
 
-
 @dataclass(frozen=True, slots=True)
 class Link:
     peer: int  # 48-bit peer name of a direct neighbour
