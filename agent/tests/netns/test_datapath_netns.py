@@ -283,6 +283,8 @@ def test_kill_9_during_a_fast_path_transfer_does_not_stop_it(lab: Lab) -> None:
     wait_paths(hosts[1], {"h1": "fast"})
     a, b = cs[0][0], cs[1][0]
     all_ping([a, b])
+    # The FDB follows the path's choice within KERNEL_SPACING: read it once it floods to h2 over VXLAN.
+    wait_until(lambda: f"00:00:00:00:00:00 dst {hosts[1].ip}" in _fdb(hosts[0]), timeout=10)
     before = _fdb(hosts[0])
     receiver = b.popen(sys.executable, TRAFFIC, "recv", "5003")
     wait_until(lambda: "listening" in receiver.read_log(), timeout=10)
