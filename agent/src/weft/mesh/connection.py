@@ -86,7 +86,7 @@ class ControlConnection:
         self.secret = secret  # the mesh secret this session was keyed with (rotation closes stale ones)
         self.sender = GossipSender(self._wake_writer)
         self._wake = asyncio.Event()
-        self._closed = asyncio.Event()
+        self._loops: tuple[asyncio.Task, ...] = ()  # the read and write loops, once run
         self.close_reason: str | None = None
         self.closed_by_peer = False  # the peer ended the stream in order (its agent stopping or restarting)
 
@@ -99,17 +99,20 @@ class ControlConnection:
         self._wake.set()
 
     def close(self, reason: str) -> None:
+        """End the connection (its loops are cancelled; the first reason given is the one kept)."""
         if self.close_reason is None:
             self.close_reason = reason
-        self._closed.set()
+        for task in self._loops:
+            task.cancel()
 
     async def run(self) -> str:
-        """Serve the connection until it ends; returns why it ended."""
-        tasks = [
-            asyncio.ensure_future(self._read_loop()),
-            asyncio.ensure_future(self._write_loop()),
-            asyncio.ensure_future(self._closed.wait()),
-        ]
+        """Serve the connection until it ends; returns why it ended. Two tasks, the read and the write loop, and no
+        third to wait for a close: ``close`` cancels them (a hundred connections' tasks are a good part of what
+        an agent holds for its peers)."""
+        tasks = self._loops = (asyncio.ensure_future(self._read_loop()), asyncio.ensure_future(self._write_loop()))
+        if self.close_reason is not None:  # closed before it ran
+            for task in tasks:
+                task.cancel()
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
