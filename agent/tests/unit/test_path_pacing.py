@@ -19,7 +19,7 @@ from weft.mesh.clock import VirtualScheduler
 from weft.mesh.codec import pack, unpack
 from weft.mesh.crypto import SessionKeys
 from weft.mesh.peer import PeerInfo
-from weft.mesh.router import Router
+from weft.mesh.router import VIEW_FILLING_SPACING, Router
 from weft.metrics import Metrics
 
 ME = 0x020000000001
@@ -433,7 +433,7 @@ def test_while_the_view_fills_in_the_tables_are_rebuilt_at_most_once_a_second(mo
     clock[0] = 100.2
     plane._changed()
     assert [round(d, 3) for d, fn in loop.later if fn.__name__ == "_recompute"] == [
-        round(plane_module.FILLING_SPACING - 0.2, 3)
+        round(VIEW_FILLING_SPACING - 0.2, 3)
     ]
     loop.later.clear()
     plane._recompute_handle = None

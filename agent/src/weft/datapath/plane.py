@@ -26,6 +26,7 @@ from weft.datapath.paths import FAST, PATHS, RELAY, PathState, ladder, trusted
 from weft.datapath.probe import ETHERTYPE, build_probe, parse_probe
 from weft.mesh.codec import DecodeError, expect, pack, unpack
 from weft.mesh.peer import format_name, parse_name
+from weft.mesh.router import VIEW_FILLING_SPACING
 
 if TYPE_CHECKING:
     from weft.config import AgentConfig
@@ -49,7 +50,6 @@ TICKS = 5  # passes per interval: probe rounds are due at random phases, a few i
 TRAFFIC_EVERY = 2  # intervals between readings of the fast-path guard's per-peer counters (an nft call)
 KERNEL_SPACING = 0.5  # seconds between two programmings of the kernel's FDB in a burst of changes
 RECOMPUTE_SPACING = 0.1  # seconds between two recomputations of the forwarding tables in a burst of changes
-FILLING_SPACING = 1.0  # and while our view of the mesh fills in (a spoke's grows in a dozen steps as a mesh forms)
 FDB_REREAD = 30.0  # seconds after which a programming reads the kernel's FDB again rather than trust what it applied
 E2E_HOLD = 10.0  # seconds a relayed peer that discovery is dialling waits for end-to-end keys
 SLEEVE_OVERHEAD = 80  # Ethernet, virtio header, sleeve header and AEAD tag, per datagram (upper bound)
@@ -383,12 +383,12 @@ class DataPlane:
         The first change in a while is recomputed at once (next on the loop); in a burst (a dense mesh forming, each
         connection and path changing the tables) at most once per RECOMPUTE_SPACING, or in a large mesh as the
         routes pace their passes (``Routes.spacing``), as each recomputation builds the tables for every peer; while
-        our view fills in (``view_settles_in``), at most once per FILLING_SPACING.
+        our view fills in (``view_settles_in``), at most once per VIEW_FILLING_SPACING (as the router tells them).
         """
         if self._loop is not None and self._recompute_handle is None and not self._stopped:
             spacing = self.router.routes.spacing(RECOMPUTE_SPACING)
             if self.view_settles_in() > 0:
-                spacing = max(spacing, FILLING_SPACING)
+                spacing = max(spacing, VIEW_FILLING_SPACING)
             wait = self._recomputed_at + spacing - time.monotonic()
             if wait > 0:
                 self._recompute_handle = self._loop.call_later(wait, self._recompute)
