@@ -19,7 +19,7 @@ from weft.mesh.clock import VirtualScheduler
 from weft.mesh.codec import pack, unpack
 from weft.mesh.crypto import SessionKeys
 from weft.mesh.peer import PeerInfo
-from weft.mesh.router import VIEW_FILLING_SPACING, Router
+from weft.mesh.router import VIEW_FILLING_SPACING, VIEW_HOLD_MAX, Router
 from weft.metrics import Metrics
 
 ME = 0x020000000001
@@ -389,6 +389,46 @@ def test_the_kernel_waits_for_a_filling_view_but_a_neighbour_leaving_the_fast_pa
     assert [fn.__name__ for fn in loop.soon] == ["_program_kernel"]
     loop.soon.pop()()
     assert programmed == [104.5, 110.0], "the fast path's end waited for the view"
+
+
+def test_a_neighbour_that_keeps_our_view_growing_cannot_hold_the_kernel_past_the_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An attacker with the mesh secret gossips eight made-up peers every 4.9 s, so our view never goes quiet: the FDB
+    (a new peer's fast path, its MACs) is still programmed VIEW_HOLD_MAX after the burst began, not never."""
+    plane, loop, clock = _timed_plane(monkeypatch)
+    router = plane.router
+    scheduler = router.scheduler
+    plane.view_settles_in = router.view_settles_in  # as the agent wires it
+    programmed: list[float] = []
+    monkeypatch.setattr(fdb, "read", lambda *a, **k: fdb.FdbState())
+    monkeypatch.setattr(fdb, "apply", lambda *a, **k: (programmed.append(scheduler.now()), 1)[1])
+    monkeypatch.setattr(plane, "_sync_guard", lambda *a, **k: None)
+    timers: list[tuple[float, Callable[[], None]]] = []
+    loop.call_later = lambda delay, fn: (timers.append((scheduler.now() + delay, fn)), _Handle())[1]  # type: ignore
+
+    def advance_to(t: float) -> None:
+        scheduler.call_later(t - scheduler.now(), lambda: None)
+        scheduler.run_until(lambda: False, t)
+        clock[0] = 100.0 + t
+
+    router._view_grew(8)  # the first burst, at 0
+    plane._recompute()
+    for step in range(1, 600):  # tenths of a second
+        if programmed:
+            break
+        t = step / 10
+        advance_to(t)
+        if step % 49 == 0:
+            router._view_grew(8)  # more made-up peers, never 5 s apart
+        for due, fn in [x for x in timers if x[0] <= t]:
+            timers.remove((due, fn))
+            fn()
+        for fn in list(loop.soon):
+            loop.soon.remove(fn)
+            fn()
+    assert programmed, "the kernel was never programmed while the view kept growing"
+    assert VIEW_HOLD_MAX - 0.2 <= programmed[0] <= VIEW_HOLD_MAX + 0.2, programmed[0]
 
 
 def test_a_burst_of_changes_recomputes_the_tables_at_once_then_at_most_ten_times_a_second(
