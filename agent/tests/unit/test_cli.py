@@ -87,7 +87,7 @@ def test_the_commands_that_talk_to_the_agent_import_none_of_its_modules() -> Non
     """`weft attach` is run once per container: its start-up must not pay for the config model (pydantic), asyncio
     or the store, which only `weft run` and `weft reset` need."""
     probe = (
-        "import sys, weft.cli\n"
+        "import sys, weft.cli, weft.commands\n"
         "heavy = ('pydantic', 'asyncio', 'yaml', 'sqlite3', 'aiohttp', 'pyroute2', 'weft.config', 'weft.store')\n"
         "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m in heavy)))\n"
     )
@@ -95,6 +95,54 @@ def test_the_commands_that_talk_to_the_agent_import_none_of_its_modules() -> Non
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == []
+
+
+def test_the_agent_never_loads_click(tmp_path: Path) -> None:
+    """The agent keeps what it imports for as long as it runs: `weft run` reads its flags without click (1.3 MiB
+    of an agent's memory), all the way to a start that fails on its state directory (a file, here)."""
+    blocked = tmp_path / "state"
+    blocked.write_text("not a directory")
+    probe = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print(' '.join(sorted({m.split('.')[0] for m in sys.modules} & {'click', 'weft'}))))\n"
+        "from weft.cli import main; main()\n"
+    )
+    args = ["run", "--no-datapath", "--no-dns", "--state-dir", str(blocked), "--api-socket", str(tmp_path / "s")]
+    env = {**os.environ, "PYTHONPATH": SRC}
+    res = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 1 and f"{blocked}" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert res.stdout.split() == ["weft"]
+    # and the agent's modules were all there: it got as far as starting
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe.replace("{'click', 'weft'}", "{'weft', 'asyncio', 'sqlite3'}"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert loaded.stdout.split() == ["asyncio", "sqlite3", "weft"], loaded.stderr
+
+
+def test_weft_run_flags_are_checked_before_anything_starts(tmp_path: Path) -> None:
+    """A mistyped or shortened flag, a word where a number goes, an unknown log level: usage error (2), one line
+    that names the flag, and the agent never starts."""
+    for args, says in (
+        (["--mtu", "abc"], "argument --mtu: invalid int value: 'abc'"),
+        (["--no-disc"], "unrecognized arguments: --no-disc"),
+        (["--peerr", "10.0.0.1"], "unrecognized arguments: --peerr"),
+        (["--log-level", "chatty"], "argument --log-level: invalid choice: 'chatty'"),
+    ):
+        res = weft("run", "--state-dir", str(tmp_path / "state"), *args)
+        assert res.returncode == 2 and says in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
+        assert not (tmp_path / "state").exists()
+
+
+def test_weft_run_after_the_commands_options_is_the_same_agent(tmp_path: Path) -> None:
+    """`weft --api-socket X run ...` (the commands' option before `run`) reaches the same flags."""
+    res = weft("--api-socket", str(tmp_path / "x.sock"), "run", "--help")
+    assert res.returncode == 0 and "--trusted-subnet" in res.stdout and "WEFT_" in res.stdout
+    res = weft("--api-socket", str(tmp_path / "x.sock"), "run", "--listen", "nowhere", "--state-dir", str(tmp_path))
+    assert res.returncode == 1 and "HOST:PORT" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_the_status_summary_says_when_the_agent_runs_late_and_only_then() -> None:

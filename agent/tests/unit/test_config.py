@@ -223,3 +223,51 @@ def test_datapath_workers_default_to_the_cores_up_to_four_and_can_be_set(tmp_pat
     path = write(tmp_path / "weft.yaml", "datapath-workers: 2\n")
     assert load_config(path, {}, {"datapath_workers": 1}).workers() == 1
     assert load_config(path, {}, {}).workers() == 2
+
+
+def test_every_flag_of_weft_run_reaches_the_configuration(tmp_path: Path) -> None:
+    """What `weft run` is given on its command line is what the agent runs with; a flag not given leaves the
+    environment's or the file's value (and a repeated flag is a list, in order)."""
+    from weft.runcmd import parse
+
+    argv = [
+        "--name", "02:1f:aa:00:00:01", "--nickname", "dc1-a", "--listen", "10.0.0.1:6783",
+        "--advertise", "198.51.100.7", "--peer", "10.0.0.2", "--peer", "10.0.0.3:7000",
+        "--secret-file", str(tmp_path / "s1"), "--secret-file", str(tmp_path / "s2"),
+        "--state-dir", str(tmp_path / "state"), "--api-socket", str(tmp_path / "api.sock"),
+        "--metrics-addr", "127.0.0.1:9100", "--no-discovery", "--resume", "--no-datapath", "--bridge", "ovl",
+        "--vxlan-port", "4789", "--mtu", "1400", "--datapath-workers", "2",
+        "--trusted-subnet", "10.0.0.0/24", "--trusted-subnet", "10.1.0.0/24",
+        "--ipalloc-range", "10.40.0.0/16", "--ipalloc-default-subnet", "10.40.1.0/24", "--ipalloc-init", "observer",
+        "--no-dns", "--dns-domain", "corp.example", "--dns-address", "169.254.53.54", "--dns-ttl", "5",
+        "--dns-upstream", "10.0.0.53", "--log-level", "debug",
+    ]  # fmt: skip
+    config_path, flags = parse(argv)
+    c = load_config(config_path, {"WEFT_BRIDGE": "fromenv", "WEFT_MTU": "1300"}, flags)
+    assert config_path is None
+    assert (c.name, c.nickname, c.listen, c.advertise) == (
+        "02:1f:aa:00:00:01",
+        "dc1-a",
+        "10.0.0.1:6783",
+        "198.51.100.7:6783",
+    )
+    assert c.peers == ["10.0.0.2:6783", "10.0.0.3:7000"]
+    assert c.secret_files == [tmp_path / "s1", tmp_path / "s2"]
+    assert (c.state_dir, c.api_socket, c.metrics_addr) == (tmp_path / "state", tmp_path / "api.sock", "127.0.0.1:9100")
+    assert (c.discovery, c.resume, c.datapath, c.dns) == (False, True, False, False)
+    assert (c.bridge, c.vxlan_port, c.mtu, c.datapath_workers) == ("ovl", 4789, 1400, 2)
+    assert c.trusted_subnets == ["10.0.0.0/24", "10.1.0.0/24"]
+    assert (c.ipalloc_range, c.ipalloc_default_subnet, c.ipalloc_init) == ("10.40.0.0/16", "10.40.1.0/24", "observer")
+    assert (c.dns_domain, c.dns_address, c.dns_ttl, c.dns_upstream) == (
+        "corp.example.",
+        "169.254.53.54",
+        5,
+        ["10.0.0.53:53"],
+    )
+    assert c.log_level == "debug"
+
+    config_file = tmp_path / "weft.yaml"
+    config_file.write_text("bridge: fromfile\nmtu: 1200\ndiscovery: false\n")
+    config_path, flags = parse(["--config", str(config_file), "--datapath"])
+    c = load_config(config_path, {"WEFT_MTU": "1300"}, flags)
+    assert (c.bridge, c.mtu, c.discovery, c.datapath, c.dns) == ("fromfile", 1300, False, True, True)
