@@ -24,13 +24,21 @@ environment, the environment over the file.
 """
 
 
+class _HelpFormat(argparse.RawDescriptionHelpFormatter):
+    """argparse's own, 80 columns wide as click's help is: left to itself it asks for the terminal's width through
+    shutil (which imports bz2, lzma and zlib), and it is made once for every flag as the parser is built."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=80)
+
+
 def parser() -> argparse.ArgumentParser:
     """The flags of ``weft run``; every one defaults to None (unset: the environment, the file or the default)."""
     p = argparse.ArgumentParser(
         prog="weft run",
         usage="%(prog)s [options]  (weft run --help lists them)",
         description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormat,
         allow_abbrev=False,  # a flag is its whole name: a later flag must not change what a shortened one meant
     )
     add = p.add_argument
