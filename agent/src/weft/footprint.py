@@ -25,6 +25,11 @@ Most of an agent's resident memory is code: the modules it imports and the share
   agent does not run: its tool probes and its netns helpers' libc lookup. :func:`pyroute2_package` defers them
   (:func:`defer`): the import binds them, and their code runs the first time something asks them for a name.
   About 0.6 MiB resident.
+- The standard library's always-imported modules import some for rare work: linecache imports ``tokenize`` (to
+  read a source file's encoding when a traceback is formatted), traceback imports ``textwrap`` (for exception
+  groups), and dnspython's name module the IDNA 2003 codec ``encodings.idna`` (with ``stringprep`` and
+  ``unicodedata``) for names that are not ASCII. :func:`lean_stdlib` and :func:`dnspython_plain` defer them: the
+  first traceback, or the first name or host name that needs the codec, runs them. About 0.3 MiB resident.
 """
 
 from __future__ import annotations
@@ -46,6 +51,9 @@ PYROUTE2_DEFERRED = ("shutil", "tempfile", "ctypes.util")
 # pyroute2's traffic-control package imports a module for every queueing discipline and classifier it knows (22, which
 # import its actions and ematches: 36 modules, about 0.6 MiB); the agent sets up no traffic control. Its modules under
 # these names load deferred (:class:`_DeferringFinder`): bound by the package's import, run when first used.
+# Imported by modules the agent always loads, used for rare work (see the module's docstring).
+STDLIB_DEFERRED = ("tokenize", "textwrap")
+IDNA_CODEC = "encodings.idna"
 PYROUTE2_TC = "pyroute2.netlink.rtnl.tcmsg."
 PYROUTE2_TC_DEFERRED = ("sched_", "cls_")
 
@@ -57,6 +65,12 @@ def keep_openssl_out() -> list[str]:
     for name in kept:
         sys.modules[name] = None  # type: ignore[assignment]  # the import system's "not available"
     return kept
+
+
+def lean_stdlib() -> list[str]:
+    """Defer :data:`STDLIB_DEFERRED` (:func:`defer`); returns those deferred. For the agent's process, before
+    asyncio and logging are imported."""
+    return defer(STDLIB_DEFERRED)
 
 
 class _NoTLS(types.ModuleType):
@@ -276,7 +290,9 @@ def pyroute2_package() -> None:
 
 def dnspython_plain() -> None:
     """Tell dnspython that none of its optional features is available, without ``importlib.metadata``, unless
-    dnspython's feature checks were loaded already. Degrades to nothing if dnspython changes how it checks."""
+    dnspython's feature checks were loaded already. Degrades to nothing if dnspython changes how it checks. Defers
+    the IDNA 2003 codec it imports for names that are not ASCII (:data:`IDNA_CODEC`)."""
+    defer((IDNA_CODEC,))
     if "dns._features" in sys.modules or importlib.util.find_spec("dns") is None:
         return
     stub = "importlib.metadata" not in sys.modules

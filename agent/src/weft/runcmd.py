@@ -141,10 +141,11 @@ def parse(argv: list[str]) -> tuple[Path | None, dict[str, Any]]:
 
 def run(argv: list[str]) -> NoReturn:
     """Start the agent with these flags and serve until it stops; a bad configuration is one line and exit 1."""
-    config_path, flags = parse(argv)
-    from weft.footprint import keep_openssl_out
+    from weft.footprint import keep_openssl_out, lean_stdlib
 
-    keep_openssl_out()  # before anything imports asyncio: see weft.footprint
+    keep_openssl_out()  # before anything imports asyncio or logging: see weft.footprint
+    lean_stdlib()
+    config_path, flags = parse(argv)
 
     import asyncio
     import logging
