@@ -27,9 +27,9 @@ Most of an agent's resident memory is code: the modules it imports and the share
   About 0.6 MiB resident.
 - The standard library's always-imported modules import some for rare work: linecache imports ``tokenize`` (to
   read a source file's encoding when a traceback is formatted), traceback imports ``textwrap`` (for exception
-  groups), and dnspython's name module the IDNA 2003 codec ``encodings.idna`` (with ``stringprep`` and
-  ``unicodedata``) for names that are not ASCII. :func:`lean_stdlib` and :func:`dnspython_plain` defer them: the
-  first traceback, or the first name or host name that needs the codec, runs them. About 0.3 MiB resident.
+  groups). :func:`lean_stdlib` defers them: the first traceback that needs them runs them. (Not the IDNA codec
+  that dnspython imports: every ``getaddrinfo`` with a host given as text runs it, and the agent's listeners make
+  such calls as they start.)
 """
 
 from __future__ import annotations
@@ -53,7 +53,6 @@ PYROUTE2_DEFERRED = ("shutil", "tempfile", "ctypes.util")
 # these names load deferred (:class:`_DeferringFinder`): bound by the package's import, run when first used.
 # Imported by modules the agent always loads, used for rare work (see the module's docstring).
 STDLIB_DEFERRED = ("tokenize", "textwrap")
-IDNA_CODEC = "encodings.idna"
 PYROUTE2_TC = "pyroute2.netlink.rtnl.tcmsg."
 PYROUTE2_TC_DEFERRED = ("sched_", "cls_")
 
@@ -290,9 +289,7 @@ def pyroute2_package() -> None:
 
 def dnspython_plain() -> None:
     """Tell dnspython that none of its optional features is available, without ``importlib.metadata``, unless
-    dnspython's feature checks were loaded already. Degrades to nothing if dnspython changes how it checks. Defers
-    the IDNA 2003 codec it imports for names that are not ASCII (:data:`IDNA_CODEC`)."""
-    defer((IDNA_CODEC,))
+    dnspython's feature checks were loaded already. Degrades to nothing if dnspython changes how it checks."""
     if "dns._features" in sys.modules or importlib.util.find_spec("dns") is None:
         return
     stub = "importlib.metadata" not in sys.modules
