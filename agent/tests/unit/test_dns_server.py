@@ -335,6 +335,22 @@ def test_unknown_name_in_domain_nxdomain() -> None:
     run(main())
 
 
+def test_names_that_are_not_ascii_or_as_long_as_a_name_can_be_are_just_unknown() -> None:
+    """A container asks for raw UTF-8 labels, a dot inside a label, punycode and a 255-byte name of 0xff bytes: each
+    is an unknown name of the domain (NXDOMAIN, its question as asked), and the server answers the next query."""
+
+    async def main() -> None:
+        async with serving() as server:
+            for labels in ([b"b\xc3\xbccher"], [b"a.b"], [b"xn--bcher-kva"], [b"\xff" * 63] * 3 + [b"\xff" * 50]):
+                query = dns.message.make_query(dns.name.Name([*labels, b"weft", b"local", b""]), "A")
+                response = dns.message.from_wire(await _udp_exchange(server, query.to_wire()))
+                assert response.rcode() == dns.rcode.NXDOMAIN, labels[0][:8]
+                assert response.question[0].name == query.question[0].name
+            assert addresses(await ask(server, "web.weft.local.")) == WEB
+
+    run(main())
+
+
 def test_names_are_case_insensitive_and_the_question_keeps_its_case() -> None:
     async def main() -> None:
         async with serving() as server:
