@@ -6,6 +6,7 @@ another namespace (or an `unshare -n` process). Names carry a random token; tear
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import itertools
@@ -24,9 +25,11 @@ from typing import TypeVar
 import pytest
 from lab import wait_until
 
-from weft.datapath.attach import AttachError, attach, detach, expose, hide, host_ifname, reset
+from weft.datapath.attach import AttachError, attach, detach, expose, hide, host_ifname, limit_gso, reset
 from weft.datapath.macwatch import MacWatcher
 from weft.datapath.netdev import ZERO_MAC, NetDev, NetDevError, enter_netns
+from weft.datapath.udp import SO_RCVBUFFORCE
+from weft.datapath.wire import OVERLAY_GSO_MAX
 
 BR, VX, TAP = "weft", "vxweft", "tapweft"
 MTU = 1450
@@ -123,14 +126,17 @@ def ping(*prefix: str, dst: str) -> None:
     sh(*prefix, "/usr/bin/ping", "-c", "1", "-W", "5", dst)
 
 
-def socket_in(netns: str) -> socket.socket:
-    """A TCP socket in another namespace, made by a short-lived thread that enters it (the test's netns stays)."""
+def socket_in(
+    netns: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM, proto: int = 0
+) -> socket.socket:
+    """A socket (TCP unless asked) in another namespace, made by a short-lived thread that enters it (the test's
+    netns stays)."""
     made: list[socket.socket | BaseException] = []
 
     def make() -> None:
         try:
             enter_netns(netns)
-            made.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            made.append(socket.socket(family, kind, proto))
         except BaseException as e:
             made.append(e)
 
@@ -407,6 +413,68 @@ def test_attach_is_idempotent_and_adds_only_new_cidrs(env: Env, overlay: tuple[s
     assert more.changed and sorted(more.addresses) == ["10.40.0.1/24", "10.41.0.1/16"]
     assert nd.link_index(first.host_ifname) == index, "the veth was kept"
     assert not attach(nd, bridge=BR, cidrs=["10.41.0.1/16"], mtu=MTU, netns=c1).changed
+
+
+def gso_max_size(netns: str, ifname: str) -> int:
+    words = sh("ip", "-d", "-n", netns, "link", "show", ifname).split()
+    return int(words[words.index("gso_max_size") + 1])
+
+
+def bulk_tcp(client_ns: str, server_ns: str, server_ip: str, size: int) -> int:
+    """Send ``size`` bytes over one TCP connection between two namespaces; the bytes the server got."""
+    srv, cli = socket_in(server_ns), socket_in(client_ns)
+    got = [0]
+    with srv, cli:
+        srv.settimeout(30)
+        cli.settimeout(30)
+        srv.bind((server_ip, 0))
+        srv.listen(1)
+
+        def serve() -> None:
+            conn, _ = srv.accept()
+            with conn:
+                while data := conn.recv(1 << 20):
+                    got[0] += len(data)
+
+        reader = threading.Thread(target=serve)
+        reader.start()
+        cli.connect((server_ip, srv.getsockname()[1]))
+        cli.sendall(bytes(size))
+        cli.shutdown(socket.SHUT_WR)
+        reader.join(30)
+    return got[0]
+
+
+@netns_test
+def test_containers_and_the_host_send_packets_a_sealed_frame_carries_in_one_send(
+    env: Env, overlay: tuple[str, NetDev]
+) -> None:
+    """A container's TCP builds GSO packets below wire.OVERLAY_GSO_MAX, so the encrypted path seals each in one UDP
+    send; an interface attached by an older release (the kernel's 64 KiB) is put right by the next attach."""
+    name, nd = overlay
+    c1, c2 = env.ns("c1"), env.ns("c2")
+    a1 = attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1)
+    attach(nd, bridge=BR, cidrs=["10.40.0.2/24"], mtu=MTU, netns=c2)
+    assert gso_max_size(c1, "ethwe") == OVERLAY_GSO_MAX
+    sh("ip", "-n", c1, "link", "set", "ethwe", "gso_max_size", "65536")
+    assert attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1).changed
+    assert gso_max_size(c1, "ethwe") == OVERLAY_GSO_MAX
+    assert not attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1).changed
+    assert limit_gso(nd, BR) and not limit_gso(nd, BR) and gso_max_size(name, BR) == OVERLAY_GSO_MAX
+
+    # What the container really sends: every packet it puts on its veth, seen from the host's end
+    cap = socket_in(name, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  # ETH_P_ALL
+    with cap:
+        cap.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
+        cap.bind((a1.host_ifname, 0))
+        assert bulk_tcp(c1, c2, "10.40.0.2", 32 << 20) == 32 << 20
+        cap.setblocking(False)
+        sizes = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                sizes.append(len(cap.recv(1 << 17)))
+    assert max(sizes) > 16_384, "the container's TCP built GSO packets (else this shows nothing)"
+    assert max(sizes) - 14 < OVERLAY_GSO_MAX, f"an IP packet of {max(sizes) - 14} bytes left the container"
 
 
 @netns_test

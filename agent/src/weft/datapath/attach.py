@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import ipaddress
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -47,8 +48,11 @@ __all__ = [
     "hide",
     "host_ifname",
     "in_use_check",
+    "limit_gso",
     "reset",
 ]
+
+log = logging.getLogger(__name__)
 
 NETNS_RUN_DIR = "/var/run/netns"
 MULTICAST_ROUTE = "224.0.0.0/4"  # multicast leaves the container over the overlay, not a default route
@@ -228,6 +232,7 @@ def attach(
                 changed = True
             changed |= nd.set_link(host, mtu=mtu, master=bridge, up=True)
             changed |= cnd.set_link(ifname, mtu=mtu, up=True)
+            changed |= limit_gso(cnd, ifname)
             link = cnd.link(ifname)
             if link is None:
                 raise AttachError(f"{ifname!r} vanished from the container while attaching; retry")
@@ -251,6 +256,26 @@ def attach(
         if isinstance(e, NetDevError):
             raise AttachError(str(e)) from None
         raise
+
+
+def limit_gso(nd: NetDev, name: str) -> bool:
+    """Ask the kernel for GSO packets that a sealed frame carries in one UDP send (wire.OVERLAY_GSO_MAX) on the
+    device whose traffic the overlay carries: a container's interface, the bridge for the host's own. True if it
+    changed. Only a cost if it fails (a frame then takes two sends, as before), so a kernel that refuses is logged
+    once and the attach goes on."""
+    from weft.datapath.netdev import NetDevError
+    from weft.datapath.wire import OVERLAY_GSO_MAX
+
+    try:
+        return nd.set_gso_max_size(name, OVERLAY_GSO_MAX)
+    except NetDevError as e:
+        if not _gso_refused.is_set():
+            _gso_refused.set()
+            log.warning("%s; frames from the overlay's devices may take two sends on the encrypted path", e)
+        return False
+
+
+_gso_refused = threading.Event()
 
 
 def find_attached(nd: NetDev, *, bridge: str, skip: set[str]) -> list[tuple[str, str, list[str]]]:

@@ -50,6 +50,7 @@ class Link:
     up: bool
     master: int | None
     peer_index: int | None  # IFLA_LINK: for a veth, the peer's ifindex (in the peer's namespace)
+    gso_max_size: int | None  # the largest GSO packet the kernel builds for it (IFLA_GSO_MAX_SIZE)
     data: dict[str, Any]  # IFLA_INFO_DATA attributes by NLA name
     port: dict[str, Any]  # IFLA_INFO_SLAVE_DATA (bridge port) attributes by NLA name
 
@@ -71,6 +72,7 @@ def _to_link(msg: Any) -> Link:
         up=bool(msg["flags"] & IFF_UP),
         master=msg.get_attr("IFLA_MASTER"),
         peer_index=msg.get_attr("IFLA_LINK"),
+        gso_max_size=msg.get_attr("IFLA_GSO_MAX_SIZE"),
         data=data,
         port=port,
     )
@@ -288,6 +290,17 @@ class NetDev:
         if change:
             _call(f"cannot set {', '.join(change)} on {name!r}", self.ipr.link, "set", index=link.index, **change)
         return bool(change)
+
+    def set_gso_max_size(self, name: str, size: int) -> bool:
+        """Converge the largest GSO packet the kernel builds for traffic leaving ``name`` (what a TCP socket sends
+        through it); True if it changed."""
+        link = self.link(name)
+        if link is None:
+            raise NetDevError(f"link {name!r} does not exist")
+        if link.gso_max_size == size:
+            return False
+        _call(f"cannot set gso_max_size on {name!r}", self.ipr.link, "set", index=link.index, gso_max_size=size)
+        return True
 
     def _port_learning_off(self, name: str) -> None:
         """An overlay port: no learning (the agent programs its MACs) and isolated from the other overlay

@@ -151,6 +151,7 @@ class DataPlane:
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def start(self) -> None:
+        from weft.datapath.attach import limit_gso
         from weft.datapath.macwatch import MacWatcher
         from weft.datapath.netdev import NetDev
         from weft.datapath.sleeve import open_sleeve
@@ -160,6 +161,7 @@ class DataPlane:
         c = self.config
         self.nd = NetDev()
         self.nd.ensure_bridge(self.bridge, c.mtu)
+        limit_gso(self.nd, self.bridge)  # the host's own traffic over the overlay (expose)
         self.nd.ensure_vxlan(self.vxlan, bridge=self.bridge, vni=VNI, port=c.vxlan_port, mtu=c.mtu)
         # Multi-queue whatever the number of workers, so changing it needs no new device; a single-queue TAP
         # (made by a release before the workers) is replaced once.

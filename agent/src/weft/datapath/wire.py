@@ -61,10 +61,14 @@ E2E_NONCE = struct.Struct(">IQ")  # kid, counter: the whole 12-byte nonce travel
 E2E_NLEN = E2E_NONCE.size
 
 MAX_SEGMENTS = 255
-MAX_PAYLOAD = 10 + 14 + 4 + 65535  # vnet header + Ethernet (+ VLAN tag) + the largest IP packet
+FRAME_ROOM = 10 + 14 + 4  # what a TAP read holds around an IP packet: vnet header + Ethernet (+ VLAN tag)
+MAX_PAYLOAD = FRAME_ROOM + 65535  # ... around the largest IP packet
 MAX_MESSAGE = E2E_NLEN + ILEN + MAX_PAYLOAD + TAG  # the larger of the two forms' messages
 MAX_UDP = 65507  # largest UDP payload over IPv4: also the limit of one UDP_SEGMENT send
 GSO_MAX_SEGS = 44  # 44 x 1472 B is what fits in one send (65,507 B); fewer, larger sends gain nothing
+# The UDP payloads of the common path MTUs: 1500 (an Ethernet LAN, the internet) and 9000 (jumbo frames in a data
+# centre; EC2 within a VPC gives 9001)
+COMMON_DATAGRAMS = (1472, 8972)
 MAX_PARTIAL = 32  # messages being reassembled at once, all senders together
 PARTIAL_AGE = 1.0  # seconds a partial message may wait for its missing chunks
 
@@ -76,6 +80,23 @@ def peer_bytes(peer: int) -> bytes:
 def segments_per_send(datagram_size: int) -> int:
     """How many full datagrams one UDP_SEGMENT send may carry: <= 44 and <= 65,507 bytes together."""
     return max(1, min(GSO_MAX_SEGS, MAX_UDP // datagram_size))
+
+
+def one_send(datagram_size: int, hlen: int) -> int:
+    """The most message bytes one UDP_SEGMENT send (and so one GRO buffer at the receiver) carries in datagrams of
+    ``datagram_size`` with headers of ``hlen`` bytes."""
+    return segments_per_send(datagram_size) * (datagram_size - hlen)
+
+
+# The largest GSO packet (a device's gso_max_size) the overlay's devices ask the kernel for. A frame that takes two
+# UDP_SEGMENT sends costs a second send, a second receive and a reassembly across two GRO buffers: a quarter more CPU
+# per byte on the encrypted path than one that fits a send (docs/datapath.md). The kernel's 64 KiB packets sealed do
+# not fit one send at a 1500-byte path MTU (65,535 + 47 bytes against 64,108). Packets below this size do, in either
+# form, at both common path MTUs (a TCP socket keeps its packets below the device's gso_max_size, headers included);
+# other path MTUs may still split them, as before.
+OVERLAY_GSO_MAX = min(
+    min(one_send(size, HLEN) - CLEN, one_send(size, E2E_HLEN) - E2E_NLEN) for size in COMMON_DATAGRAMS
+) - (ILEN + TAG + FRAME_ROOM)
 
 
 def segment_into(
