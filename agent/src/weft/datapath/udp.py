@@ -1,8 +1,8 @@
 """The sleeve's UDP sockets: big forced buffers, DF on every datagram, UDP_SEGMENT sends and UDP_GRO receives.
 
-One sendmsg with UDP_SEGMENT puts up to 44 datagrams on the wire and one recvmsg with UDP_GRO returns many
-coalesced, so the Python cost is per message rather than per datagram. DF (IP_PMTUDISC_DO) because the sleeve
-sizes its own datagrams to the path MTU: IP fragments are lost wholesale on many clouds.
+One sendmsg with UDP_SEGMENT puts up to 64 datagrams (65,507 bytes) on the wire and one recvmsg with UDP_GRO
+returns many coalesced, so the Python cost is per message rather than per datagram. DF (IP_PMTUDISC_DO) because the
+sleeve sizes its own datagrams to the path MTU: IP fragments are lost wholesale on many clouds.
 
 Several forwarding workers share the listen port with SO_REUSEPORT. The kernel would pick a socket by hashing the
 4-tuple, and between two hosts there is only one, so everything would reach one worker: a classic BPF program

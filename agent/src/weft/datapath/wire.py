@@ -65,7 +65,10 @@ FRAME_ROOM = 10 + 14 + 4  # what a TAP read holds around an IP packet: vnet head
 MAX_PAYLOAD = FRAME_ROOM + 65535  # ... around the largest IP packet
 MAX_MESSAGE = E2E_NLEN + ILEN + MAX_PAYLOAD + TAG  # the larger of the two forms' messages
 MAX_UDP = 65507  # largest UDP payload over IPv4: also the limit of one UDP_SEGMENT send
-GSO_MAX_SEGS = 44  # 44 x 1472 B is what fits in one send (65,507 B); fewer, larger sends gain nothing
+# Datagrams in one UDP_SEGMENT send: the kernel takes at most 64 (UDP_MAX_SEGMENTS before Linux 6.10; 128 since),
+# and GRO coalesces at most 64 into one buffer. At a 1500-byte path MTU the 65,507 bytes of a send stop it at 44
+# already; below it (a VPN's 1,436 or 1,400) it lets a frame below OVERLAY_GSO_MAX still fit one send.
+GSO_MAX_SEGS = 64
 # The UDP payloads of the common path MTUs: 1500 (an Ethernet LAN, the internet) and 9000 (jumbo frames in a data
 # centre; EC2 within a VPC gives 9001)
 COMMON_DATAGRAMS = (1472, 8972)
@@ -78,7 +81,7 @@ def peer_bytes(peer: int) -> bytes:
 
 
 def segments_per_send(datagram_size: int) -> int:
-    """How many full datagrams one UDP_SEGMENT send may carry: <= 44 and <= 65,507 bytes together."""
+    """How many full datagrams one UDP_SEGMENT send may carry: <= GSO_MAX_SEGS and <= 65,507 bytes together."""
     return max(1, min(GSO_MAX_SEGS, MAX_UDP // datagram_size))
 
 
@@ -92,8 +95,8 @@ def one_send(datagram_size: int, hlen: int) -> int:
 # UDP_SEGMENT sends costs a second send, a second receive and a reassembly across two GRO buffers: a quarter more CPU
 # per byte on the encrypted path than one that fits a send (docs/datapath.md). The kernel's 64 KiB packets sealed do
 # not fit one send at a 1500-byte path MTU (65,535 + 47 bytes against 64,108). Packets below this size do, in either
-# form, at both common path MTUs (a TCP socket keeps its packets below the device's gso_max_size, headers included);
-# other path MTUs may still split them, as before.
+# form, at both common path MTUs (a TCP socket keeps its packets below the device's gso_max_size, headers included),
+# and at every path MTU between 1280 and 1500; smaller ones still split them, as before.
 OVERLAY_GSO_MAX = min(
     min(one_send(size, HLEN) - CLEN, one_send(size, E2E_HLEN) - E2E_NLEN) for size in COMMON_DATAGRAMS
 ) - (ILEN + TAG + FRAME_ROOM)
