@@ -12,8 +12,8 @@ restart.json, ipam.json, dns.json).
 The data-path part measures TCP throughput (iperf3, 1 and 4 streams) and ping RTT (100 x 10 ms) from a
 container on h1 to one on another host: over plain routed veth (the baseline, no agent), then over weft's
 fast (kernel VXLAN), encrypted (sleeve, with one forwarding worker and with the default) and relayed (sleeve
-through h2, once sealed end to end) paths; medians of --datapath-runs runs, the agents' CPU per Gb/s, and the machine's load average
-(it is shared: the figures move with it). It prints the targets next to the figures.
+through h2, once sealed end to end) paths; medians of --datapath-runs runs, the agents' CPU per Gb/s, and the
+machine's load average (it is shared: the figures move with it). It prints the targets next to the figures.
 
 The restart part (bench/restart.py) measures the restart gap on the encrypted path: how long UDP traffic between
 containers stops while one agent is restarted as systemd does it (SIGTERM, exit, start), and where the time goes;
