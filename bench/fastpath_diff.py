@@ -427,6 +427,33 @@ def _mtu(mtu: int) -> Change:
     )
 
 
+def _gso(size: int) -> Change:
+    """The containers' GSO size (what their TCP builds packets up to) set by hand; iperf3's connection is new in
+    every run, so it takes it."""
+
+    def links(p: Pair) -> list[tuple[str, str]]:
+        return [(p.c1, "ethwe"), (p.c2, "ethwe")]
+
+    def current(netns: str, link: str) -> int:
+        return json.loads(ns(netns, "ip", "-d", "-j", "link", "show", link))[0]["gso_max_size"]
+
+    def apply(p: Pair) -> dict:
+        saved = {(netns, link): current(netns, link) for netns, link in links(p)}
+        for netns, link in links(p):
+            ip(netns, f"link set {link} gso_max_size {size}")
+        return saved
+
+    def undo(p: Pair, saved: object) -> None:
+        assert isinstance(saved, dict)
+        for (netns, link), value in saved.items():
+            ip(netns, f"link set {link} gso_max_size {value}")
+
+    def holds(p: Pair) -> bool:
+        return all(current(netns, link) == size for netns, link in links(p))
+
+    return Change(f"gso{size}", f"the containers' GSO size {size} instead of the agent's", apply, undo, holds)
+
+
 CHANGES = {
     c.name: c
     for c in (
@@ -437,6 +464,7 @@ CHANGES = {
         _hooks_only((FASTGUARD, PORTGUARD, DNSGUARD)),
         _sysctls(dict.fromkeys(BRNF, "0"), "no-brnf", "the host's br_netfilter off (bridge-nf-call-* = 0)"),
         _mtu(HAND_MTU),
+        _gso(65536),
     )
 }
 

@@ -11,6 +11,8 @@ import time
 import pytest
 from lab import HARNESS, Container, Host, Lab, metric_value, wait_until
 
+from weft.datapath.wire import OVERLAY_GSO_MAX
+
 pytestmark = pytest.mark.netns
 
 TRAFFIC = str(HARNESS / "traffic.py")
@@ -121,6 +123,11 @@ def test_containers_reach_each_other_and_100mb_arrives_intact(lab: Lab, mode: st
         # The summary says where a secret is set and traffic still crosses in clear.
         assert "1 peer in clear on trusted subnets" in h1.cli("status").stdout
 
+    # With a secret the containers' packets are sized for the encrypted path (one UDP send each), without one
+    # they keep the kernel's 64 KiB, the fast path's best.
+    for c in (c for host_cs in cs for c in host_cs):
+        link = json.loads(c.exec("ip", "-d", "-j", "link", "show", "ethwe").stdout)[0]
+        assert link["gso_max_size"] == (OVERLAY_GSO_MAX if secret else 65536), f"{c.netns}: {link['gso_max_size']}"
     all_ping([c for host_cs in cs for c in host_cs])
     if mode == "fast":  # the kernel's FDB follows a path's change within KERNEL_SPACING: the bytes are counted there
         mac = cs[2][0].mac()

@@ -25,7 +25,17 @@ from typing import TypeVar
 import pytest
 from lab import wait_until
 
-from weft.datapath.attach import AttachError, attach, detach, expose, hide, host_ifname, limit_gso, reset
+from weft.datapath.attach import (
+    AttachError,
+    attach,
+    detach,
+    expose,
+    gso_size_for,
+    hide,
+    host_ifname,
+    limit_gso,
+    reset,
+)
 from weft.datapath.macwatch import MacWatcher
 from weft.datapath.netdev import ZERO_MAC, NetDev, NetDevError, enter_netns
 from weft.datapath.udp import SO_RCVBUFFORCE
@@ -449,18 +459,24 @@ def bulk_tcp(client_ns: str, server_ns: str, server_ip: str, size: int) -> int:
 def test_containers_and_the_host_send_packets_a_sealed_frame_carries_in_one_send(
     env: Env, overlay: tuple[str, NetDev]
 ) -> None:
-    """A container's TCP builds GSO packets below wire.OVERLAY_GSO_MAX, so the encrypted path seals each in one UDP
-    send; an interface attached by an older release (the kernel's 64 KiB) is put right by the next attach."""
+    """With a mesh secret, a container's TCP builds GSO packets below wire.OVERLAY_GSO_MAX, so the encrypted path
+    seals each in one UDP send; an interface attached by an older release (the kernel's 64 KiB) is put right by the
+    next attach, and without a secret the kernel's size comes back (the fast path's best)."""
     name, nd = overlay
     c1, c2 = env.ns("c1"), env.ns("c2")
-    a1 = attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1)
-    attach(nd, bridge=BR, cidrs=["10.40.0.2/24"], mtu=MTU, netns=c2)
+    sealed = gso_size_for(encrypting=True)
+    assert sealed == OVERLAY_GSO_MAX and gso_size_for(encrypting=False) == 65536
+    a1 = attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1, gso_max_size=sealed)
+    attach(nd, bridge=BR, cidrs=["10.40.0.2/24"], mtu=MTU, netns=c2, gso_max_size=sealed)
     assert gso_max_size(c1, "ethwe") == OVERLAY_GSO_MAX
     sh("ip", "-n", c1, "link", "set", "ethwe", "gso_max_size", "65536")
-    assert attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1).changed
+    assert attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1, gso_max_size=sealed).changed
     assert gso_max_size(c1, "ethwe") == OVERLAY_GSO_MAX
-    assert not attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1).changed
-    assert limit_gso(nd, BR) and not limit_gso(nd, BR) and gso_max_size(name, BR) == OVERLAY_GSO_MAX
+    assert not attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1, gso_max_size=sealed).changed
+    assert attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1, gso_max_size=65536).changed
+    assert gso_max_size(c1, "ethwe") == 65536
+    assert attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1, gso_max_size=sealed).changed
+    assert limit_gso(nd, BR, sealed) and not limit_gso(nd, BR, sealed) and gso_max_size(name, BR) == sealed
 
     # What the container really sends: every packet it puts on its veth, seen from the host's end
     cap = socket_in(name, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  # ETH_P_ALL

@@ -45,6 +45,7 @@ __all__ = [
     "carry_out",
     "detach",
     "expose",
+    "gso_size_for",
     "hide",
     "host_ifname",
     "in_use_check",
@@ -189,9 +190,10 @@ def attach(
     in_use: InUseCheck | None = None,
     on_link: LinkHook | None = None,
     routes: Sequence[str] = (),
+    gso_max_size: int | None = None,
 ) -> Attachment:
-    """Put a container on the bridge: veth pair, CIDRs, MTU and the multicast route (and ``routes``, on-link: the
-    DNS address); adds only what is missing.
+    """Put a container on the bridge: veth pair, CIDRs, MTU, GSO size (``gso_max_size``: see gso_size_for) and the
+    multicast route (and ``routes``, on-link: the DNS address); adds only what is missing.
 
     All or nothing: every input is checked and every new address probed (``in_use``) before anything changes,
     and a failure after the pair was made deletes it again, so a refused attach leaves no veth behind.
@@ -232,7 +234,8 @@ def attach(
                 changed = True
             changed |= nd.set_link(host, mtu=mtu, master=bridge, up=True)
             changed |= cnd.set_link(ifname, mtu=mtu, up=True)
-            changed |= limit_gso(cnd, ifname)
+            if gso_max_size is not None:
+                changed |= limit_gso(cnd, ifname, gso_max_size)
             link = cnd.link(ifname)
             if link is None:
                 raise AttachError(f"{ifname!r} vanished from the container while attaching; retry")
@@ -258,16 +261,27 @@ def attach(
         raise
 
 
-def limit_gso(nd: NetDev, name: str) -> bool:
-    """Ask the kernel for GSO packets that a sealed frame carries in one UDP send (wire.OVERLAY_GSO_MAX) on the
-    device whose traffic the overlay carries: a container's interface, the bridge for the host's own. True if it
-    changed. Only a cost if it fails (a frame then takes two sends, as before), so a kernel that refuses is logged
-    once and the attach goes on."""
-    from weft.datapath.netdev import NetDevError
+KERNEL_GSO_MAX = 65536  # the kernel's own GSO size for a new device (GSO_LEGACY_MAX_SIZE)
+
+
+def gso_size_for(encrypting: bool) -> int:
+    """The GSO size the overlay's devices ask for. With a mesh secret the encrypted path carries most traffic, and
+    packets below wire.OVERLAY_GSO_MAX are sealed into one UDP send each: a tenth more throughput per core there,
+    a fifth through a relay. Without one the kernel's fast path carries it, and measured, any size below the
+    kernel's 64 KiB costs it more than that (docs/datapath.md, "One send per frame")."""
     from weft.datapath.wire import OVERLAY_GSO_MAX
 
+    return OVERLAY_GSO_MAX if encrypting else KERNEL_GSO_MAX
+
+
+def limit_gso(nd: NetDev, name: str, size: int) -> bool:
+    """Converge the GSO size of a device whose traffic the overlay carries: a container's interface, the bridge
+    for the host's own. True if it changed. Only a cost if it fails, so a kernel that refuses is logged once and
+    the attach goes on."""
+    from weft.datapath.netdev import NetDevError
+
     try:
-        return nd.set_gso_max_size(name, OVERLAY_GSO_MAX)
+        return nd.set_gso_max_size(name, size)
     except NetDevError as e:
         if not _gso_refused.is_set():
             _gso_refused.set()
@@ -483,6 +497,7 @@ def carry_out(
     probe_wait: float = 0.0,
     describe_mac: Callable[[str], str] = lambda mac: "unknown",
     routes: Sequence[str] = (),
+    gso_max_size: int | None = None,
 ) -> dict:
     """Do one overlay action; returns what the CLI prints. Idempotent: ``changed`` says if it did anything.
 
@@ -508,7 +523,15 @@ def carry_out(
                     raise OverlayError("give at least one address, like 10.32.0.5/12")
                 who = _requested_container(body)
                 result = attach(
-                    nd, bridge=bridge, cidrs=cidrs, mtu=mtu, in_use=in_use, on_link=static_entry, routes=routes, **who
+                    nd,
+                    bridge=bridge,
+                    cidrs=cidrs,
+                    mtu=mtu,
+                    in_use=in_use,
+                    on_link=static_entry,
+                    routes=routes,
+                    gso_max_size=gso_max_size,
+                    **who,
                 )
                 return {
                     "changed": result.changed,

@@ -151,7 +151,7 @@ class DataPlane:
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def start(self) -> None:
-        from weft.datapath.attach import limit_gso
+        from weft.datapath.attach import gso_size_for, limit_gso
         from weft.datapath.macwatch import MacWatcher
         from weft.datapath.netdev import NetDev
         from weft.datapath.sleeve import open_sleeve
@@ -161,7 +161,7 @@ class DataPlane:
         c = self.config
         self.nd = NetDev()
         self.nd.ensure_bridge(self.bridge, c.mtu)
-        limit_gso(self.nd, self.bridge)  # the host's own traffic over the overlay (expose)
+        limit_gso(self.nd, self.bridge, gso_size_for(self.encrypting))  # the host's own traffic (expose)
         self.nd.ensure_vxlan(self.vxlan, bridge=self.bridge, vni=VNI, port=c.vxlan_port, mtu=c.mtu)
         # Multi-queue whatever the number of workers, so changing it needs no new device; a single-queue TAP
         # (made by a release before the workers) is replaced once.
@@ -246,9 +246,13 @@ class DataPlane:
         Connections of the other kind are being closed; their paths go at once, as does the fast path
         (guard set, then FDB) to every peer that may no longer use it. Returns the fast-path peers dropped.
         """
+        from weft.datapath.attach import gso_size_for, limit_gso
+
         if on == self.encrypting:
             return 0
         self.encrypting = on
+        if self.nd is not None:  # containers take the new size when next attached (docs/datapath.md)
+            limit_gso(self.nd, self.bridge, gso_size_for(on))
         before = set(self.guard.fast) if self.guard is not None else set()
         now = time.monotonic()
         for name, st in list(self.paths.items()):
@@ -911,7 +915,7 @@ class DataPlane:
         reserved every address in the ring, which no one else hands out), and the answers cross the mesh, which
         this event loop goes on running meanwhile.
         """
-        from weft.datapath.attach import AddressInUse, OverlayError, carry_out
+        from weft.datapath.attach import AddressInUse, OverlayError, carry_out, gso_size_for
 
         assert self.nd is not None
         started = time.perf_counter()
@@ -927,6 +931,7 @@ class DataPlane:
                 probe_wait=self.config.address_probe_time if probe else 0.0,
                 describe_mac=self.describe_mac,
                 routes=[f"{self.config.dns_address}/32"] if self.config.dns else [],
+                gso_max_size=gso_size_for(self.encrypting),
             )
         except OverlayError as exc:
             reason = "address_in_use" if isinstance(exc, AddressInUse) else "invalid"
