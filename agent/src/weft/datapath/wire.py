@@ -91,12 +91,14 @@ def one_send(datagram_size: int, hlen: int) -> int:
     return segments_per_send(datagram_size) * (datagram_size - hlen)
 
 
-# The largest GSO packet (a device's gso_max_size) the overlay's devices ask the kernel for. A frame that takes two
-# UDP_SEGMENT sends costs a second send, a second receive and a reassembly across two GRO buffers: a quarter more CPU
-# per byte on the encrypted path than one that fits a send (docs/datapath.md). The kernel's 64 KiB packets sealed do
-# not fit one send at a 1500-byte path MTU (65,535 + 47 bytes against 64,108). Packets below this size do, in either
-# form, at both common path MTUs (a TCP socket keeps its packets below the device's gso_max_size, headers included),
-# and at every path MTU between 1280 and 1500; smaller ones still split them, as before.
+# The largest GSO packet (a device's gso_max_size) the overlay's devices ask the kernel for when the mesh has a
+# secret (attach.gso_size_for; without one the fast path carries the traffic and does best with the kernel's 64 KiB).
+# A frame that takes two UDP_SEGMENT sends costs a second send, a second receive and a reassembly across two GRO
+# buffers: about a tenth more CPU per byte on the encrypted path than one that fits a send, a fifth through a relay
+# (docs/datapath.md). The kernel's 64 KiB packets sealed do not fit one send at a 1500-byte path MTU (65,535 + 47
+# bytes against 64,108). Packets below this size do, in either form, at both common path MTUs (a TCP socket keeps
+# its packets below the device's gso_max_size, headers included), and at every path MTU between 1280 and 1500;
+# smaller ones still split them, as before.
 OVERLAY_GSO_MAX = min(
     min(one_send(size, HLEN) - CLEN, one_send(size, E2E_HLEN) - E2E_NLEN) for size in COMMON_DATAGRAMS
 ) - (ILEN + TAG + FRAME_ROOM)
