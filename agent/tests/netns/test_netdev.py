@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import errno
 import itertools
+import logging
 import os
 import queue
 import secrets
@@ -25,6 +26,7 @@ from typing import TypeVar
 import pytest
 from lab import wait_until
 
+from weft.datapath import attach as attach_module
 from weft.datapath.attach import (
     AttachError,
     attach,
@@ -457,7 +459,7 @@ def bulk_tcp(client_ns: str, server_ns: str, server_ip: str, size: int) -> int:
 
 @netns_test
 def test_containers_and_the_host_send_packets_a_sealed_frame_carries_in_one_send(
-    env: Env, overlay: tuple[str, NetDev]
+    env: Env, overlay: tuple[str, NetDev], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With a mesh secret, a container's TCP builds GSO packets below wire.OVERLAY_GSO_MAX, so the encrypted path
     seals each in one UDP send; an interface attached by an older release (the kernel's 64 KiB) is put right by the
@@ -477,6 +479,16 @@ def test_containers_and_the_host_send_packets_a_sealed_frame_carries_in_one_send
     assert gso_max_size(c1, "ethwe") == 65536
     assert attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1, gso_max_size=sealed).changed
     assert limit_gso(nd, BR, sealed) and not limit_gso(nd, BR, sealed) and gso_max_size(name, BR) == sealed
+
+    # A size the kernel refuses (a kernel without the setting, or a limit of its own) costs speed only: the attach
+    # goes on, and it is logged once
+    monkeypatch.setattr(attach_module, "_gso_refused", threading.Event())  # as in a fresh agent
+    with caplog.at_level(logging.WARNING, logger="weft.datapath.attach"):
+        assert not limit_gso(nd, BR, 600_000) and not limit_gso(nd, BR, 600_000)
+        assert attach(nd, bridge=BR, cidrs=["10.40.0.1/24"], mtu=MTU, netns=c1, gso_max_size=600_000) is not None
+    refusals = [r.getMessage() for r in caplog.records if "gso_max_size" in r.getMessage()]
+    assert len(refusals) == 1 and "two sends" in refusals[0], refusals
+    assert gso_max_size(c1, "ethwe") == OVERLAY_GSO_MAX and gso_max_size(name, BR) == sealed
 
     # What the container really sends: every packet it puts on its veth, seen from the host's end
     cap = socket_in(name, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  # ETH_P_ALL
