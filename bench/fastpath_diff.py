@@ -405,53 +405,43 @@ def _overlay_links(p: Pair) -> list[tuple[str, str]]:
     return out
 
 
-def _mtu(mtu: int) -> Change:
-    def apply(p: Pair) -> dict:
-        saved = {}
-        for netns, link in _overlay_links(p):
-            saved[(netns, link)] = json.loads(ns(netns, "ip", "-j", "link", "show", link))[0]["mtu"]
-        for netns, link in _overlay_links(p):  # ports before the bridge would do too: the bridge's is set
-            ip(netns, f"link set {link} mtu {mtu}")
-        return saved
-
-    def undo(p: Pair, saved: object) -> None:
-        assert isinstance(saved, dict)
-        for (netns, link), value in saved.items():
-            ip(netns, f"link set {link} mtu {value}")
-
-    def holds(p: Pair) -> bool:
-        return all(json.loads(ns(n, "ip", "-j", "link", "show", k))[0]["mtu"] == mtu for n, k in _overlay_links(p))
-
-    return Change(
-        f"mtu{mtu}", f"overlay MTU {mtu} (bridge, ports, containers) instead of the agent's", apply, undo, holds
-    )
+def _container_links(p: Pair) -> list[tuple[str, str]]:
+    return [(p.c1, "ethwe"), (p.c2, "ethwe")]
 
 
-def _gso(size: int) -> Change:
-    """The containers' GSO size (what their TCP builds packets up to) set by hand; iperf3's connection is new in
-    every run, so it takes it."""
-
-    def links(p: Pair) -> list[tuple[str, str]]:
-        return [(p.c1, "ethwe"), (p.c2, "ethwe")]
+def _link_setting(name: str, what: str, links: Callable[[Pair], list[tuple[str, str]]], key: str, value: int) -> Change:
+    """One ``ip link set`` setting (``key``, as ``ip -d -j link show`` names it) on ``links(p)`` for a run."""
 
     def current(netns: str, link: str) -> int:
-        return json.loads(ns(netns, "ip", "-d", "-j", "link", "show", link))[0]["gso_max_size"]
+        return json.loads(ns(netns, "ip", "-d", "-j", "link", "show", link))[0][key]
 
     def apply(p: Pair) -> dict:
         saved = {(netns, link): current(netns, link) for netns, link in links(p)}
-        for netns, link in links(p):
-            ip(netns, f"link set {link} gso_max_size {size}")
+        for netns, link in links(p):  # for the MTU, ports before the bridge would do too: the bridge's is set
+            ip(netns, f"link set {link} {key} {value}")
         return saved
 
     def undo(p: Pair, saved: object) -> None:
         assert isinstance(saved, dict)
-        for (netns, link), value in saved.items():
-            ip(netns, f"link set {link} gso_max_size {value}")
+        for (netns, link), before in saved.items():
+            ip(netns, f"link set {link} {key} {before}")
 
     def holds(p: Pair) -> bool:
-        return all(current(netns, link) == size for netns, link in links(p))
+        return all(current(netns, link) == value for netns, link in links(p))
 
-    return Change(f"gso{size}", f"the containers' GSO size {size} instead of the agent's", apply, undo, holds)
+    return Change(name, what, apply, undo, holds)
+
+
+def _mtu(mtu: int) -> Change:
+    what = f"overlay MTU {mtu} (bridge, ports, containers) instead of the agent's"
+    return _link_setting(f"mtu{mtu}", what, _overlay_links, "mtu", mtu)
+
+
+def _gso(size: int) -> Change:
+    """The containers' GSO size (what their TCP builds packets up to); iperf3's connection is new in every run, so
+    it takes it."""
+    what = f"the containers' GSO size {size} instead of the agent's"
+    return _link_setting(f"gso{size}", what, _container_links, "gso_max_size", size)
 
 
 CHANGES = {
