@@ -65,7 +65,7 @@ FRAME_ROOM = 10 + 14 + 4  # what a TAP read holds around an IP packet: vnet head
 MAX_PAYLOAD = FRAME_ROOM + 65535  # ... around the largest IP packet
 MAX_MESSAGE = E2E_NLEN + ILEN + MAX_PAYLOAD + TAG  # the larger of the two forms' messages
 MAX_UDP = 65507  # largest UDP payload over IPv4: also the limit of one UDP_SEGMENT send
-# Datagrams in one UDP_SEGMENT send: the kernel takes at most 64 (UDP_MAX_SEGMENTS before Linux 6.10; 128 since),
+# Datagrams in one UDP_SEGMENT send: every kernel with UDP_SEGMENT takes 64 (UDP_MAX_SEGMENTS; recent ones 128),
 # and GRO coalesces at most 64 into one buffer. At a 1500-byte path MTU the 65,507 bytes of a send stop it at 44
 # already; below it (a VPN's 1,436 or 1,400) it lets a frame below OVERLAY_GSO_MAX still fit one send.
 GSO_MAX_SEGS = 64
