@@ -32,6 +32,19 @@ def test_a_missing_peer_a_changed_path_and_lost_encryption_are_named():
     ]
 
 
+def test_a_better_path_with_the_same_encryption_is_not_a_regression():
+    # A peer relayed while its direct connection was not yet up (a mesh re-forming after a reset) is direct after
+    # the restart: progress. The other way round, or a path without encryption, is not.
+    better = status(conn("dc1-b", "fast", False), conn("dc2-a", "sleeve"), conn("aws-a", "sleeve"))
+    assert restart_problems(better, BEFORE) == []
+    worse = status(conn("dc1-b", "fast", False), conn("dc2-a", "relay", state="relayed"), conn("aws-a", "relay"))
+    assert restart_problems(worse, BEFORE) == ["dc2-a is relay, encrypted, it was sleeve, encrypted"]
+    plain = status(conn("dc1-b", "fast", False), conn("dc2-a", "fast", False), conn("aws-a", "relay"))
+    assert restart_problems(plain, BEFORE) == ["dc2-a is fast, plaintext, it was sleeve, encrypted"]
+    down = status(conn("dc1-b", "fast", False), conn("dc2-a", "down"), conn("aws-a", "relay"))
+    assert restart_problems(down, BEFORE) == ["dc2-a is down, encrypted, it was sleeve, encrypted"]
+
+
 def test_an_agent_not_ready_fails():
     assert restart_problems(status(ready=False), status()) == ["the agent is not ready"]
 
