@@ -454,7 +454,8 @@ CHANGES = {
         _hooks_only((FASTGUARD, PORTGUARD, DNSGUARD)),
         _sysctls(dict.fromkeys(BRNF, "0"), "no-brnf", "the host's br_netfilter off (bridge-nf-call-* = 0)"),
         _mtu(HAND_MTU),
-        _gso(65536),
+        _gso(65536),  # the kernel's, which agents without a secret keep
+        _gso(62588),  # wire.OVERLAY_GSO_MAX: what a mesh with a secret gives its containers (trusted subnets' cost)
     )
 }
 
