@@ -281,7 +281,7 @@ def limit_gso(nd: NetDev, name: str, size: int) -> bool:
     from weft.datapath.netdev import NetDevError
 
     try:
-        return nd.set_gso_max_size(name, size)
+        return nd.set_link(name, gso_max_size=size)
     except NetDevError as e:
         if not _gso_refused.is_set():
             _gso_refused.set()

@@ -273,8 +273,18 @@ class NetDev:
         """Every link of the namespace."""
         return self._links()
 
-    def set_link(self, name: str, *, mtu: int | None = None, master: str | None = None, up: bool = False) -> bool:
-        """Converge mtu/master/up, touching only what differs (re-enslaving would flush the port's FDB)."""
+    def set_link(
+        self,
+        name: str,
+        *,
+        mtu: int | None = None,
+        master: str | None = None,
+        up: bool = False,
+        gso_max_size: int | None = None,
+    ) -> bool:
+        """Converge mtu/master/up and the largest GSO packet the kernel builds for traffic leaving the link (what a
+        TCP socket sends through it), touching only what differs (re-enslaving would flush the port's FDB). A kernel
+        that does not report its GSO size is left alone: asked again on every call, it would never converge."""
         link = self.link(name)
         if link is None:
             raise NetDevError(f"link {name!r} does not exist")
@@ -287,20 +297,11 @@ class NetDev:
                 change["master"] = master_index
         if up and not link.up:
             change["state"] = "up"
+        if gso_max_size is not None and link.gso_max_size not in (None, gso_max_size):
+            change["gso_max_size"] = gso_max_size
         if change:
             _call(f"cannot set {', '.join(change)} on {name!r}", self.ipr.link, "set", index=link.index, **change)
         return bool(change)
-
-    def set_gso_max_size(self, name: str, size: int) -> bool:
-        """Converge the largest GSO packet the kernel builds for traffic leaving ``name`` (what a TCP socket sends
-        through it); True if it changed."""
-        link = self.link(name)
-        if link is None:
-            raise NetDevError(f"link {name!r} does not exist")
-        if link.gso_max_size == size:
-            return False
-        _call(f"cannot set gso_max_size on {name!r}", self.ipr.link, "set", index=link.index, gso_max_size=size)
-        return True
 
     def _port_learning_off(self, name: str) -> None:
         """An overlay port: no learning (the agent programs its MACs) and isolated from the other overlay
