@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 from lab import Container, Host, Lab, metric_value, wait_until
 
+from weft.datapath.wire import OVERLAY_GSO_MAX
+
 pytestmark = pytest.mark.netns
 
 SECRET = "guard-test-secret"
@@ -218,6 +220,23 @@ def test_sighup_on_every_host_encrypts_everything_from_the_acknowledgement(lab: 
     assert all("encryption is now ON" in h.agent_log() for h in (h1, h2))
     assert all(h.status()["encryption"] == "enabled" for h in (h1, h2))
     assert all(row["encrypted"] for h in (h1, h2) for row in h.status()["connections"])
+
+    # The GSO size follows: the bridge at the reload, a container attached before at its next attach (a TCP
+    # connection keeps the size it opened with, so nothing changes under running traffic)
+    assert gso_sizes(h1, c1) == (OVERLAY_GSO_MAX, 65536)
+    assert h1.cli("attach", "--netns", c1.netns, c1.cidr).stdout.startswith("attached "), "the size changed"
+    assert gso_sizes(h1, c1) == (OVERLAY_GSO_MAX, OVERLAY_GSO_MAX)
+    assert c1.ping(c2)
+
+
+def gso_sizes(host: Host, container: Container) -> tuple[int, int]:
+    """The GSO size of ``host``'s bridge and of ``container``'s interface."""
+
+    def size(out: str) -> int:
+        return json.loads(out)[0]["gso_max_size"]
+
+    bridge = size(host.exec("ip", "-d", "-j", "link", "show", "weft").stdout)
+    return bridge, size(container.exec("ip", "-d", "-j", "link", "show", "ethwe").stdout)
 
 
 def test_sighup_on_one_host_drops_its_plaintext_connection_at_once(lab: Lab) -> None:
