@@ -617,14 +617,39 @@ def check_targets(results: dict[str, dict]) -> list[dict]:
         met = None
         if measured is not None and limit is not None:
             met = measured >= limit if op == ">=" else measured <= limit
-        checked.append(
-            {
-                "scenario": scenario,
-                "target": text,
-                "figure": figure,
-                "limit": None if limit is None else round(limit, 3),
-                "measured": measured,
-                "met": met,
-            }
-        )
+        row = {
+            "scenario": scenario,
+            "target": text,
+            "figure": figure,
+            "limit": None if limit is None else round(limit, 3),
+            "measured": measured,
+            "met": met,
+        }
+        if ref == (scenario, "gbps_1") and figure == "gbps_4":
+            row["machine_ceiling"] = machine_ceiling(results.get(scenario, {}))
+        elif ref is not None and figure == "gbps_1":
+            row["cpu_ceiling"] = cpu_ceiling(results.get(scenario, {}), results.get(ref[0], {}))
+        checked.append(row)
     return checked
+
+
+def cpu_ceiling(result: dict, reference: dict) -> float | None:
+    """What ``result`` can reach as a multiple of ``reference`` when the machine's CPU is what limits both: the
+    ratio of their agents' CPU per Gb/s. A relay on the same machine as the two ends takes its CPU from theirs, so
+    the relayed rate is bound by the three agents' cost per byte against the two of a direct path; on hosts of
+    their own the relay would not slow the ends."""
+    ours, theirs = result.get("cpu_pct_per_gbps_1"), reference.get("cpu_pct_per_gbps_1")
+    if not ours or not theirs:
+        return None
+    return round(theirs / ours, 2)
+
+
+def machine_ceiling(result: dict) -> float | None:
+    """How many times its one-stream rate a scenario could carry with every idle CPU of the machine put to work at
+    the same CPU per byte: the most more streams can gain here. Both hosts, their agents and iperf3 share the
+    machine's cores, so a scenario whose one stream already keeps them busy cannot scale on this machine, however
+    many workers each agent runs."""
+    busy = result.get("machine_cpu_pct_1")
+    if not busy:
+        return None
+    return round(100 * (os.cpu_count() or 1) / busy, 2)

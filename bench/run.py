@@ -338,7 +338,7 @@ def _ms(value: float | None) -> str:
 
 def _datapath_table_row(r: dict) -> list[str]:
     if "failed" in r:
-        return [r["scenario"], "FAILED", *["-"] * 9]
+        return [r["scenario"], "FAILED", *["-"] * 10]
     cpu = r.get("agent_cpu_pct_1") or {}
     return [
         r["scenario"],
@@ -352,6 +352,7 @@ def _datapath_table_row(r: dict) -> list[str]:
         " / ".join(f"{name} {v:.0f}%" for name, v in cpu.items() if v is not None) or "-",
         _fmt(r.get("cpu_pct_per_gbps_1")),
         _fmt(r.get("cpu_pct_per_gbps_4")),
+        f"{_fmt(r.get('machine_cpu_pct_1'))} / {_fmt(r.get('machine_cpu_pct_4'))}",
     ]
 
 
@@ -382,6 +383,7 @@ def print_datapath(report: dict) -> None:
         "agent CPU, 1 stream (% of a core)",
         "agents' CPU % per Gb/s, 1 stream",
         "4 streams",
+        "machine CPU %, 1 / 4 streams",
     ]
     print(f"  machine {report.get('load_before', '?')} before, {report.get('load_after', '?')} after")
     print(_table(headers, [_datapath_table_row(r) for r in results.values()]))
@@ -410,6 +412,21 @@ def print_datapath(report: dict) -> None:
         for t in report["targets"]
     ]
     print(_table(["scenario", "target", "limit", "measured", "met"], rows))
+    cores = 100 * (os.cpu_count() or 1)
+    results = report["scenarios"]
+    for t in report["targets"]:
+        scenario = t["scenario"]
+        if t.get("machine_ceiling") is not None:
+            print(
+                f"  {scenario}: one stream kept the machine {results[scenario]['machine_cpu_pct_1']:.0f}% busy"
+                f" (of {cores}%): at the same CPU per byte, more streams can carry at most {t['machine_ceiling']:.2f}x"
+                " here, whatever the workers"
+            )
+        if t.get("cpu_ceiling") is not None:
+            print(
+                f"  {scenario}: its agents' CPU per Gb/s is {1 / t['cpu_ceiling']:.2f}x the reference's: while the"
+                f" shared CPU is the limit, it can reach at most {t['cpu_ceiling']:.2f}x of it here"
+            )
 
 
 def print_restart(report: dict) -> None:
