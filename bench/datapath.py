@@ -629,6 +629,7 @@ def check_targets(results: dict[str, dict]) -> list[dict]:
             row["machine_ceiling"] = machine_ceiling(results.get(scenario, {}))
         elif ref is not None and figure == "gbps_1":
             row["cpu_ceiling"] = cpu_ceiling(results.get(scenario, {}), results.get(ref[0], {}))
+            row["reference"] = ref[0]
         checked.append(row)
     return checked
 

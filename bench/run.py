@@ -413,7 +413,6 @@ def print_datapath(report: dict) -> None:
     ]
     print(_table(["scenario", "target", "limit", "measured", "met"], rows))
     cores = 100 * (os.cpu_count() or 1)
-    results = report["scenarios"]
     for t in report["targets"]:
         scenario = t["scenario"]
         if t.get("machine_ceiling") is not None:
@@ -423,9 +422,10 @@ def print_datapath(report: dict) -> None:
                 " here, whatever the workers"
             )
         if t.get("cpu_ceiling") is not None:
+            ours, theirs = (results[s]["cpu_pct_per_gbps_1"] for s in (scenario, t["reference"]))
             print(
-                f"  {scenario}: its agents' CPU per Gb/s is {1 / t['cpu_ceiling']:.2f}x the reference's: while the"
-                f" shared CPU is the limit, it can reach at most {t['cpu_ceiling']:.2f}x of it here"
+                f"  {scenario}: its agents use {ours:.1f}% of a core per Gb/s, {t['reference']}'s {theirs:.1f}%: while"
+                f" the shared CPU is the limit, it can reach at most {t['cpu_ceiling']:.2f}x of {t['reference']} here"
             )
 
 
