@@ -52,6 +52,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "agent" / "src"))
+
+from weft.datapath.attach import KERNEL_GSO_MAX  # noqa: E402
+from weft.datapath.wire import OVERLAY_GSO_MAX  # noqa: E402
+
 RESULTS = REPO / "bench" / "results"
 PREFIX = "fastpath"  # every namespace this script makes starts with it
 IPERF_PORT = 5201
@@ -454,8 +459,8 @@ CHANGES = {
         _hooks_only((FASTGUARD, PORTGUARD, DNSGUARD)),
         _sysctls(dict.fromkeys(BRNF, "0"), "no-brnf", "the host's br_netfilter off (bridge-nf-call-* = 0)"),
         _mtu(HAND_MTU),
-        _gso(65536),  # the kernel's, which agents without a secret keep
-        _gso(62588),  # wire.OVERLAY_GSO_MAX: what a mesh with a secret gives its containers (trusted subnets' cost)
+        _gso(KERNEL_GSO_MAX),  # gso65536: the kernel's, which agents without a secret keep
+        _gso(OVERLAY_GSO_MAX),  # gso62588: what a mesh with a secret gives its containers (trusted subnets' cost)
     )
 }
 
